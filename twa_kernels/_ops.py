@@ -1,0 +1,210 @@
+"""The ``twa::`` custom ops: schemas, argument checks, fake (meta) implementations, routing.
+
+Each op is defined once here with ``torch.library.custom_op``. Its real implementation checks
+the arguments and routes to the backend named by its ``backend`` argument (see ``_backend``);
+the fake implementation runs the same checks and only allocates, so ``torch.compile`` and
+``torch.library.opcheck`` see the same contract on every backend.
+
+Notation (column convention of the user docs): the basis P has K columns of length D and is
+stored basis-major, ``basis[i, :]`` holding column i, with ``P[:, i] = scales[i] * basis[i, :]``.
+
+- ``project(basis, scales, x)``: ``P^T x`` for x of shape [D] or [B, D]; fp32 [K] or [B, K].
+- ``reconstruct_(out, w0, basis, scales, alpha)``: ``out = w0 + P alpha`` in out's dtype.
+- ``orthogonalize_(basis, scales, sample, rank)``: CGS2 of a sample against rows [0, rank),
+  storing the normalised remainder in row ``rank`` (when it exists) with its scale.
+- ``subspace_step_(...)``: the K-dimensional SGD update of the coordinates, on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _same_device(**tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        torch._check(dev == first, lambda n=name, d=dev: f"{n} is on {d}, expected {first}")
+
+
+def _check_basis(basis: Tensor, scales: Tensor) -> None:
+    torch._check(basis.dim() == 2, lambda: f"basis must be 2-D [K, D], got {tuple(basis.shape)}")
+    torch._check(
+        basis.dtype in STORAGE_DTYPES,
+        lambda: f"basis dtype must be float16, bfloat16 or float32, got {basis.dtype}",
+    )
+    torch._check(
+        basis.shape[0] >= 1 and basis.shape[1] >= 1,
+        lambda: f"basis must have K >= 1 rows and D >= 1 columns, got {tuple(basis.shape)}",
+    )
+    torch._check(basis.stride(1) == 1, lambda: "basis rows must be contiguous (stride(1) == 1)")
+    torch._check(
+        scales.dim() == 1 and scales.shape[0] == basis.shape[0],
+        lambda: f"scales must have shape [{basis.shape[0]}], got {tuple(scales.shape)}",
+    )
+    torch._check(scales.dtype == torch.float32, lambda: f"scales must be float32, got {scales.dtype}")
+    torch._check(scales.is_contiguous(), lambda: "scales must be contiguous")
+
+
+def _check_vector(name: str, t: Tensor, size: int, dtypes=(torch.float32,)) -> None:
+    torch._check(
+        t.dim() == 1 and t.shape[0] == size,
+        lambda: f"{name} must have shape [{size}], got {tuple(t.shape)}",
+    )
+    torch._check(t.dtype in dtypes, lambda: f"{name} dtype must be one of {dtypes}, got {t.dtype}")
+    torch._check(t.is_contiguous(), lambda: f"{name} must be contiguous")
+
+
+def check_project(basis: Tensor, scales: Tensor, x: Tensor) -> None:
+    _check_basis(basis, scales)
+    D = basis.shape[1]
+    torch._check(x.dim() in (1, 2), lambda: f"x must be [D] or [B, D], got {tuple(x.shape)}")
+    torch._check(x.shape[-1] == D, lambda: f"x has {x.shape[-1]} columns, the basis has D={D}")
+    torch._check(x.dtype in INPUT_DTYPES, lambda: f"x dtype must be fp32, bf16 or fp16, got {x.dtype}")
+    torch._check(x.is_contiguous(), lambda: "x must be contiguous")
+    _same_device(basis=basis, scales=scales, x=x)
+
+
+def check_reconstruct(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
+    _check_basis(basis, scales)
+    K, D = basis.shape
+    torch._check(
+        out.dim() == 1 and out.shape[0] == D,
+        lambda: f"out must have shape [{D}], got {tuple(out.shape)}",
+    )
+    torch._check(out.dtype.is_floating_point, lambda: f"out must be floating point, got {out.dtype}")
+    torch._check(out.is_contiguous(), lambda: "out must be contiguous")
+    _check_vector("w0", w0, D)
+    _check_vector("alpha", alpha, K)
+    _same_device(out=out, w0=w0, basis=basis, scales=scales, alpha=alpha)
+
+
+def check_orthogonalize(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> None:
+    _check_basis(basis, scales)
+    K, D = basis.shape
+    torch._check(basis.is_contiguous(), lambda: "basis must be contiguous")
+    torch._check(0 <= rank <= K, lambda: f"rank must be in [0, {K}], got {rank}")
+    _check_vector("sample", sample, D)
+    _same_device(basis=basis, scales=scales, sample=sample)
+
+
+def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0) -> None:
+    K = alpha.shape[0] if alpha.dim() == 1 else -1
+    _check_vector("alpha", alpha, K)
+    _check_vector("momentum_buffer", momentum_buffer, K)
+    _check_vector("coord_grad", coord_grad, K)
+    _check_vector("pw0", pw0, K)
+    _check_vector("counters", counters, 2, dtypes=(torch.int64,))
+    torch._check(
+        gram.shape == (K, K) and gram.dtype == torch.float32 and gram.is_contiguous(),
+        lambda: f"gram must be a contiguous float32 [{K}, {K}], got {gram.dtype} {tuple(gram.shape)}",
+    )
+    _same_device(
+        alpha=alpha,
+        momentum_buffer=momentum_buffer,
+        counters=counters,
+        coord_grad=coord_grad,
+        gram=gram,
+        pw0=pw0,
+    )
+
+
+def _route(op: str, backend: str, device: torch.device):
+    return _backend.implementation(op, _backend.resolve(backend, device))
+
+
+# ---------------------------------------------------------------------------------------------
+# project
+
+
+@torch.library.custom_op("twa::project", mutates_args=())
+def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> Tensor:
+    check_project(basis, scales, x)
+    return _route("project", backend, x.device)(basis, scales, x)
+
+
+@project.register_fake
+def _project_fake(basis, scales, x, backend="auto"):
+    check_project(basis, scales, x)
+    _backend.check_backend_name(backend)
+    return x.new_empty((*x.shape[:-1], basis.shape[0]), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct_
+
+
+@torch.library.custom_op("twa::reconstruct_", mutates_args=("out",))
+def reconstruct_(
+    out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str = "auto"
+) -> None:
+    check_reconstruct(out, w0, basis, scales, alpha)
+    _route("reconstruct_", backend, out.device)(out, w0, basis, scales, alpha)
+
+
+@reconstruct_.register_fake
+def _reconstruct_fake(out, w0, basis, scales, alpha, backend="auto"):
+    check_reconstruct(out, w0, basis, scales, alpha)
+    _backend.check_backend_name(backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# orthogonalize_
+
+
+@torch.library.custom_op("twa::orthogonalize_", mutates_args=("basis", "scales"))
+def orthogonalize_(
+    basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto"
+) -> Tensor:
+    check_orthogonalize(basis, scales, sample, rank)
+    return _route("orthogonalize_", backend, sample.device)(basis, scales, sample, rank)
+
+
+@orthogonalize_.register_fake
+def _orthogonalize_fake(basis, scales, sample, rank, backend="auto"):
+    check_orthogonalize(basis, scales, sample, rank)
+    _backend.check_backend_name(backend)
+    return sample.new_empty((rank + 2,), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# subspace_step_
+
+
+@torch.library.custom_op(
+    "twa::subspace_step_", mutates_args=("alpha", "momentum_buffer", "counters")
+)
+def subspace_step_(
+    alpha: Tensor,
+    momentum_buffer: Tensor,
+    counters: Tensor,
+    coord_grad: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    backend: str = "auto",
+) -> None:
+    check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
+    _route("subspace_step_", backend, alpha.device)(
+        alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+        lr, momentum, dampening, weight_decay, nesterov,
+    )  # fmt: skip
+
+
+@subspace_step_.register_fake
+def _subspace_step_fake(
+    alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+    lr, momentum, dampening, weight_decay, nesterov, backend="auto",
+):  # fmt: skip
+    check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
+    _backend.check_backend_name(backend)

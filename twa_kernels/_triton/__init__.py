@@ -1,0 +1,1 @@
+"""Triton kernels for the twa:: ops (backend "triton")."""

@@ -1,0 +1,96 @@
+"""Public functional API of the TWA operations (the ``twa::`` custom ops).
+
+P has K columns of length D, stored basis-major: ``basis`` is [K, D] in fp16 (default), bf16 or
+fp32 with one fp32 scale per column (``scales`` [K]), so ``P[:, i] = scales[i] * basis[i]``.
+Accumulation is fp32 (fp64 in ``orthogonalize_``). ``backend`` is ``"auto"`` (Triton on CUDA,
+the plain-PyTorch reference elsewhere), ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+Example::
+
+    basis = torch.randn(8, 4097).half(); scales = torch.ones(8)
+    c = project(basis, scales, torch.randn(4097))          # fp32 [8]
+    w = torch.empty(4097, dtype=torch.bfloat16)
+    reconstruct_(w, torch.zeros(4097), basis, scales, c)    # w = 0 + P c
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _ops
+
+
+def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> Tensor:
+    """``P^T x``.
+
+    Args:
+        basis: [K, D] fp16/bf16/fp32, rows contiguous (a column slice of a wider basis is fine).
+        scales: [K] fp32.
+        x: [D] or [B, D], fp32/bf16/fp16, contiguous.
+
+    Returns:
+        fp32 [K] (or [B, K]).
+    """
+    return _ops.project(basis, scales, x, backend)
+
+
+def reconstruct_(
+    out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str = "auto"
+) -> None:
+    """``out = w0 + P alpha``, computed in fp32 and rounded once into out's dtype.
+
+    Args:
+        out: [D] contiguous, any floating dtype; overwritten.
+        w0: [D] fp32. basis: [K, D]. scales: [K] fp32. alpha: [K] fp32.
+    """
+    _ops.reconstruct_(out, w0, basis, scales, alpha, backend)
+
+
+def orthogonalize_(
+    basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto"
+) -> Tensor:
+    """Orthogonalise ``sample`` against columns [0, rank) by CGS2; store the remainder.
+
+    Column ``rank`` (when ``rank < K``) receives the normalised remainder ``u / ||u||`` with its
+    scale; columns below ``rank`` are read only. Three passes over the basis.
+
+    Args:
+        basis: [K, D] contiguous, modified in row ``rank``. scales: [K] fp32, likewise.
+        sample: [D] fp32. rank: number of valid columns, 0 <= rank <= K.
+
+    Returns:
+        fp64 [rank + 2]: the coefficients ``h`` (``sample ~ P h + ||u|| * new column``), then
+        ``||u||`` and ``||sample||``. ``||u|| / ||sample||`` is the relative residual.
+    """
+    return _ops.orthogonalize_(basis, scales, sample, rank, backend)
+
+
+def subspace_step_(
+    alpha: Tensor,
+    momentum_buffer: Tensor,
+    counters: Tensor,
+    coord_grad: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    backend: str = "auto",
+) -> None:
+    """SGD with momentum and L2 weight decay on the K coordinates, on the device.
+
+    ``d = coord_grad + weight_decay * (pw0 + gram @ alpha)``; ``buf = d`` on the first step taken,
+    else ``momentum * buf + (1 - dampening) * d``; ``alpha -= lr * (d + momentum * buf if nesterov
+    else buf)``. A non-finite ``coord_grad`` skips the step. ``counters`` (int64 [2]) counts steps
+    taken and skipped.
+
+    Args:
+        alpha, momentum_buffer, coord_grad, pw0: fp32 [K] (``pw0 = P^T w0``).
+        counters: int64 [2]. gram: fp32 [K, K] (``P^T P``).
+    """
+    _ops.subspace_step_(
+        alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+        lr, momentum, dampening, weight_decay, nesterov, backend,
+    )  # fmt: skip

@@ -1,0 +1,164 @@
+"""Plain-PyTorch implementations of the ``twa::`` ops (backend ``"torch"``); any device.
+
+This is the CPU path, the baseline of the benchmarks and the contract the Triton and CUDA
+kernels follow. The basis is processed in column chunks: each chunk is upcast to fp32 (fp64 in
+``orthogonalize_``) before any arithmetic, so there is never a full fp32 copy of the basis and
+never half-precision matrix arithmetic on the CPU (which is slow there: no half GEMM kernels).
+
+Shapes follow ``_ops``: ``basis`` [K, D] (rows contiguous, may be a column slice of a wider
+basis), ``scales`` fp32 [K], column i of P is ``scales[i] * basis[i]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one upcast basis chunk. On the CPU 2^20 fp32 values (4 MiB) stay in the L2/L3 of
+# the machines measured (2 cores, 24 GiB) while BLAS runs over them; larger chunks were no
+# faster there. On accelerators the chunk only bounds the temporary: 2^28 values (1 GiB).
+CPU_CHUNK_ELEMENTS = 1 << 20
+DEVICE_CHUNK_ELEMENTS = 1 << 28
+
+# orthogonalize_ stores each new row scaled so its largest entry is about ROW_AMAX. fp16 keeps
+# 11 significant bits from 6.1e-5 to 65504, so 2^12 leaves 16x headroom for the final correction
+# (which is tiny) and keeps entries down to 1e-9 of the largest normal: a unit row over 10^8
+# entries (typical entry 1e-4) would otherwise sit in fp16's subnormals.
+ROW_AMAX = 4096.0
+
+
+def chunk_columns(rows: int, device: torch.device) -> int:
+    """Columns per chunk so that a ``rows x chunk`` upcast stays within the chunk budget."""
+    budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    return max(256, budget // max(rows, 1))
+
+
+def _column_chunks(D: int, rows: int, device: torch.device):
+    step = chunk_columns(rows, device)
+    for start in range(0, D, step):
+        yield slice(start, min(start + step, D))
+
+
+def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+    """``P^T x``: x [D] or [B, D] (fp32/bf16/fp16) -> fp32 [K] or [B, K]; fp32 accumulation."""
+    K, D = basis.shape
+    xb = x if x.dim() == 2 else x.unsqueeze(0)
+    out = torch.zeros(xb.shape[0], K, dtype=torch.float32, device=x.device)
+    for cols in _column_chunks(D, K, x.device):
+        P = basis[:, cols].float()
+        out.addmm_(xb[:, cols].float(), P.T)
+    out.mul_(scales)
+    return out if x.dim() == 2 else out.squeeze(0)
+
+
+def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
+    """``out = w0 + P alpha`` (fp32 arithmetic, then rounded once to out's dtype)."""
+    K, D = basis.shape
+    coef = (alpha * scales).unsqueeze(0)
+    for cols in _column_chunks(D, K, out.device):
+        P = basis[:, cols].float()
+        out[cols].copy_(torch.addmm(w0[cols].unsqueeze(0), coef, P).squeeze(0))
+
+
+def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+    """Classical Gram-Schmidt with one reorthogonalisation (CGS2) in three passes over the basis.
+
+    With P the columns [0, rank) and v the fp32 ``sample`` [D]:
+
+    1. ``c1 = P^T v`` and ``||v||^2``;
+    2. ``v1 = v - P c1`` on the fly, ``c2 = P^T v1``, ``||v1||^2`` and ``max|v1|``;
+    3. ``u = v - P (c1 + c2)``, stored as column ``rank`` (when ``rank < K``) scaled by
+       ``ROW_AMAX / max|v1|``, with ``scales[rank] = max|v1| / (ROW_AMAX ||u||)``.
+
+    ``||u||^2 = ||v1||^2 - ||c2||^2`` (exact for orthonormal P) saves a fourth pass. Dot products
+    accumulate in fp64: the op is memory-bound, so the wider accumulator costs nothing on GPUs,
+    and it keeps ``max|P^T P - I|`` near 1e-6 at D = 10^7 instead of 7e-4 (fp32).
+
+    Returns fp64 ``[c1 + c2 (rank values), ||u||, ||v||]``; the caller decides from ``||u||/||v||``
+    whether column ``rank`` joins the basis. Nothing below row ``rank`` is written.
+    """
+    K, D = basis.shape
+    dev = sample.device
+    P = basis[:rank]
+    s = scales[:rank].double()
+    chunks = list(_column_chunks(D, rank, dev))
+
+    c1 = torch.zeros(rank, dtype=torch.float64, device=dev)
+    vv = torch.zeros((), dtype=torch.float64, device=dev)
+    for cols in chunks:
+        v = sample[cols].double()
+        c1 += P[:, cols].double() @ v
+        vv += v @ v
+    c1 *= s
+
+    c2 = torch.zeros(rank, dtype=torch.float64, device=dev)
+    ss = torch.zeros((), dtype=torch.float64, device=dev)
+    amax = torch.zeros((), dtype=torch.float64, device=dev)
+    sc1 = s * c1
+    for cols in chunks:
+        Pc = P[:, cols].double()
+        v1 = sample[cols].double() - sc1 @ Pc
+        c2 += Pc @ v1
+        ss += v1 @ v1
+        amax = torch.maximum(amax, v1.abs().max())
+    c2 *= s
+
+    h = c1 + c2
+    norm = (ss - c2 @ c2).clamp_min(0).sqrt()
+    if rank < K:
+        # A zero remainder stores a zero column with scale 0 (the caller rejects it anyway).
+        inv = torch.where(amax > 0, ROW_AMAX / amax, torch.zeros_like(amax))
+        scale = torch.where(norm > 0, amax / (ROW_AMAX * norm), torch.zeros_like(norm))
+        sh = s * h
+        limit = torch.finfo(basis.dtype).max
+        for cols in chunks:
+            u = sample[cols].double() - sh @ P[:, cols].double()
+            basis[rank, cols] = (u * inv).clamp_(-limit, limit).to(basis.dtype)
+        scales[rank] = scale.float()
+    return torch.cat([h, norm.view(1), vv.sqrt().view(1)])
+
+
+def subspace_step_(
+    alpha: Tensor,
+    momentum_buffer: Tensor,
+    counters: Tensor,
+    coord_grad: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    """One SGD step on the coordinates (torch.optim.SGD's update, restated in K dimensions).
+
+    ``d = c + weight_decay * (P^T w0 + G alpha)`` is the coordinate form of ``P^T (g + wd w)``
+    with ``w = w0 + P alpha`` and ``G = P^T P``. ``counters = [steps taken, steps skipped]``:
+    a step whose ``coord_grad`` is not finite changes nothing but ``counters[1]``; the first
+    step taken sets the momentum buffer to ``d`` as torch does. No host synchronisation.
+    """
+    finite = torch.isfinite(coord_grad).all()
+    d = coord_grad
+    if weight_decay != 0:
+        d = d + weight_decay * (pw0 + gram @ alpha)
+    if momentum != 0:
+        first = counters[0] == 0
+        buf = torch.where(first, d, momentum * momentum_buffer + (1 - dampening) * d)
+        update = d + momentum * buf if nesterov else buf
+        momentum_buffer.copy_(torch.where(finite, buf, momentum_buffer))
+    else:
+        update = d
+    alpha.copy_(torch.where(finite, alpha - lr * update, alpha))
+    counters.add_(torch.stack([finite, ~finite]).long())
+
+
+def gram(basis: Tensor, scales: Tensor) -> Tensor:
+    """``G = P^T P`` of the stored columns in fp64: [K, K]. Not an op: built once per optimizer."""
+    K, D = basis.shape
+    G = torch.zeros(K, K, dtype=torch.float64, device=basis.device)
+    for cols in _column_chunks(D, K, basis.device):
+        Pc = basis[:, cols].double()
+        G += Pc @ Pc.T
+    s = scales.double()
+    return G * s[:, None] * s[None, :]
