@@ -1,0 +1,34 @@
+"""Shared test setup: Triton's interpreter, the seed, the devices and the tolerance table."""
+
+import os
+
+# Triton kernels run on CPU tensors only when this is set before any kernel is defined, i.e.
+# before twa_kernels is imported. On a machine with a GPU the kernels run natively instead.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# TWA_TEST_DEVICE=cuda (or cpu) restricts the device-parametrised tests to one device.
+DEVICES = [os.environ["TWA_TEST_DEVICE"]] if "TWA_TEST_DEVICE" in os.environ else (
+    ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+)
+STORAGE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+# (atol, rtol) per dtype, for results compared with an fp64 oracle after scaling by the size of
+# the quantity (see the tests). Half-precision rows: the unit roundoff (4.9e-4 fp16, 3.9e-3 bf16)
+# enters once per stored value; fp32 accumulation over D values adds ~sqrt(D) * 6e-8.
+TOL = {
+    torch.float16: (1e-5, 1e-3),
+    torch.bfloat16: (1e-4, 8e-3),
+    torch.float32: (1e-6, 2e-5),
+    torch.float64: (1e-12, 1e-10),
+}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
+    yield 0
