@@ -11,8 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # TWA_TEST_DEVICE=cuda (or cpu) restricts the device-parametrised tests to one device.
-DEVICES = [os.environ["TWA_TEST_DEVICE"]] if "TWA_TEST_DEVICE" in os.environ else (
-    ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+DEVICES = (
+    [os.environ["TWA_TEST_DEVICE"]]
+    if "TWA_TEST_DEVICE" in os.environ
+    else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 )
 STORAGE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -159,9 +159,7 @@ def _reconstruct_fake(out, w0, basis, scales, alpha, backend="auto"):
 
 
 @torch.library.custom_op("twa::orthogonalize_", mutates_args=("basis", "scales"))
-def orthogonalize_(
-    basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto"
-) -> Tensor:
+def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto") -> Tensor:
     check_orthogonalize(basis, scales, sample, rank)
     return _route("orthogonalize_", backend, sample.device)(basis, scales, sample, rank)
 
@@ -177,9 +175,7 @@ def _orthogonalize_fake(basis, scales, sample, rank, backend="auto"):
 # subspace_step_
 
 
-@torch.library.custom_op(
-    "twa::subspace_step_", mutates_args=("alpha", "momentum_buffer", "counters")
-)
+@torch.library.custom_op("twa::subspace_step_", mutates_args=("alpha", "momentum_buffer", "counters"))
 def subspace_step_(
     alpha: Tensor,
     momentum_buffer: Tensor,

@@ -20,10 +20,10 @@ from . import _backend, _ops
 
 def gather_grads_(params: list[Tensor], flat_views: list[Tensor]) -> None:
     """Copy each ``p.grad`` (zeros where it is None) into its view of the flat fp32 buffer."""
-    with_grad = [(v, p.grad) for p, v in zip(params, flat_views) if p.grad is not None]
-    without = [v for p, v in zip(params, flat_views) if p.grad is None]
+    with_grad = [(v, p.grad) for p, v in zip(params, flat_views, strict=True) if p.grad is not None]
+    without = [v for p, v in zip(params, flat_views, strict=True) if p.grad is None]
     if with_grad:
-        views, grads = zip(*with_grad)
+        views, grads = zip(*with_grad, strict=True)
         torch._foreach_copy_(list(views), list(grads))
     if without:
         torch._foreach_zero_(without)

@@ -46,9 +46,7 @@ def reconstruct_(
     _ops.reconstruct_(out, w0, basis, scales, alpha, backend)
 
 
-def orthogonalize_(
-    basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto"
-) -> Tensor:
+def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto") -> Tensor:
     """Orthogonalise ``sample`` against columns [0, rank) by CGS2; store the remainder.
 
     Column ``rank`` (when ``rank < K``) receives the normalised remainder ``u / ||u||`` with its

@@ -1,0 +1,251 @@
+"""``TWA``: SGD restricted to the span of the samples, as a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import _backend, _ops, functional
+from .subspace import Subspace, _trainable
+
+STARTS = ("mean", "current")
+
+
+class TWA(torch.optim.Optimizer):
+    r"""Trainable Weight Averaging: SGD on the coordinates of the weights in a sample subspace.
+
+    The weights are ``w = w0 + P alpha`` with P the subspace's basis (K columns) and alpha the
+    K trainable coordinates, 0 at the start. Each ``step()`` does, on the device:
+
+    .. math::
+        c &= P^T g \\
+        d &= c + \lambda (P^T w_0 + G \alpha), \qquad G = P^T P \\
+        b &\leftarrow d \text{ (first step)}, \quad \mu b + (1 - \tau) d \text{ (after)} \\
+        \alpha &\leftarrow \alpha - \eta\,(d + \mu b \text{ if nesterov else } b) \\
+        w &= w_0 + P \alpha
+
+    which is ``torch.optim.SGD`` (momentum mu, dampening tau, L2 weight decay lambda on the
+    full weights, lr eta) applied to the projected gradient ``P P^T g``, as the published TWA
+    code does, with K numbers of state instead of D. Weights are recomputed from ``w0`` and
+    ``alpha`` every step, never accumulated.
+
+    Args:
+        params: the parameters the subspace was built for (same order, shapes, dtypes, device),
+            as an iterable or an ``nn.Module``; one parameter group.
+        subspace: a ``Subspace`` with at least one sample. Adding samples to it later is an
+            error for this optimizer (build a new one).
+        lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        start: ``"mean"`` (the published choice: w0 = the mean of the samples) or ``"current"``
+            (w0 = the current weights). Constructing the optimizer writes w0 into the params.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Example::
+
+        opt = TWA(model.parameters(), space, lr=2.0, momentum=0.9, weight_decay=1e-5)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        opt.coefficients()     # lambda with w = sum_i lambda_i w_i
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | nn.Module,
+        subspace: Subspace,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        start: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(subspace, Subspace):
+            raise TypeError(f"subspace must be a twa_kernels.Subspace, got {type(subspace).__name__}")
+        _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        _backend.check_backend_name(backend)
+        if subspace.rank == 0:
+            raise ValueError("subspace is empty (rank 0): call Subspace.add() before building TWA")
+        if isinstance(params, Iterable) and not isinstance(params, (Tensor, nn.Module)):
+            params = list(params)
+            if params and isinstance(params[0], Mapping):
+                raise ValueError("TWA takes one parameter group (all coordinates share one lr)")
+        tensors, _ = _trainable(params)
+        subspace.layout.check_params(tensors, subspace.device, "params")
+
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov,
+        )  # fmt: skip
+        super().__init__(tensors, defaults)
+        self.subspace = subspace
+        self.start = start
+        self.backend = backend
+        self._version = subspace.version
+        self.rank = subspace.rank
+        device, K = subspace.device, subspace.rank
+
+        # The one flat fp32 [D] buffer: gradients in, weights out; views made once.
+        self._flat = torch.zeros(subspace.dim, dtype=torch.float32, device=device)
+        self._flat_views = subspace.layout.views(self._flat)
+        if start == "mean":
+            self._w0 = subspace.mean
+        else:
+            self._w0 = self._flat.clone()
+            with torch.no_grad():
+                torch._foreach_copy_(subspace.layout.views(self._w0), [p.detach() for p in tensors])
+        basis, scales = subspace.columns
+        self._gram = subspace.gram().float()
+        self._pw0 = _ops.project(basis, scales, self._w0, backend)
+        self._alpha = torch.zeros(K, dtype=torch.float32, device=device)
+        self._momentum_buffer = torch.zeros(K, dtype=torch.float32, device=device)
+        # [steps taken, steps skipped because the gradient was not finite]
+        self._counters = torch.zeros(2, dtype=torch.int64, device=device)
+        self._write_weights()
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.param_groups[0]["params"]
+
+    @property
+    def alpha(self) -> Tensor:
+        """The K coordinates (fp32, on the device; a live view, do not modify)."""
+        return self._alpha
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped because the gradient was not finite (reads the device)."""
+        return int(self._counters[1])
+
+    @property
+    def steps(self) -> int:
+        """How many steps were taken (reads the device)."""
+        return int(self._counters[0])
+
+    def _write_weights(self) -> None:
+        basis, scales = self.subspace.columns
+        functional.write_weights_(
+            self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha,
+            _backend.resolve(self.backend, self._flat.device),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One TWA step (see the class docstring). No host synchronisation."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.subspace.version != self._version:
+            raise RuntimeError(
+                "the subspace changed (add() or load_state_dict()) after this TWA optimizer was "
+                "built: build a new optimizer on it"
+            )
+        group = self.param_groups[0]
+        _check_hyperparameters(
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+            group["nesterov"],
+        )  # fmt: skip
+        basis, scales = self.subspace.columns
+        functional.twa_step(
+            self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha,
+            self._momentum_buffer, self._counters, self._gram, self._pw0,
+            lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"], backend=self.backend,
+        )  # fmt: skip
+        return loss
+
+    # ------------------------------------------------------------------------------------------
+
+    def coefficients(self) -> Tensor:
+        """Averaging coefficients: fp64 [num_samples] lambda with ``w = sum_i lambda_i w_i``.
+
+        Exact for the current weights when ``start="mean"`` (w0 is the mean of the samples);
+        with ``start="current"`` it describes the projection of the weights onto the span.
+        The minimum-norm solution when samples were linearly dependent. Reads the device.
+        """
+        S = self.subspace.sample_coordinates()  # w_i ~ P S[:, i]
+        n = S.shape[1]
+        alpha = self._alpha.double().cpu()
+        if self.start == "mean":
+            lam0 = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        else:
+            beta0 = torch.linalg.solve(self.subspace.gram().cpu(), self._pw0.double().cpu())
+            lam0 = _min_norm_solve(S, beta0)
+        return lam0 + _min_norm_solve(S, alpha)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["twa"] = {
+            "layout": self.subspace.layout.signature(),
+            "rank": self.rank,
+            "num_samples": self.subspace.num_samples,
+            "start": self.start,
+            "alpha": self._alpha.clone(),
+            "momentum_buffer": self._momentum_buffer.clone(),
+            "counters": self._counters.clone(),
+            "w0": self._w0.clone() if self.start == "current" else None,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore ``state_dict()`` and rewrite the weights from it.
+
+        Raises ``ValueError`` (changing nothing) when it comes from another model, subspace
+        rank or start.
+        """
+        state_dict = dict(state_dict)
+        if "twa" not in state_dict:
+            raise ValueError("state dict has no 'twa' entry: it is not from a TWA optimizer")
+        twa = state_dict.pop("twa")
+        self.subspace.layout.check_signature(twa["layout"], "state dict")
+        for name, mine in (
+            ("rank", self.rank),
+            ("num_samples", self.subspace.num_samples),
+            ("start", self.start),
+        ):
+            if twa[name] != mine:
+                raise ValueError(f"state dict has {name}={twa[name]!r}, this optimizer {mine!r}")
+        super().load_state_dict(state_dict)
+        self._alpha.copy_(twa["alpha"])
+        self._momentum_buffer.copy_(twa["momentum_buffer"])
+        self._counters.copy_(twa["counters"])
+        if self.start == "current":
+            self._w0.copy_(twa["w0"])
+            self._pw0 = _ops.project(*self.subspace.columns, self._w0, self.backend)
+        self._write_weights()
+
+
+def _min_norm_solve(S: Tensor, b: Tensor) -> Tensor:
+    """x of minimum norm with S x = b (S [K, n] of full row rank K <= n)."""
+    return torch.linalg.lstsq(S, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+
+
+def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    for name, value in (
+        ("lr", lr),
+        ("momentum", momentum),
+        ("dampening", dampening),
+        ("weight_decay", weight_decay),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not 0 <= dampening <= 1:
+        raise ValueError(f"dampening must be in [0, 1], got {dampening}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
