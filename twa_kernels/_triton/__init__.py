@@ -1,1 +1,13 @@
-"""Triton kernels for the twa:: ops (backend "triton")."""
+"""Triton kernels for the twa:: ops (backend "triton").
+
+Each function has the arguments and semantics of the same function in ``twa_kernels.reference``
+(the ``_ops`` checks run before these are called). They run on CUDA tensors, or on CPU tensors
+through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import.
+"""
+
+from .orthogonalize import orthogonalize_
+from .project import project
+from .reconstruct import reconstruct_
+from .subspace_step import subspace_step_
+
+__all__ = ["orthogonalize_", "project", "reconstruct_", "subspace_step_"]

@@ -1,0 +1,371 @@
+"""The Triton kernels of the twa:: ops against fp64 oracles written here, at awkward sizes.
+
+On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter
+(conftest sets TRITON_INTERPRET=1 before twa_kernels is imported); with a GPU the same tests
+also run on CUDA tensors. Every oracle works on the *stored* basis values upcast to fp64, so
+the only error allowed for is the kernels' fp32 accumulation (and the final rounding to the
+output dtype), not the rounding of the basis itself.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import DEVICES, STORAGE_DTYPES, TOL
+
+pytest.importorskip("triton")
+
+from twa_kernels import _ops  # noqa: E402
+from twa_kernels.reference import ROW_AMAX  # noqa: E402
+
+# The interpreter (triton 3.6 + numpy 2.3) converts 1-element arrays to loop bounds.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+INPUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (K, D): D = 1; a prime D that spans several stage-1 chunks (256 columns each); D = 1000, not
+# a multiple of any block (16..512); a K not a power of two that needs 19 K tiles of 16 with D
+# kept small (the interpreter's cost grows with K x D / tile).
+SHAPES = [(1, 1), (3, 1009), (3, 1000), (301, 37)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before import")
+    return torch.device(request.param)
+
+
+def stored_p(basis, scales):
+    """The columns of P as the kernels see them: fp64 [K, D], row i = scales[i] * basis[i]."""
+    return basis.double() * scales.double()[:, None]
+
+
+def random_basis(K, D, dtype, device, wide=0):
+    """A basis with entries of magnitude ~ROW_AMAX (as stored rows are) and fp32 scales.
+
+    ``wide > 0`` returns a column slice of a wider tensor: rows strided by D + wide.
+    """
+    full = (torch.randn(K, D + wide, device=device) * ROW_AMAX / 4).to(dtype)
+    basis = full[:, wide // 2 : wide // 2 + D] if wide else full
+    scales = torch.rand(K, device=device) / ROW_AMAX + 1e-5
+    return basis, scales
+
+
+def assert_within(actual, expected, scale, tol, what):
+    """|actual - expected| <= atol + rtol * scale elementwise (scale: sum of |terms|)."""
+    atol, rtol = tol
+    err = (actual.double() - expected).abs()
+    bound = atol + rtol * scale
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{what}: error {err.max().item():.3g} is {worst:.3g} x the bound"
+
+
+# ------------------------------------------------------------------------------------------
+# project
+
+
+@pytest.mark.parametrize("K,D", SHAPES)
+@pytest.mark.parametrize("batch", [None, 1, 5])
+@pytest.mark.parametrize("x_dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_project_matches_fp64_oracle(device, dtype, x_dtype, batch, K, D):
+    basis, scales = random_basis(K, D, dtype, device)
+    shape = (D,) if batch is None else (batch, D)
+    x = torch.randn(shape, device=device).to(x_dtype)
+    c = _ops.project(basis, scales, x, "triton")
+    assert c.dtype == torch.float32 and c.shape == (*shape[:-1], K)
+    P = stored_p(basis, scales)
+    ref = x.double() @ P.T
+    # The inputs are exact in fp64; only fp32 accumulation and the scale product round, so the
+    # fp32 tolerance applies whatever the storage dtype, relative to sum_d |P_id x_d|.
+    assert_within(c, ref, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_project_strided_rows_and_batch_above_16(device, dtype):
+    K, D = 5, 300
+    basis, scales = random_basis(K, D, dtype, device, wide=17)
+    assert basis.stride(0) == D + 17
+    x = torch.randn(17, D, device=device)
+    c = _ops.project(basis, scales, x, "triton")
+    P = stored_p(basis, scales)
+    assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
+
+
+def test_project_deterministic(device):
+    basis, scales = random_basis(7, 1109, torch.float16, device)
+    for shape in [(1109,), (5, 1109)]:
+        x = torch.randn(shape, device=device)
+        a = _ops.project(basis, scales, x, "triton")
+        b = _ops.project(basis, scales, x, "triton")
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# reconstruct_
+
+
+@pytest.mark.parametrize("K,D", SHAPES)
+@pytest.mark.parametrize("out_dtype", INPUT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_reconstruct_matches_fp64_oracle(device, dtype, out_dtype, K, D):
+    basis, scales = random_basis(K, D, dtype, device)
+    w0 = torch.randn(D, device=device)
+    alpha = torch.randn(K, device=device)
+    out = torch.full((D,), float("nan"), dtype=out_dtype, device=device)
+    _ops.reconstruct_(out, w0, basis, scales, alpha, "triton")
+    P = stored_p(basis, scales)
+    ref = w0.double() + P.T @ alpha.double()
+    scale = w0.double().abs() + P.abs().T @ alpha.double().abs()
+    # fp32 arithmetic, then one rounding to out's dtype: the fp32 tolerance for fp32/fp64 out,
+    # the out dtype's (one rounding of a value <= scale) for fp16/bf16 out.
+    tol = TOL[torch.float32] if out_dtype in (torch.float32, torch.float64) else TOL[out_dtype]
+    assert_within(out, ref, scale, tol, "w0 + P alpha")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_reconstruct_rounds_to_nearest_even(device, out_dtype):
+    # The same fp32 sums stored once as fp32 and once as out_dtype: the narrow result must be
+    # torch's round-to-nearest-even of the wide one, bit for bit (the interpreter's own
+    # fp32 -> bf16 cast truncates; this catches it).
+    K, D = 3, 1000
+    basis, scales = random_basis(K, D, torch.float16, device)
+    w0 = torch.randn(D, device=device)
+    alpha = torch.randn(K, device=device)
+    wide = torch.empty(D, device=device)
+    narrow = torch.empty(D, dtype=out_dtype, device=device)
+    _ops.reconstruct_(wide, w0, basis, scales, alpha, "triton")
+    _ops.reconstruct_(narrow, w0, basis, scales, alpha, "triton")
+    assert torch.equal(narrow, wide.to(out_dtype))
+
+
+def test_reconstruct_strided_rows(device):
+    K, D = 4, 777
+    basis, scales = random_basis(K, D, torch.bfloat16, device, wide=9)
+    w0 = torch.randn(D, device=device)
+    alpha = torch.randn(K, device=device)
+    out = torch.empty(D, device=device)
+    _ops.reconstruct_(out, w0, basis, scales, alpha, "triton")
+    P = stored_p(basis, scales)
+    scale = w0.double().abs() + P.abs().T @ alpha.double().abs()
+    assert_within(out, w0.double() + P.T @ alpha.double(), scale, TOL[torch.float32], "w")
+
+
+def test_reconstruct_deterministic(device):
+    basis, scales = random_basis(19, 1109, torch.float16, device)
+    w0, alpha = torch.randn(1109, device=device), torch.randn(19, device=device)
+    a, b = torch.empty(1109, device=device), torch.empty(1109, device=device)
+    _ops.reconstruct_(a, w0, basis, scales, alpha, "triton")
+    _ops.reconstruct_(b, w0, basis, scales, alpha, "triton")
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# subspace_step_
+
+
+def sgd_oracle(state, c, gram, pw0, lr, momentum, dampening, weight_decay, nesterov):
+    """torch.optim.SGD's update on the coordinates, fp64, with the skip of non-finite steps."""
+    alpha, buf, taken, skipped = state
+    if not torch.isfinite(c).all():
+        return alpha, buf, taken, skipped + 1
+    d = c.double()
+    if weight_decay != 0:
+        d = d + weight_decay * (pw0.double() + gram.double() @ alpha)
+    if momentum != 0:
+        buf = d.clone() if taken == 0 else momentum * buf + (1 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+    return alpha - lr * d, buf, taken + 1, skipped
+
+
+HYPER = [
+    dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
+    dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False),
+    dict(lr=0.2, momentum=0.8, dampening=0.3, weight_decay=1e-2, nesterov=False),
+    dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=True),
+]
+
+
+@pytest.mark.parametrize("hyper", HYPER, ids=["plain", "momentum-wd", "dampening", "nesterov"])
+@pytest.mark.parametrize("K", [1, 3, 301])
+def test_subspace_step_matches_fp64_oracle(device, K, hyper):
+    alpha = torch.randn(K, device=device)
+    buf = torch.randn(K, device=device)  # garbage before the first step: it must be ignored
+    counters = torch.zeros(2, dtype=torch.int64, device=device)
+    A = torch.randn(K, K, device=device) / K**0.5
+    gram = (torch.eye(K, device=device) + 0.1 * (A @ A.T)).contiguous()
+    pw0 = torch.randn(K, device=device)
+    state = (alpha.double(), buf.double(), 0, 0)
+    for step in range(5):
+        c = torch.randn(K, device=device)
+        if step == 2:
+            c[K // 2] = float("nan")
+        if step == 3:
+            c[0] = float("-inf")
+        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend="triton", **hyper)
+        state = sgd_oracle(state, c, gram, pw0, **hyper)
+        assert counters.tolist() == [state[2], state[3]]
+        # fp32 arithmetic on O(1) values over 5 steps; G alpha sums K terms of size ~1/sqrt(K).
+        torch.testing.assert_close(alpha.double(), state[0], atol=1e-5, rtol=1e-5)
+        if hyper["momentum"] != 0:
+            torch.testing.assert_close(buf.double(), state[1], atol=1e-5, rtol=1e-5)
+
+
+def test_subspace_step_skips_nonfinite_bit_for_bit(device):
+    K = 5
+    alpha, buf = torch.randn(K, device=device), torch.randn(K, device=device)
+    counters = torch.tensor([3, 1], device=device)
+    gram, pw0 = torch.eye(K, device=device), torch.randn(K, device=device)
+    a0, b0 = alpha.clone(), buf.clone()
+    for bad in [float("nan"), float("inf"), float("-inf")]:
+        c = torch.randn(K, device=device)
+        c[-1] = bad
+        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.0, 1e-2, True, "triton")
+        assert torch.equal(alpha, a0) and torch.equal(buf, b0)
+    assert counters.tolist() == [3, 4]
+
+
+def test_subspace_step_deterministic(device):
+    K = 301
+    gram, pw0 = torch.randn(K, K, device=device), torch.randn(K, device=device)
+    c = torch.randn(K, device=device)
+    init = torch.randn(K, device=device), torch.randn(K, device=device)
+    results = []
+    for _ in range(2):
+        alpha, buf = init[0].clone(), init[1].clone()
+        counters = torch.tensor([1, 0], device=device)
+        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.1, 1e-2, False, "triton")
+        results.append((alpha, buf))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+# ------------------------------------------------------------------------------------------
+# orthogonalize_
+
+
+def orthonormal_basis(K, D, rank, dtype, device):
+    """Rows [0, rank) orthonormal (fp64 QR), stored like orthogonalize_ stores rows."""
+    basis = torch.zeros(K, D, dtype=dtype, device=device)
+    scales = torch.zeros(K, device=device)
+    if rank:
+        Q = torch.linalg.qr(torch.randn(D, rank, dtype=torch.float64, device=device)).Q.T
+        amax = Q.abs().amax(dim=1)
+        basis[:rank] = (Q * (ROW_AMAX / amax)[:, None]).float().to(dtype)
+        scales[:rank] = (amax / ROW_AMAX).float()
+    return basis, scales
+
+
+def cgs2_oracle(basis, scales, v, rank):
+    """CGS2 in fp64 on the stored rows, with the formulas of the op's contract."""
+    P = stored_p(basis[:rank], scales[:rank])
+    v = v.double()
+    c1 = P @ v
+    v1 = v - P.T @ c1
+    c2 = P @ v1
+    h = c1 + c2
+    norm = (v1 @ v1 - c2 @ c2).clamp_min(0).sqrt()
+    amax = v1.abs().max()
+    u = v - P.T @ h
+    limit = torch.finfo(basis.dtype).max
+    row = (u * (ROW_AMAX / amax)).clamp(-limit, limit).float().to(basis.dtype)
+    scale = (amax / (ROW_AMAX * norm)).float()
+    return torch.cat([h, norm.view(1), v.norm().view(1)]), row, scale
+
+
+# (K, D, rank): D = 1 with rank 0; k = 1; k = 3 over a prime D spanning four chunks; rank = K
+# (nothing stored); k = 301 with D kept small.
+ORTHO_SHAPES = [(1, 1, 0), (2, 37, 1), (4, 1009, 3), (3, 1000, 3), (302, 400, 301)]
+
+
+@pytest.mark.parametrize("K,D,rank", ORTHO_SHAPES)
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_orthogonalize_matches_fp64_oracle(device, dtype, K, D, rank):
+    basis, scales = orthonormal_basis(K, D, rank, dtype, device)
+    sample = torch.randn(D, device=device) + 0.5
+    before, scales_before = basis.clone(), scales.clone()
+    out = _ops.orthogonalize_(basis, scales, sample, rank, "triton")
+    ref, row, scale = cgs2_oracle(before, scales_before, sample, rank)
+    assert out.dtype == torch.float64 and out.shape == (rank + 2,)
+    # fp64 accumulation over D values of size ~1: 1e-12 of ||v|| covers D * 2^-53 with room.
+    vnorm = sample.double().norm().item()
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
+    assert torch.equal(basis[:rank], before[:rank]) and torch.equal(scales[:rank], scales_before[:rank])
+    if rank < K:
+        # One rounding of the same fp64 value to the storage dtype: at most 1 ulp apart when
+        # the two fp64 sums straddle a rounding boundary.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
+        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
+        assert torch.equal(basis[rank + 1 :], before[rank + 1 :])
+    else:
+        assert torch.equal(basis, before) and torch.equal(scales, scales_before)
+
+
+# max|P^T P - I| after filling the basis: entries rounded to the storage dtype (unit roundoff
+# u: 4.9e-4 fp16, 3.9e-3 bf16) give errors ~u per inner product; fp32 storage ~1e-7.
+ORTHO_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_orthogonalize_invariants(device, dtype):
+    K, D = 6, 1009
+    basis = torch.zeros(K, D, dtype=dtype, device=device)
+    scales = torch.zeros(K, device=device)
+    # Trajectory-like samples: a common point plus small moves (the differences matter).
+    anchor = torch.randn(D, device=device)
+    samples = [anchor + 0.1 * torch.randn(D, device=device) for _ in range(K)]
+    for rank, s in enumerate(samples):
+        out = _ops.orthogonalize_(basis, scales, s, rank, "triton")
+        P = stored_p(basis[: rank + 1], scales[: rank + 1])
+        # Span kept: the sample is P [h; ||u||] up to the storage rounding of P.
+        recon = P.T @ out[: rank + 1]
+        err = (recon - s.double()).norm() / s.double().norm()
+        assert err < ORTHO_TOL[dtype], f"rank {rank}: sample reproduced to {err:.3g}"
+    G = stored_p(basis, scales) @ stored_p(basis, scales).T
+    dev = (G - torch.eye(K, dtype=torch.float64, device=device)).abs().max()
+    assert dev < ORTHO_TOL[dtype], f"max|P^T P - I| = {dev:.3g}"
+
+
+def test_orthogonalize_deterministic(device):
+    K, D, rank = 9, 1009, 8
+    basis, scales = orthonormal_basis(K, D, rank, torch.float16, device)
+    sample = torch.randn(D, device=device)
+    b1, s1 = basis.clone(), scales.clone()
+    o1 = _ops.orthogonalize_(b1, s1, sample, rank, "triton")
+    o2 = _ops.orthogonalize_(basis, scales, sample, rank, "triton")
+    assert torch.equal(o1, o2) and torch.equal(b1, basis) and torch.equal(s1, scales)
+
+
+# ------------------------------------------------------------------------------------------
+# opcheck: schema, fake implementation and dispatch of every op with backend="triton"
+
+
+def test_project_opcheck(device):
+    basis, scales = random_basis(3, 300, torch.float16, device)
+    for x in [torch.randn(300, device=device), torch.randn(5, 300, device=device).bfloat16()]:
+        torch.library.opcheck(_ops.project, (basis, scales, x), {"backend": "triton"})
+
+
+def test_reconstruct_opcheck(device):
+    basis, scales = random_basis(3, 300, torch.bfloat16, device)
+    args = (
+        torch.empty(300, dtype=torch.float16, device=device), torch.randn(300, device=device),
+        basis, scales, torch.randn(3, device=device),
+    )  # fmt: skip
+    torch.library.opcheck(_ops.reconstruct_, args, {"backend": "triton"})
+
+
+def test_orthogonalize_opcheck(device):
+    basis, scales = orthonormal_basis(4, 300, 2, torch.float16, device)
+    args = (basis, scales, torch.randn(300, device=device), 2)
+    torch.library.opcheck(_ops.orthogonalize_, args, {"backend": "triton"})
+
+
+def test_subspace_step_opcheck(device):
+    K = 3
+    args = (
+        torch.randn(K, device=device), torch.randn(K, device=device),
+        torch.zeros(2, dtype=torch.int64, device=device), torch.randn(K, device=device),
+        torch.eye(K, device=device), torch.randn(K, device=device), 0.1, 0.9, 0.0, 1e-3, False,
+    )  # fmt: skip
+    torch.library.opcheck(_ops.subspace_step_, args, {"backend": "triton"})

@@ -1,0 +1,261 @@
+"""The fused Triton TWA step against the generic path, and its launch count.
+
+The generic path (``functional.twa_step(..., backend="torch")``) gathers the gradients into a
+flat fp32 buffer, runs the plain-PyTorch ops and copies the weights back; the fused step reads
+``.grad`` and writes the parameters in place through a pointer table. Both must take the same
+steps, skip the same non-finite steps, and leave the parameters with the same values.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import DEVICES, STORAGE_DTYPES, TOL
+
+triton = pytest.importorskip("triton")
+
+from twa_kernels import functional, reference  # noqa: E402
+from twa_kernels._triton import step as fused  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    # The interpreter (triton 3.6 + numpy 2.3) converts 1-element arrays to loop bounds.
+    "ignore:Conversion of an array with ndim > 0:DeprecationWarning",
+    # inf/NaN gradient lanes times the zeros of masked-off basis rows, never stored.
+    "ignore:invalid value encountered:RuntimeWarning",
+)
+
+# Mixed dtypes; a 1-element parameter; 600 values (two blocks of 512); a 3-D tensor; one more
+# parameter whose grad stays None (zero gradient).
+SHAPES = [(7, 3), (1,), (600,), (5,), (2, 2, 2), (4,)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16]
+NO_GRAD = 3
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before import")
+    return torch.device(request.param)
+
+
+def make_params(device, shapes=SHAPES, dtypes=DTYPES, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(s, generator=gen).to(device=device, dtype=d) for s, d in zip(shapes, dtypes, strict=True)
+    ]
+
+
+def flat_views(params, flat):
+    views, off = [], 0
+    for p in params:
+        views.append(flat[off : off + p.numel()].view_as(p))
+        off += p.numel()
+    return views
+
+
+def subspace(D, K, dtype, device):
+    basis = (torch.randn(K, D, device=device) * 1000).to(dtype)
+    scales = torch.rand(K, device=device) * 1e-4
+    w0 = torch.randn(D, device=device)
+    gram = reference.gram(basis, scales).float()
+    pw0 = reference.project(basis, scales, w0)
+    return w0, basis, scales, gram, pw0
+
+
+def set_grads(params, step, device):
+    gen = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        if i == NO_GRAD:
+            p.grad = None
+            continue
+        g = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype)
+        if step == 3 and p.grad is not None:
+            p.grad.copy_(g)  # same storage as the step before: the pointer table is reused
+        else:
+            p.grad = g
+    if step == 2:
+        params[1].grad.view(-1)[0] = float("inf")  # this step must be skipped
+
+
+HYPER = [
+    dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False),
+    dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+]
+
+
+@pytest.mark.parametrize("hyper", HYPER, ids=["momentum-wd", "nesterov"])
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_fused_step_matches_generic_path(device, dtype, hyper):
+    K = 3
+    D = sum(torch.Size(s).numel() for s in SHAPES)
+    w0, basis, scales, gram, pw0 = subspace(D, K, dtype, device)
+    runs = {}
+    for backend in ["torch", "triton"]:
+        params = make_params(device)
+        flat = torch.zeros(D, device=device)
+        alpha = torch.zeros(K, device=device)
+        buf = torch.zeros(K, device=device)
+        counters = torch.zeros(2, dtype=torch.int64, device=device)
+        for step in range(5):
+            set_grads(params, step, device)
+            functional.twa_step(
+                params, flat, flat_views(params, flat), w0, basis, scales, alpha, buf, counters,
+                gram, pw0, backend=backend, **hyper,
+            )  # fmt: skip
+        runs[backend] = (alpha, buf, counters, params)
+    (a_ref, b_ref, c_ref, p_ref), (a, b, c, p) = runs["torch"], runs["triton"]
+    assert c.tolist() == c_ref.tolist() == [4, 1]
+    # Same fp32 math in another summation order (blocks of 512 vs chunks of 256 columns).
+    torch.testing.assert_close(a, a_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5)
+    for i, (x, y) in enumerate(zip(p, p_ref, strict=True)):
+        # Both round the fp32 weights once to the parameter's dtype; the fp32 sums may differ
+        # in the last bit, which can move a half-precision result by one unit (TOL[dtype]).
+        atol, rtol = TOL[x.dtype]
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=f"parameter {i}")
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_fused_step_matches_fp64_oracle(device, dtype):
+    # One step from alpha = 0 without momentum: alpha = -lr * P^T g, w = w0 + P alpha, fp64.
+    K = 301
+    shapes = [(13,), (7, 3), (1,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    params = make_params(device, shapes, dtypes)
+    D = sum(p.numel() for p in params)
+    w0, basis, scales, gram, pw0 = subspace(D, K, dtype, device)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device).to(p.dtype)
+    g = torch.cat([p.grad.double().flatten() for p in params])
+    alpha = torch.zeros(K, device=device)
+    buf = torch.zeros(K, device=device)
+    counters = torch.zeros(2, dtype=torch.int64, device=device)
+    lr = 0.5
+    fused.fused_twa_step(
+        params, torch.empty(D, device=device), w0, basis, scales, alpha, buf, counters, gram,
+        pw0, lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+    )  # fmt: skip
+    P = basis.double() * scales.double()[:, None]
+    a_ref = -lr * (P @ g)
+    torch.testing.assert_close(
+        alpha.double(), a_ref, atol=1e-6, rtol=TOL[torch.float32][1] * 10
+    )  # 10x the fp32 rtol: sums of 301 x 35 products whose terms cancel
+    w_ref = w0.double() + P.T @ alpha.double()
+    got = torch.cat([p.double().flatten() for p in params])
+    off = 0
+    for p in params:
+        n = p.numel()
+        atol, rtol = TOL[p.dtype]
+        torch.testing.assert_close(got[off : off + n], w_ref[off : off + n], atol=atol, rtol=rtol)
+        off += n
+    assert counters.tolist() == [1, 0]
+
+
+def test_fused_step_skips_nonfinite_bit_for_bit(device):
+    params = make_params(device)
+    D = sum(p.numel() for p in params)
+    w0, basis, scales, gram, pw0 = subspace(D, 4, torch.float16, device)
+    alpha, buf = torch.randn(4, device=device), torch.randn(4, device=device)
+    counters = torch.tensor([2, 0], device=device)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True)
+    flat = torch.empty(D, device=device)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[0].grad[0, 0] = float("nan")
+    fused.fused_twa_step(params, flat, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+    after_one = [p.clone() for p in params]
+    a0, b0 = alpha.clone(), buf.clone()
+    params[2].grad[5] = float("-inf")
+    fused.fused_twa_step(params, flat, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+    assert counters.tolist() == [2, 2]
+    assert torch.equal(alpha, a0) and torch.equal(buf, b0)
+    assert all(torch.equal(p, q) for p, q in zip(params, after_one, strict=True))
+
+
+def _count_launches(monkeypatch):
+    """Wrap every way a Triton kernel runs (compiled or interpreted) with a counter."""
+    calls = []
+    from triton.runtime.jit import JITFunction
+
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:
+        pass
+    for cls in classes:
+        original = cls.run
+
+        def counted(self, *args, _original=original, **kwargs):
+            if not kwargs.get("warmup", False):
+                calls.append(getattr(self, "__name__", "?"))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", counted)
+    return calls
+
+
+def test_fused_step_launches_at_most_4_kernels(device, monkeypatch):
+    n = 12
+    shapes = [(3 + i,) if i % 3 else (2, 1 + i) for i in range(n)]
+    dtypes = [DTYPES[i % 3] for i in range(n)]
+    params = make_params(device, shapes, dtypes)
+    D = sum(p.numel() for p in params)
+    K = 5
+    w0, basis, scales, gram, pw0 = subspace(D, K, torch.float16, device)
+    alpha, buf = torch.zeros(K, device=device), torch.zeros(K, device=device)
+    counters = torch.zeros(2, dtype=torch.int64, device=device)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False)
+    flat = torch.empty(D, device=device)
+
+    def step():
+        for p in params:
+            p.grad = torch.randn_like(p)
+        fused.fused_twa_step(params, flat, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+
+    step()  # first call: autotuning (on a GPU) benchmarks several configs
+    calls = _count_launches(monkeypatch)
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in the step"))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        step()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    monkeypatch.setattr(torch, "cat", cat)
+    assert 1 <= len(calls) <= 4, calls
+    assert counters.tolist() == [2, 0]
+
+
+def test_fused_step_through_twa_optimizer(device):
+    # The public path: Subspace.add (orthogonalize_) and TWA.step with backend="triton" against
+    # backend="torch", on a small MLP over 5 steps.
+    from twa_kernels.optim import TWA
+    from twa_kernels.subspace import Subspace
+
+    final = {}
+    for backend in ["torch", "triton"]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).to(
+            device
+        )
+        space = Subspace(model.parameters(), max_rank=4, dtype=torch.float16, backend=backend)
+        for _ in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            space.add()
+        opt = TWA(model.parameters(), space, lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+        x, y = torch.randn(32, 8, device=device), torch.randint(0, 3, (32,), device=device)
+        for _ in range(5):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        final[backend] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(final["triton"], final["torch"], strict=True):
+        # fp32 weights near 1 after 5 steps of fp32 arithmetic in two summation orders.
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

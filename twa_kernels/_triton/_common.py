@@ -1,0 +1,89 @@
+"""Shared launch helpers of the Triton kernels: autotune config lists, split counts, workspaces.
+
+Reductions over D are two-stage and deterministic: stage 1 splits the columns into ``S``
+contiguous chunks and writes one partial per chunk to a workspace, stage 2 adds the partials in
+a fixed order. ``S`` depends only on the shape and the device, so the same inputs give the same
+bits (for a given autotune choice: a different tile shape changes the order of the fp32 sums).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Chunk boundaries are multiples of this many columns, so every chunk starts 512-byte aligned
+# for fp16 rows and no BLOCK_D tile of the configs below (<= 256) straddles two chunks.
+CHUNK_ALIGN = 256
+
+# The interpreter runs programs one after another in numpy: each program costs ~1 ms of
+# Python overhead plus its tiles, so a handful of splits keeps tests fast while still
+# exercising the cross-chunk reduction whenever D > CHUNK_ALIGN.
+INTERPRETER_MAX_SPLITS = 4
+
+# On a GPU, 4 programs per SM keep enough loads in flight to saturate HBM on a streaming pass
+# (the partials then cost 4 * SMs * K * 4 bytes, e.g. 1.1 MB for 132 SMs and K = 512).
+PROGRAMS_PER_SM = 4
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs(candidates: list[triton.Config]) -> list[triton.Config]:
+    """Autotune candidates, or only the first one under the interpreter.
+
+    The interpreter cannot benchmark (more than one config fails there), and its timings would
+    mean nothing anyway: the first config is the one chosen for CPU runs.
+    """
+    return candidates[:1] if interpreted() else candidates
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def max_programs(device: torch.device) -> int:
+    if device.type == "cuda" and not interpreted():
+        return PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    return INTERPRETER_MAX_SPLITS
+
+
+def split_columns(D: int, device: torch.device) -> tuple[int, int]:
+    """``(S, CHUNK)``: ``S`` chunks of ``CHUNK`` columns (the last one shorter) covering D."""
+    units = triton.cdiv(D, CHUNK_ALIGN)
+    per = triton.cdiv(units, min(units, max_programs(device)))
+    chunk = per * CHUNK_ALIGN
+    return triton.cdiv(D, chunk), chunk
+
+
+def split_items(n: int, device: torch.device) -> tuple[int, int]:
+    """``(S, PER)``: ``S`` programs taking ``PER`` consecutive items each (the last fewer)."""
+    per = triton.cdiv(n, min(n, max_programs(device)))
+    return triton.cdiv(n, per), per
+
+
+def pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``dtype``.
+
+    fp32 -> bf16 goes through bits: the interpreter's cast truncates (1 ulp low on about half
+    of all values, e.g. 4072 instead of 4080 at the stored row scale), the GPU rounds to
+    nearest-even; the integer form gives the GPU's (and torch's) result on both.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        # A NaN's payload could carry into the sign bit: store the canonical quiet NaN instead.
+        top = tl.where(x != x, 0x7FC0, bits >> 16)
+        return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

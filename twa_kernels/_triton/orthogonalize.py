@@ -1,0 +1,222 @@
+"""``orthogonalize_``: CGS2 of a sample against rows [0, rank), fp64 accumulation, 3 basis passes.
+
+The formulas are those of ``reference.orthogonalize_``:
+
+1. ``_orthogonalize_kernel`` (pass 1): per-chunk partials of ``P^T v`` and ``||v||^2``;
+   ``_orthogonalize_reduce1_kernel`` adds them: ``c1``, ``s * c1``, ``||v||^2``.
+2. ``_orthogonalize_remainder_kernel`` (pass 2): for each column tile, loads the [rank, BLOCK_D]
+   slab of P once, forms ``v1 = v - P c1`` from it and accumulates ``P^T v1``, ``||v1||^2`` and
+   ``max|v1|`` from the same registers; ``_orthogonalize_reduce2_kernel`` finishes ``h``,
+   ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row scale and the returned vector.
+3. ``_orthogonalize_store_kernel`` (pass 3): ``u = v - P h`` scaled by ``ROW_AMAX / max|v1|``,
+   clamped to the storage range and written to row ``rank``.
+
+Accumulation is fp64 like the reference (the op is memory-bound; fp64 FMA throughput is not the
+limit). bf16 values go to fp32 before fp64: the interpreter's bf16 -> fp64 cast reinterprets
+the raw 16 bits; bf16 -> fp32 is exact everywhere, so the detour costs nothing. Results are
+rounded fp64 -> fp32 -> storage dtype, which is what torch's ``Tensor.to`` does for fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import ROW_AMAX
+from ._common import pow2, split_columns, to_storage
+
+# Pass 2 keeps a [KP, BLOCK_D] fp64 slab in registers; 4K values (32 KB) per program is 16 per
+# thread at 8 warps. BLOCK_D never drops below 16 columns (32 contiguous bytes of fp16).
+_SLAB_ELEMENTS = 4096
+_BLOCK_K = 16
+_BLOCK_D = 256
+_BLOCK_S = 16
+
+
+@triton.jit
+def _load_f64(ptrs, mask):
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+
+
+@triton.jit
+def _orthogonalize_kernel(
+    basis_ptr, row_stride, sample_ptr, part_ptr, vv_ptr, R, D, CHUNK,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    start = pid * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < R
+        acc = tl.zeros([BLOCK_K], dtype=tl.float64)
+        for d0 in range(start, end, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask_d = offs_d < end
+            v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
+            ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+            p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+            acc += tl.sum(p * v[None, :], axis=1)
+        tl.store(part_ptr + pid * R + offs_k, acc, mask=mask_k)
+    vv = tl.zeros([BLOCK_D], dtype=tl.float64)
+    for d0 in range(start, end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        v = tl.load(sample_ptr + offs_d, mask=offs_d < end, other=0.0).to(tl.float64)
+        vv += v * v
+    tl.store(vv_ptr + pid, tl.sum(vv, axis=0))
+
+
+@triton.jit
+def _orthogonalize_reduce1_kernel(
+    part_ptr, vv_ptr, scales_ptr, c1_ptr, sc1_ptr, vv_out_ptr, S, R,
+    KP: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    offs = tl.arange(0, KP).to(tl.int64)
+    mask = offs < R
+    acc = tl.zeros([KP], dtype=tl.float64)
+    vv = tl.zeros([BLOCK_S], dtype=tl.float64)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        mask_s = offs_s < S
+        t = tl.load(part_ptr + offs_s[:, None] * R + offs[None, :],
+                    mask=mask_s[:, None] & mask[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(t, axis=0)
+        vv += tl.load(vv_ptr + offs_s, mask=mask_s, other=0.0)
+    s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    c1 = acc * s
+    tl.store(c1_ptr + offs, c1, mask=mask)
+    tl.store(sc1_ptr + offs, s * c1, mask=mask)
+    tl.store(vv_out_ptr, tl.sum(vv, axis=0))
+
+
+@triton.jit
+def _orthogonalize_remainder_kernel(
+    basis_ptr, row_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr, R, D, CHUNK,
+    KP: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    start = pid * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    offs_k = tl.arange(0, KP).to(tl.int64)
+    mask_k = offs_k < R
+    sc1 = tl.load(sc1_ptr + offs_k, mask=mask_k, other=0.0)
+    acc = tl.zeros([KP], dtype=tl.float64)
+    ss = tl.zeros([BLOCK_D], dtype=tl.float64)
+    amax = tl.zeros([BLOCK_D], dtype=tl.float64)
+    for d0 in range(start, end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_d = offs_d < end
+        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+        v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
+        v1 = v - tl.sum(sc1[:, None] * p, axis=0)
+        acc += tl.sum(p * v1[None, :], axis=1)
+        ss += v1 * v1
+        amax = tl.maximum(amax, tl.abs(v1))
+    tl.store(part_ptr + pid * R + offs_k, acc, mask=mask_k)
+    tl.store(ss_ptr + pid, tl.sum(ss, axis=0))
+    tl.store(amax_ptr + pid, tl.max(amax, axis=0))
+
+
+@triton.jit
+def _orthogonalize_reduce2_kernel(
+    part_ptr, ss_ptr, amax_ptr, scales_ptr, c1_ptr, vv_ptr, out_ptr, sh_ptr, inv_ptr, S, R, rank,
+    ROW_AMAX: tl.constexpr, WRITE_ROW: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    offs = tl.arange(0, KP).to(tl.int64)
+    mask = offs < R
+    acc = tl.zeros([KP], dtype=tl.float64)
+    ss = tl.zeros([BLOCK_S], dtype=tl.float64)
+    amax = tl.zeros([BLOCK_S], dtype=tl.float64)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        mask_s = offs_s < S
+        t = tl.load(part_ptr + offs_s[:, None] * R + offs[None, :],
+                    mask=mask_s[:, None] & mask[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(t, axis=0)
+        ss += tl.load(ss_ptr + offs_s, mask=mask_s, other=0.0)
+        amax = tl.maximum(amax, tl.load(amax_ptr + offs_s, mask=mask_s, other=0.0))
+    s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    c2 = acc * s
+    h = tl.load(c1_ptr + offs, mask=mask, other=0.0) + c2
+    norm2 = tl.sum(ss, axis=0) - tl.sum(c2 * c2, axis=0)
+    # fp64 tl.sqrt is correctly rounded (PTX has sqrt.approx only for f32; sqrt_rn is f32-only).
+    norm = tl.sqrt(tl.maximum(norm2, 0.0))
+    amax_all = tl.max(amax, axis=0)
+    tl.store(out_ptr + offs, h, mask=mask)
+    tl.store(out_ptr + rank, norm)
+    tl.store(out_ptr + rank + 1, tl.sqrt(tl.load(vv_ptr)))
+    tl.store(sh_ptr + offs, s * h, mask=mask)
+    if WRITE_ROW:
+        # A zero remainder stores a zero row with scale 0, as the reference does.
+        inv = tl.where(amax_all > 0, ROW_AMAX / amax_all, 0.0)
+        scale = tl.where(norm > 0, amax_all / (ROW_AMAX * norm), 0.0)
+        tl.store(inv_ptr, inv)
+        tl.store(scales_ptr + rank, scale.to(tl.float32))
+
+
+@triton.jit
+def _orthogonalize_store_kernel(
+    basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, LIMIT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_d = offs_d < D
+    u = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < R
+        sh = tl.load(sh_ptr + offs_k, mask=mask_k, other=0.0)
+        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+        u -= tl.sum(sh[:, None] * p, axis=0)
+    val = u * tl.load(inv_ptr)
+    val = tl.minimum(tl.maximum(val, -LIMIT), LIMIT)
+    out = basis_ptr + rank * row_stride + offs_d
+    tl.store(out, to_storage(val.to(tl.float32), basis_ptr.dtype.element_ty), mask=mask_d)
+
+
+def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+    K, D = basis.shape
+    dev = sample.device
+    R = max(rank, 1)  # row count of the workspaces; rank = 0 runs the loops zero times
+    KP = pow2(rank)
+    S, chunk = split_columns(D, dev)
+    f64 = dict(dtype=torch.float64, device=dev)
+    part = torch.empty(S, R, **f64)
+    vv_part = torch.empty(S, **f64)
+    ss_part = torch.empty(S, **f64)
+    amax_part = torch.empty(S, **f64)
+    # c1 | s * c1 (overwritten with s * h by reduce2, which no longer needs s * c1) | vv | inv
+    small = torch.empty(2 * R + 2, **f64)
+    c1, sc1, vv, inv = small[:R], small[R : 2 * R], small[2 * R : 2 * R + 1], small[2 * R + 1 :]
+    out = torch.empty(rank + 2, **f64)
+    stride = basis.stride(0)
+    warps = 4 if KP <= 64 else 8
+
+    _orthogonalize_kernel[(S,)](
+        basis, stride, sample, part, vv_part, rank, D, chunk, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D
+    )
+    _orthogonalize_reduce1_kernel[(1,)](
+        part, vv_part, scales, c1, sc1, vv, S, rank, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps
+    )
+    block_d = max(16, min(_BLOCK_D, _SLAB_ELEMENTS // KP))
+    _orthogonalize_remainder_kernel[(S,)](
+        basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk,
+        KP=KP, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    write_row = rank < K
+    _orthogonalize_reduce2_kernel[(1,)](
+        part, ss_part, amax_part, scales, c1, vv, out, sc1, inv, S, rank, rank,
+        ROW_AMAX=ROW_AMAX, WRITE_ROW=write_row, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps,
+    )  # fmt: skip
+    if write_row:
+        limit = torch.finfo(basis.dtype).max
+        _orthogonalize_store_kernel[(triton.cdiv(D, _BLOCK_D),)](
+            basis, stride, sample, sc1, inv, rank, rank, D, LIMIT=limit,
+            BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,128 @@
+"""``project``: ``c = P^T x`` for x [D] or [B, D], fp32 accumulation, two deterministic stages.
+
+Stage 1 (``_project_kernel``): program s takes columns ``[s * CHUNK, (s + 1) * CHUNK)``, loops
+over K in BLOCK_K rows and over its columns in BLOCK_D tiles, and writes its partial sums to
+``part[s, b, k]``. Stage 2 (``_project_reduce_kernel``) adds the S partials in a fixed order and
+applies the row scales. No atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import configs, split_columns
+
+# Single vector: [BLOCK_K, BLOCK_D] tiles of 4-8K elements keep 16-32 values per thread live.
+_CONFIGS_1 = [
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256}, num_warps=8),
+    triton.Config({"BLOCK_K": 8, "BLOCK_D": 256}, num_warps=4),
+    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8),
+]
+# Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
+_CONFIGS_B = [
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 128}, num_warps=4),
+    triton.Config({"BLOCK_K": 64, "BLOCK_D": 64}, num_warps=8),
+]
+# Stage 2 adds BLOCK_S partials per step with one tree sum, then steps in order over S.
+_REDUCE_BLOCK_S = 32
+_REDUCE_BLOCK_N = 128
+
+
+@triton.jit
+def _project_body(
+    basis_ptr, row_stride, x_ptr, part_ptr, K, D, B, CHUNK,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    start = pid * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    offs_b = tl.arange(0, BLOCK_B).to(tl.int64)
+    mask_b = offs_b < B
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        row = basis_ptr + offs_k[:, None] * row_stride
+        if BLOCK_B == 1:
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        for d0 in range(start, end, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask_d = offs_d < end
+            p = tl.load(row + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+            p = p.to(tl.float32)
+            if BLOCK_B == 1:
+                x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                acc += tl.sum(p * x[None, :], axis=1)
+            else:
+                xp = x_ptr + offs_b[:, None] * D + offs_d[None, :]
+                x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+                acc = tl.dot(x.to(tl.float32), tl.trans(p), acc, input_precision="ieee")
+        if BLOCK_B == 1:
+            tl.store(part_ptr + pid * K + offs_k, acc, mask=mask_k)
+        else:
+            out = part_ptr + pid * B * K + offs_b[:, None] * K + offs_k[None, :]
+            tl.store(out, acc, mask=mask_b[:, None] & mask_k[None, :])
+
+
+# One jitted body, two autotuned launchers: the tile shapes that fit a vector and a batch differ.
+_project_kernel = triton.autotune(configs=configs(_CONFIGS_1), key=["K", "D"])(_project_body)
+_project_batched_kernel = triton.autotune(configs=configs(_CONFIGS_B), key=["K", "D", "B"])(_project_body)
+
+
+@triton.jit
+def _project_reduce_kernel(
+    part_ptr, scales_ptr, out_ptr, S, K, N, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        ptrs = part_ptr + offs_s[:, None] * N + offs_n[None, :]
+        t = tl.load(ptrs, mask=(offs_s < S)[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.sum(t, axis=0)
+    scale = tl.load(scales_ptr + offs_n % K, mask=mask_n, other=0.0)
+    tl.store(out_ptr + offs_n, acc * scale, mask=mask_n)
+
+
+def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
+    """Stage 1 only: fp32 partial sums [S, B, K] of ``basis @ x2.T`` (no scales)."""
+    K, D = basis.shape
+    B = x2.shape[0]
+    S, chunk = split_columns(D, x2.device)
+    part = torch.empty(S, B, K, dtype=torch.float32, device=x2.device)
+    kernel = _project_kernel if B == 1 else _project_batched_kernel
+    kernel[(S,)](basis, basis.stride(0), x2, part, K, D, B, chunk, BLOCK_B=1 if B == 1 else 16)
+    return part
+
+
+def reduce_partials(part: Tensor, scales: Tensor) -> Tensor:
+    """Stage 2: ``scales * sum_s part[s]`` as fp32 [B, K], summed in a fixed order."""
+    S, B, K = part.shape
+    out = torch.empty(B, K, dtype=torch.float32, device=part.device)
+    grid = (triton.cdiv(B * K, _REDUCE_BLOCK_N),)
+    _project_reduce_kernel[grid](
+        part, scales, out, S, K, B * K, BLOCK_S=_REDUCE_BLOCK_S, BLOCK_N=_REDUCE_BLOCK_N
+    )
+    return out
+
+
+def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+    """``P^T x``: fp32 [K] for x [D], fp32 [B, K] for x [B, D] (B <= 16 per tile, any B)."""
+    x2 = x if x.dim() == 2 else x.unsqueeze(0)
+    if x2.shape[0] == 0:
+        return torch.zeros(0, basis.shape[0], dtype=torch.float32, device=x.device)
+    outs = []
+    # The batched tile holds 16 rows of x; larger batches run in groups of 16.
+    for b0 in range(0, x2.shape[0], 16):
+        xb = x2[b0 : b0 + 16]
+        outs.append(reduce_partials(project_partials(basis, xb), scales))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if x.dim() == 2 else out.squeeze(0)

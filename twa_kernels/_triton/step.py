@@ -1,0 +1,224 @@
+"""The fused TWA step: gradients of a parameter list in, parameters out, in 3 kernel launches.
+
+1. ``_step_project_kernel``: ``P^T g`` straight from the ``.grad`` tensors (stage 1 partials);
+2. ``subspace_step._subspace_step_kernel`` with ``FROM_PARTIALS``: adds the partials in a fixed
+   order, applies the scales and takes the K-dimensional SGD step (skipped on the device when
+   the coordinate gradient is not finite);
+3. ``_step_write_kernel``: ``w = w0 + P alpha`` written into every parameter in its dtype.
+
+The parameters are cut into blocks of ``BLOCK`` columns that never straddle two parameters. A
+block table ``[param index, first element]`` and a parameter table ``[flat offset, numel,
+param dtype code, grad dtype code, param address, grad address]`` (int64) are built on the host
+once per parameter list and kept on the device; kernels turn the addresses into typed pointers
+(``int64.to(tl.pointer_type(...))``), which also works in the interpreter, where CPU tensors
+keep their real addresses. Only the grad addresses can change between steps (``zero_grad``
+frees grads by default); the parameter table is rebuilt and copied to the device (one small
+asynchronous copy, no kernel, no host sync) only when they do.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import subspace_step
+from ._common import configs, split_items, to_storage
+
+# Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
+# (biases, norms: 64-2048 values) waste at most one partly masked block each; 512 columns keep
+# the [BLOCK_K, 512] fp16 basis tile at 1 KB per row.
+BLOCK = 512
+_FIELDS = 8  # int64 per row of the parameter table (6 used, padded to 64 bytes)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NO_GRAD = 3
+_MAX_PLANS = 8
+
+_CONFIGS = [
+    triton.Config({"BLOCK_K": 16}, num_warps=8),
+    triton.Config({"BLOCK_K": 8}, num_warps=4),
+    triton.Config({"BLOCK_K": 32}, num_warps=8),
+]
+
+
+@triton.jit
+def _load_as_f32(addr, code, offs, mask):
+    # Exactly one of the three masked loads is live (none for NO_GRAD): no memory is touched
+    # through a pointer of the wrong type, and a missing grad reads as zeros.
+    v = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask & (code == 0), other=0.0)
+    b = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask & (code == 1), other=0.0)
+    h = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask & (code == 2), other=0.0)
+    return v + b.to(tl.float32) + h.to(tl.float32)
+
+
+@triton.jit
+def _store_from_f32(addr, code, offs, val, mask):
+    tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, val, mask=mask & (code == 0))
+    tl.store(
+        addr.to(tl.pointer_type(tl.bfloat16)) + offs,
+        to_storage(val, tl.bfloat16),
+        mask=mask & (code == 1),
+    )
+    tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, val.to(tl.float16), mask=mask & (code == 2))
+
+
+@triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
+@triton.jit
+def _step_project_kernel(
+    ptab_ptr, btab_ptr, basis_ptr, row_stride, part_ptr, K, NBLK, PER,
+    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    b_lo = pid * PER
+    b_hi = tl.minimum(b_lo + PER, NBLK)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for blk in range(b_lo, b_hi):
+            i = tl.load(btab_ptr + 2 * blk)
+            row = ptab_ptr + i * FIELDS
+            local = tl.load(btab_ptr + 2 * blk + 1) + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask_d = local < tl.load(row + 1)
+            g = _load_as_f32(tl.load(row + 5), tl.load(row + 3), local, mask_d)
+            cols = tl.load(row) + local
+            ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
+            p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(p * g[None, :], axis=1)
+        tl.store(part_ptr + pid * K + offs_k, acc, mask=mask_k)
+
+
+@triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
+@triton.jit
+def _step_write_kernel(
+    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, NBLK, PER,
+    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    b_lo = pid * PER
+    b_hi = tl.minimum(b_lo + PER, NBLK)
+    for blk in range(b_lo, b_hi):
+        i = tl.load(btab_ptr + 2 * blk)
+        row = ptab_ptr + i * FIELDS
+        local = tl.load(btab_ptr + 2 * blk + 1) + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask_d = local < tl.load(row + 1)
+        cols = tl.load(row) + local
+        acc = tl.load(w0_ptr + cols, mask=mask_d, other=0.0)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            mask_k = offs_k < K
+            coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)
+            coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
+            ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
+            p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(coef[:, None] * p, axis=0)
+        _store_from_f32(tl.load(row + 4), tl.load(row + 2), local, acc, mask_d)
+
+
+def _code(t: Tensor, what: str) -> int:
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"fused TWA step: {what} dtype {t.dtype} is not fp32, bf16 or fp16")
+    return code
+
+
+class _Plan:
+    """Block table and workspaces for one parameter list on one device."""
+
+    def __init__(self, params: list[Tensor], device: torch.device):
+        self.device = device
+        self.offsets = []
+        blocks = []
+        off = 0
+        for i, p in enumerate(params):
+            if not p.is_contiguous():
+                raise ValueError(f"fused TWA step: parameter {i} is not contiguous")
+            _code(p, f"parameter {i}")
+            self.offsets.append(off)
+            blocks.extend((i, s) for s in range(0, p.numel(), BLOCK))
+            off += p.numel()
+        self.numel = off
+        self.nblk = len(blocks)
+        self.btab = torch.tensor(blocks or [(0, 0)], dtype=torch.int64).to(device)
+        self.grid, self.per = split_items(max(self.nblk, 1), device)
+        self.grad_key = None
+        self.ptab = None
+        self.work: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def table(self, params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The device parameter table for the current grads, and grads copied to be contiguous."""
+        keep = []
+        grads = []
+        for p in params:
+            g = p.grad
+            if g is not None and not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+            grads.append(g)
+        key = tuple(None if g is None else (g.data_ptr(), g.dtype) for g in grads)
+        if key != self.grad_key:
+            rows = []
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                gcode = NO_GRAD if g is None else _code(g, f"grad of parameter {i}")
+                gaddr = 0 if g is None else g.data_ptr()
+                rows.append([self.offsets[i], p.numel(), _code(p, ""), gcode, p.data_ptr(), gaddr])
+                rows[-1] += [0] * (_FIELDS - len(rows[-1]))
+            host = torch.tensor(rows, dtype=torch.int64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            # A fresh device tensor each time: a kernel still queued may read the previous one.
+            self.ptab = host.to(self.device, non_blocking=True)
+            self.grad_key = key
+        return self.ptab, keep
+
+    def workspace(self, K: int) -> tuple[Tensor, Tensor]:
+        if K not in self.work:
+            part = torch.empty(self.grid, K, dtype=torch.float32, device=self.device)
+            coord = torch.empty(K, dtype=torch.float32, device=self.device)
+            self.work[K] = (part, coord)
+        return self.work[K]
+
+
+_plans: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def plan_for(params: list[Tensor], device: torch.device) -> _Plan:
+    key = (device, tuple((p.data_ptr(), p.numel(), p.dtype) for p in params))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _Plan(params, device)
+        while len(_plans) > _MAX_PLANS:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+def fused_twa_step(
+    params: list[Tensor], flat: Tensor, w0: Tensor, basis: Tensor, scales: Tensor,
+    alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
+    *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+) -> None:  # fmt: skip
+    """One TWA step (see ``functional.twa_step``) in 3 launches; ``flat`` is not needed."""
+    K, D = basis.shape
+    plan = plan_for(params, basis.device)
+    torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
+    ptab, keep = plan.table(params)
+    part, coord = plan.workspace(K)
+    stride = basis.stride(0)
+    _step_project_kernel[(plan.grid,)](
+        ptab, plan.btab, basis, stride, part, K, plan.nblk, plan.per,
+        FIELDS=_FIELDS, BLOCK_D=BLOCK,
+    )  # fmt: skip
+    subspace_step.launch(
+        alpha, momentum_buffer, counters, coord, gram, pw0,
+        lr, momentum, dampening, weight_decay, nesterov, part=part, scales=scales,
+    )  # fmt: skip
+    _step_write_kernel[(plan.grid,)](
+        ptab, plan.btab, w0, basis, stride, scales, alpha, K, plan.nblk, plan.per,
+        FIELDS=_FIELDS, BLOCK_D=BLOCK,
+    )  # fmt: skip
+    del keep  # contiguous copies of strided grads live until all launches are queued
