@@ -1,0 +1,266 @@
+// Torch glue: argument checks, workspaces from the caching allocator, the current stream, and
+// the twa_cuda:: op registrations. The kernels (*.cu) see only plain pointers (twa_launch.h).
+//
+// The ops are registered for the CPU dispatch key too, only so that CPU tensors reach the
+// device check below and get this library's message instead of a dispatcher error.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "twa_common.h"
+#include "twa_launch.h"
+
+namespace {
+
+void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "twa_cuda::", op, " runs on CUDA tensors only, but ", name, " is on ",
+              t.device(), " (backend=\"torch\" handles CPU tensors)");
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                       const at::Tensor& ref) {
+  check_cuda(op, name, t);
+  TORCH_CHECK(t.device() == ref.device(), "twa_cuda::", op, ": ", name, " is on ", t.device(),
+              ", expected ", ref.device());
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t size,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "twa_cuda::", op, ": ", name,
+              " must have shape [", size, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "twa_cuda::", op, ": ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "twa_cuda::", op, ": ", name, " must be contiguous");
+}
+
+twa::DType to_dtype(const char* op, const char* name, const at::Tensor& t, bool allow_double) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return twa::DType::kFloat32;
+    case at::kHalf:
+      return twa::DType::kFloat16;
+    case at::kBFloat16:
+      return twa::DType::kBFloat16;
+    case at::kDouble:
+      if (allow_double) return twa::DType::kFloat64;
+      break;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "twa_cuda::", op, ": ", name, " dtype must be float32, float16 or bfloat16",
+              allow_double ? " (or float64)" : "", ", got ", t.scalar_type());
+}
+
+twa::BasisView basis_view(const char* op, const at::Tensor& basis, const at::Tensor& scales) {
+  TORCH_CHECK(basis.dim() == 2, "twa_cuda::", op, ": basis must be 2-D [K, D], got ",
+              basis.sizes());
+  TORCH_CHECK(basis.size(0) >= 1 && basis.size(1) >= 1, "twa_cuda::", op,
+              ": basis must have K >= 1 rows and D >= 1 columns, got ", basis.sizes());
+  TORCH_CHECK(basis.stride(1) == 1 || basis.size(1) == 1, "twa_cuda::", op,
+              ": basis rows must be contiguous (stride(1) == 1)");
+  check_vector(op, "scales", scales, basis.size(0), at::kFloat);
+  twa::BasisView v;
+  v.data = basis.data_ptr();
+  v.ld = basis.size(0) == 1 ? basis.size(1) : basis.stride(0);
+  v.K = basis.size(0);
+  v.D = basis.size(1);
+  v.dtype = to_dtype(op, "basis", basis, false);
+  return v;
+}
+
+int sm_count(const at::Tensor& t) {
+  int n = 0;
+  const cudaError_t err =
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.get_device());
+  TORCH_CHECK(err == cudaSuccess, "twa_cuda: cudaDeviceGetAttribute failed: ",
+              cudaGetErrorString(err));
+  return n;
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "twa_cuda::", op, ": kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+at::Tensor project(const at::Tensor& basis, const at::Tensor& scales, const at::Tensor& x) {
+  const char* op = "project";
+  check_cuda(op, "x", x);
+  check_same_device(op, "basis", basis, x);
+  check_same_device(op, "scales", scales, x);
+  const twa::BasisView bv = basis_view(op, basis, scales);
+  TORCH_CHECK(x.dim() == 1 || x.dim() == 2, "twa_cuda::project: x must be [D] or [B, D], got ",
+              x.sizes());
+  TORCH_CHECK(x.size(-1) == bv.D, "twa_cuda::project: x has ", x.size(-1),
+              " columns, the basis has D=", bv.D);
+  TORCH_CHECK(x.is_contiguous(), "twa_cuda::project: x must be contiguous");
+  const twa::DType xt = to_dtype(op, "x", x, false);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.dim() == 2 ? x.size(0) : 1;
+  const auto fopt = x.options().dtype(at::kFloat);
+  at::Tensor out = x.dim() == 2 ? at::empty({B, bv.K}, fopt) : at::empty({bv.K}, fopt);
+  if (B == 0) return out;
+
+  const int sms = sm_count(x);
+  int64_t ws = 0;
+  for (int64_t b0 = 0; b0 < B; b0 += twa::kMaxBatch) {
+    ws = std::max(ws, twa::project_workspace_elems(bv, std::min<int64_t>(twa::kMaxBatch, B - b0), sms));
+  }
+  at::Tensor workspace = at::empty({ws}, fopt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto* xb = static_cast<const char*>(x.data_ptr());
+  for (int64_t b0 = 0; b0 < B; b0 += twa::kMaxBatch) {
+    twa::ProjectArgs a;
+    a.basis = bv;
+    a.scales = scales.data_ptr<float>();
+    a.x = xb + b0 * bv.D * x.element_size();
+    a.x_dtype = xt;
+    a.B = std::min<int64_t>(twa::kMaxBatch, B - b0);
+    a.out = out.data_ptr<float>() + b0 * bv.K;
+    a.workspace = workspace.data_ptr<float>();
+    a.sm_count = sms;
+    check_launch(op, twa::project(a, stream));
+  }
+  return out;
+}
+
+void reconstruct_(const at::Tensor& out, const at::Tensor& w0, const at::Tensor& basis,
+                  const at::Tensor& scales, const at::Tensor& alpha) {
+  const char* op = "reconstruct_";
+  check_cuda(op, "out", out);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"w0", &w0},
+                                {"basis", &basis}, {"scales", &scales}, {"alpha", &alpha}}) {
+    check_same_device(op, name, *t, out);
+  }
+  const twa::BasisView bv = basis_view(op, basis, scales);
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == bv.D, "twa_cuda::reconstruct_: out must have shape [",
+              bv.D, "], got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "twa_cuda::reconstruct_: out must be contiguous");
+  const twa::DType ot = to_dtype(op, "out", out, true);
+  check_vector(op, "w0", w0, bv.D, at::kFloat);
+  check_vector(op, "alpha", alpha, bv.K, at::kFloat);
+
+  const c10::cuda::CUDAGuard guard(out.device());
+  twa::ReconstructArgs a;
+  a.basis = bv;
+  a.scales = scales.data_ptr<float>();
+  a.w0 = w0.data_ptr<float>();
+  a.alpha = alpha.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = ot;
+  check_launch(op, twa::reconstruct(a, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
+                          const at::Tensor& sample, int64_t rank) {
+  const char* op = "orthogonalize_";
+  check_cuda(op, "sample", sample);
+  check_same_device(op, "basis", basis, sample);
+  check_same_device(op, "scales", scales, sample);
+  const twa::BasisView bv = basis_view(op, basis, scales);
+  TORCH_CHECK(basis.is_contiguous(), "twa_cuda::orthogonalize_: basis must be contiguous");
+  TORCH_CHECK(rank >= 0 && rank <= bv.K, "twa_cuda::orthogonalize_: rank must be in [0, ", bv.K,
+              "], got ", rank);
+  TORCH_CHECK(rank <= twa::kMaxOrthRank, "twa_cuda::orthogonalize_: the CUDA kernel supports rank <= ",
+              twa::kMaxOrthRank, ", got ", rank, " (backend=\"triton\" or \"torch\" has no limit)");
+  check_vector(op, "sample", sample, bv.D, at::kFloat);
+
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const int sms = sm_count(sample);
+  const auto dopt = sample.options().dtype(at::kDouble);
+  at::Tensor result = at::empty({rank + 2}, dopt);
+  at::Tensor workspace = at::empty(
+      {twa::orthogonalize_workspace_elems(bv.data, bv.D, rank, bv.dtype, sms)}, dopt);
+  twa::OrthogonalizeArgs a;
+  a.basis = basis.data_ptr();
+  a.scales = scales.data_ptr<float>();
+  a.dtype = bv.dtype;
+  a.K = bv.K;
+  a.D = bv.D;
+  a.rank = rank;
+  a.sample = sample.data_ptr<float>();
+  a.result = result.data_ptr<double>();
+  a.workspace = workspace.data_ptr<double>();
+  a.sm_count = sms;
+  check_launch(op, twa::orthogonalize(a, c10::cuda::getCurrentCUDAStream().stream()));
+  return result;
+}
+
+void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
+                    const at::Tensor& counters, const at::Tensor& coord_grad,
+                    const at::Tensor& gram, const at::Tensor& pw0, double lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov) {
+  const char* op = "subspace_step_";
+  check_cuda(op, "alpha", alpha);
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"momentum_buffer", &momentum_buffer},
+        {"counters", &counters}, {"coord_grad", &coord_grad}, {"gram", &gram}, {"pw0", &pw0}}) {
+    check_same_device(op, name, *t, alpha);
+  }
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) >= 1,
+              "twa_cuda::subspace_step_: alpha must be a non-empty vector, got ", alpha.sizes());
+  const int64_t K = alpha.size(0);
+  check_vector(op, "alpha", alpha, K, at::kFloat);
+  check_vector(op, "momentum_buffer", momentum_buffer, K, at::kFloat);
+  check_vector(op, "coord_grad", coord_grad, K, at::kFloat);
+  check_vector(op, "pw0", pw0, K, at::kFloat);
+  check_vector(op, "counters", counters, 2, at::kLong);
+  TORCH_CHECK(gram.dim() == 2 && gram.size(0) == K && gram.size(1) == K &&
+                  gram.scalar_type() == at::kFloat && gram.is_contiguous(),
+              "twa_cuda::subspace_step_: gram must be a contiguous float32 [", K, ", ", K,
+              "], got ", gram.scalar_type(), " ", gram.sizes());
+
+  const c10::cuda::CUDAGuard guard(alpha.device());
+  at::Tensor workspace = at::empty({K}, alpha.options());
+  twa::SubspaceStepArgs a;
+  a.alpha = alpha.data_ptr<float>();
+  a.momentum_buffer = momentum_buffer.data_ptr<float>();
+  a.counters = counters.data_ptr<int64_t>();
+  a.coord_grad = coord_grad.data_ptr<float>();
+  a.gram = gram.data_ptr<float>();
+  a.pw0 = pw0.data_ptr<float>();
+  a.workspace = workspace.data_ptr<float>();
+  a.K = K;
+  a.lr = static_cast<float>(lr);
+  a.use_momentum = momentum != 0.0;
+  a.momentum = static_cast<float>(momentum);
+  a.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  a.use_weight_decay = weight_decay != 0.0;
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.nesterov = nesterov;
+  check_launch(op, twa::subspace_step(a, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(twa_cuda, m) {
+  m.def("project(Tensor basis, Tensor scales, Tensor x) -> Tensor");
+  m.def("reconstruct_(Tensor(a!) out, Tensor w0, Tensor basis, Tensor scales, Tensor alpha) -> ()");
+  m.def("orthogonalize_(Tensor(a!) basis, Tensor(b!) scales, Tensor sample, int rank) -> Tensor");
+  m.def(
+      "subspace_step_(Tensor(a!) alpha, Tensor(b!) momentum_buffer, Tensor(c!) counters, "
+      "Tensor coord_grad, Tensor gram, Tensor pw0, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(twa_cuda, CUDA, m) {
+  m.impl("project", &project);
+  m.impl("reconstruct_", &reconstruct_);
+  m.impl("orthogonalize_", &orthogonalize_);
+  m.impl("subspace_step_", &subspace_step_);
+}
+
+TORCH_LIBRARY_IMPL(twa_cuda, CPU, m) {
+  m.impl("project", &project);
+  m.impl("reconstruct_", &reconstruct_);
+  m.impl("orthogonalize_", &orthogonalize_);
+  m.impl("subspace_step_", &subspace_step_);
+}
+
+// Importing the module (prebuilt twa_kernels._C or the JIT build) runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "twa_kernels CUDA kernels; the ops are torch.ops.twa_cuda.*";
+}

@@ -1,0 +1,441 @@
+// CPU test of the kernels' index arithmetic (csrc/twa_common.h), built by nvcc as a host program
+// and run without a GPU. It replays the kernels' walks over columns, tiles, lanes and splits with
+// the same helpers and checks them against plain loops: coverage of every column exactly once,
+// 16-byte alignment of every vector load, no read or write outside [0, D) (memory around the
+// rows holds NaN, so a wrong tail or head mask poisons the result), the partial-sum layout, the
+// fixed reduction order and 64-bit offsets.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../twa_common.h"
+
+using namespace twa;
+
+namespace {
+
+int failures = 0;
+int checks = 0;
+
+#define CHECK(cond, ...)                                                 \
+  do {                                                                   \
+    ++checks;                                                            \
+    if (!(cond)) {                                                       \
+      ++failures;                                                        \
+      std::printf("FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond);       \
+      std::printf(__VA_ARGS__);                                          \
+      std::printf("\n");                                                 \
+      if (failures > 25) std::exit(1);                                   \
+    }                                                                    \
+  } while (0)
+
+const float kNaN = std::nanf("");
+
+// Rows of D values inside a wider allocation: `lead` elements before column 0 of row 0, row
+// stride ld >= D, and everything that is not basis[k, j] for j < D set to NaN.
+struct PoisonedBasis {
+  std::vector<float> mem;
+  int64_t lead, ld, K, D;
+  PoisonedBasis(int64_t K_, int64_t D_, int64_t ld_, int64_t lead_, std::mt19937& rng)
+      : lead(lead_), ld(ld_), K(K_), D(D_) {
+    mem.assign(static_cast<size_t>(lead + K * ld + 64), kNaN);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < D; ++j) at(k, j) = u(rng);
+  }
+  float& at(int64_t k, int64_t j) { return mem[static_cast<size_t>(lead + k * ld + j)]; }
+  // Raw read the way a kernel reads: any column, poisoned outside the row.
+  float raw(int64_t k, int64_t col) const {
+    const int64_t i = lead + k * ld + col;
+    if (i < 0 || i >= static_cast<int64_t>(mem.size())) return kNaN;
+    return mem[static_cast<size_t>(i)];
+  }
+};
+
+// The kernel's load_group: V raw values when group_full, else masked scalars.
+void load_group_emul(const PoisonedBasis& P, int64_t k, int64_t col0, const ColumnLayout& L,
+                     float* v) {
+  if (group_full(L, col0)) {
+    for (int e = 0; e < L.V; ++e) v[e] = P.raw(k, col0 + e);
+  } else {
+    for (int e = 0; e < L.V; ++e) v[e] = col_valid(L, col0 + e) ? P.raw(k, col0 + e) : 0.f;
+  }
+}
+
+float butterfly(float lanes[kWarp]) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    float next[kWarp];
+    for (int l = 0; l < kWarp; ++l) next[l] = lanes[l] + lanes[xor_partner(l, offset)];
+    for (int l = 0; l < kWarp; ++l) lanes[l] = next[l];
+  }
+  for (int l = 1; l < kWarp; ++l) CHECK(lanes[l] == lanes[0], "butterfly lanes disagree");
+  return lanes[0];
+}
+
+void test_layout() {
+  const int sizes[] = {2, 4};
+  for (int es : sizes) {
+    const int V = vec_elems(es);
+    CHECK(V * es == kVecBytes, "es=%d", es);
+    for (int64_t D : {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1000}) {
+      for (int off = 0; off < kVecBytes; off += es) {
+        for (int64_t extra : {0, 1, 3, 8, 13, 64}) {
+          for (int64_t rows : {1, 2, 5}) {
+            const int64_t ld = D + extra;
+            const uint64_t base = 0x7f0000001000ull + static_cast<uint64_t>(off);
+            const ColumnLayout L = make_layout(base, ld, rows, D, es);
+            const bool phase = rows <= 1 || (ld * es) % kVecBytes == 0;
+            CHECK(L.vec == phase, "vec D=%ld ld=%ld rows=%ld es=%d", (long)D, (long)ld,
+                  (long)rows, es);
+            CHECK(L.origin <= 0 && L.origin > -V, "origin %ld", (long)L.origin);
+            CHECK(L.V == V, "V");
+            const int64_t G = num_groups(L);
+            CHECK(group_col(L, 0) <= 0, "first group starts after column 0");
+            CHECK(group_col(L, G - 1) < D && group_col(L, G - 1) + V >= D, "last group D=%ld",
+                  (long)D);
+            int64_t full = 0;
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t c = group_col(L, g);
+              if (!group_full(L, c)) continue;
+              ++full;
+              CHECK(c >= 0 && c + V <= D, "full group outside [0, D)");
+              for (int64_t r = 0; r < rows; ++r) {
+                const uint64_t addr = base + static_cast<uint64_t>((r * ld + c) * es);
+                CHECK(addr % kVecBytes == 0, "misaligned vector load row %ld col %ld",
+                      (long)r, (long)c);
+              }
+            }
+            if (L.vec) {
+              const int64_t head = L.origin == 0 ? 0 : L.origin + V;
+              const int64_t expect = head >= D ? 0 : (D - head) / V;
+              CHECK(full == expect, "full groups %ld, expected %ld (D=%ld off=%d)", (long)full,
+                    (long)expect, (long)D, off);
+            } else {
+              CHECK(full == 0, "vector load without a shared phase");
+            }
+          }
+        }
+      }
+    }
+  }
+  // An address that is not a multiple of the element size never takes the vector path.
+  CHECK(!make_layout(0x1001, 64, 4, 64, 2).vec, "odd address");
+}
+
+void test_small_helpers() {
+  const int expect[] = {0, 1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16};
+  for (int B = 1; B <= 16; ++B) CHECK(batch_tile(B) == expect[B], "batch_tile(%d)", B);
+  CHECK(batch_tile(17) == kMaxBatch, "batch_tile caps at kMaxBatch");
+  for (int V : {4, 8}) {
+    for (int bmax : {1, 2, 4, 8, 16}) {
+      const int U = project_groups_per_lane(V, bmax);
+      const int TD = project_tile_cols(V, bmax);
+      CHECK(U >= 1 && U <= kMaxGroupsPerLane, "U=%d", U);
+      CHECK(TD == kWarp * U * V && bmax * TD <= kXTileElems, "TD=%d bmax=%d", TD, bmax);
+    }
+    CHECK(orth_tile_cols(V) == kThreads * V, "orth TD");
+    CHECK(orth_groups_per_lane(V) * kWarp * V == orth_tile_cols(V), "orth U");
+    CHECK(orth_tile_cols(V) * 8 <= 16384, "orth x tile fits 16 KiB");
+  }
+  CHECK(max_splits_for(132, 1) == kBlocksPerSM * 132, "splits");
+  CHECK(max_splits_for(132, 4) == kBlocksPerSM * 33, "splits per K tile");
+  CHECK(max_splits_for(1, 1000) == 1, "at least one split");
+  CHECK(max_splits_for(1 << 30, 1) == kMaxGridY, "grid.y cap");
+  CHECK(ceil_div(0, 5) == 0 && ceil_div(1, 5) == 1 && ceil_div(5, 5) == 1 && ceil_div(6, 5) == 2,
+        "ceil_div");
+
+  const double nan = std::nan("");
+  CHECK(std::isnan(nan_max(nan, 1.0)) && std::isnan(nan_max(1.0, nan)), "nan_max keeps NaN");
+  CHECK(nan_max(2.0, 3.0) == 3.0 && nan_max(3.0, 2.0) == 3.0 && nan_max(0.0, 0.0) == 0.0, "max");
+  CHECK(clamp_keep_nan(1e9, 65504.0) == 65504.0 && clamp_keep_nan(-1e9, 65504.0) == -65504.0,
+        "clamp");
+  CHECK(clamp_keep_nan(3.0, 65504.0) == 3.0 && std::isnan(clamp_keep_nan(nan, 1.0)), "clamp NaN");
+
+  for (int64_t r : {0, 1, 2, 7, 512, 2048}) {
+    const OrthWorkspace W{r};
+    // Regions follow each other without gaps or overlap.
+    CHECK(W.sums1() == 0 && W.c1() == W.sums1() + r + 1 && W.coef1() == W.c1() + r &&
+              W.sums2() == W.coef1() + r && W.coef2() == W.sums2() + r + 2 &&
+              W.inv() == W.coef2() + r && W.size() == W.inv() + 1,
+          "workspace layout r=%ld", (long)r);
+  }
+}
+
+void test_split_plan() {
+  for (int64_t tiles : {1, 2, 3, 5, 31, 32, 33, 527, 528, 529, 1000, 12207, 100003}) {
+    for (int64_t ms : {1, 2, 3, 7, 132, 528, 65535}) {
+      const SplitPlan p = make_split_plan(tiles, ms);
+      CHECK(p.splits >= 1 && p.splits <= ms && p.splits <= tiles, "splits %ld", (long)p.splits);
+      int64_t next = 0;
+      for (int64_t s = 0; s < p.splits; ++s) {
+        CHECK(split_tile_begin(p, s) == next, "gap before split %ld", (long)s);
+        CHECK(split_tile_end(p, s) > split_tile_begin(p, s), "empty split %ld", (long)s);
+        next = split_tile_end(p, s);
+      }
+      CHECK(next == tiles, "tiles not covered: %ld of %ld", (long)next, (long)tiles);
+      // A split count close to the target keeps the GPU full: at least half of it.
+      CHECK(2 * p.splits >= (tiles < ms ? tiles : ms), "too few splits %ld", (long)p.splits);
+    }
+  }
+}
+
+// project: replays stage 1 (splits x K tiles x tiles x rows x lanes x groups) and stage 2.
+void test_project(std::mt19937& rng) {
+  struct Case {
+    int64_t K, D, extra, lead;
+    int B, es, max_splits;
+  };
+  const Case cases[] = {
+      {1, 1, 0, 0, 1, 2, 528},      {3, 1, 7, 5, 5, 2, 528},      {1, 7, 0, 3, 1, 2, 528},
+      {3, 8, 0, 0, 2, 4, 4},        {3, 2053, 3, 1, 5, 2, 7},     {5, 2053, 8, 8, 1, 2, 3},
+      {130, 301, 5, 2, 1, 4, 528},  {2, 4099, 1, 7, 16, 2, 5},    {4, 10007, 0, 0, 3, 4, 11},
+      {129, 2049, 11, 6, 9, 2, 2},  {2, 9000, 24, 4, 1, 4, 1},    {7, 65537, 16, 13, 4, 2, 528},
+  };
+  for (const Case& c : cases) {
+    const int V = vec_elems(c.es);
+    const int64_t ld = c.D + c.extra;
+    PoisonedBasis P(c.K, c.D, ld, c.lead, rng);
+    std::vector<float> x(static_cast<size_t>(c.B * c.D));
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (auto& v : x) v = u(rng);
+    // The element address seen by make_layout: lead elements past a 16-byte boundary.
+    const uint64_t base = 0x7f0000000000ull + static_cast<uint64_t>(c.lead * c.es);
+    const ColumnLayout L = make_layout(base, ld, c.K, c.D, c.es);
+    const int bmax = batch_tile(c.B);
+    const int U = project_groups_per_lane(V, bmax);
+    const int TD = project_tile_cols(V, bmax);
+    const int64_t k_tiles = ceil_div(c.K, kRowsPerTile);
+    const SplitPlan sp = make_split_plan(num_tiles(L, TD), c.max_splits);
+
+    std::vector<float> partial(static_cast<size_t>(sp.splits * c.B * c.K), kNaN);
+    std::vector<int> seen(static_cast<size_t>(c.D), 0);
+    for (int64_t kt = 0; kt < k_tiles; ++kt) {
+      const int64_t row0 = kt * kRowsPerTile;
+      const int rows = static_cast<int>(min64(kRowsPerTile, c.K - row0));
+      for (int64_t s = 0; s < sp.splits; ++s) {
+        std::vector<float> acc_s(static_cast<size_t>(bmax * kRowsPerTile), 0.f);
+        for (int64_t t = split_tile_begin(sp, s); t < split_tile_end(sp, s); ++t) {
+          const int64_t c0 = tile_col0(L, t, TD);
+          std::vector<float> xs(static_cast<size_t>(bmax * TD), 0.f);
+          for (int i = 0; i < c.B * TD; ++i) {
+            const int b = i / TD;
+            const int64_t col = c0 + (i - b * TD);
+            xs[static_cast<size_t>(i)] = col_valid(L, col) ? x[static_cast<size_t>(b * c.D + col)] : 0.f;
+          }
+          for (int r = 0; r < rows; ++r) {
+            for (int b = 0; b < c.B; ++b) {
+              float lanes[kWarp];
+              for (int lane = 0; lane < kWarp; ++lane) {
+                float acc = 0.f;
+                for (int uu = 0; uu < U; ++uu) {
+                  const int g = lane_group(uu, lane);
+                  const int64_t col0 = lane_group_col(c0, uu, lane, V);
+                  CHECK(col0 == c0 + g * V && (g + 1) * V <= TD, "group outside the tile");
+                  float v[8];
+                  load_group_emul(P, row0 + r, col0, L, v);
+                  for (int e = 0; e < V; ++e) {
+                    acc = std::fma(v[e], xs[static_cast<size_t>(b * TD + g * V + e)], acc);
+                    if (kt == 0 && r == 0 && b == 0 && col_valid(L, col0 + e)) {
+                      ++seen[static_cast<size_t>(col0 + e)];
+                    }
+                  }
+                }
+                lanes[lane] = acc;
+              }
+              acc_s[static_cast<size_t>(b * kRowsPerTile + r)] += butterfly(lanes);
+            }
+          }
+        }
+        for (int b = 0; b < c.B; ++b) {
+          for (int r = 0; r < rows; ++r) {
+            const int64_t i = partial_index(s, b, row0 + r, c.B, c.K);
+            CHECK(i >= 0 && i < static_cast<int64_t>(partial.size()), "partial index");
+            CHECK(std::isnan(partial[static_cast<size_t>(i)]), "partial written twice");
+            partial[static_cast<size_t>(i)] = acc_s[static_cast<size_t>(b * kRowsPerTile + r)];
+          }
+        }
+      }
+    }
+    for (int64_t j = 0; j < c.D; ++j) {
+      CHECK(seen[static_cast<size_t>(j)] == 1, "column %ld visited %d times (D=%ld)", (long)j,
+            seen[static_cast<size_t>(j)], (long)c.D);
+    }
+    // Stage 2 and the plain loop.
+    const int64_t n = c.B * c.K;
+    double worst = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      float lanes[kWarp];
+      for (int lane = 0; lane < kWarp; ++lane) {
+        float s = 0.f;
+        for (int64_t k = stage2_first(lane); k < sp.splits; k += stage2_stride()) {
+          s += partial[static_cast<size_t>(k * n + i)];
+        }
+        lanes[lane] = s;
+      }
+      const float got = butterfly(lanes);
+      const int64_t b = i / c.K, k = i % c.K;
+      double ref = 0.0, mag = 0.0;
+      for (int64_t j = 0; j < c.D; ++j) {
+        const double t = static_cast<double>(P.at(k, j)) * x[static_cast<size_t>(b * c.D + j)];
+        ref += t;
+        mag += std::fabs(t);
+      }
+      const double err = std::fabs(got - ref) / (mag + 1e-30);
+      worst = err > worst || std::isnan(err) ? err : worst;
+    }
+    CHECK(worst < 1e-5, "project K=%ld D=%ld B=%d es=%d: relative error %g", (long)c.K,
+          (long)c.D, c.B, c.es, worst);
+  }
+}
+
+// reconstruct / orthogonalize pass 3: one thread per group over a grid of kThreads-blocks.
+void test_reconstruct(std::mt19937& rng) {
+  for (int es : {2, 4}) {
+    for (int64_t D : {1, 2, 5, 8, 9, 255, 256, 2047, 2049, 4101}) {
+      for (int64_t lead : {0, 1, 3, 6}) {
+        const int64_t K = 3, ld = D + 5;
+        PoisonedBasis P(K, D, ld, lead, rng);
+        const uint64_t base = 0x7f0000000000ull + static_cast<uint64_t>(lead * es);
+        const ColumnLayout L = make_layout(base, ld, K, D, es);
+        std::vector<float> coef = {0.5f, -1.25f, 2.f};
+        // Output with 16 guard values on each side.
+        std::vector<float> out(static_cast<size_t>(D + 32), -7.f);
+        std::vector<int> writes(static_cast<size_t>(D + 32), 0);
+        const int64_t blocks = ceil_div(num_groups(L), kThreads);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          for (int tid = 0; tid < kThreads; ++tid) {
+            const int64_t g = blk * kThreads + tid;
+            if (g >= num_groups(L)) continue;
+            const int64_t col0 = group_col(L, g);
+            float acc[8];
+            for (int e = 0; e < L.V; ++e) acc[e] = col_valid(L, col0 + e) ? 1.f : 0.f;
+            for (int64_t k = 0; k < K; ++k) {
+              float v[8];
+              load_group_emul(P, k, col0, L, v);
+              for (int e = 0; e < L.V; ++e) acc[e] = std::fma(coef[static_cast<size_t>(k)], v[e], acc[e]);
+            }
+            for (int e = 0; e < L.V; ++e) {
+              if (!col_valid(L, col0 + e)) continue;
+              out[static_cast<size_t>(16 + col0 + e)] = acc[e];
+              ++writes[static_cast<size_t>(16 + col0 + e)];
+            }
+          }
+        }
+        for (int64_t j = -16; j < D + 16; ++j) {
+          const size_t i = static_cast<size_t>(16 + j);
+          if (j < 0 || j >= D) {
+            CHECK(writes[i] == 0 && out[i] == -7.f, "write outside [0, D) at %ld", (long)j);
+            continue;
+          }
+          CHECK(writes[i] == 1, "column %ld written %d times", (long)j, writes[i]);
+          double ref = 1.0;
+          for (int64_t k = 0; k < K; ++k) ref += static_cast<double>(coef[static_cast<size_t>(k)]) * P.at(k, j);
+          CHECK(std::fabs(out[i] - ref) <= 1e-5 * (1.0 + std::fabs(ref)), "reconstruct col %ld",
+                (long)j);
+        }
+      }
+    }
+  }
+}
+
+// orthogonalize passes 1 and 2: the pass-1 x tile (strided by kThreads) and the pass-2 residual
+// (one group per thread) fill the same TD columns the dot phase reads, each exactly once.
+void test_orth_tiles() {
+  for (int es : {2, 4}) {
+    const int V = vec_elems(es);
+    const int TD = orth_tile_cols(V);
+    const int U = orth_groups_per_lane(V);
+    for (int64_t D : {1, 9, 1023, 1024, 1025, 2048, 4097, 10001}) {
+      for (int off = 0; off < kVecBytes; off += es) {
+        const ColumnLayout L = make_layout(0x1000u + off, D, 3, D, es);
+        const SplitPlan sp = make_split_plan(num_tiles(L, TD), 5);
+        std::vector<int> pass1(static_cast<size_t>(D), 0), pass2(static_cast<size_t>(D), 0),
+            dot(static_cast<size_t>(D), 0);
+        for (int64_t s = 0; s < sp.splits; ++s) {
+          for (int64_t t = split_tile_begin(sp, s); t < split_tile_end(sp, s); ++t) {
+            const int64_t c0 = tile_col0(L, t, TD);
+            for (int tid = 0; tid < kThreads; ++tid) {
+              for (int i = tid; i < TD; i += kThreads) {
+                if (col_valid(L, c0 + i)) ++pass1[static_cast<size_t>(c0 + i)];
+              }
+              const int64_t col0 = c0 + static_cast<int64_t>(tid) * V;
+              for (int e = 0; e < V; ++e) {
+                CHECK(tid * V + e < TD, "residual outside the tile");
+                if (col_valid(L, col0 + e)) ++pass2[static_cast<size_t>(col0 + e)];
+              }
+            }
+            for (int lane = 0; lane < kWarp; ++lane) {
+              for (int uu = 0; uu < U; ++uu) {
+                const int64_t col0 = lane_group_col(c0, uu, lane, V);
+                for (int e = 0; e < V; ++e) {
+                  if (col_valid(L, col0 + e)) ++dot[static_cast<size_t>(col0 + e)];
+                }
+              }
+            }
+          }
+        }
+        for (int64_t j = 0; j < D; ++j) {
+          const size_t i = static_cast<size_t>(j);
+          CHECK(pass1[i] == 1 && pass2[i] == 1 && dot[i] == 1, "orth column %ld: %d %d %d",
+                (long)j, pass1[i], pass2[i], dot[i]);
+        }
+      }
+    }
+  }
+}
+
+void test_reduction_order() {
+  // Integers: the butterfly sum is exact and must equal the plain sum.
+  float lanes[kWarp];
+  for (int l = 0; l < kWarp; ++l) lanes[l] = static_cast<float>(l * l - 7 * l);
+  float ref = 0.f;
+  for (int l = 0; l < kWarp; ++l) ref += lanes[l];
+  CHECK(butterfly(lanes) == ref, "butterfly sum");
+  // Stage 2 visits every split once, whatever the count.
+  for (int64_t splits : {1, 2, 31, 32, 33, 64, 65, 528, 1000}) {
+    std::vector<int> seen(static_cast<size_t>(splits), 0);
+    for (int lane = 0; lane < kWarp; ++lane) {
+      for (int64_t k = stage2_first(lane); k < splits; k += stage2_stride()) ++seen[static_cast<size_t>(k)];
+    }
+    for (int64_t k = 0; k < splits; ++k) CHECK(seen[static_cast<size_t>(k)] == 1, "split %ld", (long)k);
+  }
+}
+
+void test_64bit() {
+  // 5e9 columns (fp16: 10 GB per row) and 512 rows: offsets pass 2^31 and 2^32.
+  const int64_t D = 5000000011LL;
+  for (int es : {2, 4}) {
+    const ColumnLayout L = make_layout(0x7f0000000006ull, D, 512, D, es);
+    const int V = vec_elems(es);
+    const int64_t TD = project_tile_cols(V, 1);
+    const int64_t tiles = num_tiles(L, TD);
+    CHECK(tiles > (int64_t{1} << 21), "tiles %ld", (long)tiles);
+    CHECK(tile_col0(L, tiles - 1, TD) < D && tile_col0(L, tiles - 1, TD) + TD >= D, "last tile");
+    const SplitPlan sp = make_split_plan(tiles, max_splits_for(132, 4));
+    CHECK(split_tile_end(sp, sp.splits - 1) == tiles, "last split");
+    const int64_t last = group_col(L, num_groups(L) - 1);
+    CHECK(last < D && last + V >= D && last > (int64_t{1} << 32), "last group %ld", (long)last);
+    CHECK(!group_full(L, last) || last + V <= D, "tail group");
+    CHECK(partial_index(527, 15, 511, 16, 512) == (527LL * 16 + 15) * 512 + 511, "partial");
+    CHECK(ceil_div(num_groups(L), kThreads) < 0x7fffffffLL, "grid.x fits");
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  test_layout();
+  test_small_helpers();
+  test_split_plan();
+  test_project(rng);
+  test_reconstruct(rng);
+  test_orth_tiles();
+  test_reduction_order();
+  test_64bit();
+  std::printf("host_test: %d checks, %d failures\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,187 @@
+// Index, tiling, masking and reduction-order helpers shared by the kernels, the torch glue and
+// the host test (csrc/tests/host_test.cu). Plain C++ when not compiled by nvcc, so the glue
+// (g++) and a CPU-only test program use exactly the arithmetic the kernels use.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TWA_HD __host__ __device__ __forceinline__
+#else
+#define TWA_HD inline
+#endif
+
+namespace twa {
+
+constexpr int kWarp = 32;
+// One 16-byte load per group: 8 fp16/bf16 or 4 fp32 basis values.
+constexpr int kVecBytes = 16;
+// 256 threads = 8 warps: enough loads in flight per SM at 4-8 resident blocks, and small
+// enough that a block's shared tiles (<= 40 KiB in project) leave room for 5 blocks on an SM.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+// project: basis rows per block. 128 rows x 16 batch columns x 4 B = 8 KiB of accumulators.
+constexpr int kRowsPerTile = 128;
+// project: batch rows per launch; larger batches are cut into launches of 16.
+constexpr int kMaxBatch = 16;
+// project: fp32 x tile budget in elements (x tile = BMAX x TD floats = 32 KiB).
+constexpr int kXTileElems = 8192;
+// project: at most 8 16-byte loads in flight per lane and row (32 registers); 16 (fp32 rows,
+// B = 1) made ptxas spill 16 bytes on sm_90.
+constexpr int kMaxGroupsPerLane = 8;
+// Blocks per SM aimed at by the split over D: 4 x 132 SMs (H100/H200) = 528 blocks.
+constexpr int kBlocksPerSM = 4;
+// CUDA's grid.y limit bounds the number of splits.
+constexpr int64_t kMaxGridY = 65535;
+// orthogonalize_ keeps one fp64 accumulator per basis row in shared memory (with the fp64 x
+// tile of at most 16 KiB): 2048 rows = 16 KiB, inside the 48 KiB default.
+constexpr int kMaxOrthRank = 2048;
+// orthogonalize_ stores rows scaled so their largest entry is ROW_AMAX (reference.ROW_AMAX).
+constexpr double kRowAmax = 4096.0;
+
+TWA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+TWA_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+TWA_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Elements per 16-byte group.
+TWA_HD constexpr int vec_elems(int elem_size) { return kVecBytes / elem_size; }
+
+// project: groups per lane per row and tile, so that the x tile (BMAX x TD fp32) fits in
+// kXTileElems. TD = kWarp * U * V: 2048 fp16 or 1024 fp32 columns for B <= 4.
+TWA_HD constexpr int project_groups_per_lane(int V, int bmax) {
+  return kMaxGroupsPerLane < kXTileElems / (bmax * kWarp * V)
+             ? kMaxGroupsPerLane
+             : kXTileElems / (bmax * kWarp * V);
+}
+TWA_HD constexpr int project_tile_cols(int V, int bmax) {
+  return kWarp * project_groups_per_lane(V, bmax) * V;
+}
+// orthogonalize_: one group per thread in the residual phase, so TD = kThreads * V
+// (2048 fp16/bf16 or 1024 fp32 columns; an fp64 tile of at most 16 KiB).
+TWA_HD constexpr int orth_tile_cols(int V) { return kThreads * V; }
+TWA_HD constexpr int orth_groups_per_lane(int V) { return orth_tile_cols(V) / (kWarp * V); }
+
+// Smallest supported batch tile (1, 2, 4, 8, 16) holding B rows.
+TWA_HD int batch_tile(int64_t B) {
+  int b = 1;
+  while (b < B && b < kMaxBatch) b *= 2;
+  return b;
+}
+
+// Columns are visited in groups of V consecutive columns starting at `origin`: group g covers
+// [origin + g V, origin + (g + 1) V). With 16-byte loads allowed, origin is chosen so every
+// group that lies inside [0, D) starts on a 16-byte boundary in every row; the first and last
+// groups may stick out of [0, D) (origin in (-V, 0]) and take the masked scalar path.
+struct ColumnLayout {
+  int64_t D;
+  int64_t origin;
+  int V;
+  bool vec;
+};
+
+// base_addr: address of basis[0, 0]; ld: elements between rows; rows: rows that are read.
+// Rows share an alignment phase only when ld * elem_size is a multiple of 16 (a column slice
+// of an fp16 basis with an odd width does not), otherwise every load is a scalar load.
+TWA_HD ColumnLayout make_layout(uint64_t base_addr, int64_t ld, int64_t rows, int64_t D,
+                                int elem_size) {
+  ColumnLayout L;
+  L.D = D;
+  L.V = vec_elems(elem_size);
+  L.vec = false;
+  L.origin = 0;
+  if (base_addr % static_cast<uint64_t>(elem_size) != 0) return L;
+  if (rows > 1 && (ld * elem_size) % kVecBytes != 0) return L;
+  const int64_t head =
+      static_cast<int64_t>((kVecBytes - base_addr % kVecBytes) % kVecBytes) / elem_size;
+  L.vec = true;
+  L.origin = head == 0 ? 0 : head - L.V;
+  return L;
+}
+
+TWA_HD int64_t num_groups(const ColumnLayout& L) { return ceil_div(L.D - L.origin, L.V); }
+TWA_HD int64_t group_col(const ColumnLayout& L, int64_t g) { return L.origin + g * L.V; }
+// The whole group is inside [0, D) and may be read with one 16-byte load.
+TWA_HD bool group_full(const ColumnLayout& L, int64_t col0) {
+  return L.vec && col0 >= 0 && col0 + L.V <= L.D;
+}
+// Tail/head mask of the scalar path.
+TWA_HD bool col_valid(const ColumnLayout& L, int64_t col) { return col >= 0 && col < L.D; }
+
+// Column tiles of TD columns (TD a multiple of V): tile t starts at origin + t TD.
+TWA_HD int64_t num_tiles(const ColumnLayout& L, int64_t TD) { return ceil_div(L.D - L.origin, TD); }
+TWA_HD int64_t tile_col0(const ColumnLayout& L, int64_t tile, int64_t TD) {
+  return L.origin + tile * TD;
+}
+// Group u of a lane inside a tile: lanes take consecutive groups, so one warp-wide 16-byte
+// load reads 512 contiguous bytes of a row.
+TWA_HD int lane_group(int u, int lane) { return u * kWarp + lane; }
+TWA_HD int64_t lane_group_col(int64_t c0, int u, int lane, int V) {
+  return c0 + static_cast<int64_t>(lane_group(u, lane)) * V;
+}
+
+// Split of the tiles over D into contiguous ranges, one per block (first stage).
+struct SplitPlan {
+  int64_t tiles;
+  int64_t tiles_per_split;
+  int64_t splits;
+};
+
+TWA_HD SplitPlan make_split_plan(int64_t tiles, int64_t max_splits) {
+  SplitPlan p;
+  p.tiles = tiles;
+  int64_t s = min64(tiles, max64(max_splits, 1));
+  s = max64(s, 1);
+  p.tiles_per_split = ceil_div(tiles, s);
+  p.splits = ceil_div(tiles, p.tiles_per_split);  // no empty split
+  return p;
+}
+TWA_HD int64_t split_tile_begin(const SplitPlan& p, int64_t split) {
+  return split * p.tiles_per_split;
+}
+TWA_HD int64_t split_tile_end(const SplitPlan& p, int64_t split) {
+  return min64(p.tiles, (split + 1) * p.tiles_per_split);
+}
+// Splits wanted for a grid that already has `other_blocks` blocks per split (project: K tiles).
+TWA_HD int64_t max_splits_for(int64_t sm_count, int64_t other_blocks) {
+  return min64(kMaxGridY, max64(1, (kBlocksPerSM * sm_count) / max64(other_blocks, 1)));
+}
+
+// First-stage partials: [split][row of the batch][basis row], written by exactly one block.
+TWA_HD int64_t partial_index(int64_t split, int64_t b, int64_t k, int64_t B, int64_t K) {
+  return (split * B + b) * K + k;
+}
+
+// Reduction order. A warp sum is an xor butterfly: after step `offset` (16, 8, 4, 2, 1) lane l
+// holds v[l] + v[l ^ offset]; every lane ends with the same bits. Second stage: lane l sums
+// splits l, l + 32, ... in increasing order, then the butterfly. Both orders depend only on the
+// sizes, so the same inputs give the same bits.
+TWA_HD int xor_partner(int lane, int offset) { return lane ^ offset; }
+TWA_HD int64_t stage2_first(int lane) { return lane; }
+TWA_HD int64_t stage2_stride() { return kWarp; }
+
+// NaN-propagating max (torch.maximum semantics), used for max|v1| in orthogonalize_.
+TWA_HD double nan_max(double a, double b) { return (a != a || a > b) ? a : b; }
+// Clamp that keeps NaN (torch.clamp semantics).
+TWA_HD double clamp_keep_nan(double v, double limit) {
+  return v > limit ? limit : (v < -limit ? -limit : v);
+}
+
+// orthogonalize_ workspace (fp64), laid out once for every pass:
+//   [0, r]            pass-1 sums: raw P^T v (r values), ||v||^2
+//   [r+1, 2r+1)       c1 = s * raw
+//   [2r+1, 3r+1)      -(s * c1): coefficients of the pass-2 residual v1 = v - P c1
+//   [3r+1, 4r+3)      pass-2 sums: raw P^T v1 (r values), ||v1||^2, max|v1|
+//   [4r+3, 5r+3)      -(s * h): coefficients of the stored remainder u = v - P h
+//   [5r+3]            ROW_AMAX / max|v1| (0 for a zero remainder)
+struct OrthWorkspace {
+  int64_t r;
+  TWA_HD int64_t sums1() const { return 0; }
+  TWA_HD int64_t c1() const { return r + 1; }
+  TWA_HD int64_t coef1() const { return 2 * r + 1; }
+  TWA_HD int64_t sums2() const { return 3 * r + 1; }
+  TWA_HD int64_t coef2() const { return 4 * r + 3; }
+  TWA_HD int64_t inv() const { return 5 * r + 3; }
+  TWA_HD int64_t size() const { return 5 * r + 4; }
+};
+
+}  // namespace twa

@@ -1,0 +1,87 @@
+// Launch interface between the torch glue (bindings.cpp) and the kernels (*.cu). Plain pointers,
+// sizes and dtype codes only, so the kernel sources compile without torch headers (about 1 s
+// per file instead of about 60 s).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace twa {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+inline int dtype_size(DType t) {
+  return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
+}
+
+struct BasisView {
+  const void* data;  // basis[0, 0]
+  int64_t ld;        // elements between rows (>= D for a column slice)
+  int64_t K;
+  int64_t D;
+  DType dtype;       // fp32, fp16 or bf16
+};
+
+// out[b, k] = scales[k] * sum_j basis[k, j] x[b, j] for b < B (B <= 16 per call).
+struct ProjectArgs {
+  BasisView basis;
+  const float* scales;
+  const void* x;     // [B, D] contiguous
+  DType x_dtype;
+  int64_t B;
+  float* out;        // [B, K]
+  float* workspace;  // project_workspace_elems(...) floats
+  int sm_count;
+};
+int64_t project_workspace_elems(const BasisView& basis, int64_t B, int sm_count);
+cudaError_t project(const ProjectArgs& a, cudaStream_t stream);
+
+// out[j] = w0[j] + sum_k alpha[k] scales[k] basis[k, j], rounded once to out's dtype.
+struct ReconstructArgs {
+  BasisView basis;
+  const float* scales;
+  const float* w0;
+  const float* alpha;
+  void* out;
+  DType out_dtype;
+};
+cudaError_t reconstruct(const ReconstructArgs& a, cudaStream_t stream);
+
+// CGS2 of sample against rows [0, rank); see reference.orthogonalize_.
+struct OrthogonalizeArgs {
+  void* basis;       // contiguous [K, D]; row `rank` is written when rank < K
+  float* scales;     // scales[rank] is written when rank < K
+  DType dtype;
+  int64_t K;
+  int64_t D;
+  int64_t rank;
+  const float* sample;
+  double* result;     // [rank + 2]: h, ||u||, ||v||
+  double* workspace;  // orthogonalize_workspace_elems(...) doubles
+  int sm_count;
+};
+int64_t orthogonalize_workspace_elems(const void* basis, int64_t D, int64_t rank, DType dtype,
+                                      int sm_count);
+cudaError_t orthogonalize(const OrthogonalizeArgs& a, cudaStream_t stream);
+
+struct SubspaceStepArgs {
+  float* alpha;
+  float* momentum_buffer;
+  int64_t* counters;
+  const float* coord_grad;
+  const float* gram;
+  const float* pw0;
+  float* workspace;  // K floats
+  int64_t K;
+  float lr;
+  bool use_momentum;  // momentum != 0 in double, as the reference tests it
+  float momentum;
+  float one_minus_dampening;
+  bool use_weight_decay;
+  float weight_decay;
+  bool nesterov;
+};
+cudaError_t subspace_step(const SubspaceStepArgs& a, cudaStream_t stream);
+
+}  // namespace twa

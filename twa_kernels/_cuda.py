@@ -1,0 +1,164 @@
+"""Backend ``"cuda"``: the CUDA C++ kernels in ``csrc/``, registered as ``torch.ops.twa_cuda.*``.
+
+The extension is loaded on first use, never at ``import twa_kernels``: the prebuilt
+``twa_kernels._C`` when the package was installed with ``TWA_KERNELS_BUILD_CUDA=1``, otherwise
+a JIT build of ``csrc/`` through ``torch.utils.cpp_extension.load`` with ninja (cached under
+``TORCH_EXTENSIONS_DIR``; about 25 s the first time on 2 cores, instant afterwards).
+
+The functions take the arguments of the ``twa::`` ops without ``backend`` and follow
+``twa_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+EXTENSION_NAME = "twa_kernels_cuda"
+SOURCES = (
+    "bindings.cpp",
+    "project.cu",
+    "reconstruct.cu",
+    "orthogonalize.cu",
+    "subspace_step.cu",
+)
+HEADERS = ("twa_common.h", "twa_launch.h", "twa_device.cuh")
+# Used when no GPU is visible to pick an architecture from: the H100/H200 generation.
+DEFAULT_ARCH_LIST = "9.0"
+# Where the toolkit usually lives when neither torch nor CUDA_HOME names it.
+FALLBACK_CUDA_HOME = "/usr/local/cuda"
+NVCC_FLAGS = ["-O3", "-lineinfo", "-std=c++17"]
+CXX_FLAGS = ["-O3"]
+
+
+def csrc_dir() -> Path:
+    """The directory holding the kernel sources (a checkout, an installed wheel or an override)."""
+    here = Path(__file__).resolve().parent
+    candidates = []
+    if os.environ.get("TWA_KERNELS_CSRC"):
+        candidates.append(Path(os.environ["TWA_KERNELS_CSRC"]))
+    candidates += [here / "csrc", here.parent / "csrc"]
+    for path in candidates:
+        if (path / SOURCES[0]).is_file():
+            return path
+    try:
+        from importlib import resources
+
+        path = Path(str(resources.files("twa_kernels.csrc")))
+        if (path / SOURCES[0]).is_file():
+            return path
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    raise RuntimeError(
+        "twa_kernels: the CUDA sources (csrc/bindings.cpp, ...) were not found next to the "
+        "package; set TWA_KERNELS_CSRC to the csrc/ directory"
+    )
+
+
+def _cuda_home() -> str:
+    """A CUDA toolkit root with nvcc, set as torch's CUDA_HOME; RuntimeError when there is none."""
+    from torch.utils import cpp_extension
+
+    candidates = [
+        cpp_extension.CUDA_HOME,
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        FALLBACK_CUDA_HOME,
+    ]
+    for root in candidates:
+        # torch guesses the parent of the nvcc on PATH; a /usr/local/bin/nvcc wrapper then gives
+        # /usr/local, which has no include/cuda_runtime.h.
+        if root and Path(root, "bin", "nvcc").is_file() and Path(root, "include", "cuda_runtime.h").is_file():
+            cpp_extension.CUDA_HOME = root
+            os.environ["CUDA_HOME"] = root
+            return root
+    raise RuntimeError(
+        "twa_kernels backend='cuda' must compile its kernels and needs the CUDA toolkit (nvcc), "
+        "which was not found: set CUDA_HOME to the toolkit root (the directory with bin/nvcc), "
+        "or install with TWA_KERNELS_BUILD_CUDA=1 on a machine that has it"
+    )
+
+
+def _jit_build(verbose: bool):
+    from torch.utils import cpp_extension
+
+    _cuda_home()
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch reads the architecture from the visible device; without one it fails with an
+        # IndexError, so build for a default instead.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    src = csrc_dir()
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(src / name) for name in SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=CXX_FLAGS,
+        extra_cuda_cflags=NVCC_FLAGS,
+        verbose=verbose,
+    )
+
+
+@functools.cache
+def load(verbose: bool = False):
+    """Load the extension (once) and return its module; ``torch.ops.twa_cuda`` is then defined.
+
+    Raises RuntimeError saying what is missing when torch is not a CUDA build or there is no
+    CUDA toolkit to build with.
+    """
+    if torch.version.cuda is None:
+        raise RuntimeError(
+            "twa_kernels backend='cuda' needs a CUDA build of PyTorch; this torch "
+            f"({torch.__version__}) is built without CUDA. Use backend='torch' or 'triton', or "
+            "install a CUDA build of torch"
+        )
+    if os.environ.get("TWA_KERNELS_FORCE_JIT") != "1":
+        try:
+            return importlib.import_module("twa_kernels._C")
+        except ModuleNotFoundError:
+            pass
+        except (ImportError, OSError) as exc:
+            # A stale build (another torch or CUDA version) fails to link; rebuild instead.
+            warnings.warn(f"twa_kernels._C does not load ({exc}); building csrc/ instead")
+    return _jit_build(verbose)
+
+
+def _ops():
+    load()
+    return torch.ops.twa_cuda
+
+
+def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+    return _ops().project(basis, scales, x)
+
+
+def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
+    _ops().reconstruct_(out, w0, basis, scales, alpha)
+
+
+def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+    return _ops().orthogonalize_(basis, scales, sample, rank)
+
+
+def subspace_step_(
+    alpha: Tensor,
+    momentum_buffer: Tensor,
+    counters: Tensor,
+    coord_grad: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    _ops().subspace_step_(
+        alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+    )  # fmt: skip
