@@ -6,7 +6,8 @@ Backends:
 - ``"triton"``: the Triton kernels (``twa_kernels._triton``); CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` was set before ``twa_kernels`` was imported.
 - ``"cuda"``: the CUDA C++ extension built from ``csrc/`` (``twa_kernels._cuda``); CUDA tensors.
-- ``"auto"``: ``"triton"`` on CUDA when Triton imports, else ``"torch"``.
+- ``"auto"``: on CUDA the backend measured faster for the op and size on this card
+  (``_auto_table``), else ``"triton"`` when Triton imports; ``"torch"`` elsewhere.
 
 The choice is explicit and per call; nothing is patched at import.
 """
@@ -43,16 +44,29 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
 
 
-def resolve(backend: str, device: torch.device) -> str:
+@functools.cache
+def cuda_card_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def resolve(backend: str, device: torch.device, op: str | None = None, size: int = 0) -> str:
     """The concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``) for tensors on ``device``.
 
+    ``op`` and ``size`` (the basis's K * D) let ``"auto"`` use the measured table on CUDA.
     Raises ``ValueError`` naming the backend when it cannot run there.
     """
     check_backend_name(backend)
     if backend == "auto":
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        return "torch"
+        if device.type != "cuda":
+            return "torch"
+        if op is not None:
+            from . import _auto_table
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            measured = _auto_table.choose(op, size, cuda_card_name(index))
+            if measured is not None:
+                return measured
+        return "triton" if triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package, which does not import")

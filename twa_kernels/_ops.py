@@ -115,8 +115,10 @@ def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
     )
 
 
-def _route(op: str, backend: str, device: torch.device):
-    return _backend.implementation(op, _backend.resolve(backend, device))
+def _route(op: str, backend: str, sized: Tensor):
+    """The implementation of ``op``; ``sized`` (the basis, or the Gram matrix) keys "auto"."""
+    concrete = _backend.resolve(backend, sized.device, op, sized.numel())
+    return _backend.implementation(op, concrete)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def _route(op: str, backend: str, device: torch.device):
 @torch.library.custom_op("twa::project", mutates_args=())
 def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> Tensor:
     check_project(basis, scales, x)
-    return _route("project", backend, x.device)(basis, scales, x)
+    return _route("project", backend, basis)(basis, scales, x)
 
 
 @project.register_fake
@@ -145,7 +147,7 @@ def reconstruct_(
     out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str = "auto"
 ) -> None:
     check_reconstruct(out, w0, basis, scales, alpha)
-    _route("reconstruct_", backend, out.device)(out, w0, basis, scales, alpha)
+    _route("reconstruct_", backend, basis)(out, w0, basis, scales, alpha)
 
 
 @reconstruct_.register_fake
@@ -161,7 +163,7 @@ def _reconstruct_fake(out, w0, basis, scales, alpha, backend="auto"):
 @torch.library.custom_op("twa::orthogonalize_", mutates_args=("basis", "scales"))
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto") -> Tensor:
     check_orthogonalize(basis, scales, sample, rank)
-    return _route("orthogonalize_", backend, sample.device)(basis, scales, sample, rank)
+    return _route("orthogonalize_", backend, basis)(basis, scales, sample, rank)
 
 
 @orthogonalize_.register_fake
@@ -191,7 +193,7 @@ def subspace_step_(
     backend: str = "auto",
 ) -> None:
     check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
-    _route("subspace_step_", backend, alpha.device)(
+    _route("subspace_step_", backend, gram)(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
         lr, momentum, dampening, weight_decay, nesterov,
     )  # fmt: skip
