@@ -15,7 +15,7 @@ from conftest import DEVICES, STORAGE_DTYPES, TOL
 
 pytest.importorskip("triton")
 
-from twa_kernels import _ops  # noqa: E402
+from twa_kernels import _ops, ops  # noqa: E402
 from twa_kernels.reference import ROW_AMAX  # noqa: E402
 
 # The interpreter (triton 3.6 + numpy 2.3) converts 1-element arrays to loop bounds.
@@ -273,7 +273,7 @@ def cgs2_oracle(basis, scales, v, rank):
 
 
 # (K, D, rank): D = 1 with rank 0; k = 1; k = 3 over a prime D spanning four chunks; rank = K
-# (nothing stored); k = 301 with D kept small.
+# (nothing stored); k = 301 with D kept small (10 K tiles of 32 in pass 2).
 ORTHO_SHAPES = [(1, 1, 0), (2, 37, 1), (4, 1009, 3), (3, 1000, 3), (302, 400, 301)]
 
 
@@ -326,6 +326,45 @@ def test_orthogonalize_invariants(device, dtype):
     assert dev < ORTHO_TOL[dtype], f"max|P^T P - I| = {dev:.3g}"
 
 
+@pytest.mark.parametrize(
+    "dtype,K,rank",
+    [(torch.float16, 512, 511), (torch.float32, 512, 511), (torch.bfloat16, 512, 512)],
+)
+def test_orthogonalize_rank_up_to_512(device, dtype, K, rank):
+    # K tiled in pass 2: 16 tiles of 32 rows per [K, 64] slab (fp16) or [K, 32] slab (fp32),
+    # over a D = 520 that spans three chunks (256, 256, 8). rank = K stores nothing.
+    D = 520
+    basis, scales = orthonormal_basis(K, D, rank, dtype, device)
+    sample = torch.randn(D, device=device) + 0.5
+    before, scales_before = basis.clone(), scales.clone()
+    out = _ops.orthogonalize_(basis, scales, sample, rank, "triton")
+    ref, row, scale = cgs2_oracle(before, scales_before, sample, rank)
+    vnorm = sample.double().norm().item()
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
+    assert torch.equal(basis[:rank], before[:rank])
+    if rank < K:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
+        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
+    else:
+        assert torch.equal(basis, before) and torch.equal(scales, scales_before)
+
+
+def test_orthogonalize_remainder_tiles_bounded():
+    # Pass 2 must hold one bounded tile of P whatever the rank: <= 4096 fp64 values in
+    # registers, the K tiles covering [0, R) with less than one tile of padding, and the
+    # [R, BLOCK_D] slab it reads twice within 64 KB unless BLOCK_D is at its 32-column floor.
+    from twa_kernels._triton.orthogonalize import _remainder_blocks
+
+    for size in (2, 4):
+        for R in range(1, 513):
+            nt, block_k, block_d = _remainder_blocks(R, size)
+            assert block_k * block_d <= 4096, (R, size)
+            assert R <= nt * block_k < max(R, 16) * 2, (R, size)
+            assert block_d == 32 or R * block_d * size <= 64 * 1024, (R, size)
+            assert block_d & (block_d - 1) == 0 and nt & (nt - 1) == 0, (R, size)
+
+
 def test_orthogonalize_deterministic(device):
     K, D, rank = 9, 1009, 8
     basis, scales = orthonormal_basis(K, D, rank, torch.float16, device)
@@ -369,3 +408,31 @@ def test_subspace_step_opcheck(device):
         torch.eye(K, device=device), torch.randn(K, device=device), 0.1, 0.9, 0.0, 1e-3, False,
     )  # fmt: skip
     torch.library.opcheck(_ops.subspace_step_, args, {"backend": "triton"})
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile: the public ops trace as single graph nodes (their fake implementations give
+# the shapes), with no graph break, and compute what the eager calls compute.
+
+
+def test_ops_under_torch_compile_fullgraph(device):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    basis, scales = random_basis(3, 300, torch.float16, device)
+    w0 = torch.randn(300, device=device)
+
+    def f(x, out):
+        c = ops.project(basis, scales, x * 2, backend="triton")
+        ops.reconstruct_(out, w0, basis, scales, c, backend="triton")  # mutates a graph input
+        return c + 1
+
+    # aot_eager on CPU (functionalises the mutating op; no C++ compiler needed); inductor on a GPU.
+    counter = CompileCounterWithBackend("aot_eager" if device.type == "cpu" else "inductor")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    x = torch.randn(300, device=device)
+    out_c, out_e = torch.empty(300, device=device), torch.empty(300, device=device)
+    got, want = compiled(x, out_c), f(x, out_e)
+    assert counter.frame_count == 1
+    # Same kernels on the same inputs (x * 2 and c + 1 are exact or identically rounded).
+    assert torch.equal(got, want) and torch.equal(out_c, out_e)

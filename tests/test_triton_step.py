@@ -259,3 +259,102 @@ def test_fused_step_through_twa_optimizer(device):
     for a, b in zip(final["triton"], final["torch"], strict=True):
         # fp32 weights near 1 after 5 steps of fp32 arithmetic in two summation orders.
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_twa_step_cuda_graph_capture():
+    # TWA(backend="triton").step() captured once in a CUDA graph and replayed with gradients
+    # written in place must give the same bits as eager steps with the same gradients; the eager
+    # steps must not synchronise with the host.
+    from twa_kernels.optim import TWA
+    from twa_kernels.subspace import Subspace
+
+    device = torch.device("cuda")
+    n_steps = 5
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        model = model.to(device)
+        space = Subspace(model.parameters(), max_rank=4, dtype=torch.float16, backend="triton")
+        for _ in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            space.add()
+        opt = TWA(model.parameters(), space, lr=0.1, momentum=0.9, weight_decay=1e-3, backend="triton")
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
+        return model, opt
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    model, _ = build()
+    grads = [
+        [torch.randn(p.shape, generator=gen, device=device) for p in model.parameters()]
+        for _ in range(n_steps)
+    ]
+
+    def load_grads(model, opt, i):
+        opt.zero_grad(set_to_none=False)
+        for p, g in zip(model.parameters(), grads[i], strict=True):
+            p.grad.add_(g)  # in place, as backward accumulates
+
+    # Eager: the first step autotunes (it may synchronise); the rest must not.
+    model_e, opt_e = build()
+    eager = []
+    for i in range(n_steps):
+        if i > 0:
+            torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+        try:
+            load_grads(model_e, opt_e, i)
+            opt_e.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        eager.append(([p.detach().clone() for p in model_e.parameters()], opt_e.alpha.clone()))
+
+    # Graph: step 0 eagerly on a side stream (warm-up, as torch.cuda.graph requires), then
+    # capture (records, runs nothing) and replay for steps 1..n-1.
+    model_g, opt_g = build()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load_grads(model_g, opt_g, 0)
+        opt_g.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for i in range(1, n_steps):
+        load_grads(model_g, opt_g, i)
+        graph.replay()
+        weights, alpha = eager[i]
+        assert torch.equal(opt_g.alpha, alpha), f"alpha after step {i}"
+        for j, (p, w) in enumerate(zip(model_g.parameters(), weights, strict=True)):
+            assert torch.equal(p, w), f"parameter {j} after step {i}"
+    assert opt_g.steps == opt_e.steps == n_steps
+
+    # Reallocated grads would leave the graph reading the old addresses: capture refuses.
+    for p in model_g.parameters():
+        p.grad = torch.zeros_like(p)
+    with (
+        pytest.raises(RuntimeError, match="capture needs the parameter table"),
+        torch.cuda.graph(torch.cuda.CUDAGraph()),
+    ):
+        opt_g.step()
+
+
+def test_plans_read_by_a_graph_are_never_evicted(monkeypatch):
+    # A captured graph holds the addresses of its plan's tables and workspaces: the plan cache
+    # may drop other plans, never that one. (Capture itself is marked as it would be.)
+    from collections import OrderedDict
+
+    monkeypatch.setattr(fused, "_plans", OrderedDict())
+    dev = torch.device("cpu")
+    lists = [[torch.zeros(3 + i)] for i in range(fused._MAX_PLANS + 3)]
+    first = fused.plan_for(lists[0], dev)
+    first.captured.append(torch.zeros(fused._FIELDS, dtype=torch.int64))
+    for params in lists[1:]:
+        fused.plan_for(params, dev)
+    plans = list(fused._plans.values())
+    assert first in plans and len(plans) == fused._MAX_PLANS
+    assert plans[-1] is fused.plan_for(lists[-1], dev)  # the newest plan is cached too

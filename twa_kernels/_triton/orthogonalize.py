@@ -4,10 +4,12 @@ The formulas are those of ``reference.orthogonalize_``:
 
 1. ``_orthogonalize_kernel`` (pass 1): per-chunk partials of ``P^T v`` and ``||v||^2``;
    ``_orthogonalize_reduce1_kernel`` adds them: ``c1``, ``s * c1``, ``||v||^2``.
-2. ``_orthogonalize_remainder_kernel`` (pass 2): for each column tile, loads the [rank, BLOCK_D]
-   slab of P once, forms ``v1 = v - P c1`` from it and accumulates ``P^T v1``, ``||v1||^2`` and
-   ``max|v1|`` from the same registers; ``_orthogonalize_reduce2_kernel`` finishes ``h``,
-   ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row scale and the returned vector.
+2. ``_orthogonalize_remainder_kernel`` (pass 2): for each [rank, BLOCK_D] column slab, one loop
+   over K in BLOCK_K tiles forms ``v1 = v - P c1``, then ``||v1||^2`` and ``max|v1|``, and a
+   second loop over the same tiles accumulates ``P^T v1``. No program holds more than one
+   [BLOCK_K, BLOCK_D] tile of P, so any rank runs without register spills; the second loop
+   reads the slab back from L2, so DRAM traffic stays one pass. ``_orthogonalize_reduce2_kernel``
+   finishes ``h``, ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row scale and the returned vector.
 3. ``_orthogonalize_store_kernel`` (pass 3): ``u = v - P h`` scaled by ``ROW_AMAX / max|v1|``,
    clamped to the storage range and written to row ``rank``.
 
@@ -27,12 +29,25 @@ from torch import Tensor
 from ..reference import ROW_AMAX
 from ._common import pow2, split_columns, to_storage
 
-# Pass 2 keeps a [KP, BLOCK_D] fp64 slab in registers; 4K values (32 KB) per program is 16 per
-# thread at 8 warps. BLOCK_D never drops below 16 columns (32 contiguous bytes of fp16).
-_SLAB_ELEMENTS = 4096
 _BLOCK_K = 16
 _BLOCK_D = 256
 _BLOCK_S = 16
+# Pass 2 holds one [BLOCK_K, BLOCK_D] fp64 tile at a time: at most 4K values (32 KB), 16 per
+# thread at 8 warps, whatever K. The [K, BLOCK_D] slab it reads twice is kept near 64 KB so the
+# second read hits L2 (see the kernel); BLOCK_D stays >= 32 columns (64 contiguous bytes of
+# fp16, one full 128-byte line of fp32).
+_TILE_ELEMENTS = 4096
+_SLAB_BYTES = 64 * 1024
+_MIN_BLOCK_D = 32
+
+
+def _remainder_blocks(R: int, element_size: int) -> tuple[int, int, int]:
+    """``(NT, BLOCK_K, BLOCK_D)`` of pass 2 for R rows of ``element_size`` bytes."""
+    block_k = 16 if R <= 16 else 32
+    fit = max(_SLAB_BYTES // (R * element_size), 1)
+    block_d = 1 << (fit.bit_length() - 1)  # largest power of two <= fit
+    block_d = max(_MIN_BLOCK_D, min(block_d, _BLOCK_D, _TILE_ELEMENTS // block_k))
+    return max(pow2(R), block_k) // block_k, block_k, block_d
 
 
 @triton.jit
@@ -94,28 +109,47 @@ def _orthogonalize_reduce1_kernel(
 @triton.jit
 def _orthogonalize_remainder_kernel(
     basis_ptr, row_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr, R, D, CHUNK,
-    KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
-    offs_k = tl.arange(0, KP).to(tl.int64)
-    mask_k = offs_k < R
-    sc1 = tl.load(sc1_ptr + offs_k, mask=mask_k, other=0.0)
-    acc = tl.zeros([KP], dtype=tl.float64)
+    # P^T v1 of this chunk, one row per K tile: [NT, BLOCK_K] fp64 (512 values = 4 KB at K = 512,
+    # 4 per thread at the 4 warps a [32, 64] tile gets). Tile t is updated through a select on
+    # the tile index, because a register tensor cannot be indexed by the loop counter.
+    tiles = tl.arange(0, NT)
+    lanes = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros([NT, BLOCK_K], dtype=tl.float64)
     ss = tl.zeros([BLOCK_D], dtype=tl.float64)
     amax = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(start, end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask_d = offs_d < end
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+        # v1 = v - P c1 over the slab's BLOCK_D columns, K in BLOCK_K tiles.
+        corr = tl.zeros([BLOCK_D], dtype=tl.float64)
+        for k0 in range(0, R, BLOCK_K):
+            offs_k = k0 + lanes
+            mask_k = offs_k < R
+            sc1 = tl.load(sc1_ptr + offs_k, mask=mask_k, other=0.0)
+            ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+            p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+            corr += tl.sum(sc1[:, None] * p, axis=0)
         v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
-        v1 = v - tl.sum(sc1[:, None] * p, axis=0)
-        acc += tl.sum(p * v1[None, :], axis=1)
+        v1 = v - corr
         ss += v1 * v1
         amax = tl.maximum(amax, tl.abs(v1))
-    tl.store(part_ptr + pid * R + offs_k, acc, mask=mask_k)
+        # P^T v1 over the same slab. This second read of the [K, BLOCK_D] slab comes from L2:
+        # at K = 512 and BLOCK_D = 64 an fp16 slab is 64 KB, and 4 programs per SM on 132 SMs
+        # keep 34 MB live, inside the 50 MB L2 of an H100/H200. DRAM still sees one pass.
+        for k0 in range(0, R, BLOCK_K):
+            offs_k = k0 + lanes
+            mask_k = offs_k < R
+            ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+            p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+            t = tl.sum(p * v1[None, :], axis=1)
+            acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
+    offs = tiles.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :]
+    tl.store(part_ptr + pid * R + offs, acc, mask=offs < R)
     tl.store(ss_ptr + pid, tl.sum(ss, axis=0))
     tl.store(amax_ptr + pid, tl.max(amax, axis=0))
 
@@ -203,10 +237,10 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> 
     _orthogonalize_reduce1_kernel[(1,)](
         part, vv_part, scales, c1, sc1, vv, S, rank, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps
     )
-    block_d = max(16, min(_BLOCK_D, _SLAB_ELEMENTS // KP))
+    nt, block_k, block_d = _remainder_blocks(R, basis.element_size())
     _orthogonalize_remainder_kernel[(S,)](
         basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk,
-        KP=KP, BLOCK_D=block_d, num_warps=warps,
+        NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_k * block_d >= 4096 else 4,
     )  # fmt: skip
     write_row = rank < K
     _orthogonalize_reduce2_kernel[(1,)](

@@ -14,6 +14,14 @@ once per parameter list and kept on the device; kernels turn the addresses into 
 keep their real addresses. Only the grad addresses can change between steps (``zero_grad``
 frees grads by default); the parameter table is rebuilt and copied to the device (one small
 asynchronous copy, no kernel, no host sync) only when they do.
+
+CUDA graphs: the step can be captured (``torch.cuda.graph``) once an eager step has run with the
+very ``.grad`` tensors the graph will read (that step also autotunes and compiles the kernels).
+The graph holds the addresses of the parameter table, the block table and the workspaces, so a
+plan that took part in a capture is never evicted and every table it captured stays alive. A
+capture that would need a new table (grads reallocated since the eager step, or a grad that is
+not contiguous, whose contiguous copy gets a new address each step) raises instead of recording
+a copy from a temporary host buffer.
 """
 
 from __future__ import annotations
@@ -147,6 +155,8 @@ class _Plan:
         self.grad_key = None
         self.ptab = None
         self.work: dict[int, tuple[Tensor, Tensor]] = {}
+        # Parameter tables read by captured CUDA graphs: kept for the plan's lifetime.
+        self.captured: list[Tensor] = []
 
     def table(self, params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The device parameter table for the current grads, and grads copied to be contiguous."""
@@ -159,7 +169,17 @@ class _Plan:
                 keep.append(g)
             grads.append(g)
         key = tuple(None if g is None else (g.data_ptr(), g.dtype) for g in grads)
-        if key != self.grad_key:
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            if keep or key != self.grad_key:
+                raise RuntimeError(
+                    "fused TWA step: CUDA graph capture needs the parameter table of an eager "
+                    "step run with the same contiguous .grad tensors (same addresses): run one "
+                    "step before capturing and keep the grads (zero_grad(set_to_none=False))"
+                )
+            if not any(t is self.ptab for t in self.captured):
+                self.captured.append(self.ptab)
+        elif key != self.grad_key:
             rows = []
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 gcode = NO_GRAD if g is None else _code(g, f"grad of parameter {i}")
@@ -190,8 +210,10 @@ def plan_for(params: list[Tensor], device: torch.device) -> _Plan:
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _Plan(params, device)
-        while len(_plans) > _MAX_PLANS:
-            _plans.popitem(last=False)
+        # Evict the least recently used plans, but never one a CUDA graph reads (nor this one).
+        evictable = [k for k, p in _plans.items() if not p.captured and p is not plan]
+        for old in evictable[: max(len(_plans) - _MAX_PLANS, 0)]:
+            del _plans[old]
     else:
         _plans.move_to_end(key)
     return plan
@@ -202,7 +224,16 @@ def fused_twa_step(
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
     *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
 ) -> None:  # fmt: skip
-    """One TWA step (see ``functional.twa_step``) in 3 launches; ``flat`` is not needed."""
+    """One TWA step (see ``functional.twa_step``) in 3 launches; ``flat`` is not needed.
+
+    Reads ``p.grad`` of every parameter in place and writes the parameters in place. No host
+    synchronisation, so the step can be captured in a CUDA graph after one eager step with the
+    same ``.grad`` tensors (see the module docstring). The graph then reads the grads at the
+    addresses they had at capture: keep them (``zero_grad(set_to_none=False)``, gradients
+    written or accumulated in place). ``lr``, ``momentum``, ``dampening`` and ``weight_decay``
+    are kernel arguments, fixed in the graph at their capture values: an LR scheduler that
+    changes ``param_groups[0]["lr"]`` does not affect replays (capture again to change them).
+    """
     K, D = basis.shape
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
