@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _ops, functional
+from . import _backend, _ops, distributed, functional
 from .subspace import Subspace, _trainable
 
 STARTS = ("mean", "current")
@@ -41,6 +41,20 @@ class TWA(torch.optim.Optimizer):
         start: ``"mean"`` (the published choice: w0 = the mean of the samples) or ``"current"``
             (w0 = the current weights). Constructing the optimizer writes w0 into the params.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        average_gradients: only for a subspace with a process group (data-parallel training,
+            see ``twa_kernels.distributed``): whether ``step()`` averages the gradients over the
+            ranks (a reduce-scatter of D fp32 values, which leaves each rank the mean of its
+            shard). None (default): True, unless ``params`` is a ``DistributedDataParallel``
+            module, whose backward has averaged them already. Pass False with
+            ``ddp_model.parameters()``; True costs the reduce-scatter again but gives the same
+            result. False with gradients that differ between ranks is wrong: each rank would
+            project its own.
+
+    On a sharded subspace each rank projects its shard of the gradient, one all-reduce of K
+    floats gives ``c = P^T g``, the K-dimensional update runs identically on every rank, and each
+    rank writes its shard of the weights; an all-gather of the weights updates the replicated
+    parameters. ``comm_bytes_per_step`` gives the bytes. Construction, ``step()`` and
+    ``load_state_dict()`` are then collectives.
 
     Example::
 
@@ -64,21 +78,28 @@ class TWA(torch.optim.Optimizer):
         *,
         start: str = "mean",
         backend: str = "auto",
+        average_gradients: bool | None = None,
     ) -> None:
         if not isinstance(subspace, Subspace):
             raise TypeError(f"subspace must be a twa_kernels.Subspace, got {type(subspace).__name__}")
         _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        if average_gradients is not None and not isinstance(average_gradients, bool):
+            raise TypeError(f"average_gradients must be None or a bool, got {average_gradients!r}")
         _backend.check_backend_name(backend)
         if subspace.rank == 0:
             raise ValueError("subspace is empty (rank 0): call Subspace.add() before building TWA")
+        ddp = distributed.wrapped_by_ddp(params)
         if isinstance(params, Iterable) and not isinstance(params, (Tensor, nn.Module)):
             params = list(params)
             if params and isinstance(params[0], Mapping):
                 raise ValueError("TWA takes one parameter group (all coordinates share one lr)")
         tensors, _ = _trainable(params)
-        subspace.layout.check_params(tensors, subspace.device, "params")
+        distributed.check_together(
+            lambda: subspace.layout.check_params(tensors, subspace.device, "params"),
+            subspace.process_group, subspace.device, "TWA()",
+        )  # fmt: skip
 
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -92,23 +113,35 @@ class TWA(torch.optim.Optimizer):
         self.rank = subspace.rank
         device, K = subspace.device, subspace.rank
 
-        # The one flat fp32 [D] buffer: gradients in, weights out; views made once.
-        self._flat = torch.zeros(subspace.dim, dtype=torch.float32, device=device)
-        self._flat_views = subspace.layout.views(self._flat)
+        self._sharded = None
+        self.average_gradients = False
+        if subspace.process_group is not None:
+            self.average_gradients = not ddp if average_gradients is None else average_gradients
+            self._sharded = distributed.ShardedStep(subspace, tensors, self.average_gradients)
+            # Padded to world * ceil(D / world) values; the views cover the first D.
+            self._flat, self._flat_views = self._sharded.flat, self._sharded.flat_views
+        else:
+            # The one flat fp32 [D] buffer: gradients in, weights out; views made once.
+            self._flat = torch.zeros(subspace.dim, dtype=torch.float32, device=device)
+            self._flat_views = subspace.layout.views(self._flat)
         if start == "mean":
             self._w0 = subspace.mean
+        elif self._sharded is not None:
+            tensors_now = [p.detach() for p in tensors]
+            self._w0 = distributed.flatten_shard(subspace.layout, tensors_now, subspace.shard, device)
         else:
             self._w0 = self._flat.clone()
             with torch.no_grad():
                 torch._foreach_copy_(subspace.layout.views(self._w0), [p.detach() for p in tensors])
-        basis, scales = subspace.columns
         self._gram = subspace.gram().float()
-        self._pw0 = _ops.project(basis, scales, self._w0, backend)
+        self._pw0 = self._project(self._w0)
         self._alpha = torch.zeros(K, dtype=torch.float32, device=device)
         self._momentum_buffer = torch.zeros(K, dtype=torch.float32, device=device)
         # [steps taken, steps skipped because the gradient was not finite]
         self._counters = torch.zeros(2, dtype=torch.int64, device=device)
         self._write_weights()
+        if self._sharded is not None:
+            self._sharded.log_comm(K, subspace.dim)
 
     # ------------------------------------------------------------------------------------------
 
@@ -131,8 +164,36 @@ class TWA(torch.optim.Optimizer):
         """How many steps were taken (reads the device)."""
         return int(self._counters[0])
 
+    @property
+    def comm_bytes_per_step(self) -> dict[str, int]:
+        """Payload bytes of the collectives in one ``step()`` (all 0 without a process group).
+
+        - ``"gradients"``: reduce-scatter of the flat fp32 gradient, ``4 * world * ceil(D / world)``
+          (D padded to equal shards) when this optimizer averages the gradients, else 0;
+        - ``"coordinates"``: all-reduce of the K fp32 coordinate gradients, ``4 * K``;
+        - ``"weights"``: all-gather of the flat fp32 weights, ``4 * world * ceil(D / world)``.
+
+        The published DDP scheme instead adds an all-reduce of ``4 * D`` bytes to DDP's own
+        gradient all-reduce each step. With ring collectives, a reduce-scatter plus an all-gather
+        send as much per rank as one all-reduce of the same size, so TWA without DDP costs a DDP
+        step plus ``4 * K`` bytes, where the published scheme costs two DDP steps.
+        """
+        if self._sharded is None:
+            return {"gradients": 0, "coordinates": 0, "weights": 0}
+        return self._sharded.comm_bytes(self.rank).as_dict()
+
+    def _project(self, x: Tensor) -> Tensor:
+        basis, scales = self.subspace.columns
+        if self._sharded is not None:
+            return self._sharded.project(basis, scales, x, self.backend)
+        return _ops.project(basis, scales, x, self.backend)
+
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
+        if self._sharded is not None:
+            backend = _backend.resolve(self.backend, self._flat.device)
+            self._sharded.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
+            return
         functional.write_weights_(
             self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha,
             _backend.resolve(self.backend, self._flat.device),
@@ -156,12 +217,16 @@ class TWA(torch.optim.Optimizer):
             group["nesterov"],
         )  # fmt: skip
         basis, scales = self.subspace.columns
-        functional.twa_step(
-            self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha,
-            self._momentum_buffer, self._counters, self._gram, self._pw0,
+        state = (self._w0, basis, scales, self._alpha, self._momentum_buffer, self._counters,
+                 self._gram, self._pw0)  # fmt: skip
+        hyper = dict(
             lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"], backend=self.backend,
         )  # fmt: skip
+        if self._sharded is None:
+            functional.twa_step(self.params, self._flat, self._flat_views, *state, **hyper)
+        else:
+            self._sharded.step(self.params, *state, **hyper)
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -195,19 +260,47 @@ class TWA(torch.optim.Optimizer):
             "counters": self._counters.clone(),
             "w0": self._w0.clone() if self.start == "current" else None,
         }
+        if self._sharded is not None:
+            state["twa"]["shard"] = list(self.subspace.shard)
+            state["twa"]["world_size"] = self.subspace.world_size
         return state
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore ``state_dict()`` and rewrite the weights from it.
 
         Raises ``ValueError`` (changing nothing) when it comes from another model, subspace
-        rank or start.
+        rank or start. On a sharded subspace each rank loads the state dict its rank saved, in a
+        group of the same size; if one rank refuses, all raise.
         """
         state_dict = dict(state_dict)
+        twa = distributed.check_together(
+            lambda: self._check_state(state_dict), self.subspace.process_group, self._flat.device,
+            "load_state_dict",
+        )  # fmt: skip
+        super().load_state_dict(state_dict)
+        self._alpha.copy_(twa["alpha"])
+        self._momentum_buffer.copy_(twa["momentum_buffer"])
+        self._counters.copy_(twa["counters"])
+        if self.start == "current":
+            self._w0.copy_(twa["w0"])
+            self._pw0 = self._project(self._w0)
+        self._write_weights()
+
+    def _check_state(self, state_dict: dict) -> dict:
+        """Pop and check the ``"twa"`` entry of ``state_dict``; raise ``ValueError`` on a mismatch."""
         if "twa" not in state_dict:
             raise ValueError("state dict has no 'twa' entry: it is not from a TWA optimizer")
         twa = state_dict.pop("twa")
         self.subspace.layout.check_signature(twa["layout"], "state dict")
+        sharded = self._sharded is not None
+        mine_shard = (list(self.subspace.shard), self.subspace.world_size) if sharded else None
+        theirs = (list(twa["shard"]), twa["world_size"]) if twa.get("shard") is not None else None
+        if theirs != mine_shard:
+            raise ValueError(
+                f"state dict was saved by a TWA optimizer on "
+                f"{_describe_shard(theirs)}; this one is on {_describe_shard(mine_shard)}: load "
+                "it into a process group of the same size, each rank its own file"
+            )
         for name, mine in (
             ("rank", self.rank),
             ("num_samples", self.subspace.num_samples),
@@ -215,14 +308,14 @@ class TWA(torch.optim.Optimizer):
         ):
             if twa[name] != mine:
                 raise ValueError(f"state dict has {name}={twa[name]!r}, this optimizer {mine!r}")
-        super().load_state_dict(state_dict)
-        self._alpha.copy_(twa["alpha"])
-        self._momentum_buffer.copy_(twa["momentum_buffer"])
-        self._counters.copy_(twa["counters"])
-        if self.start == "current":
-            self._w0.copy_(twa["w0"])
-            self._pw0 = _ops.project(*self.subspace.columns, self._w0, self.backend)
-        self._write_weights()
+        return twa
+
+
+def _describe_shard(shard) -> str:
+    if shard is None:
+        return "a subspace without a process group"
+    (start, stop), world = shard
+    return f"columns [{start}, {stop}) of a subspace sharded over {world} processes"
 
 
 def _min_norm_solve(S: Tensor, b: Tensor) -> Tensor:

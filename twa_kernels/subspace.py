@@ -23,9 +23,10 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _backend, _ops, reference
+from . import _backend, _ops, distributed, reference
 
 STORAGE_DTYPES = _ops.STORAGE_DTYPES
 
@@ -142,11 +143,19 @@ class Subspace:
         tol: relative residual (``||remainder|| / ||w_i - w_1||``) at or below which a sample
             adds no column (it still counts in the mean). Default: ``finfo(dtype).eps``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` for ``orthogonalize_``.
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``)
+            to shard the basis, anchor and mean along D across its ranks (see
+            ``twa_kernels.distributed``); None (default) keeps everything on this process. With a
+            group, construction, ``add()``, ``gram()`` and ``load_state_dict()`` are collectives
+            (every rank calls them, in the same order, with the same model); ranks that disagree
+            on the layout, ``max_rank``, ``dtype`` or ``tol`` raise ``ValueError`` together.
 
     Attributes:
-        basis: [max_rank, D] storage; columns [0, rank) are valid. scales: fp32 [max_rank].
-        anchor: fp32 [D], the first sample. mean: fp32 [D], the running mean of the samples.
+        basis: [max_rank, n] storage; columns [0, rank) are valid. scales: fp32 [max_rank].
+        anchor: fp32 [n], the first sample. mean: fp32 [n], the running mean of the samples.
         rank: number of basis columns. num_samples: number of samples added.
+        shard: ``(start, stop)``, the range of the D flat values held here (n = stop - start):
+            ``(0, D)`` without a process group, about D / world values per rank with one.
 
     Example::
 
@@ -161,6 +170,7 @@ class Subspace:
         params: Iterable[Tensor] | nn.Module,
         max_rank: int,
         dtype: torch.dtype = torch.float16,
+        process_group: dist.ProcessGroup | None = None,
         *,
         tol: float | None = None,
         backend: str = "auto",
@@ -192,10 +202,18 @@ class Subspace:
         self.backend = backend
         self._params = tensors
         D = self.layout.numel
-        self.basis = torch.empty(max_rank, D, dtype=dtype, device=self.device)
+        self.process_group = process_group
+        self.shard = (0, D)
+        self.world_size = 1
+        if process_group is not None:
+            distributed.check_same_layout(self.layout, max_rank, dtype, self.tol, process_group, self.device)
+            self.world_size, group_rank = distributed.world_and_rank(process_group)
+            self.shard = distributed.shard_range(D, self.world_size, group_rank)
+        n = self.shard[1] - self.shard[0]
+        self.basis = torch.empty(max_rank, n, dtype=dtype, device=self.device)
         self.scales = torch.zeros(max_rank, dtype=torch.float32, device=self.device)
-        self.anchor = torch.zeros(D, dtype=torch.float32, device=self.device)
-        self.mean = torch.zeros(D, dtype=torch.float32, device=self.device)
+        self.anchor = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.mean = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.rank = 0
         self.num_samples = 0
         # Coordinates of each sample on the columns: w_1 = P r_1, w_i - w_1 = P r_i (i > 1),
@@ -218,7 +236,7 @@ class Subspace:
         return self.basis[: self.rank], self.scales[: self.rank]
 
     def _flatten(self, values: Sequence[Tensor] | None) -> Tensor:
-        """The parameters (or ``values``, in parameter order) as one new fp32 [D] tensor."""
+        """The parameters (or ``values``, in parameter order) as one new fp32 tensor: its shard."""
         if values is None:
             tensors = [p.detach() for p in self._params]
         else:
@@ -237,6 +255,8 @@ class Subspace:
                 if not v.dtype.is_floating_point:
                     raise ValueError(f"values[{i}] has dtype {v.dtype}, expected floating point")
             tensors = [v.detach() for v in values]
+        if self.process_group is not None:
+            return distributed.flatten_shard(self.layout, tensors, self.shard, self.device)
         flat = torch.empty(self.dim, dtype=torch.float32, device=self.device)
         torch._foreach_copy_(self.layout.views(flat), tensors)
         return flat
@@ -249,11 +269,18 @@ class Subspace:
         sample): how much of the sample was new. At or below ``tol`` the sample adds no column
         but still counts in the mean. Raises ``ValueError`` when a new column is needed and the
         basis already has ``max_rank``; nothing changes then.
+
+        With a process group each rank passes the same sample (the replicated parameters) and
+        keeps its shard; the residual and the decision are the same on every rank.
         """
         flat = self._flatten(values)
         first = self.num_samples == 0
         v = flat if first else flat - self.anchor
-        out = _ops.orthogonalize_(self.basis, self.scales, v, self.rank, self.backend).cpu()
+        if self.process_group is None:
+            out = _ops.orthogonalize_(self.basis, self.scales, v, self.rank, self.backend)
+        else:
+            out = distributed.orthogonalize_(self.basis, self.scales, v, self.rank, self.process_group)
+        out = out.cpu()
         coords, norm, vnorm = out[: self.rank], float(out[-2]), float(out[-1])
         residual = norm / vnorm if vnorm > 0 else 0.0
         grows = vnorm > 0 and (first or residual > self.tol)
@@ -311,7 +338,10 @@ class Subspace:
         if self.rank == 0:
             raise ValueError("the subspace is empty: call add() first")
         if self._gram is None:
-            self._gram = reference.gram(*self.columns)
+            gram = reference.gram(*self.columns)
+            if self.process_group is not None:
+                distributed.all_reduce_(gram, self.process_group)
+            self._gram = gram
         return self._gram
 
     def sample_coordinates(self) -> Tensor:
@@ -324,9 +354,18 @@ class Subspace:
         return R
 
     def state_dict(self) -> dict:
-        """Everything needed to rebuild the subspace; loads with ``weights_only=True``."""
+        """Everything needed to rebuild the subspace; loads with ``weights_only=True``.
+
+        With a process group it holds this rank's shard (``"shard"``: [start, stop], with
+        ``"world_size"``): save one file per rank and load each into the same rank of a group of
+        the same size.
+        """
         basis, scales = self.columns
+        sharded = {}
+        if self.process_group is not None:
+            sharded = {"shard": list(self.shard), "world_size": self.world_size}
         return {
+            **sharded,
             "layout": self.layout.signature(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_rank": self.max_rank,
@@ -341,21 +380,16 @@ class Subspace:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore a ``state_dict()``; raises ``ValueError`` (changing nothing) on a mismatch."""
-        missing = {"layout", "dtype", "rank", "num_samples", "basis", "scales", "anchor", "mean",
-                   "coords", "tol"} - set(state)  # fmt: skip
-        if missing:
-            raise ValueError(f"state dict is missing {sorted(missing)}")
-        self.layout.check_signature(state["layout"], "state dict")
-        if state["dtype"] != str(self.dtype).removeprefix("torch."):
-            raise ValueError(f"state dict stores a {state['dtype']} basis, this subspace {self.dtype}")
+        """Restore a ``state_dict()``; raises ``ValueError`` (changing nothing) on a mismatch.
+
+        A sharded subspace loads only the shard saved by the same rank of a group of the same
+        size; if any rank refuses its state dict, every rank raises.
+        """
+        group = self.process_group
+        distributed.check_together(lambda: self._check_state(state), group, self.device, "load_state_dict")
+        if group is not None:
+            distributed.check_same_state(state, group, self.device)
         rank = int(state["rank"])
-        if rank > self.max_rank:
-            raise ValueError(f"state dict has rank {rank} > this subspace's max_rank {self.max_rank}")
-        if tuple(state["basis"].shape) != (rank, self.dim) or len(state["coords"]) != int(
-            state["num_samples"]
-        ):
-            raise ValueError("state dict is inconsistent: basis shape or coords do not match rank")
         self.basis[:rank].copy_(state["basis"])
         self.scales.zero_()
         self.scales[:rank].copy_(state["scales"])
@@ -368,10 +402,56 @@ class Subspace:
         self.version += 1
         self._gram = None
 
+    def _check_state(self, state: Mapping) -> None:
+        missing = {"layout", "dtype", "rank", "num_samples", "basis", "scales", "anchor", "mean",
+                   "coords", "tol"} - set(state)  # fmt: skip
+        if missing:
+            raise ValueError(f"state dict is missing {sorted(missing)}")
+        self.layout.check_signature(state["layout"], "state dict")
+        if state["dtype"] != str(self.dtype).removeprefix("torch."):
+            raise ValueError(f"state dict stores a {state['dtype']} basis, this subspace {self.dtype}")
+        rank = int(state["rank"])
+        if rank > self.max_rank:
+            raise ValueError(f"state dict has rank {rank} > this subspace's max_rank {self.max_rank}")
+        self._check_shard(state)
+        n = self.shard[1] - self.shard[0]
+        if tuple(state["basis"].shape) != (rank, n) or len(state["coords"]) != int(state["num_samples"]):
+            raise ValueError("state dict is inconsistent: basis shape or coords do not match rank")
+
+    def _check_shard(self, state: Mapping) -> None:
+        theirs = state.get("shard")
+        mine = list(self.shard) if self.process_group is not None else None
+        if theirs is not None:
+            theirs = [int(x) for x in theirs]
+        if theirs == mine and (mine is None or int(state["world_size"]) == self.world_size):
+            return
+        D = self.dim
+        if theirs is None:
+            saved = "the whole subspace (no process group)"
+        else:
+            saved = (
+                f"columns [{theirs[0]}, {theirs[1]}) of D={D}, one shard of a subspace sharded "
+                f"over {int(state['world_size'])} processes"
+            )
+        if mine is None:
+            here = "this subspace has no process group"
+        else:
+            here = (
+                f"this one holds columns [{mine[0]}, {mine[1]}) of a subspace sharded over "
+                f"{self.world_size} processes"
+            )
+        raise ValueError(
+            f"state dict holds {saved}; {here}: load sharded state dicts into a process group "
+            f"of the same size, each rank its own file"
+        )
+
     def __repr__(self) -> str:
+        shard = ""
+        if self.process_group is not None:
+            shard = f", shard=[{self.shard[0]}, {self.shard[1]}) of {self.world_size}"
         return (
             f"Subspace(D={self.dim}, rank={self.rank}/{self.max_rank}, "
-            f"samples={self.num_samples}, dtype={self.dtype}, device={self.device})"
+            f"samples={self.num_samples}, dtype={self.dtype}, device={self.device}{shard})"
         )
 
 

@@ -1,0 +1,438 @@
+"""Sharded Subspace and TWA over torch.distributed: gloo on CPU, 2 and 3 spawned processes.
+
+Each world size runs once (a module-scoped fixture spawns the processes, which save what they
+computed); the tests compare those results with the same computation in this process without a
+process group. Every spawn has a deadline, so a rank stuck in a collective fails the test.
+"""
+
+import datetime
+import logging
+import math
+import multiprocessing
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from twa_kernels import TWA, Subspace
+
+IN, HIDDEN, OUT = 12, 16, 3
+D = IN * HIDDEN + HIDDEN + HIDDEN * OUT + OUT  # 259 = 7 * 37: shards of 130/129 and 87/87/85
+BATCH = 12  # divisible by 2 and 3: each rank gets an equal share, so mean of means = mean
+STEPS = 4
+N_SAMPLES = 5
+MAX_RANK = 6
+HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
+DEADLINE_S = 50  # per spawn; 8-20 s measured on 2 busy cores
+REL = 1e-6
+
+
+def make_model(hidden=HIDDEN):
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(IN, hidden), nn.Tanh(), nn.Linear(hidden, OUT))
+
+
+def make_samples():
+    """N_SAMPLES points along a random trajectory from the model's initial weights."""
+    g = torch.Generator().manual_seed(11)
+    current = [p.detach().clone() for p in make_model().parameters()]
+    samples = []
+    for _ in range(N_SAMPLES):
+        current = [c + 0.05 * torch.randn(c.shape, generator=g) for c in current]
+        samples.append([c.clone() for c in current])
+    return samples
+
+
+def make_batches():
+    g = torch.Generator().manual_seed(13)
+    teacher = torch.randn(IN, OUT, generator=g)
+    X = torch.randn(STEPS, BATCH, IN, generator=g)
+    return [(x, (x @ teacher).argmax(-1)) for x in X]
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def train(model, opt, batches, world=1, rank=0):
+    """Each rank takes its contiguous share of every global batch; returns the local losses."""
+    share = BATCH // world
+    losses = []
+    for x, y in batches:
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# what the spawned processes run
+
+
+class _NoHostReads:
+    """Make every Tensor method that reads a value on the host raise, as test_optim does."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+        for name in self.NAMES:
+
+            def fail(self, *args, _name=name, **kwargs):
+                raise AssertionError(f"Tensor.{_name} reads the device inside step()")
+
+            setattr(torch.Tensor, name, fail)
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _capture_log():
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("twa_kernels.distributed")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return records
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _scenario_main(world, rank, root):
+    group = dist.group.WORLD
+    out = {}
+    log = _capture_log()
+    samples, batches = make_samples(), make_batches()
+
+    space = Subspace(make_model(), MAX_RANK, torch.float16, group)
+    out["residuals"] = [space.add(s) for s in samples]
+    out["shard"], out["basis_shape"] = space.shard, tuple(space.basis.shape)
+    out["rank"], out["num_samples"] = space.rank, space.num_samples
+    out["basis"], out["scales"] = (t.clone() for t in space.columns)
+    out["anchor"], out["mean"] = space.anchor.clone(), space.mean.clone()
+    out["coords"], out["gram"] = space.sample_coordinates(), space.gram().clone()
+
+    # state dicts: one file per rank, loaded back by the same rank of a same-size group
+    torch.save(space.state_dict(), root / f"space_w{world}_r{rank}.pt")
+    loaded = Subspace(make_model(), MAX_RANK, torch.float16, group)
+    loaded.load_state_dict(torch.load(root / f"space_w{world}_r{rank}.pt", weights_only=True))
+    out["loaded_equal"] = all(
+        torch.equal(a, b)
+        for a, b in [
+            (loaded.basis[: loaded.rank], space.basis[: space.rank]),
+            (loaded.scales, space.scales),
+            (loaded.anchor, space.anchor),
+            (loaded.mean, space.mean),
+            (loaded.sample_coordinates(), space.sample_coordinates()),
+            (loaded.gram(), space.gram()),
+        ]
+    ) and (loaded.rank, loaded.num_samples) == (space.rank, space.num_samples)
+    unsharded = Subspace(make_model(), MAX_RANK, torch.float16)
+    out["error_sharded_into_unsharded"] = _error_of(lambda: unsharded.load_state_dict(space.state_dict()))
+    for s in samples:
+        unsharded.add(s)
+    out["error_unsharded_into_sharded"] = _error_of(
+        lambda: Subspace(make_model(), MAX_RANK, torch.float16, group).load_state_dict(unsharded.state_dict())
+    )
+    # TWA averaging the gradients itself (no DDP): a reduce-scatter per step
+    model = make_model()
+    opt = TWA(model, space, **HYPER)
+    out["log"] = list(log)
+    out["average_plain"] = opt.average_gradients
+    out["comm_plain"] = opt.comm_bytes_per_step
+    losses = train(model, opt, batches[:2], world, rank)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, root / f"twa_w{world}_r{rank}.pt")
+    x, y = batches[2]
+    share = BATCH // world
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x[rank * share : (rank + 1) * share]), y[rank * share : (rank + 1) * share])
+    loss.backward()
+    with _NoHostReads():
+        opt.step()
+    losses = torch.cat([losses, loss.detach().view(1), train(model, opt, batches[3:], world, rank)])
+    out["steps"] = opt.steps
+    out["params_plain"], out["alpha_plain"] = flat(model), opt.alpha.clone()
+    out["coefficients"] = opt.coefficients()
+
+    # resume from the state dicts saved after 2 steps: the same final weights, bit for bit
+    resumed = make_model()
+    ckpt = torch.load(root / f"twa_w{world}_r{rank}.pt", weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = TWA(resumed, space, **HYPER)
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, batches[2:], world, rank)
+    out["params_resumed"] = flat(resumed)
+
+    # under DDP: gradients arrive averaged; TWA notices the wrapper and only reads its shard
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = TWA(ddp, space, **HYPER)
+    out["average_ddp"], out["comm_ddp"] = opt.average_gradients, opt.comm_bytes_per_step
+    out["losses_ddp"] = train(ddp, opt, batches, world, rank)
+    out["params_ddp"] = flat(model)
+
+    # DDP with its parameters passed (no wrapper to see): the flag says so
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = TWA(ddp.parameters(), space, **HYPER, average_gradients=False)
+    train(ddp, opt, batches, world, rank)
+    out["params_ddp_flag"] = flat(model)
+
+    # start="current", averaging
+    model = make_model()
+    opt = TWA(model, space, **HYPER, start="current")
+    train(model, opt, batches, world, rank)
+    out["params_current"] = flat(model)
+
+    if world == 3:  # the world-2 run saved its files first
+        other = torch.load(root / f"space_w2_r{rank % 2}.pt", weights_only=True)
+        out["error_other_world"] = _error_of(
+            lambda: Subspace(make_model(), MAX_RANK, torch.float16, group).load_state_dict(other)
+        )
+        twa_other = torch.load(root / f"twa_w2_r{rank % 2}.pt", weights_only=True)["opt"]
+        model = make_model()
+        opt = TWA(model, space, **HYPER)
+        out["error_twa_other_world"] = _error_of(lambda: opt.load_state_dict(twa_other))
+
+    # the global mean loss per step, as a single process would see it
+    dist.all_reduce(losses)
+    out["losses_plain"] = losses / world
+    return out
+
+
+def _scenario_mismatch(world, rank, root):
+    group = dist.group.WORLD
+    out = {}
+    hidden = HIDDEN + rank  # rank 1 has a different D
+    out["D"] = _error_of(lambda: Subspace(make_model(hidden), MAX_RANK, torch.float16, group))
+    shapes = [(HIDDEN, IN), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
+    if rank == 1:
+        shapes[0] = (IN, HIDDEN)  # same D, transposed weight
+    params = [torch.zeros(s, requires_grad=True) for s in shapes]
+    out["shapes"] = _error_of(lambda: Subspace(params, MAX_RANK, torch.float16, group))
+    out["max_rank"] = _error_of(lambda: Subspace(params[1:], MAX_RANK + rank, torch.float16, group))
+    # and the group is still usable afterwards: nobody is left inside a collective
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out["after"] = float(t)
+    return out
+
+
+def _worker(rank, world, init_method, scenario, root):
+    root = Path(root)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=DEADLINE_S - 10),
+        )  # fmt: skip
+        out = {"main": _scenario_main, "mismatch": _scenario_mismatch}[scenario](world, rank, root)
+        torch.save(out, root / f"{scenario}_w{world}_r{rank}.pt")
+        dist.destroy_process_group()
+    except BaseException:
+        (root / f"{scenario}_w{world}_r{rank}.err").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+def spawn(world, scenario, root):
+    """Run ``scenario`` on ``world`` gloo processes; their outputs, or a failure with tracebacks."""
+    ctx = multiprocessing.get_context("spawn")
+    init = f"file://{root}/rendezvous_{scenario}_{world}"
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, init, scenario, str(root)), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
+    for p in procs:
+        p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    errors = [
+        (root / f"{scenario}_w{world}_r{r}.err").read_text()
+        for r in range(world)
+        if (root / f"{scenario}_w{world}_r{r}.err").exists()
+    ]
+    if hung or errors or any(p.exitcode != 0 for p in procs):
+        pytest.fail(f"ranks {hung} still running after {DEADLINE_S} s; errors:\n" + "\n".join(errors))
+    return [torch.load(root / f"{scenario}_w{world}_r{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    done = {}
+
+    def get(world):
+        if world not in done:
+            if world == 3:
+                get(2)  # the world-3 run loads the world-2 state dicts
+            done[world] = spawn(world, "main", root)
+        return done[world]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The same samples, batches and optimizers in this process, without a process group."""
+    samples, batches = make_samples(), make_batches()
+    space = Subspace(make_model(), MAX_RANK, torch.float16)
+    residuals = [space.add(s) for s in samples]
+    out = {"space": space, "residuals": residuals}
+    model = make_model()
+    opt = TWA(model, space, **HYPER)
+    out["losses"] = train(model, opt, batches)
+    out["params"], out["alpha"] = flat(model), opt.alpha.clone()
+    out["coefficients"] = opt.coefficients()
+    model = make_model()
+    train(model, TWA(model, space, **HYPER, start="current"), batches)
+    out["params_current"] = flat(model)
+    return out
+
+
+WORLDS = pytest.mark.parametrize("world", [2, 3])
+
+
+@WORLDS
+def test_sharded_subspace_matches_single_process(runs, single, world):
+    ranks, space = runs(world), single["space"]
+    for r in ranks:
+        assert (r["rank"], r["num_samples"]) == (space.rank, space.num_samples)
+        assert r["residuals"] == pytest.approx(single["residuals"], rel=REL)
+        assert rel_err(r["coords"], space.sample_coordinates()) < REL
+        assert rel_err(r["gram"], space.gram()) < REL
+        assert rel_err(r["scales"], space.scales[: space.rank]) < REL
+    # the shards, side by side, are the single-process basis, anchor and mean
+    basis, scales = space.columns
+    P = basis.double() * scales.double()[:, None]
+    P_sharded = torch.cat([r["basis"].double() * r["scales"].double()[:, None] for r in ranks], 1)
+    assert rel_err(P_sharded, P) < REL
+    assert torch.equal(torch.cat([r["anchor"] for r in ranks]), space.anchor)
+    assert rel_err(torch.cat([r["mean"] for r in ranks]), space.mean) < REL
+
+
+@WORLDS
+def test_each_rank_holds_one_shard_of_the_basis(runs, world):
+    ranks = runs(world)
+    S = math.ceil(D / world)
+    starts = [r["shard"][0] for r in ranks]
+    assert starts == [i * S for i in range(world)]
+    assert [r["shard"][1] for r in ranks] == starts[1:] + [D]
+    for r in ranks:
+        n = r["shard"][1] - r["shard"][0]
+        assert r["basis_shape"] == (MAX_RANK, n)
+        assert n <= S and r["anchor"].shape == r["mean"].shape == (n,)
+        # about 1/world of the whole basis
+        assert MAX_RANK * n <= MAX_RANK * D / world + MAX_RANK * (world - 1)
+
+
+@WORLDS
+def test_sharded_twa_matches_single_process(runs, single, world):
+    """TWA averaging the gradients itself (reduce-scatter), each rank on its share of a batch."""
+    ranks = runs(world)
+    for r in ranks:
+        assert r["average_plain"] is True
+        assert r["steps"] == STEPS
+        assert rel_err(r["params_plain"], single["params"]) < REL
+        assert rel_err(r["alpha_plain"], single["alpha"]) < REL
+        assert rel_err(r["losses_plain"], single["losses"]) < REL
+        assert rel_err(r["coefficients"], single["coefficients"]) < REL
+        assert rel_err(r["params_current"], single["params_current"]) < REL
+        # the replicated parameters are the same bits everywhere
+        assert torch.equal(r["params_plain"], ranks[0]["params_plain"])
+        assert torch.equal(r["alpha_plain"], ranks[0]["alpha_plain"])
+
+
+@WORLDS
+def test_sharded_twa_under_ddp_matches_single_process(runs, single, world):
+    """Gradients averaged by DDP: the wrapper is detected, or average_gradients=False says so."""
+    for r in runs(world):
+        assert r["average_ddp"] is False
+        assert rel_err(r["params_ddp"], single["params"]) < REL
+        assert rel_err(r["params_ddp_flag"], single["params"]) < REL
+        assert torch.equal(r["params_ddp_flag"], r["params_ddp"])
+
+
+@WORLDS
+def test_sharded_state_dicts_save_and_load(runs, world):
+    for r in runs(world):
+        assert r["loaded_equal"]
+        assert torch.equal(r["params_resumed"], r["params_plain"])
+        assert "no process group" in r["error_sharded_into_unsharded"]
+        assert f"sharded over {world} processes" in r["error_sharded_into_unsharded"]
+        assert "the whole subspace (no process group)" in r["error_unsharded_into_sharded"]
+
+
+def test_sharded_state_dicts_refuse_another_world_size(runs):
+    for r in runs(3):
+        for key in ("error_other_world", "error_twa_other_world"):
+            message = r[key]
+            assert message is not None, key
+            assert "sharded over 2 processes" in message and "sharded over 3 processes" in message
+            assert "same size" in message
+
+
+@WORLDS
+def test_comm_bytes_per_step(runs, world):
+    ranks = runs(world)
+    K, padded = N_SAMPLES, 4 * world * math.ceil(D / world)
+    for r in ranks:
+        assert r["comm_plain"] == {"gradients": padded, "coordinates": 4 * K, "weights": padded}
+        assert r["comm_ddp"] == {"gradients": 0, "coordinates": 4 * K, "weights": padded}
+    # the construction log line on rank 0 sets this against the published extra all-reduce
+    (line,) = [m for m in ranks[0]["log"] if "per step" in m]
+    assert f"sharded over {world} ranks" in line
+    assert "all-reduce 20 B of coordinates" in line
+    assert f"all-gather {padded / 1024:.1f} KiB of weights" in line
+    assert f"adds an all-reduce of {4 * D / 1024:.1f} KiB" in line
+    assert all(not r["log"] for r in ranks[1:])
+
+
+def test_comm_bytes_per_step_is_zero_without_a_process_group(single):
+    model = make_model()
+    opt = TWA(model, single["space"], lr=0.1)
+    assert opt.comm_bytes_per_step == {"gradients": 0, "coordinates": 0, "weights": 0}
+    assert opt.average_gradients is False
+    with pytest.raises(TypeError, match="average_gradients must be None or a bool"):
+        TWA(model, single["space"], lr=0.1, average_gradients="yes")
+
+
+def test_ranks_that_disagree_raise_together(tmp_path):
+    ranks = spawn(2, "mismatch", tmp_path)
+    for r in ranks:
+        assert "subspace's D (rank 0 has 259, rank 1 has 275)" in r["D"]
+        assert "parameter shapes and dtypes (rank 1 differs from rank 0)" in r["shapes"]
+        assert "max_rank (rank 0 has 6, rank 1 has 7)" in r["max_rank"]
+        assert r["after"] == 2.0
+
+
+def test_too_many_processes_for_D_is_refused():
+    from twa_kernels.distributed import shard_range
+
+    assert shard_range(259, 3, 2) == (174, 259)
+    with pytest.raises(ValueError, match="cannot be sharded over 4 processes"):
+        shard_range(5, 4, 0)
