@@ -1,6 +1,14 @@
-"""fp64 oracles of the twa:: ops, written from the math, independent of the package's code."""
+"""fp64 oracles of the twa:: ops, written from the math, independent of the package's code.
+
+The only value taken from the package is ROW_AMAX, the storage contract of the basis rows
+(orthogonalize_ stores each new row scaled so its largest entry is about ROW_AMAX). Every oracle
+works on the *stored* basis values upcast to fp64, so a kernel compared with one is allowed only
+its own accumulation error and final rounding, not the rounding of the basis itself.
+"""
 
 import torch
+
+from twa_kernels.reference import ROW_AMAX
 
 
 def columns(basis, scales):
@@ -23,3 +31,88 @@ def make_basis(K, D, dtype, generator=None):
     amax = (raw / norms).abs().amax(dim=1)
     basis = (raw / norms / amax[:, None]).to(dtype)
     return basis, amax.float()
+
+
+def random_basis(K, D, dtype, device, layout="contiguous"):
+    """Rows with entries ~ROW_AMAX (as stored rows are) and fp32 scales, in a chosen layout.
+
+    - "contiguous": [K, D];
+    - "aligned-slice": columns [3, 3 + D) of a [K, ld] tensor with ld a multiple of 16 elements,
+      so every row starts 3 elements past a 16-byte boundary (vector loads after a head);
+    - "odd-slice": columns [1, 1 + D) of a [K, ld] tensor with ld = 1 (mod 8): the rows do not
+      share an alignment phase (scalar loads only);
+    - an int ``wide`` > 0: columns [wide // 2, wide // 2 + D) of a [K, D + wide] tensor, i.e.
+      rows strided by D + wide.
+    """
+    if layout == "contiguous":
+        offset, ld = 0, D
+    elif layout == "aligned-slice":
+        offset, ld = 3, 16 * ((D + 3 + 15) // 16)
+    elif layout == "odd-slice":
+        offset, ld = 1, 8 * ((D + 1 + 7) // 8) + 1
+    elif isinstance(layout, int) and not isinstance(layout, bool) and layout > 0:
+        offset, ld = layout // 2, D + layout
+    else:
+        raise ValueError(f"unknown basis layout {layout!r}")
+    full = (torch.randn(K, ld, device=device) * ROW_AMAX / 4).to(dtype)
+    basis = full[:, offset : offset + D]
+    scales = torch.rand(K, device=device) / ROW_AMAX + 1e-5
+    return basis, scales
+
+
+def orthonormal_basis(K, D, rank, dtype, device):
+    """Rows [0, rank) orthonormal (fp64 QR), stored like orthogonalize_ stores rows."""
+    basis = torch.zeros(K, D, dtype=dtype, device=device)
+    scales = torch.zeros(K, device=device)
+    if rank:
+        Q = torch.linalg.qr(torch.randn(D, rank, dtype=torch.float64, device=device)).Q.T
+        amax = Q.abs().amax(dim=1)
+        basis[:rank] = (Q * (ROW_AMAX / amax)[:, None]).float().to(dtype)
+        scales[:rank] = (amax / ROW_AMAX).float()
+    return basis, scales
+
+
+def assert_within(actual, expected, scale, tol, what):
+    """|actual - expected| <= atol + rtol * scale elementwise (scale: sum of |terms|)."""
+    atol, rtol = tol
+    err = (actual.double() - expected).abs()
+    bound = atol + rtol * scale
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{what}: error {err.max().item():.3g} is {worst:.3g} x the bound"
+
+
+def sgd_oracle(state, c, gram, pw0, lr, momentum, dampening, weight_decay, nesterov):
+    """torch.optim.SGD's update on the coordinates, fp64, with the skip of non-finite steps.
+
+    ``state`` is (alpha, buf, taken, skipped); the same tuple after the step is returned.
+    """
+    alpha, buf, taken, skipped = state
+    if not torch.isfinite(c).all():
+        return alpha, buf, taken, skipped + 1
+    d = c.double()
+    if weight_decay != 0:
+        d = d + weight_decay * (pw0.double() + gram.double() @ alpha)
+    if momentum != 0:
+        buf = d.clone() if taken == 0 else momentum * buf + (1 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+    return alpha - lr * d, buf, taken + 1, skipped
+
+
+def cgs2_oracle(basis, scales, v, rank):
+    """CGS2 in fp64 on the stored rows, with the formulas of the op's contract.
+
+    Returns ([h; ||u||; ||v||], the row orthogonalize_ stores at ``rank``, its scale).
+    """
+    P = columns(basis[:rank], scales[:rank])
+    v = v.double()
+    c1 = P @ v
+    v1 = v - P.T @ c1
+    c2 = P @ v1
+    h = c1 + c2
+    norm = (v1 @ v1 - c2 @ c2).clamp_min(0).sqrt()
+    amax = v1.abs().max()
+    u = v - P.T @ h
+    limit = torch.finfo(basis.dtype).max
+    row = (u * (ROW_AMAX / amax)).clamp(-limit, limit).float().to(basis.dtype)
+    scale = (amax / (ROW_AMAX * norm)).float()
+    return torch.cat([h, norm.view(1), v.norm().view(1)]), row, scale

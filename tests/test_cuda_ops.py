@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (backend="cuda") against fp64 oracles written here, at awkward sizes.
+"""The CUDA C++ kernels (backend="cuda") against the fp64 oracles of oracle.py, at awkward sizes.
 
 These need a CUDA device and skip without one (the kernels' index arithmetic is tested on the
 CPU by csrc/tests/host_test.cu, run by .ci/check_cuda.sh). The oracles work on the *stored*
@@ -15,9 +15,9 @@ loads after a masked head) and without one (the scalar path).
 import pytest
 import torch
 from conftest import DEVICES, STORAGE_DTYPES, TOL
+from oracle import assert_within, cgs2_oracle, columns, orthonormal_basis, random_basis, sgd_oracle
 
 from twa_kernels import _backend, _cuda, _ops
-from twa_kernels.reference import ROW_AMAX
 
 HAS_GPU = torch.cuda.is_available() and "cuda" in DEVICES
 needs_gpu = pytest.mark.skipif(
@@ -36,41 +36,6 @@ def cuda():
         pytest.skip("the CUDA kernels need a CUDA device")
     _cuda.load()
     return torch.device("cuda")
-
-
-def stored_p(basis, scales):
-    """The columns of P as the kernels see them: fp64 [K, D], row i = scales[i] * basis[i]."""
-    return basis.double() * scales.double()[:, None]
-
-
-def random_basis(K, D, dtype, device, layout="contiguous"):
-    """Rows with entries ~ROW_AMAX (as stored rows are) and fp32 scales, in one of three layouts.
-
-    - contiguous: [K, D];
-    - aligned-slice: columns [3, 3 + D) of a [K, ld] tensor with ld a multiple of 16 elements,
-      so every row starts 3 elements past a 16-byte boundary (vector loads after a head);
-    - odd-slice: columns [1, 1 + D) of a [K, ld] tensor with ld = 1 (mod 8): the rows do not
-      share an alignment phase (scalar loads only).
-    """
-    if layout == "contiguous":
-        offset, ld = 0, D
-    elif layout == "aligned-slice":
-        offset, ld = 3, 16 * ((D + 3 + 15) // 16)
-    else:
-        offset, ld = 1, 8 * ((D + 1 + 7) // 8) + 1
-    full = (torch.randn(K, ld, device=device) * ROW_AMAX / 4).to(dtype)
-    basis = full[:, offset : offset + D]
-    scales = torch.rand(K, device=device) / ROW_AMAX + 1e-5
-    return basis, scales
-
-
-def assert_within(actual, expected, scale, tol, what):
-    """|actual - expected| <= atol + rtol * scale elementwise (scale: sum of |terms|)."""
-    atol, rtol = tol
-    err = (actual.double() - expected).abs()
-    bound = atol + rtol * scale
-    worst = (err / bound).max().item() if err.numel() else 0.0
-    assert worst <= 1.0, f"{what}: error {err.max().item():.3g} is {worst:.3g} x the bound"
 
 
 def triton_ok():
@@ -128,7 +93,7 @@ def test_project_matches_fp64_oracle(cuda, dtype, x_dtype, batch, K, D):
     x = torch.randn(shape, device=cuda).to(x_dtype)
     c = _ops.project(basis, scales, x, "cuda")
     assert c.dtype == torch.float32 and c.shape == (*shape[:-1], K)
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     # Exact inputs in fp64: only fp32 accumulation and the scale product round, so the fp32
     # tolerance applies whatever the storage dtype, relative to sum_d |P_id x_d|.
     assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
@@ -144,7 +109,7 @@ def test_project_column_slices(cuda, dtype, batch, K, D, layout):
     assert basis.stride(1) == 1 and (K == 1 or basis.stride(0) > D)
     x = torch.randn((D,) if batch is None else (batch, D), device=cuda)
     c = _ops.project(basis, scales, x, "cuda")
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], layout)
 
 
@@ -156,7 +121,7 @@ def test_project_batch_sizes(cuda, B):
     x = torch.randn(B, D, device=cuda)
     c = _ops.project(basis, scales, x, "cuda")
     assert c.shape == (B, K)
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], "batch")
 
 
@@ -176,7 +141,7 @@ def test_project_agrees_with_other_backends(cuda, dtype):
     basis, scales = random_basis(19, 100_003, dtype, cuda, "aligned-slice")
     x = torch.randn(3, 100_003, device=cuda)
     c = _ops.project(basis, scales, x, "cuda")
-    scale = x.double().abs() @ stored_p(basis, scales).abs().T
+    scale = x.double().abs() @ columns(basis, scales).abs().T
     backends = ["torch"] + (["triton"] if triton_ok() else [])
     for other in backends:
         ref = _ops.project(basis, scales, x, other).double()
@@ -200,7 +165,7 @@ def test_reconstruct_matches_fp64_oracle(cuda, dtype, out_dtype, K, D, layout):
     alpha = torch.randn(K, device=cuda)
     out = torch.full((D,), float("nan"), dtype=out_dtype, device=cuda)
     _ops.reconstruct_(out, w0, basis, scales, alpha, "cuda")
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     ref = w0.double() + P.T @ alpha.double()
     scale = w0.double().abs() + P.abs().T @ alpha.double().abs()
     # fp32 arithmetic, then one rounding to out's dtype.
@@ -241,7 +206,7 @@ def test_reconstruct_deterministic_and_agrees(cuda):
     _ops.reconstruct_(a, w0, basis, scales, alpha, "cuda")
     _ops.reconstruct_(b, w0, basis, scales, alpha, "cuda")
     assert torch.equal(a, b)
-    scale = w0.double().abs() + stored_p(basis, scales).abs().T @ alpha.double().abs()
+    scale = w0.double().abs() + columns(basis, scales).abs().T @ alpha.double().abs()
     atol, rtol = TOL[torch.float32]
     for other in ["torch"] + (["triton"] if triton_ok() else []):
         ref = torch.empty(D, device=cuda)
@@ -251,20 +216,6 @@ def test_reconstruct_deterministic_and_agrees(cuda):
 
 # ------------------------------------------------------------------------------------------
 # subspace_step_
-
-
-def sgd_oracle(state, c, gram, pw0, lr, momentum, dampening, weight_decay, nesterov):
-    """torch.optim.SGD's update on the coordinates, fp64, with the skip of non-finite steps."""
-    alpha, buf, taken, skipped = state
-    if not torch.isfinite(c).all():
-        return alpha, buf, taken, skipped + 1
-    d = c.double()
-    if weight_decay != 0:
-        d = d + weight_decay * (pw0.double() + gram.double() @ alpha)
-    if momentum != 0:
-        buf = d.clone() if taken == 0 else momentum * buf + (1 - dampening) * d
-        d = d + momentum * buf if nesterov else buf
-    return alpha - lr * d, buf, taken + 1, skipped
 
 
 HYPER = [
@@ -344,35 +295,6 @@ def test_subspace_step_deterministic_and_agrees(cuda, hyper):
 # orthogonalize_
 
 
-def orthonormal_basis(K, D, rank, dtype, device):
-    """Rows [0, rank) orthonormal (fp64 QR), stored like orthogonalize_ stores rows."""
-    basis = torch.zeros(K, D, dtype=dtype, device=device)
-    scales = torch.zeros(K, device=device)
-    if rank:
-        Q = torch.linalg.qr(torch.randn(D, rank, dtype=torch.float64, device=device)).Q.T
-        amax = Q.abs().amax(dim=1)
-        basis[:rank] = (Q * (ROW_AMAX / amax)[:, None]).float().to(dtype)
-        scales[:rank] = (amax / ROW_AMAX).float()
-    return basis, scales
-
-
-def cgs2_oracle(basis, scales, v, rank):
-    """CGS2 in fp64 on the stored rows, with the formulas of the op's contract."""
-    P = stored_p(basis[:rank], scales[:rank])
-    v = v.double()
-    c1 = P @ v
-    v1 = v - P.T @ c1
-    c2 = P @ v1
-    h = c1 + c2
-    norm = (v1 @ v1 - c2 @ c2).clamp_min(0).sqrt()
-    amax = v1.abs().max()
-    u = v - P.T @ h
-    limit = torch.finfo(basis.dtype).max
-    row = (u * (ROW_AMAX / amax)).clamp(-limit, limit).float().to(basis.dtype)
-    scale = (amax / (ROW_AMAX * norm)).float()
-    return torch.cat([h, norm.view(1), v.norm().view(1)]), row, scale
-
-
 # (K, D, rank): D = 1 with rank 0; K = 1 stored from rank 0; prime D (scalar loads for 2-byte
 # rows); rank = K (nothing stored); D = 4096 (vector loads); rank 301 (two coefficient chunks
 # of 256); D = 1_000_003 and 100_000 (hundreds of column tiles, many partials).
@@ -429,10 +351,10 @@ def test_orthogonalize_invariants(cuda, dtype):
     samples = [anchor + 0.1 * torch.randn(D, device=cuda) for _ in range(K)]
     for rank, s in enumerate(samples):
         out = _ops.orthogonalize_(basis, scales, s, rank, "cuda")
-        P = stored_p(basis[: rank + 1], scales[: rank + 1])
+        P = columns(basis[: rank + 1], scales[: rank + 1])
         err = (P.T @ out[: rank + 1] - s.double()).norm() / s.double().norm()
         assert err < ORTHO_TOL[dtype], f"rank {rank}: sample reproduced to {err:.3g}"
-    G = stored_p(basis, scales) @ stored_p(basis, scales).T
+    G = columns(basis, scales) @ columns(basis, scales).T
     dev = (G - torch.eye(K, dtype=torch.float64, device=cuda)).abs().max()
     assert dev < ORTHO_TOL[dtype], f"max|P^T P - I| = {dev:.3g}"
 

@@ -1,4 +1,4 @@
-"""The Triton kernels of the twa:: ops against fp64 oracles written here, at awkward sizes.
+"""The Triton kernels of the twa:: ops against the fp64 oracles of oracle.py, at awkward sizes.
 
 On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter
 (conftest sets TRITON_INTERPRET=1 before twa_kernels is imported); with a GPU the same tests
@@ -15,8 +15,16 @@ from conftest import DEVICES, STORAGE_DTYPES, TOL
 
 pytest.importorskip("triton")
 
+from oracle import (  # noqa: E402
+    assert_within,
+    cgs2_oracle,
+    columns,
+    orthonormal_basis,
+    random_basis,
+    sgd_oracle,
+)
+
 from twa_kernels import _ops, ops  # noqa: E402
-from twa_kernels.reference import ROW_AMAX  # noqa: E402
 
 # The interpreter (triton 3.6 + numpy 2.3) converts 1-element arrays to loop bounds.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -35,31 +43,6 @@ def device(request):
     return torch.device(request.param)
 
 
-def stored_p(basis, scales):
-    """The columns of P as the kernels see them: fp64 [K, D], row i = scales[i] * basis[i]."""
-    return basis.double() * scales.double()[:, None]
-
-
-def random_basis(K, D, dtype, device, wide=0):
-    """A basis with entries of magnitude ~ROW_AMAX (as stored rows are) and fp32 scales.
-
-    ``wide > 0`` returns a column slice of a wider tensor: rows strided by D + wide.
-    """
-    full = (torch.randn(K, D + wide, device=device) * ROW_AMAX / 4).to(dtype)
-    basis = full[:, wide // 2 : wide // 2 + D] if wide else full
-    scales = torch.rand(K, device=device) / ROW_AMAX + 1e-5
-    return basis, scales
-
-
-def assert_within(actual, expected, scale, tol, what):
-    """|actual - expected| <= atol + rtol * scale elementwise (scale: sum of |terms|)."""
-    atol, rtol = tol
-    err = (actual.double() - expected).abs()
-    bound = atol + rtol * scale
-    worst = (err / bound).max().item() if err.numel() else 0.0
-    assert worst <= 1.0, f"{what}: error {err.max().item():.3g} is {worst:.3g} x the bound"
-
-
 # ------------------------------------------------------------------------------------------
 # project
 
@@ -74,7 +57,7 @@ def test_project_matches_fp64_oracle(device, dtype, x_dtype, batch, K, D):
     x = torch.randn(shape, device=device).to(x_dtype)
     c = _ops.project(basis, scales, x, "triton")
     assert c.dtype == torch.float32 and c.shape == (*shape[:-1], K)
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     ref = x.double() @ P.T
     # The inputs are exact in fp64; only fp32 accumulation and the scale product round, so the
     # fp32 tolerance applies whatever the storage dtype, relative to sum_d |P_id x_d|.
@@ -84,11 +67,11 @@ def test_project_matches_fp64_oracle(device, dtype, x_dtype, batch, K, D):
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_project_strided_rows_and_batch_above_16(device, dtype):
     K, D = 5, 300
-    basis, scales = random_basis(K, D, dtype, device, wide=17)
+    basis, scales = random_basis(K, D, dtype, device, layout=17)
     assert basis.stride(0) == D + 17
     x = torch.randn(17, D, device=device)
     c = _ops.project(basis, scales, x, "triton")
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
 
 
@@ -114,7 +97,7 @@ def test_reconstruct_matches_fp64_oracle(device, dtype, out_dtype, K, D):
     alpha = torch.randn(K, device=device)
     out = torch.full((D,), float("nan"), dtype=out_dtype, device=device)
     _ops.reconstruct_(out, w0, basis, scales, alpha, "triton")
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     ref = w0.double() + P.T @ alpha.double()
     scale = w0.double().abs() + P.abs().T @ alpha.double().abs()
     # fp32 arithmetic, then one rounding to out's dtype: the fp32 tolerance for fp32/fp64 out,
@@ -141,12 +124,12 @@ def test_reconstruct_rounds_to_nearest_even(device, out_dtype):
 
 def test_reconstruct_strided_rows(device):
     K, D = 4, 777
-    basis, scales = random_basis(K, D, torch.bfloat16, device, wide=9)
+    basis, scales = random_basis(K, D, torch.bfloat16, device, layout=9)
     w0 = torch.randn(D, device=device)
     alpha = torch.randn(K, device=device)
     out = torch.empty(D, device=device)
     _ops.reconstruct_(out, w0, basis, scales, alpha, "triton")
-    P = stored_p(basis, scales)
+    P = columns(basis, scales)
     scale = w0.double().abs() + P.abs().T @ alpha.double().abs()
     assert_within(out, w0.double() + P.T @ alpha.double(), scale, TOL[torch.float32], "w")
 
@@ -162,20 +145,6 @@ def test_reconstruct_deterministic(device):
 
 # ------------------------------------------------------------------------------------------
 # subspace_step_
-
-
-def sgd_oracle(state, c, gram, pw0, lr, momentum, dampening, weight_decay, nesterov):
-    """torch.optim.SGD's update on the coordinates, fp64, with the skip of non-finite steps."""
-    alpha, buf, taken, skipped = state
-    if not torch.isfinite(c).all():
-        return alpha, buf, taken, skipped + 1
-    d = c.double()
-    if weight_decay != 0:
-        d = d + weight_decay * (pw0.double() + gram.double() @ alpha)
-    if momentum != 0:
-        buf = d.clone() if taken == 0 else momentum * buf + (1 - dampening) * d
-        d = d + momentum * buf if nesterov else buf
-    return alpha - lr * d, buf, taken + 1, skipped
 
 
 HYPER = [
@@ -243,35 +212,6 @@ def test_subspace_step_deterministic(device):
 # orthogonalize_
 
 
-def orthonormal_basis(K, D, rank, dtype, device):
-    """Rows [0, rank) orthonormal (fp64 QR), stored like orthogonalize_ stores rows."""
-    basis = torch.zeros(K, D, dtype=dtype, device=device)
-    scales = torch.zeros(K, device=device)
-    if rank:
-        Q = torch.linalg.qr(torch.randn(D, rank, dtype=torch.float64, device=device)).Q.T
-        amax = Q.abs().amax(dim=1)
-        basis[:rank] = (Q * (ROW_AMAX / amax)[:, None]).float().to(dtype)
-        scales[:rank] = (amax / ROW_AMAX).float()
-    return basis, scales
-
-
-def cgs2_oracle(basis, scales, v, rank):
-    """CGS2 in fp64 on the stored rows, with the formulas of the op's contract."""
-    P = stored_p(basis[:rank], scales[:rank])
-    v = v.double()
-    c1 = P @ v
-    v1 = v - P.T @ c1
-    c2 = P @ v1
-    h = c1 + c2
-    norm = (v1 @ v1 - c2 @ c2).clamp_min(0).sqrt()
-    amax = v1.abs().max()
-    u = v - P.T @ h
-    limit = torch.finfo(basis.dtype).max
-    row = (u * (ROW_AMAX / amax)).clamp(-limit, limit).float().to(basis.dtype)
-    scale = (amax / (ROW_AMAX * norm)).float()
-    return torch.cat([h, norm.view(1), v.norm().view(1)]), row, scale
-
-
 # (K, D, rank): D = 1 with rank 0; k = 1; k = 3 over a prime D spanning four chunks; rank = K
 # (nothing stored); k = 301 with D kept small (10 K tiles of 32 in pass 2).
 ORTHO_SHAPES = [(1, 1, 0), (2, 37, 1), (4, 1009, 3), (3, 1000, 3), (302, 400, 301)]
@@ -316,12 +256,12 @@ def test_orthogonalize_invariants(device, dtype):
     samples = [anchor + 0.1 * torch.randn(D, device=device) for _ in range(K)]
     for rank, s in enumerate(samples):
         out = _ops.orthogonalize_(basis, scales, s, rank, "triton")
-        P = stored_p(basis[: rank + 1], scales[: rank + 1])
+        P = columns(basis[: rank + 1], scales[: rank + 1])
         # Span kept: the sample is P [h; ||u||] up to the storage rounding of P.
         recon = P.T @ out[: rank + 1]
         err = (recon - s.double()).norm() / s.double().norm()
         assert err < ORTHO_TOL[dtype], f"rank {rank}: sample reproduced to {err:.3g}"
-    G = stored_p(basis, scales) @ stored_p(basis, scales).T
+    G = columns(basis, scales) @ columns(basis, scales).T
     dev = (G - torch.eye(K, dtype=torch.float64, device=device)).abs().max()
     assert dev < ORTHO_TOL[dtype], f"max|P^T P - I| = {dev:.3g}"
 
