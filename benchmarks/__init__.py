@@ -1,0 +1,1 @@
+"""Speed benchmarks of the twa:: ops and the TWA step (pytest-benchmark); see README.md."""

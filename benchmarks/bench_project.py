@@ -1,0 +1,76 @@
+"""``project``: c = P^T x for x [D] and a batch [B, D]; floor 2KD + 4BD bytes (fp16 basis)."""
+
+from __future__ import annotations
+
+import torch
+
+from twa_kernels import ops
+
+from .harness import (
+    PROVIDERS,
+    basis_dtype,
+    parametrize_cases,
+    record,
+    run,
+    skip_unless_backend,
+    skip_unless_fits,
+)
+from .shapes import Shape, drop_dense_basis, make_inputs, project_bytes
+
+
+def pytest_generate_tests(metafunc):
+    parametrize_cases(metafunc, PROVIDERS, batched=True)
+
+
+def naive_project(P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A user's projection with a dense fp32 P [K, D]."""
+    return torch.mv(P, x) if x.dim() == 1 else x @ P.T
+
+
+def fp16_upcast_project(basis, scales, x):
+    """A user's projection with an fp16 basis: upcast it whole on every call (4KD more bytes)."""
+    P = basis.float()
+    return (torch.mv(P, x) if x.dim() == 1 else x @ P.T) * scales
+
+
+def make_call(provider: str, inp: dict):
+    basis, scales, x = inp["basis"], inp["scales"], inp["x"]
+    if provider == "naive-fp32":
+        return lambda: naive_project(basis, x)
+    if provider == "naive-fp16-upcast":
+        return lambda: fp16_upcast_project(basis, scales, x)
+    return lambda: ops.project(basis, scales, x, backend=provider)
+
+
+def check_close(result: torch.Tensor, expected: torch.Tensor) -> None:
+    # Same P, fp32 accumulation in another order: within the tests' fp16 rtol (1e-3).
+    err = (result - expected).norm() / expected.norm()
+    assert err < 1e-3, f"relative error {err:.2e}"
+
+
+def test_project(benchmark, device, copy_bw, shape: Shape, provider: str):
+    dtype = basis_dtype(provider)
+    skip_unless_backend("project", provider, device)
+    # The fp16 basis, plus the fp32 one derived from it or the upcast, plus x and the result.
+    need = 2 * shape.K * shape.D + 8 * shape.B * shape.D
+    if provider in ("naive-fp32", "naive-fp16-upcast"):
+        need += 4 * shape.K * shape.D
+    skip_unless_fits(need, device, f"{provider} at {shape.id}")
+    if dtype != torch.float32:
+        drop_dense_basis()
+    benchmark.group = f"project {shape.id}"
+    inp = make_inputs(shape, dtype, device)
+    call = make_call(provider, inp)
+    run(benchmark, call, device)
+    record(
+        benchmark,
+        op="project",
+        provider=provider,
+        shape=shape,
+        copy_bw=copy_bw,
+        nbytes=project_bytes(shape, dtype),
+        floor_bytes=project_bytes(shape, torch.float16),
+    )
+    if provider != "torch":
+        ref = make_inputs(shape, torch.float16, device)
+        check_close(call(), ops.project(ref["basis"], ref["scales"], ref["x"], backend="torch"))

@@ -1,0 +1,62 @@
+"""``reconstruct_``: w = w0 + P alpha into an fp32 w; floor 2KD + 8D bytes (fp16 basis)."""
+
+from __future__ import annotations
+
+import torch
+
+from twa_kernels import ops
+
+from .harness import (
+    PROVIDERS,
+    basis_dtype,
+    parametrize_cases,
+    record,
+    run,
+    skip_unless_backend,
+    skip_unless_fits,
+)
+from .shapes import Shape, drop_dense_basis, make_inputs, reconstruct_bytes
+
+
+def pytest_generate_tests(metafunc):
+    parametrize_cases(metafunc, PROVIDERS)
+
+
+def make_call(provider: str, inp: dict):
+    basis, scales, w0, alpha, out = (inp[k] for k in ("basis", "scales", "w0", "alpha", "out"))
+    if provider == "naive-fp32":
+        # A user's reconstruction with a dense fp32 P [K, D], written into the weights' buffer.
+        return lambda: torch.addmv(w0, basis.T, alpha, out=out)
+    if provider == "naive-fp16-upcast":
+        return lambda: torch.addmv(w0, basis.float().T, alpha * scales, out=out)
+    return lambda: ops.reconstruct_(out, w0, basis, scales, alpha, backend=provider)
+
+
+def test_reconstruct(benchmark, device, copy_bw, shape: Shape, provider: str):
+    dtype = basis_dtype(provider)
+    skip_unless_backend("reconstruct_", provider, device)
+    need = 2 * shape.K * shape.D + 12 * shape.D
+    if provider in ("naive-fp32", "naive-fp16-upcast"):
+        need += 4 * shape.K * shape.D
+    skip_unless_fits(need, device, f"{provider} at {shape.id}")
+    if dtype != torch.float32:
+        drop_dense_basis()
+    benchmark.group = f"reconstruct {shape.id}"
+    inp = make_inputs(shape, dtype, device)
+    call = make_call(provider, inp)
+    run(benchmark, call, device)
+    record(
+        benchmark,
+        op="reconstruct",
+        provider=provider,
+        shape=shape,
+        copy_bw=copy_bw,
+        nbytes=reconstruct_bytes(shape, dtype),
+        floor_bytes=reconstruct_bytes(shape, torch.float16),
+    )
+    if provider != "torch":
+        got = inp["out"].clone()
+        ref = make_inputs(shape, torch.float16, device)
+        ops.reconstruct_(ref["out"], ref["w0"], ref["basis"], ref["scales"], ref["alpha"], backend="torch")
+        err = ((got - ref["out"]).norm() / ref["out"].norm()).item()
+        assert err < 1e-5, f"relative error {err:.2e}"

@@ -1,0 +1,287 @@
+"""Timing, skipping and the numbers every benchmark records.
+
+Providers, in the order each shape runs them:
+
+- ``naive-fp32``: what a user writes in plain PyTorch: an fp32 basis and ``torch.mv``/``mm``.
+- ``naive-fp16-upcast``: an fp16 basis upcast whole to fp32 on every call, then the same.
+- ``torch``, ``triton``, ``cuda``: the ``twa::`` ops with that ``backend`` and an fp16 basis.
+
+Benchmarks never run Triton's interpreter: ``triton`` and ``cuda`` need a CUDA device and skip
+with the reason otherwise, and also when their implementation of the op is missing or fails on a
+tiny input (the reason names the error).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from twa_kernels import ops
+
+from .shapes import Shape, bench_device, shapes
+
+NAIVE = ("naive-fp32", "naive-fp16-upcast")
+BACKEND_PROVIDERS = ("torch", "triton", "cuda")
+PROVIDERS = NAIVE + BACKEND_PROVIDERS
+
+# Seconds of timed work per benchmark. On the GPU each round runs the op enough times to last
+# >= 1 ms: the one host synchronisation per round, and the idle gap after it, are spread over
+# that much GPU work, and the launches between syncs overlap the GPU work as in training.
+CUDA_TIME_BUDGET_S = 0.25
+CUDA_ROUND_S = 1e-3
+CPU_TIME_BUDGET_S = 0.3
+MIN_ROUNDS = 3
+MAX_ROUNDS = 200
+# A fit check leaves this fraction of the card for the allocator, the CUDA context and workspaces.
+MEMORY_HEADROOM = 0.9
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parametrize_cases(metafunc, providers, batched: bool = False) -> None:
+    """Parametrize ``shape`` x ``provider``, shape-major so that one basis serves a shape.
+
+    ``--benchmark-disable`` (the suite run once as tests) gets the tiny smoke shapes.
+    """
+    if "shape" not in metafunc.fixturenames:
+        return
+    smoke = bool(metafunc.config.getoption("benchmark_disable", False))
+    if "provider" not in metafunc.fixturenames:
+        metafunc.parametrize("shape", shapes(batched, smoke), ids=lambda s: s.id)
+        return
+    cases = [(s, p) for s in shapes(batched, smoke) for p in providers]
+    ids = [f"{s.id}-{p}" for s, p in cases]
+    metafunc.parametrize("shape, provider", cases, ids=ids)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def basis_dtype(provider: str) -> torch.dtype:
+    return torch.float32 if provider == "naive-fp32" else torch.float16
+
+
+def skip_unless_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Skip when ``nbytes`` of device memory cannot be allocated on this card."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if nbytes > MEMORY_HEADROOM * total:
+        pytest.skip(f"{what} needs {nbytes / 1e9:.0f} GB, the card has {total / 1e9:.0f} GB")
+
+
+@functools.cache
+def _backend_error(op: str, backend: str, device_type: str) -> str | None:
+    """None when ``backend`` runs ``op`` on a tiny input on ``device_type``, else the reason."""
+    if device_type != "cuda":
+        if backend == "triton":
+            return "backend='triton' needs a CUDA device; benchmarks never use Triton's interpreter"
+        return f"backend={backend!r} needs a CUDA device"
+    dev = torch.device(device_type)
+    basis = torch.randn(4, 1000, device=dev).half()
+    scales = torch.ones(4, device=dev)
+    try:
+        if op == "project":
+            ops.project(basis, scales, torch.randn(1000, device=dev), backend=backend)
+        elif op == "reconstruct_":
+            out = torch.empty(1000, device=dev)
+            w0 = torch.zeros(1000, device=dev)
+            ops.reconstruct_(out, w0, basis, scales, torch.ones(4, device=dev), backend=backend)
+        elif op == "orthogonalize_":
+            ops.orthogonalize_(basis, scales, torch.randn(1000, device=dev), 3, backend=backend)
+        elif op == "twa_step":
+            from twa_kernels import _backend
+
+            if backend == "triton":
+                from twa_kernels._triton.step import fused_twa_step  # noqa: F401
+            for name in ("project", "reconstruct_", "subspace_step_"):
+                _backend.implementation(name, backend)
+        else:
+            raise ValueError(op)
+        torch.cuda.synchronize(dev)
+    except Exception as exc:  # any failure means: this backend cannot be benchmarked here
+        return f"backend={backend!r} cannot run {op}: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def skip_unless_backend(op: str, provider: str, device: torch.device) -> None:
+    if provider in BACKEND_PROVIDERS and provider != "torch":
+        reason = _backend_error(op, provider, device.type)
+        if reason:
+            pytest.skip(reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def _flush_l2(device: torch.device):
+    """A setup that evicts the GPU's L2 (50 MB on H100/H200) so no round starts warm."""
+    if device.type != "cuda":
+        return None
+    scratch = torch.empty(256 << 20, dtype=torch.int8, device=device)
+
+    def setup():
+        scratch.zero_()
+        torch.cuda.synchronize(device)
+
+    return setup
+
+
+def run(benchmark, fn, device: torch.device, min_rounds: int = MIN_ROUNDS):
+    """Time ``fn`` with ``benchmark.pedantic``; GPU work is complete when each round ends.
+
+    On the GPU one call of ``fn`` is timed first; a round then runs ``fn`` ``n`` times with one
+    synchronisation at its end (``n`` such that a round lasts >= CUDA_ROUND_S), and the stats are
+    per call. With ``n == 1`` each round starts from a flushed L2 instead.
+    """
+    synchronize(device)
+    if benchmark.disabled:  # one plain call: --benchmark-disable runs the suite as tests
+
+        def once():
+            fn()
+            synchronize(device)
+
+        benchmark.pedantic(once, rounds=1)
+        return
+    fn()  # compile, autotune, allocate: none of it is timed
+    synchronize(device)
+    if device.type == "cuda":
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        fn()
+        t1.record()
+        t1.synchronize()
+        once = t0.elapsed_time(t1) / 1e3
+        n = max(1, math.ceil(CUDA_ROUND_S / max(once, 1e-7)))
+        rounds = _rounds(CUDA_TIME_BUDGET_S, once * n, min_rounds)
+    else:
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        n = 1
+        rounds = _rounds(CPU_TIME_BUDGET_S, once, min_rounds)
+
+    if n == 1:
+
+        def target():
+            fn()
+            synchronize(device)
+
+        benchmark.pedantic(target, setup=_flush_l2(device), rounds=rounds, warmup_rounds=1)
+    else:
+        calls = [0]
+
+        def target():
+            fn()
+            calls[0] += 1
+            if calls[0] % n == 0:
+                torch.cuda.synchronize(device)
+
+        benchmark.pedantic(target, rounds=rounds, iterations=n, warmup_rounds=1)
+    synchronize(device)
+    benchmark.extra_info["calls_per_round"] = n
+
+
+def _rounds(budget: float, per_round: float, min_rounds: int) -> int:
+    return int(min(MAX_ROUNDS, max(min_rounds, budget // max(per_round, 1e-9))))
+
+
+def record(
+    benchmark,
+    *,
+    op: str,
+    provider: str,
+    shape: Shape,
+    nbytes: int,
+    copy_bw: float,
+    floor_bytes: int | None = None,
+    **extra,
+) -> None:
+    """Put the shape, bytes moved, GB/s and % of the measured copy bandwidth in extra_info.
+
+    ``nbytes``: the least this provider's storage must move (its floor); ``floor_bytes``: the
+    floor of the package's own layout (fp16 basis), against which ``x_floor`` is measured.
+    """
+    info = benchmark.extra_info
+    info.update(op=op, provider=provider, model=shape.model, D=shape.D, K=shape.K, B=shape.B)
+    floor = floor_bytes if floor_bytes is not None else nbytes
+    info.update(bytes_moved=nbytes, floor_bytes=floor, copy_gbps=round(copy_bw / 1e9, 2), **extra)
+    info.update(machine_summary())
+    stats = getattr(benchmark, "stats", None)
+    if benchmark.disabled or stats is None:
+        return
+    seconds = stats.stats.median
+    info["gbps"] = round(nbytes / seconds / 1e9, 3)
+    info["pct_copy_bw"] = round(100 * nbytes / seconds / copy_bw, 2)
+    info["x_floor"] = round(seconds / (floor / copy_bw), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the run was made on
+
+
+def device_name(device: torch.device | None = None) -> str:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    """``TWA_GIT_COMMIT`` when set, else HEAD (``+dirty`` when tracked files changed)."""
+    if os.environ.get("TWA_GIT_COMMIT"):
+        return os.environ["TWA_GIT_COMMIT"]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@functools.cache
+def machine_summary() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    device = bench_device()
+    return {
+        "card": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "triton": triton_version,
+        "commit": git_commit(),
+        "threads": torch.get_num_threads(),
+    }

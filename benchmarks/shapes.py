@@ -1,0 +1,217 @@
+"""Benchmark shapes, the one input factory, and the bytes each op must move at least.
+
+Shapes are (D, K, B): D parameters, a basis of K rows, B vectors projected at once. On a GPU the
+D are real model sizes; on the CPU one small D keeps a run of the suite short on 2 cores.
+
+``make_inputs(shape, dtype, device)`` builds every tensor an op or a step needs. The basis is
+deterministic per (D, K) whatever its dtype: row i is ``randn(D)`` from seed ``i``, rounded to
+fp16, with the fp32 scale ``1/sqrt(D)``. The fp32 basis a plain-PyTorch user would keep is the
+same fp16 values times their scale (``dense_basis``), so every provider computes the same P and
+results can be compared across providers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+RESNET18_D = 11_689_512
+RESNET50_D = 25_557_032
+GPT2_SMALL_D = 124_439_808
+
+GPU_D = {"resnet18": RESNET18_D, "resnet50": RESNET50_D, "gpt2": GPT2_SMALL_D}
+GPU_K = (8, 32, 101, 301)
+# 2^22 parameters: the smallest basis (8 fp16 rows) is 64 MiB, twice the 32 MiB L3 of the
+# 2-core machines measured, so CPU runs stream from memory as GPU runs do. At 2^20 the 16 MiB
+# fp16 basis of K = 8 fits in that L3 and its fp32 twin (32 MiB) does not: the two would not
+# be compared on equal terms.
+CPU_D = {"2^22": 1 << 22}
+CPU_K = (8, 32)
+# --benchmark-disable runs every benchmark once as a test: tiny shapes keep that under a minute.
+SMOKE_D = {"2^16": 1 << 16}
+SMOKE_K = (8, 32)
+BATCHES = (1, 8)
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    D: int
+    K: int
+    B: int = 1
+
+    @property
+    def id(self) -> str:
+        b = f"-B{self.B}" if self.B != 1 else ""
+        return f"{self.model}-K{self.K}{b}"
+
+
+def bench_device() -> torch.device:
+    """``TWA_BENCH_DEVICE`` (cpu or cuda), else cuda when present."""
+    name = os.environ.get("TWA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def shapes(batched: bool = False, smoke: bool = False) -> list[Shape]:
+    """The shapes of this run: GPU sizes on cuda, small ones on the CPU, tiny ones for a smoke
+    run (``smoke``, or ``TWA_BENCH_SHAPES=smoke``); ``TWA_BENCH_SHAPES=cpu`` forces the CPU set.
+    """
+    choice = os.environ.get("TWA_BENCH_SHAPES")
+    if smoke or choice == "smoke":
+        ds, ks = SMOKE_D, SMOKE_K
+    elif bench_device().type != "cuda" or choice == "cpu":
+        ds, ks = CPU_D, CPU_K
+    else:
+        ds, ks = GPU_D, GPU_K
+    bs = BATCHES if batched else (1,)
+    return [Shape(m, d, k, b) for m, d in ds.items() for k in ks for b in bs]
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# The least each op must read and write, in bytes (DESIGN.md section 2); P is read once per pass.
+def project_bytes(s: Shape, dtype: torch.dtype) -> int:
+    return itemsize(dtype) * s.K * s.D + 4 * s.B * s.D
+
+
+def reconstruct_bytes(s: Shape, dtype: torch.dtype) -> int:
+    return itemsize(dtype) * s.K * s.D + 8 * s.D  # read w0, write out (fp32)
+
+
+def orthogonalize_bytes(s: Shape, dtype: torch.dtype) -> int:
+    # Three passes over the rank = K - 1 stored rows and the sample, one row written.
+    rank = s.K - 1
+    return 3 * (itemsize(dtype) * rank * s.D + 4 * s.D) + itemsize(dtype) * s.D
+
+
+def step_bytes(s: Shape, dtype: torch.dtype) -> int:
+    # Two passes over P; read the gradients and w0, write the weights (fp32).
+    return 2 * itemsize(dtype) * s.K * s.D + 12 * s.D
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+_BASIS_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def free_inputs() -> None:
+    """Free the cached bases (before a benchmark that builds its own)."""
+    _BASIS_CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def basis_rows(D: int, K: int, device: torch.device) -> torch.Tensor:
+    """fp16 [K, D], row i drawn from seed i (same values on any run of the same device type).
+
+    One basis is kept between tests: consecutive tests of a shape share it, and a new shape frees
+    the last, so GPU memory holds one basis (75 GB for GPT-2 small at K = 301) at a time.
+    """
+    key = (D, K, torch.float16, str(device))
+    if key not in _BASIS_CACHE:
+        free_inputs()
+        basis = torch.empty(K, D, dtype=torch.float16, device=device)
+        fill_basis_(basis, torch.empty(K, device=device))
+        _BASIS_CACHE[key] = basis
+    return _BASIS_CACHE[key]
+
+
+def _seeded_row(D: int, i: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(i)
+    return torch.randn(D, generator=gen, device=device)
+
+
+def fill_basis_(basis: torch.Tensor, scales: torch.Tensor) -> None:
+    """Write the benchmark basis into ``basis`` [K, D] (any dtype) and its ``scales`` [K].
+
+    Rows hold the fp16 values of ``randn(D)`` from seed i, whatever the storage dtype, and the
+    scales are ``1/sqrt(D)``: an fp32 store then holds exactly the same P as an fp16 one.
+    """
+    K, D = basis.shape
+    for i in range(K):
+        basis[i] = _seeded_row(D, i, basis.device).half()
+    scales.fill_(D**-0.5)
+
+
+def make_params(shape: Shape, device: torch.device) -> list[torch.Tensor]:
+    """D fp32 parameters shaped like a network's (16 weights, 16 biases), each with a gradient."""
+    biases = 16 * 512 if shape.D >= 1 << 16 else 0
+    n = 16
+    sizes = [(shape.D - biases) // n] * n
+    sizes[0] += shape.D - biases - sum(sizes)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1 << 21)
+    params = []
+    for size in sizes + ([512] * 16 if biases else []):
+        p = torch.randn(size, generator=gen, device=device).requires_grad_()
+        p.grad = torch.randn(size, generator=gen, device=device)
+        params.append(p)
+    return params
+
+
+def restore_row(D: int, K: int, i: int, device: torch.device) -> None:
+    """Rewrite row ``i`` of the cached bases of (D, K) after a benchmark that overwrote it."""
+    for (d, k, dtype, dev), basis in _BASIS_CACHE.items():
+        if (d, k, dev) == (D, K, str(device)):
+            row = _seeded_row(D, i, device).half()
+            basis[i] = row if dtype == torch.float16 else row.float() * D**-0.5
+
+
+def dense_basis(D: int, K: int, device: torch.device) -> torch.Tensor:
+    """The same P as fp32 [K, D] with the scale folded in: what a plain-PyTorch user keeps."""
+    key = (D, K, torch.float32, str(device))
+    if key not in _BASIS_CACHE:
+        half = basis_rows(D, K, device)
+        dense = torch.empty(K, D, dtype=torch.float32, device=device)
+        for i in range(K):
+            dense[i].copy_(half[i]).mul_(D**-0.5)  # scaled in fp32, as the ops scale
+        _BASIS_CACHE[key] = dense
+    return _BASIS_CACHE[key]
+
+
+def drop_dense_basis() -> None:
+    """Free the fp32 copy (4KD bytes) before a provider that does not use it."""
+    for key in [k for k in _BASIS_CACHE if k[2] == torch.float32]:
+        del _BASIS_CACHE[key]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    """Every tensor the ops and the step take, for ``shape``, with the basis stored in ``dtype``.
+
+    ``dtype`` float16 gives the package's layout (fp16 rows, fp32 scales ``1/sqrt(D)``);
+    float32 gives the same P as fp32 rows with unit scales (the scale folded in).
+    """
+    D, K, B = shape.D, shape.K, shape.B
+    if dtype == torch.float16:
+        basis = basis_rows(D, K, device)
+        scales = torch.full((K,), D**-0.5, dtype=torch.float32, device=device)
+    elif dtype == torch.float32:
+        basis = dense_basis(D, K, device)
+        scales = torch.ones(K, dtype=torch.float32, device=device)
+    else:
+        raise ValueError(f"benchmarks store the basis in float16 or float32, not {dtype}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1 << 20)
+    x = torch.randn(B, D, generator=gen, device=device)
+    return {
+        "basis": basis,
+        "scales": scales,
+        "x": x[0] if B == 1 else x,
+        "w0": torch.randn(D, generator=gen, device=device),
+        "alpha": torch.randn(K, generator=gen, device=device) * 1e-2,
+        "out": torch.empty(D, device=device),
+        "sample": torch.randn(D, generator=gen, device=device),
+    }
+
+
+def basis_bytes_needed(shape: Shape, dtypes: tuple[torch.dtype, ...]) -> int:
+    """Device bytes the bases of ``dtypes`` take together, for the fit check."""
+    return sum(itemsize(d) * shape.K * shape.D for d in dtypes)
