@@ -273,48 +273,11 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, gro
 
     Returns fp64 ``[c1 + c2 (rank values), ||u||, ||v||]`` (global, the same on every rank).
     """
-    K, n = basis.shape
-    dev = sample.device
-    P = basis[:rank]
-    s = scales[:rank].double()
-    chunks = list(reference._column_chunks(n, rank, dev))
 
-    sums = torch.zeros(rank + 1, dtype=torch.float64, device=dev)  # [c1, ||v||^2]
-    for cols in chunks:
-        v = sample[cols].double()
-        sums[:rank] += P[:, cols].double() @ v
-        sums[rank] += v @ v
-    all_reduce_(sums, group)
-    c1 = sums[:rank] * s
-    vv = sums[rank]
+    def reduce(tensor: Tensor, op: str) -> None:
+        all_reduce_(tensor, group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
-    sums2 = torch.zeros(rank + 1, dtype=torch.float64, device=dev)  # [c2, ||v1||^2]
-    amax = torch.zeros(1, dtype=torch.float64, device=dev)
-    sc1 = s * c1
-    for cols in chunks:
-        Pc = P[:, cols].double()
-        v1 = sample[cols].double() - sc1 @ Pc
-        sums2[:rank] += Pc @ v1
-        sums2[rank] += v1 @ v1
-        torch.maximum(amax, v1.abs().max(), out=amax)
-    all_reduce_(sums2, group)
-    all_reduce_(amax, group, dist.ReduceOp.MAX)
-    c2 = sums2[:rank] * s
-    ss = sums2[rank]
-    amax = amax[0]
-
-    h = c1 + c2
-    norm = (ss - c2 @ c2).clamp_min(0).sqrt()
-    if rank < K:
-        inv = torch.where(amax > 0, reference.ROW_AMAX / amax, torch.zeros_like(amax))
-        scale = torch.where(norm > 0, amax / (reference.ROW_AMAX * norm), torch.zeros_like(norm))
-        sh = s * h
-        limit = torch.finfo(basis.dtype).max
-        for cols in chunks:
-            u = sample[cols].double() - sh @ P[:, cols].double()
-            basis[rank, cols] = (u * inv).clamp_(-limit, limit).to(basis.dtype)
-        scales[rank] = scale.float()
-    return torch.cat([h, norm.view(1), vv.sqrt().view(1)])
+    return reference.orthogonalize_(basis, scales, sample, rank, all_reduce=reduce)
 
 
 # ---------------------------------------------------------------------------------------------
