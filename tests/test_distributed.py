@@ -436,3 +436,18 @@ def test_too_many_processes_for_D_is_refused():
     assert shard_range(259, 3, 2) == (174, 259)
     with pytest.raises(ValueError, match="cannot be sharded over 4 processes"):
         shard_range(5, 4, 0)
+
+
+def test_sharded_twa_runs_under_torchrun(tmp_path):
+    """torchrun's env:// rendezvous and process launch, gloo, 2 processes."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("torchrun_twa.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S * 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        status = (tmp_path / f"rank{rank}.txt").read_text()
+        assert status.startswith("ok"), status
