@@ -72,7 +72,7 @@ def test_subspace_reproduces_trajectory_samples(dtype, bound):
 @pytest.mark.slow
 def test_subspace_fp16_holds_at_ten_million():
     """At D = 10^7 unit columns have entries ~3e-4, near fp16's subnormals (6e-5) unscaled."""
-    D, n = 10**7, 8
+    D, n = 10**7, 50
     W = trajectory(D, n)
     space = Subspace([torch.zeros(D, requires_grad=True)], max_rank=n, dtype=torch.float16)
     fill(space, W)
