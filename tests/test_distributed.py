@@ -438,16 +438,26 @@ def test_too_many_processes_for_D_is_refused():
         shard_range(5, 4, 0)
 
 
-def test_sharded_twa_runs_under_torchrun(tmp_path):
-    """torchrun's env:// rendezvous and process launch, gloo, 2 processes."""
+def _torchrun(tmp_path, nproc, backend):
     import subprocess
     import sys
 
     script = Path(__file__).with_name("torchrun_twa.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), str(tmp_path), backend]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S * 2)
     assert result.returncode == 0, result.stderr[-3000:]
-    for rank in range(2):
+    for rank in range(nproc):
         status = (tmp_path / f"rank{rank}.txt").read_text()
         assert status.startswith("ok"), status
+
+
+def test_sharded_twa_runs_under_torchrun(tmp_path):
+    """torchrun's env:// rendezvous and process launch, gloo, 2 processes."""
+    _torchrun(tmp_path, 2, "gloo")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs CUDA devices")
+def test_sharded_twa_runs_on_nccl(tmp_path):
+    """NCCL with one process per GPU (every visible GPU; NCCL refuses two ranks on one GPU)."""
+    _torchrun(tmp_path, torch.cuda.device_count(), "nccl")

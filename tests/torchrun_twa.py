@@ -1,10 +1,14 @@
-"""Run under torchrun (gloo): sharded TWA must match single-process TWA on every rank.
+"""Run under torchrun: sharded TWA must match single-process TWA on every rank.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_twa.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=1 tests/torchrun_twa.py OUT_DIR nccl
 
-Each rank writes OUT_DIR/rank<r>.txt with "ok <relative error>" or the error it raised.
+The optional last argument is the backend: gloo (CPU tensors, the default) or nccl (each rank
+on cuda:LOCAL_RANK). Each rank writes OUT_DIR/rank<r>.txt with "ok <relative error>" or the
+error it raised.
 """
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -25,22 +29,27 @@ from test_distributed import (
 from twa_kernels import TWA, Subspace
 
 
-def twa_run(group, world, rank):
-    model = make_model()
+def twa_run(group, world, rank, device):
+    model = make_model().to(device)
     space = Subspace(model, MAX_RANK, process_group=group)
     for s in make_samples():
-        space.add(s)
+        space.add([t.to(device) for t in s])
     opt = TWA(model, space, **HYPER)
-    train(model, opt, make_batches(), world, rank)
-    return flat(model)
+    batches = [(x.to(device), y.to(device)) for x, y in make_batches()]
+    train(model, opt, batches, world, rank)
+    return flat(model).cpu()
 
 
-def main(out: Path) -> None:
-    dist.init_process_group("gloo")  # torchrun's env:// rendezvous
+def main(out: Path, backend: str) -> None:
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)  # torchrun's env:// rendezvous
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        sharded = twa_run(dist.group.WORLD, world, rank)
-        single = twa_run(None, 1, 0)
+        sharded = twa_run(dist.group.WORLD, world, rank, device)
+        single = twa_run(None, 1, 0, device)
         err = rel_err(sharded, single)
         status = f"ok {err:.3e}" if err <= 1e-6 else f"mismatch {err:.3e}"
     except Exception:
@@ -51,4 +60,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "gloo")
