@@ -12,17 +12,13 @@ from twa_kernels import ops
 
 from .harness import (
     PROVIDERS,
-    basis_dtype,
     parametrize_cases,
+    prepare_case,
     record,
     run,
-    skip_unless_backend,
-    skip_unless_fits,
 )
 from .shapes import (
     Shape,
-    drop_dense_basis,
-    make_inputs,
     orthogonalize_bytes,
     restore_row,
 )
@@ -61,17 +57,9 @@ def make_call(provider: str, inp: dict, rank: int):
 
 
 def test_orthogonalize(benchmark, device, copy_bw, shape: Shape, provider: str):
-    dtype = basis_dtype(provider)
     rank = shape.K - 1
-    skip_unless_backend("orthogonalize_", provider, device)
     need = 2 * shape.K * shape.D + 16 * shape.D
-    if provider in ("naive-fp32", "naive-fp16-upcast"):
-        need += 4 * shape.K * shape.D
-    skip_unless_fits(need, device, f"{provider} at {shape.id}")
-    if dtype != torch.float32:
-        drop_dense_basis()
-    benchmark.group = f"orthogonalize {shape.id}"
-    inp = make_inputs(shape, dtype, device)
+    dtype, inp = prepare_case(benchmark, "orthogonalize_", provider, shape, device, need)
     call = make_call(provider, inp, rank)
     try:
         run(benchmark, call, device)

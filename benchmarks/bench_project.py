@@ -8,14 +8,12 @@ from twa_kernels import ops
 
 from .harness import (
     PROVIDERS,
-    basis_dtype,
     parametrize_cases,
+    prepare_case,
     record,
     run,
-    skip_unless_backend,
-    skip_unless_fits,
 )
-from .shapes import Shape, drop_dense_basis, make_inputs, project_bytes
+from .shapes import Shape, make_inputs, project_bytes
 
 
 def pytest_generate_tests(metafunc):
@@ -49,17 +47,9 @@ def check_close(result: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def test_project(benchmark, device, copy_bw, shape: Shape, provider: str):
-    dtype = basis_dtype(provider)
-    skip_unless_backend("project", provider, device)
     # The fp16 basis, plus the fp32 one derived from it or the upcast, plus x and the result.
     need = 2 * shape.K * shape.D + 8 * shape.B * shape.D
-    if provider in ("naive-fp32", "naive-fp16-upcast"):
-        need += 4 * shape.K * shape.D
-    skip_unless_fits(need, device, f"{provider} at {shape.id}")
-    if dtype != torch.float32:
-        drop_dense_basis()
-    benchmark.group = f"project {shape.id}"
-    inp = make_inputs(shape, dtype, device)
+    dtype, inp = prepare_case(benchmark, "project", provider, shape, device, need)
     call = make_call(provider, inp)
     run(benchmark, call, device)
     record(

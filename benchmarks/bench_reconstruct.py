@@ -8,14 +8,12 @@ from twa_kernels import ops
 
 from .harness import (
     PROVIDERS,
-    basis_dtype,
     parametrize_cases,
+    prepare_case,
     record,
     run,
-    skip_unless_backend,
-    skip_unless_fits,
 )
-from .shapes import Shape, drop_dense_basis, make_inputs, reconstruct_bytes
+from .shapes import Shape, make_inputs, reconstruct_bytes
 
 
 def pytest_generate_tests(metafunc):
@@ -33,16 +31,8 @@ def make_call(provider: str, inp: dict):
 
 
 def test_reconstruct(benchmark, device, copy_bw, shape: Shape, provider: str):
-    dtype = basis_dtype(provider)
-    skip_unless_backend("reconstruct_", provider, device)
     need = 2 * shape.K * shape.D + 12 * shape.D
-    if provider in ("naive-fp32", "naive-fp16-upcast"):
-        need += 4 * shape.K * shape.D
-    skip_unless_fits(need, device, f"{provider} at {shape.id}")
-    if dtype != torch.float32:
-        drop_dense_basis()
-    benchmark.group = f"reconstruct {shape.id}"
-    inp = make_inputs(shape, dtype, device)
+    dtype, inp = prepare_case(benchmark, "reconstruct_", provider, shape, device, need)
     call = make_call(provider, inp)
     run(benchmark, call, device)
     record(

@@ -25,7 +25,7 @@ import torch
 
 from twa_kernels import ops
 
-from .shapes import Shape, bench_device, shapes
+from .shapes import Shape, bench_device, drop_dense_basis, make_inputs, shapes
 
 NAIVE = ("naive-fp32", "naive-fp16-upcast")
 BACKEND_PROVIDERS = ("torch", "triton", "cuda")
@@ -122,6 +122,23 @@ def skip_unless_backend(op: str, provider: str, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # timing
+
+
+def prepare_case(benchmark, op: str, provider: str, shape: Shape, device: torch.device, need: int):
+    """Skip a case that cannot run here, name its group, and make its inputs.
+
+    ``need`` is the bytes the op's fp16 case holds; the naive providers also hold a dense fp32
+    basis (or its upcast), 4KD bytes more. Returns ``(basis dtype, inputs)``.
+    """
+    dtype = basis_dtype(provider)
+    skip_unless_backend(op, provider, device)
+    if provider in NAIVE:
+        need += 4 * shape.K * shape.D
+    skip_unless_fits(need, device, f"{provider} at {shape.id}")
+    if dtype != torch.float32:
+        drop_dense_basis()
+    benchmark.group = f"{op.rstrip('_')} {shape.id}"
+    return dtype, make_inputs(shape, dtype, device)
 
 
 def _flush_l2(device: torch.device):
