@@ -132,7 +132,7 @@ def test_fused_step_matches_fp64_oracle(device, dtype):
     counters = torch.zeros(2, dtype=torch.int64, device=device)
     lr = 0.5
     fused.fused_twa_step(
-        params, torch.empty(D, device=device), w0, basis, scales, alpha, buf, counters, gram,
+        params, w0, basis, scales, alpha, buf, counters, gram,
         pw0, lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
     )  # fmt: skip
     P = basis.double() * scales.double()[:, None]
@@ -158,15 +158,14 @@ def test_fused_step_skips_nonfinite_bit_for_bit(device):
     alpha, buf = torch.randn(4, device=device), torch.randn(4, device=device)
     counters = torch.tensor([2, 0], device=device)
     kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True)
-    flat = torch.empty(D, device=device)
     for p in params:
         p.grad = torch.zeros_like(p)
     params[0].grad[0, 0] = float("nan")
-    fused.fused_twa_step(params, flat, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+    fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
     after_one = [p.clone() for p in params]
     a0, b0 = alpha.clone(), buf.clone()
     params[2].grad[5] = float("-inf")
-    fused.fused_twa_step(params, flat, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+    fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
     assert counters.tolist() == [2, 2]
     assert torch.equal(alpha, a0) and torch.equal(buf, b0)
     assert all(torch.equal(p, q) for p, q in zip(params, after_one, strict=True))
@@ -207,12 +206,11 @@ def test_fused_step_launches_at_most_4_kernels(device, monkeypatch):
     alpha, buf = torch.zeros(K, device=device), torch.zeros(K, device=device)
     counters = torch.zeros(2, dtype=torch.int64, device=device)
     kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False)
-    flat = torch.empty(D, device=device)
 
     def step():
         for p in params:
             p.grad = torch.randn_like(p)
-        fused.fused_twa_step(params, flat, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+        fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
 
     step()  # first call: autotuning (on a GPU) benchmarks several configs
     calls = _count_launches(monkeypatch)

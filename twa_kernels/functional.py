@@ -62,7 +62,7 @@ def twa_step(
         from ._triton.step import fused_twa_step
 
         fused_twa_step(
-            params, flat, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
+            params, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov,
         )  # fmt: skip

@@ -220,11 +220,11 @@ def plan_for(params: list[Tensor], device: torch.device) -> _Plan:
 
 
 def fused_twa_step(
-    params: list[Tensor], flat: Tensor, w0: Tensor, basis: Tensor, scales: Tensor,
+    params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor,
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
     *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
 ) -> None:  # fmt: skip
-    """One TWA step (see ``functional.twa_step``) in 3 launches; ``flat`` is not needed.
+    """One TWA step (see ``functional.twa_step``) in 3 launches, with no flat work buffer.
 
     Reads ``p.grad`` of every parameter in place and writes the parameters in place. No host
     synchronisation, so the step can be captured in a CUDA graph after one eager step with the
