@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from twa_kernels import ops
+
 RESNET18_D = 11_689_512
 RESNET50_D = 25_557_032
 GPT2_SMALL_D = 124_439_808
@@ -115,7 +117,7 @@ def basis_rows(D: int, K: int, device: torch.device) -> torch.Tensor:
     key = (D, K, torch.float16, str(device))
     if key not in _BASIS_CACHE:
         free_inputs()
-        basis = torch.empty(K, D, dtype=torch.float16, device=device)
+        basis = ops.empty_basis(K, D, torch.float16, device)  # the layout Subspace uses
         fill_basis_(basis, torch.empty(K, device=device))
         _BASIS_CACHE[key] = basis
     return _BASIS_CACHE[key]

@@ -161,7 +161,6 @@ at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
   check_same_device(op, "basis", basis, sample);
   check_same_device(op, "scales", scales, sample);
   const twa::BasisView bv = basis_view(op, basis, scales);
-  TORCH_CHECK(basis.is_contiguous(), "twa_cuda::orthogonalize_: basis must be contiguous");
   TORCH_CHECK(rank >= 0 && rank <= bv.K, "twa_cuda::orthogonalize_: rank must be in [0, ", bv.K,
               "], got ", rank);
   TORCH_CHECK(rank <= twa::kMaxOrthRank, "twa_cuda::orthogonalize_: the CUDA kernel supports rank <= ",
@@ -173,9 +172,10 @@ at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
   const auto dopt = sample.options().dtype(at::kDouble);
   at::Tensor result = at::empty({rank + 2}, dopt);
   at::Tensor workspace = at::empty(
-      {twa::orthogonalize_workspace_elems(bv.data, bv.D, rank, bv.dtype, sms)}, dopt);
+      {twa::orthogonalize_workspace_elems(bv.data, bv.ld, bv.D, rank, bv.dtype, sms)}, dopt);
   twa::OrthogonalizeArgs a;
   a.basis = basis.data_ptr();
+  a.ld = bv.ld;
   a.scales = scales.data_ptr<float>();
   a.dtype = bv.dtype;
   a.K = bv.K;

@@ -15,7 +15,7 @@ namespace {
 
 template <typename T, int PASS>
 __global__ void __launch_bounds__(kThreads, 2)
-    orth_pass(const T* __restrict__ basis, int64_t D, int rank, ColumnLayout L, SplitPlan plan,
+    orth_pass(const T* __restrict__ basis, int64_t ld, int rank, ColumnLayout L, SplitPlan plan,
               const float* __restrict__ sample, const double* __restrict__ work,
               double* __restrict__ partial) {
   constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll 2
         for (int k = 0; k < n; ++k) {
           double v[V];
-          load_group<T, double>(basis + (k0 + k) * D, col0, L, v);
+          load_group<T, double>(basis + (k0 + k) * ld, col0, L, v);
           const double c = coef_s[k];
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] = fma(c, v[e], acc[e]);
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     __syncthreads();
-    dot_rows<T, double, 1, U>(basis, D, 0, rank, L, c0, xs, 1, acc_s, rank);
+    dot_rows<T, double, 1, U>(basis, ld, 0, rank, L, c0, xs, 1, acc_s, rank);
   }
   __syncthreads();
   double* out = partial + split * ncols;
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
 // Row `rank` = clamp((v - P h) * inv) in the storage dtype; one thread per group of V columns.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    orth_store(T* __restrict__ basis, int64_t D, int rank, ColumnLayout L,
+    orth_store(T* __restrict__ basis, int64_t ld, int rank, ColumnLayout L,
                const float* __restrict__ sample, const double* __restrict__ work) {
   constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
   __shared__ double coef_s[kThreads];
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 2
       for (int k = 0; k < n; ++k) {
         double v[V];
-        load_group<T, double>(basis + (k0 + k) * D, col0, L, v);
+        load_group<T, double>(basis + (k0 + k) * ld, col0, L, v);
         const double c = coef_s[k];
 #pragma unroll
         for (int e = 0; e < V; ++e) acc[e] = fma(c, v[e], acc[e]);
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (!active) return;
   const double inv = work[W.inv()];
-  T* row = basis + static_cast<int64_t>(rank) * D;
+  T* row = basis + static_cast<int64_t>(rank) * ld;
 #pragma unroll
   for (int e = 0; e < V; ++e) {
     if (col_valid(L, col0 + e)) {
@@ -190,10 +190,11 @@ struct OrthPlan {
   SplitPlan split;
 };
 
-OrthPlan plan_orth(const void* basis, int64_t D, int64_t rank, DType dtype, int sm_count) {
+OrthPlan plan_orth(const void* basis, int64_t ld, int64_t D, int64_t rank, DType dtype,
+                   int sm_count) {
   const int es = dtype_size(dtype);
   OrthPlan p;
-  p.layout = make_layout(reinterpret_cast<uint64_t>(basis), D, rank, D, es);
+  p.layout = make_layout(reinterpret_cast<uint64_t>(basis), ld, rank, D, es);
   p.split = make_split_plan(num_tiles(p.layout, orth_tile_cols(vec_elems(es))),
                             max_splits_for(sm_count, 1));
   return p;
@@ -210,7 +211,7 @@ cudaError_t launch_orth(const OrthogonalizeArgs& a, const OrthPlan& p, cudaStrea
   T* basis = static_cast<T*>(a.basis);
   cudaError_t err;
 
-  orth_pass<T, 1><<<splits, kThreads, smem, stream>>>(basis, a.D, rank, p.layout, p.split,
+  orth_pass<T, 1><<<splits, kThreads, smem, stream>>>(basis, a.ld, rank, p.layout, p.split,
                                                        a.sample, work, partial);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   orth_reduce<<<static_cast<unsigned>(ceil_div(rank + 1, kWarps)), kThreads, 0, stream>>>(
@@ -219,7 +220,7 @@ cudaError_t launch_orth(const OrthogonalizeArgs& a, const OrthPlan& p, cudaStrea
   orth_finalize1<<<1, kThreads, 0, stream>>>(work, a.scales, rank);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  orth_pass<T, 2><<<splits, kThreads, smem, stream>>>(basis, a.D, rank, p.layout, p.split,
+  orth_pass<T, 2><<<splits, kThreads, smem, stream>>>(basis, a.ld, rank, p.layout, p.split,
                                                        a.sample, work, partial);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   orth_reduce<<<static_cast<unsigned>(ceil_div(rank + 2, kWarps)), kThreads, 0, stream>>>(
@@ -231,7 +232,7 @@ cudaError_t launch_orth(const OrthogonalizeArgs& a, const OrthPlan& p, cudaStrea
   if (a.rank < a.K) {
     const int64_t blocks = ceil_div(num_groups(p.layout), kThreads);
     orth_store<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        basis, a.D, rank, p.layout, a.sample, work);
+        basis, a.ld, rank, p.layout, a.sample, work);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -239,9 +240,9 @@ cudaError_t launch_orth(const OrthogonalizeArgs& a, const OrthPlan& p, cudaStrea
 
 }  // namespace
 
-int64_t orthogonalize_workspace_elems(const void* basis, int64_t D, int64_t rank, DType dtype,
-                                      int sm_count) {
-  const OrthPlan p = plan_orth(basis, D, rank, dtype, sm_count);
+int64_t orthogonalize_workspace_elems(const void* basis, int64_t ld, int64_t D, int64_t rank,
+                                      DType dtype, int sm_count) {
+  const OrthPlan p = plan_orth(basis, ld, D, rank, dtype, sm_count);
   return OrthWorkspace{rank}.size() + p.split.splits * (rank + 2);
 }
 
@@ -249,7 +250,8 @@ cudaError_t orthogonalize(const OrthogonalizeArgs& a, cudaStream_t stream) {
   if (a.K < 1 || a.D < 1 || a.rank < 0 || a.rank > a.K || a.rank > kMaxOrthRank) {
     return cudaErrorInvalidValue;
   }
-  const OrthPlan p = plan_orth(a.basis, a.D, a.rank, a.dtype, a.sm_count);
+  if (a.ld < a.D) return cudaErrorInvalidValue;
+  const OrthPlan p = plan_orth(a.basis, a.ld, a.D, a.rank, a.dtype, a.sm_count);
   TWA_DISPATCH_STORAGE(a.dtype, T, return launch_orth<T>(a, p, stream));
   return cudaSuccess;
 }

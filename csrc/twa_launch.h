@@ -50,7 +50,8 @@ cudaError_t reconstruct(const ReconstructArgs& a, cudaStream_t stream);
 
 // CGS2 of sample against rows [0, rank); see reference.orthogonalize_.
 struct OrthogonalizeArgs {
-  void* basis;       // contiguous [K, D]; row `rank` is written when rank < K
+  void* basis;       // [K, D], rows ld elements apart; row `rank` is written when rank < K
+  int64_t ld;
   float* scales;     // scales[rank] is written when rank < K
   DType dtype;
   int64_t K;
@@ -61,7 +62,8 @@ struct OrthogonalizeArgs {
   double* workspace;  // orthogonalize_workspace_elems(...) doubles
   int sm_count;
 };
-int64_t orthogonalize_workspace_elems(const void* basis, int64_t D, int64_t rank, DType dtype,
+int64_t orthogonalize_workspace_elems(const void* basis, int64_t ld, int64_t D, int64_t rank,
+                                      DType dtype,
                                       int sm_count);
 cudaError_t orthogonalize(const OrthogonalizeArgs& a, cudaStream_t stream);
 

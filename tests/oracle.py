@@ -8,6 +8,7 @@ its own accumulation error and final rounding, not the rounding of the basis its
 
 import torch
 
+from twa_kernels import ops
 from twa_kernels.reference import ROW_AMAX
 
 
@@ -33,14 +34,15 @@ def make_basis(K, D, dtype, generator=None):
     return basis, amax.float()
 
 
-def random_basis(K, D, dtype, device, layout="contiguous"):
-    """Rows with entries ~ROW_AMAX (as stored rows are) and fp32 scales, in a chosen layout.
+def basis_in_layout(K, D, dtype, device, layout="contiguous", fill=0.0):
+    """``(basis [K, D], storage)``: a view of a larger storage (filled with ``fill``) in a layout.
 
     - "contiguous": [K, D];
     - "aligned-slice": columns [3, 3 + D) of a [K, ld] tensor with ld a multiple of 16 elements,
       so every row starts 3 elements past a 16-byte boundary (vector loads after a head);
     - "odd-slice": columns [1, 1 + D) of a [K, ld] tensor with ld = 1 (mod 8): the rows do not
       share an alignment phase (scalar loads only);
+    - "padded": what ``ops.empty_basis`` returns (rows 128-byte aligned, ld a multiple of 64);
     - an int ``wide`` > 0: columns [wide // 2, wide // 2 + D) of a [K, D + wide] tensor, i.e.
       rows strided by D + wide.
     """
@@ -50,12 +52,21 @@ def random_basis(K, D, dtype, device, layout="contiguous"):
         offset, ld = 3, 16 * ((D + 3 + 15) // 16)
     elif layout == "odd-slice":
         offset, ld = 1, 8 * ((D + 1 + 7) // 8) + 1
+    elif layout == "padded":
+        offset, ld = 0, ops.ROW_ALIGN * -(-D // ops.ROW_ALIGN)
     elif isinstance(layout, int) and not isinstance(layout, bool) and layout > 0:
         offset, ld = layout // 2, D + layout
     else:
         raise ValueError(f"unknown basis layout {layout!r}")
-    full = (torch.randn(K, ld, device=device) * ROW_AMAX / 4).to(dtype)
-    basis = full[:, offset : offset + D]
+    storage = torch.full((K, ld), fill, dtype=dtype, device=device)
+    return storage[:, offset : offset + D], storage
+
+
+def random_basis(K, D, dtype, device, layout="contiguous"):
+    """Rows with entries ~ROW_AMAX (as stored rows are) and fp32 scales, in a chosen layout
+    (see ``basis_in_layout``)."""
+    basis, _ = basis_in_layout(K, D, dtype, device, layout)
+    basis.copy_((torch.randn(K, D, device=device) * ROW_AMAX / 4).to(dtype))
     scales = torch.rand(K, device=device) / ROW_AMAX + 1e-5
     return basis, scales
 
@@ -116,3 +127,40 @@ def cgs2_oracle(basis, scales, v, rank):
     row = (u * (ROW_AMAX / amax)).clamp(-limit, limit).float().to(basis.dtype)
     scale = (amax / (ROW_AMAX * norm)).float()
     return torch.cat([h, norm.view(1), v.norm().view(1)]), row, scale
+
+
+def check_orthogonalize(backend, basis, scales, sample, rank, storage=None):
+    """Run ``orthogonalize_`` on ``backend`` and check it against ``cgs2_oracle``.
+
+    The coefficients and norms within TOL[float64] of ||v|| (fp64 accumulation over D values of size
+    ~1 covers D * 2^-53 with room); the stored row within 1 ulp of the oracle's (the two fp64
+    sums can straddle a rounding boundary); rows and scales other than ``rank`` untouched, and
+    with ``storage`` (the tensor ``basis`` is a view of) nothing outside the view written.
+    """
+    from conftest import TOL
+
+    from twa_kernels import _ops
+
+    K = basis.shape[0]
+    before, scales_before = basis.clone(), scales.clone()
+    storage_before = None if storage is None else storage.clone()
+    out = _ops.orthogonalize_(basis, scales, sample, rank, backend)
+    ref, row, scale = cgs2_oracle(before, scales_before, sample, rank)
+    assert out.dtype == torch.float64 and out.shape == (rank + 2,)
+    vnorm = sample.double().norm().item()
+    atol, rtol = TOL[torch.float64]
+    torch.testing.assert_close(out, ref, atol=atol * vnorm, rtol=rtol)
+    assert torch.equal(basis[:rank], before[:rank]) and torch.equal(scales[:rank], scales_before[:rank])
+    if rank < K:
+        eps = torch.finfo(basis.dtype).eps
+        torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
+        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
+        assert torch.equal(basis[rank + 1 :], before[rank + 1 :])
+    else:
+        assert torch.equal(basis, before) and torch.equal(scales, scales_before)
+    if storage is not None:
+        # Every storage entry outside the view is as it was.
+        changed = storage != storage_before
+        start = (basis.data_ptr() - storage.data_ptr()) // basis.element_size()
+        changed[:, start : start + basis.shape[1]] = False
+        assert not changed.any(), "orthogonalize_ wrote outside the basis view"

@@ -15,7 +15,15 @@ loads after a masked head) and without one (the scalar path).
 import pytest
 import torch
 from conftest import DEVICES, STORAGE_DTYPES, TOL
-from oracle import assert_within, cgs2_oracle, columns, orthonormal_basis, random_basis, sgd_oracle
+from oracle import (
+    assert_within,
+    basis_in_layout,
+    check_orthogonalize,
+    columns,
+    orthonormal_basis,
+    random_basis,
+    sgd_oracle,
+)
 
 from twa_kernels import _backend, _cuda, _ops
 
@@ -316,24 +324,20 @@ ORTHO_SHAPES = [
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_orthogonalize_matches_fp64_oracle(cuda, dtype, K, D, rank):
     basis, scales = orthonormal_basis(K, D, rank, dtype, cuda)
+    check_orthogonalize("cuda", basis, scales, torch.randn(D, device=cuda) + 0.5, rank)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["padded", "aligned-slice", "odd-slice"])
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_orthogonalize_strided_rows(cuda, dtype, layout):
+    """Rows strided past D (as ``Subspace`` stores them) read and written in place, nothing else."""
+    K, D, rank = 4, 1009, 3
+    basis, storage = basis_in_layout(K, D, dtype, cuda, layout, fill=7.0)
+    dense, scales = orthonormal_basis(K, D, rank, dtype, cuda)
+    basis.copy_(dense)
     sample = torch.randn(D, device=cuda) + 0.5
-    before, scales_before = basis.clone(), scales.clone()
-    out = _ops.orthogonalize_(basis, scales, sample, rank, "cuda")
-    ref, row, scale = cgs2_oracle(before, scales_before, sample, rank)
-    assert out.dtype == torch.float64 and out.shape == (rank + 2,)
-    # fp64 accumulation over D values of size ~1: 1e-12 of ||v|| covers D * 2^-53 with room.
-    vnorm = sample.double().norm().item()
-    torch.testing.assert_close(out, ref, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
-    assert torch.equal(basis[:rank], before[:rank])
-    assert torch.equal(scales[:rank], scales_before[:rank])
-    if rank < K:
-        # One rounding of (nearly) the same fp64 value to the storage dtype: 1 ulp at most.
-        eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
-        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
-        assert torch.equal(basis[rank + 1 :], before[rank + 1 :])
-    else:
-        assert torch.equal(basis, before) and torch.equal(scales, scales_before)
+    check_orthogonalize("cuda", basis, scales, sample, rank, storage=storage)
 
 
 # max|P^T P - I| after filling the basis: entries rounded to the storage dtype (unit roundoff

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from twa_kernels import Subspace
+from twa_kernels import Subspace, ops
 
 
 def trajectory(D, n, *, drift=0.01, generator=None):
@@ -80,6 +80,15 @@ def test_subspace_fp16_holds_at_ten_million():
     orth = (G - torch.eye(n, dtype=torch.float64)).abs().max().item()
     assert error <= 2e-3, f"reproduction error {error:.3g}"
     assert orth <= 1e-3, f"max|P^T P - I| = {orth:.3g}"
+
+
+@pytest.mark.parametrize("D", [1, 63, 64, 1009])
+def test_empty_basis_rows_start_128_byte_aligned(D):
+    basis = ops.empty_basis(3, D, torch.float16)
+    assert basis.shape == (3, D) and basis.dtype == torch.float16 and basis.stride(1) == 1
+    assert basis.stride(0) % ops.ROW_ALIGN == 0 and D <= basis.stride(0) < D + ops.ROW_ALIGN
+    space = Subspace([nn.Parameter(torch.zeros(D))], max_rank=3)
+    assert space.basis.stride(0) % ops.ROW_ALIGN == 0 and space.basis.shape == (3, D)
 
 
 def test_subspace_sample_inside_span_adds_no_column_but_counts_in_mean():

@@ -8,6 +8,7 @@ output dtype), not the rounding of the basis itself.
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ pytest.importorskip("triton")
 
 from oracle import (  # noqa: E402
     assert_within,
+    basis_in_layout,
     cgs2_oracle,
+    check_orthogonalize,
     columns,
     orthonormal_basis,
     random_basis,
@@ -62,6 +65,33 @@ def test_project_matches_fp64_oracle(device, dtype, x_dtype, batch, K, D):
     # The inputs are exact in fp64; only fp32 accumulation and the scale product round, so the
     # fp32 tolerance applies whatever the storage dtype, relative to sum_d |P_id x_d|.
     assert_within(c, ref, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
+
+
+def test_unaligned_cuda_basis_warns_once(monkeypatch):
+    """A CUDA basis whose rows cannot start 16-byte aligned gets one warning per process."""
+    from types import SimpleNamespace
+
+    from twa_kernels._triton import _common
+
+    monkeypatch.setattr(_common, "_warned_unaligned", False)
+
+    def fake(stride, address, device="cuda"):
+        return SimpleNamespace(
+            device=torch.device(device), shape=(2, 100), stride=lambda dim: stride, data_ptr=lambda: address
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _common.warn_if_unaligned(fake(128, 4096))  # aligned: silent
+        _common.warn_if_unaligned(fake(100, 4096, "cpu"))  # interpreter: alignment is moot
+    with pytest.warns(UserWarning, match="empty_basis"):
+        _common.warn_if_unaligned(fake(100, 4096))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _common.warn_if_unaligned(fake(128, 4098))  # once only
+    monkeypatch.setattr(_common, "_warned_unaligned", False)
+    with pytest.warns(UserWarning, match="2 bytes past"):
+        _common.warn_if_unaligned(fake(128, 4098))
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
@@ -221,24 +251,19 @@ ORTHO_SHAPES = [(1, 1, 0), (2, 37, 1), (4, 1009, 3), (3, 1000, 3), (302, 400, 30
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_orthogonalize_matches_fp64_oracle(device, dtype, K, D, rank):
     basis, scales = orthonormal_basis(K, D, rank, dtype, device)
+    check_orthogonalize("triton", basis, scales, torch.randn(D, device=device) + 0.5, rank)
+
+
+@pytest.mark.parametrize("layout", ["padded", "aligned-slice", "odd-slice"])
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_orthogonalize_strided_rows(device, dtype, layout):
+    """Rows strided past D (as ``Subspace`` stores them) read and written in place, nothing else."""
+    K, D, rank = 4, 1009, 3
+    basis, storage = basis_in_layout(K, D, dtype, device, layout, fill=7.0)
+    dense, scales = orthonormal_basis(K, D, rank, dtype, device)
+    basis.copy_(dense)
     sample = torch.randn(D, device=device) + 0.5
-    before, scales_before = basis.clone(), scales.clone()
-    out = _ops.orthogonalize_(basis, scales, sample, rank, "triton")
-    ref, row, scale = cgs2_oracle(before, scales_before, sample, rank)
-    assert out.dtype == torch.float64 and out.shape == (rank + 2,)
-    # fp64 accumulation over D values of size ~1: 1e-12 of ||v|| covers D * 2^-53 with room.
-    vnorm = sample.double().norm().item()
-    torch.testing.assert_close(out, ref, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
-    assert torch.equal(basis[:rank], before[:rank]) and torch.equal(scales[:rank], scales_before[:rank])
-    if rank < K:
-        # One rounding of the same fp64 value to the storage dtype: at most 1 ulp apart when
-        # the two fp64 sums straddle a rounding boundary.
-        eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
-        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
-        assert torch.equal(basis[rank + 1 :], before[rank + 1 :])
-    else:
-        assert torch.equal(basis, before) and torch.equal(scales, scales_before)
+    check_orthogonalize("triton", basis, scales, sample, rank, storage=storage)
 
 
 # max|P^T P - I| after filling the basis: entries rounded to the storage dtype (unit roundoff

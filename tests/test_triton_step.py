@@ -14,7 +14,7 @@ from conftest import DEVICES, STORAGE_DTYPES, TOL
 
 triton = pytest.importorskip("triton")
 
-from twa_kernels import functional, reference  # noqa: E402
+from twa_kernels import functional, ops, reference  # noqa: E402
 from twa_kernels._triton import step as fused  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -29,6 +29,12 @@ pytestmark = pytest.mark.filterwarnings(
 SHAPES = [(7, 3), (1,), (600,), (5,), (2, 2, 2), (4,)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16]
 NO_GRAD = 3
+# Parameters 0, 1 and 5 start at flat offsets 0, 1024 and 3104 (multiples of 16) and hold whole
+# blocks of 512: those blocks take the kernels' aligned path (16-byte loads on a GPU), in each
+# parameter dtype; 3104 + 2048 starts a partial block, which takes the masked path, as do the
+# parameters at 2048 (too short) and 2055, 3095 (offsets not multiples of 16).
+ALIGNED_SHAPES = [(1024,), (16, 64), (7,), (1040,), (9,), (3, 700)]
+ALIGNED_FLAGS = [1, 1, 1, 0, 0, 1]
 
 
 @pytest.fixture(params=DEVICES)
@@ -54,7 +60,8 @@ def flat_views(params, flat):
 
 
 def subspace(D, K, dtype, device):
-    basis = (torch.randn(K, D, device=device) * 1000).to(dtype)
+    basis = ops.empty_basis(K, D, dtype, device)  # rows 128-byte aligned, as Subspace keeps them
+    basis.copy_((torch.randn(K, D, device=device) * 1000).to(dtype))
     scales = torch.rand(K, device=device) * 1e-4
     w0 = torch.randn(D, device=device)
     gram = reference.gram(basis, scales).float()
@@ -83,15 +90,16 @@ HYPER = [
 ]
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, ALIGNED_SHAPES], ids=["small", "aligned"])
 @pytest.mark.parametrize("hyper", HYPER, ids=["momentum-wd", "nesterov"])
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
-def test_fused_step_matches_generic_path(device, dtype, hyper):
+def test_fused_step_matches_generic_path(device, dtype, hyper, shapes):
     K = 3
-    D = sum(torch.Size(s).numel() for s in SHAPES)
+    D = sum(torch.Size(s).numel() for s in shapes)
     w0, basis, scales, gram, pw0 = subspace(D, K, dtype, device)
     runs = {}
     for backend in ["torch", "triton"]:
-        params = make_params(device)
+        params = make_params(device, shapes)
         flat = torch.zeros(D, device=device)
         alpha = torch.zeros(K, device=device)
         buf = torch.zeros(K, device=device)
@@ -113,6 +121,19 @@ def test_fused_step_matches_generic_path(device, dtype, hyper):
         # in the last bit, which can move a half-precision result by one unit (TOL[dtype]).
         atol, rtol = TOL[x.dtype]
         torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=f"parameter {i}")
+
+
+def test_fused_step_table_marks_aligned_parameters(device):
+    """The aligned path is taken exactly where offsets and addresses allow it."""
+    params = make_params(device, ALIGNED_SHAPES)
+    set_grads(params, 0, device)
+    plan = fused.plan_for(params, device)
+    ptab, _ = plan.table(params)
+    assert ptab[:, 6].tolist() == ALIGNED_FLAGS
+    # A grad that is not 16-byte aligned turns its parameter's aligned path off.
+    params[0].grad = torch.zeros(1025, device=device)[1:]
+    ptab, _ = plan.table(params)
+    assert ptab[:, 6].tolist() == [0] + ALIGNED_FLAGS[1:]
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)

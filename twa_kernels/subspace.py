@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _backend, _ops, distributed, reference
+from . import _backend, _ops, distributed, ops, reference
 
 STORAGE_DTYPES = _ops.STORAGE_DTYPES
 
@@ -151,7 +151,8 @@ class Subspace:
             on the layout, ``max_rank``, ``dtype`` or ``tol`` raise ``ValueError`` together.
 
     Attributes:
-        basis: [max_rank, n] storage; columns [0, rank) are valid. scales: fp32 [max_rank].
+        basis: [max_rank, n] (rows 128-byte aligned, see ``ops.empty_basis``); columns [0, rank)
+            are valid. scales: fp32 [max_rank].
         anchor: fp32 [n], the first sample. mean: fp32 [n], the running mean of the samples.
         rank: number of basis columns. num_samples: number of samples added.
         shard: ``(start, stop)``, the range of the D flat values held here (n = stop - start):
@@ -210,7 +211,7 @@ class Subspace:
             self.world_size, group_rank = distributed.world_and_rank(process_group)
             self.shard = distributed.shard_range(D, self.world_size, group_rank)
         n = self.shard[1] - self.shard[0]
-        self.basis = torch.empty(max_rank, n, dtype=dtype, device=self.device)
+        self.basis = ops.empty_basis(max_rank, n, dtype, self.device)
         self.scales = torch.zeros(max_rank, dtype=torch.float32, device=self.device)
         self.anchor = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.mean = torch.zeros(n, dtype=torch.float32, device=self.device)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 # Chunk boundaries are multiples of this many columns, so every chunk starts 512-byte aligned
-# for fp16 rows and no BLOCK_D tile of the configs below (<= 256) straddles two chunks.
+# for fp16 rows (given aligned row starts) and its whole BLOCK_D tiles can be read in 16-byte
+# loads; only a chunk's last, partial tile (if any) is masked.
 CHUNK_ALIGN = 256
 
 # The interpreter runs programs one after another in numpy: each program costs ~1 ms of
@@ -27,6 +29,29 @@ INTERPRETER_MAX_SPLITS = 4
 # On a GPU, 4 programs per SM keep enough loads in flight to saturate HBM on a streaming pass
 # (the partials then cost 4 * SMs * K * 4 bytes, e.g. 1.1 MB for 132 SMs and K = 512).
 PROGRAMS_PER_SM = 4
+
+
+# Triton specialises an integer argument on "divisible by 16": a row stride that is not (or a
+# base address that is not 16-byte aligned) leaves the compiler unable to prove any row start
+# aligned, and every basis load becomes a 2-byte one.
+_ROW_ALIGN_VALUES = 16
+_warned_unaligned = False
+
+
+def warn_if_unaligned(basis: torch.Tensor) -> None:
+    """Warn once per process when a CUDA basis's rows cannot be read in 16-byte vectors."""
+    global _warned_unaligned
+    if _warned_unaligned or basis.device.type != "cuda" or basis.shape[0] == 0:
+        return
+    if basis.stride(0) % _ROW_ALIGN_VALUES or basis.data_ptr() % 16:
+        _warned_unaligned = True
+        warnings.warn(
+            f"twa_kernels: the basis rows do not start 16-byte aligned (row stride "
+            f"{basis.stride(0)} values, address {basis.data_ptr() % 16} bytes past a multiple of "
+            "16), so the Triton kernels read them 2 bytes at a time, several times slower than "
+            "16-byte loads; allocate the basis with twa_kernels.ops.empty_basis (Subspace does)",
+            stacklevel=3,
+        )
 
 
 def interpreted() -> bool:
@@ -69,6 +94,22 @@ def split_items(n: int, device: torch.device) -> tuple[int, int]:
 
 def pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def add_combination(
+    acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K: tl.constexpr
+):
+    """``acc + sum_k alpha[k] scales[k] basis[k, cols]`` (fp32), K in BLOCK_K-row tiles."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)
+        coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
+        ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
+        p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(coef[:, None] * p, axis=0)
+    return acc
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import ROW_AMAX
-from ._common import pow2, split_columns, to_storage
+from ._common import pow2, split_columns, to_storage, warn_if_unaligned
 
 _BLOCK_K = 16
 _BLOCK_D = 256
@@ -214,6 +214,7 @@ def _orthogonalize_store_kernel(
 
 
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+    warn_if_unaligned(basis)
     K, D = basis.shape
     dev = sample.device
     R = max(rank, 1)  # row count of the workspaces; rank = 0 runs the loops zero times

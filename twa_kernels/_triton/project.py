@@ -13,14 +13,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import configs, split_columns
+from ._common import configs, split_columns, warn_if_unaligned
 
-# Single vector: [BLOCK_K, BLOCK_D] tiles of 4-8K elements keep 16-32 values per thread live.
+# Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
+# basis per thread and tile (sm_90 code: 56-166 registers, no local memory; checked by
+# tests/test_triton_codegen.py). The loop is not software-pipelined, so the larger tiles are
+# the ones with more bytes in flight per program.
 _CONFIGS_1 = [
     triton.Config({"BLOCK_K": 16, "BLOCK_D": 256}, num_warps=4),
     triton.Config({"BLOCK_K": 32, "BLOCK_D": 256}, num_warps=8),
     triton.Config({"BLOCK_K": 8, "BLOCK_D": 256}, num_warps=4),
     triton.Config({"BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 512}, num_warps=8),
 ]
 # Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
 _CONFIGS_B = [
@@ -34,13 +38,43 @@ _REDUCE_BLOCK_N = 128
 
 
 @triton.jit
+def _project_tile(
+    acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``acc`` plus one [BLOCK_K, BLOCK_D] tile's ``P x``; only a MASKED tile checks ``end``.
+
+    An unmasked tile starts at a multiple of 16 columns, so the compiler can prove its rows
+    16-byte aligned and load them in 16-byte vectors (a column mask is not constant over 8
+    values, and turns every load into a 2-byte one).
+    """
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    if MASKED:
+        mask_d = offs_d < end
+    else:
+        mask_d = tl.full([BLOCK_D], 1, tl.int1)
+    p = tl.load(row + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+    p = p.to(tl.float32)
+    if BLOCK_B == 1:
+        x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        acc += tl.sum(p * x[None, :], axis=1)
+    else:
+        xp = x_ptr + offs_b[:, None] * x_stride + offs_d[None, :]
+        x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(x.to(tl.float32), tl.trans(p), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _project_body(
-    basis_ptr, row_stride, x_ptr, part_ptr, K, D, B, CHUNK,
+    basis_ptr, row_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
+    # Whole tiles without a column mask, then at most one masked tile.
+    full_end = start + (end - start) // BLOCK_D * BLOCK_D
     offs_b = tl.arange(0, BLOCK_B).to(tl.int64)
     mask_b = offs_b < B
     for k0 in range(0, K, BLOCK_K):
@@ -51,18 +85,16 @@ def _project_body(
             acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        for d0 in range(start, end, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            mask_d = offs_d < end
-            p = tl.load(row + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-            p = p.to(tl.float32)
-            if BLOCK_B == 1:
-                x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                acc += tl.sum(p * x[None, :], axis=1)
-            else:
-                xp = x_ptr + offs_b[:, None] * D + offs_d[None, :]
-                x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-                acc = tl.dot(x.to(tl.float32), tl.trans(p), acc, input_precision="ieee")
+        for d0 in range(start, full_end, BLOCK_D):
+            acc = _project_tile(
+                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
+                BLOCK_B, BLOCK_D, MASKED=False,
+            )  # fmt: skip
+        for d0 in range(full_end, end, BLOCK_D):
+            acc = _project_tile(
+                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
+                BLOCK_B, BLOCK_D, MASKED=True,
+            )  # fmt: skip
         if BLOCK_B == 1:
             tl.store(part_ptr + pid * K + offs_k, acc, mask=mask_k)
         else:
@@ -99,7 +131,7 @@ def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
     S, chunk = split_columns(D, x2.device)
     part = torch.empty(S, B, K, dtype=torch.float32, device=x2.device)
     kernel = _project_kernel if B == 1 else _project_batched_kernel
-    kernel[(S,)](basis, basis.stride(0), x2, part, K, D, B, chunk, BLOCK_B=1 if B == 1 else 16)
+    kernel[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk, BLOCK_B=1 if B == 1 else 16)
     return part
 
 
@@ -116,6 +148,7 @@ def reduce_partials(part: Tensor, scales: Tensor) -> Tensor:
 
 def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     """``P^T x``: fp32 [K] for x [D], fp32 [B, K] for x [B, D] (B <= 16 per tile, any B)."""
+    warn_if_unaligned(basis)
     x2 = x if x.dim() == 2 else x.unsqueeze(0)
     if x2.shape[0] == 0:
         return torch.zeros(0, basis.shape[0], dtype=torch.float32, device=x.device)

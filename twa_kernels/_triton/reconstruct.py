@@ -10,14 +10,35 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import configs, to_storage
+from ._common import add_combination, configs, to_storage, warn_if_unaligned
 
+# [BLOCK_K, BLOCK_D] basis tiles read in 16-byte loads. A [64, 128] tile at 8 warps was
+# dropped: its sm_90 code kept 16 bytes of local memory (tests/test_triton_codegen.py).
 _CONFIGS = [
     triton.Config({"BLOCK_K": 16, "BLOCK_D": 256}, num_warps=4),
     triton.Config({"BLOCK_K": 32, "BLOCK_D": 256}, num_warps=8),
     triton.Config({"BLOCK_K": 8, "BLOCK_D": 512}, num_warps=4),
-    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8),
 ]
+
+
+@triton.jit
+def _reconstruct_columns(
+    out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Columns ``offs_d`` of ``w0 + P alpha``; only a MASKED call checks ``D``.
+
+    Unmasked columns start at a multiple of BLOCK_D, so the compiler can prove the rows 16-byte
+    aligned and load them in 16-byte vectors (a column mask is not constant over 8 values, and
+    turns every load into a 2-byte one).
+    """
+    if MASKED:
+        mask_d = offs_d < D
+    else:
+        mask_d = tl.full(offs_d.shape, 1, tl.int1)
+    acc = tl.load(w0_ptr + offs_d, mask=mask_d, other=0.0)
+    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, offs_d, mask_d, BLOCK_K)
+    tl.store(out_ptr + offs_d, to_storage(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.autotune(configs=configs(_CONFIGS), key=["K", "D"])
@@ -28,20 +49,20 @@ def _reconstruct_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_d = offs_d < D
-    acc = tl.load(w0_ptr + offs_d, mask=mask_d, other=0.0)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)
-        coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-        p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(coef[:, None] * p, axis=0)
-    tl.store(out_ptr + offs_d, to_storage(acc, out_ptr.dtype.element_ty), mask=mask_d)
+    if (pid + 1) * BLOCK_D <= D:
+        _reconstruct_columns(
+            out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
+            BLOCK_K, MASKED=False,
+        )  # fmt: skip
+    else:
+        _reconstruct_columns(
+            out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
+            BLOCK_K, MASKED=True,
+        )  # fmt: skip
 
 
 def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
+    warn_if_unaligned(basis)
     K, D = basis.shape
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]),)
     _reconstruct_kernel[grid](out, w0, basis, basis.stride(0), scales, alpha, K, D)

@@ -8,8 +8,8 @@
 
 The parameters are cut into blocks of ``BLOCK`` columns that never straddle two parameters. A
 block table ``[param index, first element]`` and a parameter table ``[flat offset, numel,
-param dtype code, grad dtype code, param address, grad address]`` (int64) are built on the host
-once per parameter list and kept on the device; kernels turn the addresses into typed pointers
+param dtype code, grad dtype code, param address, grad address, aligned]`` (int64) are built on
+the host once per parameter list and kept on the device; kernels turn the addresses into typed pointers
 (``int64.to(tl.pointer_type(...))``), which also works in the interpreter, where CPU tensors
 keep their real addresses. Only the grad addresses can change between steps (``zero_grad``
 frees grads by default); the parameter table is rebuilt and copied to the device (one small
@@ -34,13 +34,17 @@ import triton.language as tl
 from torch import Tensor
 
 from . import subspace_step
-from ._common import configs, split_items, to_storage
+from ._common import add_combination, configs, split_items, to_storage, warn_if_unaligned
 
 # Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
 # (biases, norms: 64-2048 values) waste at most one partly masked block each; 512 columns keep
 # the [BLOCK_K, 512] fp16 basis tile at 1 KB per row.
 BLOCK = 512
-_FIELDS = 8  # int64 per row of the parameter table (6 used, padded to 64 bytes)
+_FIELDS = 8  # int64 per row of the parameter table (7 used, padded to 64 bytes)
+# A parameter whose flat offset (in values) and addresses are multiples of this takes the
+# kernels' aligned path: 16-byte vector loads of the basis rows (given rows that start
+# 16-byte aligned, see ``reference.empty_basis``) instead of 2-byte ones.
+_ALIGN = 16
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NO_GRAD = 3
 _MAX_PLANS = 8
@@ -73,6 +77,55 @@ def _store_from_f32(addr, code, offs, val, mask):
     tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, val.to(tl.float16), mask=mask & (code == 2))
 
 
+@triton.jit
+def _block(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
+    """Where block ``blk`` lives: ``(parameter table row, local offsets, mask, basis columns)``.
+
+    A FAST block is whole (no mask) and its parameter, grad and basis columns start 16-byte
+    aligned (the table's ALIGNED field); the hints let the compiler prove it and load the
+    basis rows in 16-byte vectors, where a column mask or an unknown offset gives 2-byte loads.
+    """
+    row = ptab_ptr + tl.load(btab_ptr + 2 * blk) * FIELDS
+    first = tl.load(btab_ptr + 2 * blk + 1)
+    col0 = tl.load(row) + first
+    if FAST:
+        first = tl.multiple_of(first, 16)
+        col0 = tl.multiple_of(col0, 16)
+        mask = tl.full([BLOCK_D], 1, tl.int1)
+    local = first + tl.arange(0, BLOCK_D).to(tl.int64)
+    if not FAST:
+        mask = local < tl.load(row + 1)
+    return row, local, mask, col0 + tl.arange(0, BLOCK_D).to(tl.int64)
+
+
+@triton.jit
+def _address(row, field, FAST: tl.constexpr):
+    addr = tl.load(row + field)
+    if FAST:
+        addr = tl.multiple_of(addr, 16)
+    return addr
+
+
+@triton.jit
+def _is_fast(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = ptab_ptr + tl.load(btab_ptr + 2 * blk) * FIELDS
+    whole = tl.load(btab_ptr + 2 * blk + 1) + BLOCK_D <= tl.load(row + 1)
+    return whole & (tl.load(row + 6) != 0)
+
+
+@triton.jit
+def _block_dot(
+    acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, offs_k, mask_k,
+    FIELDS: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """``acc`` plus the block's part of ``P^T g``."""
+    row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
+    g = _load_as_f32(_address(row, 5, FAST), tl.load(row + 3), local, mask_d)
+    ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
+    p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    return acc + tl.sum(p * g[None, :], axis=1)
+
+
 @triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
 @triton.jit
 def _step_project_kernel(
@@ -87,16 +140,29 @@ def _step_project_kernel(
         mask_k = offs_k < K
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for blk in range(b_lo, b_hi):
-            i = tl.load(btab_ptr + 2 * blk)
-            row = ptab_ptr + i * FIELDS
-            local = tl.load(btab_ptr + 2 * blk + 1) + tl.arange(0, BLOCK_D).to(tl.int64)
-            mask_d = local < tl.load(row + 1)
-            g = _load_as_f32(tl.load(row + 5), tl.load(row + 3), local, mask_d)
-            cols = tl.load(row) + local
-            ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
-            p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(p * g[None, :], axis=1)
+            if _is_fast(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D):
+                acc = _block_dot(
+                    acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, offs_k, mask_k,
+                    FIELDS, BLOCK_D, FAST=True,
+                )  # fmt: skip
+            else:
+                acc = _block_dot(
+                    acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, offs_k, mask_k,
+                    FIELDS, BLOCK_D, FAST=False,
+                )  # fmt: skip
         tl.store(part_ptr + pid * K + offs_k, acc, mask=mask_k)
+
+
+@triton.jit
+def _block_write(
+    ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """The block's parameter values ``w0 + P alpha``, written in the parameter's dtype."""
+    row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
+    acc = tl.load(w0_ptr + cols, mask=mask_d, other=0.0)
+    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K)
+    _store_from_f32(_address(row, 4, FAST), tl.load(row + 2), local, acc, mask_d)
 
 
 @triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
@@ -109,21 +175,16 @@ def _step_write_kernel(
     b_lo = pid * PER
     b_hi = tl.minimum(b_lo + PER, NBLK)
     for blk in range(b_lo, b_hi):
-        i = tl.load(btab_ptr + 2 * blk)
-        row = ptab_ptr + i * FIELDS
-        local = tl.load(btab_ptr + 2 * blk + 1) + tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_d = local < tl.load(row + 1)
-        cols = tl.load(row) + local
-        acc = tl.load(w0_ptr + cols, mask=mask_d, other=0.0)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mask_k = offs_k < K
-            coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)
-            coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
-            ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
-            p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(coef[:, None] * p, axis=0)
-        _store_from_f32(tl.load(row + 4), tl.load(row + 2), local, acc, mask_d)
+        if _is_fast(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D):
+            _block_write(
+                ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+                FIELDS, BLOCK_K, BLOCK_D, FAST=True,
+            )  # fmt: skip
+        else:
+            _block_write(
+                ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+                FIELDS, BLOCK_K, BLOCK_D, FAST=False,
+            )  # fmt: skip
 
 
 def _code(t: Tensor, what: str) -> int:
@@ -184,7 +245,9 @@ class _Plan:
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 gcode = NO_GRAD if g is None else _code(g, f"grad of parameter {i}")
                 gaddr = 0 if g is None else g.data_ptr()
+                aligned = all(a % _ALIGN == 0 for a in (self.offsets[i], p.data_ptr(), gaddr))
                 rows.append([self.offsets[i], p.numel(), _code(p, ""), gcode, p.data_ptr(), gaddr])
+                rows[-1].append(int(aligned))
                 rows[-1] += [0] * (_FIELDS - len(rows[-1]))
             host = torch.tensor(rows, dtype=torch.int64)
             if self.device.type == "cuda":
@@ -234,6 +297,7 @@ def fused_twa_step(
     are kernel arguments, fixed in the graph at their capture values: an LR scheduler that
     changes ``param_groups[0]["lr"]`` does not affect replays (capture again to change them).
     """
+    warn_if_unaligned(basis)
     K, D = basis.shape
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")

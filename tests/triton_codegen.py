@@ -1,0 +1,125 @@
+"""Compile the hot Triton kernels for sm_90 (no GPU needed) and report what their code does.
+
+For every autotune config of the per-step kernels (project, reconstruct, the fused step's two
+passes) and every basis dtype, this compiles the kernel as a launch on an H100/H200 would (16-byte
+aligned pointers, a row stride that is a multiple of 16 values, as ``ops.empty_basis`` makes it)
+and reads the machine code with the ``cuobjdump`` shipped in Triton's wheel: registers, local
+memory (stack) and the number of 16-byte global loads (``LDG.E.128``) per thread. Printed as
+JSON; ``tests/test_triton_codegen.py`` checks the numbers.
+
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces compiled kernels):
+``python tests/triton_codegen.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# (the package re-exports functions named like these modules)
+
+project = importlib.import_module("twa_kernels._triton.project")
+reconstruct = importlib.import_module("twa_kernels._triton.reconstruct")
+step = importlib.import_module("twa_kernels._triton.step")
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+STORAGE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn  # an Autotuner wraps the JITFunction
+    return kernel
+
+
+def compile_sm90(kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
+    """Registers, stack bytes and load instructions of ``kernel`` compiled for sm_90."""
+    fn = _jit_function(kernel)
+    sig = dict(signature, **{name: "constexpr" for name in constexprs})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True)
+        sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True)
+    return {
+        "regs": int(re.search(r"REG:(\d+)", usage.stdout).group(1)),
+        "stack": int(re.search(r"STACK:(\d+)", usage.stdout).group(1)),
+        "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass.stdout)),
+        "ldgsts128": len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass.stdout)),
+    }
+
+
+def basis_loads_per_thread(block_k: int, block_d: int, dtype: torch.dtype, num_warps: int) -> int:
+    """16-byte loads each thread needs for one [block_k, block_d] basis tile."""
+    return block_k * block_d * dtype.itemsize // (32 * num_warps * 16)
+
+
+def cases():
+    """``(name, kernel, signature, constexprs, aligned args, num_warps, tile (K, D))`` to compile."""
+    for dtype, ptr in STORAGE.items():
+        sig = {"basis_ptr": ptr, "row_stride": "i32", "x_ptr": "*fp32", "x_stride": "i32",
+               "part_ptr": "*fp32", "K": "i32", "D": "i32", "B": "i32", "CHUNK": "i32"}  # fmt: skip
+        aligned = ("basis_ptr", "row_stride", "x_ptr", "x_stride", "part_ptr", "CHUNK")
+        for cfg in project._CONFIGS_1:
+            kw = dict(cfg.kwargs, BLOCK_B=1)
+            tile = (kw["BLOCK_K"], kw["BLOCK_D"])
+            yield "project", project._project_body, sig, kw, aligned, cfg.num_warps, dtype, tile
+        sig = {"out_ptr": "*fp32", "w0_ptr": "*fp32", "basis_ptr": ptr, "row_stride": "i32",
+               "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32", "D": "i32"}  # fmt: skip
+        aligned = ("out_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
+        for cfg in reconstruct._CONFIGS:
+            kw = dict(cfg.kwargs)
+            tile = (kw["BLOCK_K"], kw["BLOCK_D"])
+            yield "reconstruct", reconstruct._reconstruct_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
+        common = {"FIELDS": step._FIELDS, "BLOCK_D": step.BLOCK}
+        sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "basis_ptr": ptr, "row_stride": "i32",
+               "part_ptr": "*fp32", "K": "i32", "NBLK": "i32", "PER": "i32"}  # fmt: skip
+        aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "part_ptr")
+        for cfg in step._CONFIGS:
+            kw = dict(cfg.kwargs, **common)
+            tile = (kw["BLOCK_K"], step.BLOCK)
+            yield "step_project", step._step_project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
+        sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
+               "row_stride": "i32", "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32",
+               "NBLK": "i32", "PER": "i32"}  # fmt: skip
+        aligned = ("ptab_ptr", "btab_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
+        for cfg in step._CONFIGS:
+            kw = dict(cfg.kwargs, **common)
+            tile = (kw["BLOCK_K"], step.BLOCK)
+            yield "step_write", step._step_write_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
+
+
+def main() -> None:
+    rows = []
+    for name, kernel, sig, kw, aligned, warps, dtype, (bk, bd) in cases():
+        info = compile_sm90(kernel, sig, kw, aligned, warps)
+        info.update(
+            kernel=name,
+            dtype=str(dtype).removeprefix("torch."),
+            config={k: v for k, v in kw.items() if k.startswith("BLOCK")},
+            num_warps=warps,
+            basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
+        )
+        rows.append(info)
+    json.dump(rows, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
