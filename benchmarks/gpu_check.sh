@@ -51,8 +51,12 @@ stage "tests"
 # What is least verified first: the CUDA extension's numerics, then the Triton kernels on CUDA
 # (all passed on an H200 at 8e833c9), then the rest. TWA_GPU_TESTS overrides the list.
 TESTS=${TWA_GPU_TESTS:-"tests/test_cuda_ops.py tests/test_triton_step.py tests/test_triton_ops.py tests"}
+# Most of the tests' time is compiling Triton kernels on the CPU: with pytest-xdist (on the box)
+# they compile on several cores at once while sharing the one GPU.
+WORKERS=""
+if "$PY" -c "import xdist" 2>/dev/null; then WORKERS="-n ${TWA_GPU_TEST_WORKERS:-8}"; fi
 TWA_TEST_DEVICE=cuda timeout -s INT -k 30 ${TWA_GPU_TEST_LIMIT:-150} "$PY" -m pytest -q -rs \
-  -p no:cacheprovider $TESTS >"$OUT/tests.log" 2>&1
+  -p no:cacheprovider $WORKERS $TESTS >"$OUT/tests.log" 2>&1
 echo "tests exit $? (124: timed out)" | tee -a "$OUT/info.txt"
 tail -n 3 "$OUT/tests.log" | tee -a "$OUT/info.txt"
 
@@ -97,5 +101,7 @@ EOF
 stage "report"
 if [ -s "$OUT/bench.json" ]; then
   timeout 30 "$PY" -m benchmarks.report "$OUT/bench.json" --out "$OUT" 2>&1 | tee -a "$OUT/info.txt"
+  # The card's backend="auto" entry for twa_kernels/_auto_table.py, from the same run.
+  timeout 30 "$PY" -m benchmarks.auto_table "$OUT/bench.json" 2>&1 | tee -a "$OUT/info.txt"
 fi
 stage "done"
