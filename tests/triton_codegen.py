@@ -33,6 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 project = importlib.import_module("twa_kernels._triton.project")
 reconstruct = importlib.import_module("twa_kernels._triton.reconstruct")
 step = importlib.import_module("twa_kernels._triton.step")
+orth = importlib.import_module("twa_kernels._triton.orthogonalize")
+
+# orthogonalize_'s pass-2 tile depends on the rank: the one of a full 301-sample basis.
+ORTH_RANK = 301
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -104,6 +108,35 @@ def cases():
             kw = dict(cfg.kwargs, **common)
             tile = (kw["BLOCK_K"], step.BLOCK)
             yield "step_write", step._step_write_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
+        # orthogonalize_, once per sample: its three passes at their fixed tile shapes.
+        tile = (orth._BLOCK_K, orth._BLOCK_D)
+        kw = {"BLOCK_K": tile[0], "BLOCK_D": tile[1]}
+        sig = {"basis_ptr": ptr, "row_stride": "i32", "sample_ptr": "*fp32", "part_ptr": "*fp64",
+               "vv_ptr": "*fp64", "R": "i32", "D": "i32", "CHUNK": "i32"}  # fmt: skip
+        aligned = ("basis_ptr", "row_stride", "sample_ptr", "part_ptr", "vv_ptr", "CHUNK")
+        yield "orthogonalize_pass1", orth._orthogonalize_kernel, sig, kw, aligned, 4, dtype, tile
+        nt, bk, bd = orth._remainder_blocks(ORTH_RANK, dtype.itemsize)
+        kw = {"NT": nt, "BLOCK_K": bk, "BLOCK_D": bd}
+        sig = {"basis_ptr": ptr, "row_stride": "i32", "sample_ptr": "*fp32", "sc1_ptr": "*fp64",
+               "part_ptr": "*fp64", "ss_ptr": "*fp64", "amax_ptr": "*fp64", "R": "i32", "D": "i32",
+               "CHUNK": "i32"}  # fmt: skip
+        aligned = ("basis_ptr", "row_stride", "sample_ptr", "sc1_ptr", "part_ptr", "CHUNK")
+        warps = orth.remainder_warps(bk, bd)
+        yield (
+            "orthogonalize_pass2",
+            orth._orthogonalize_remainder_kernel,
+            sig,
+            kw,
+            aligned,
+            warps,
+            dtype,
+            (bk, bd),
+        )
+        kw = {"LIMIT": torch.finfo(dtype).max, "BLOCK_K": tile[0], "BLOCK_D": tile[1]}
+        sig = {"basis_ptr": ptr, "row_stride": "i32", "sample_ptr": "*fp32", "sh_ptr": "*fp64",
+               "inv_ptr": "*fp64", "rank": "i32", "R": "i32", "D": "i32"}  # fmt: skip
+        aligned = ("basis_ptr", "row_stride", "sample_ptr", "sh_ptr", "inv_ptr")
+        yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, 4, dtype, tile
 
 
 def main() -> None:

@@ -50,9 +50,45 @@ def _remainder_blocks(R: int, element_size: int) -> tuple[int, int, int]:
     return max(pow2(R), block_k) // block_k, block_k, block_d
 
 
+def remainder_warps(block_k: int, block_d: int) -> int:
+    """Warps of pass 2: 8 for [BLOCK_K, BLOCK_D] tiles of 4K values, else 4."""
+    return 8 if block_k * block_d >= 4096 else 4
+
+
 @triton.jit
 def _load_f64(ptrs, mask):
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+
+
+@triton.jit
+def _column_mask(offs_d, end, MASKED: tl.constexpr):
+    """``offs_d < end``, or an all-true mask the compiler knows is constant (whole tiles, which
+    it can then read in 16-byte loads)."""
+    if MASKED:
+        return offs_d < end
+    else:
+        return tl.full(offs_d.shape, 1, tl.int1)
+
+
+@triton.jit
+def _dot_tile(
+    acc,
+    basis_ptr,
+    row_stride,
+    sample_ptr,
+    offs_k,
+    mask_k,
+    d0,
+    end,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_d = _column_mask(offs_d, end, MASKED)
+    v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
+    ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+    p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+    return acc + tl.sum(p * v[None, :], axis=1)
 
 
 @triton.jit
@@ -63,17 +99,15 @@ def _orthogonalize_kernel(
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
+    full_end = start + (end - start) // BLOCK_D * BLOCK_D
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < R
         acc = tl.zeros([BLOCK_K], dtype=tl.float64)
-        for d0 in range(start, end, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            mask_d = offs_d < end
-            v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
-            ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-            p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-            acc += tl.sum(p * v[None, :], axis=1)
+        for d0 in range(start, full_end, BLOCK_D):
+            acc = _dot_tile(acc, basis_ptr, row_stride, sample_ptr, offs_k, mask_k, d0, end, BLOCK_D, False)
+        for d0 in range(full_end, end, BLOCK_D):
+            acc = _dot_tile(acc, basis_ptr, row_stride, sample_ptr, offs_k, mask_k, d0, end, BLOCK_D, True)
         tl.store(part_ptr + pid * R + offs_k, acc, mask=mask_k)
     vv = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(start, end, BLOCK_D):
@@ -84,26 +118,78 @@ def _orthogonalize_kernel(
 
 
 @triton.jit
+def _fold_partials(part_ptr, S, R, offs, mask, BLOCK_S: tl.constexpr, MAX: tl.constexpr):
+    """``sum_s part[s, offs]`` (or the max, with MAX) over the S rows of a [S, R] workspace,
+    BLOCK_S rows at a time in a fixed order."""
+    acc = tl.zeros(offs.shape, dtype=tl.float64)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        ptrs = part_ptr + offs_s[:, None] * R + offs[None, :]
+        t = tl.load(ptrs, mask=(offs_s < S)[:, None] & mask[None, :], other=0.0)
+        if MAX:
+            acc = tl.maximum(acc, tl.max(t, axis=0))
+        else:
+            acc += tl.sum(t, axis=0)
+    return acc
+
+
+@triton.jit
+def _fold_scalars(ptr, S, BLOCK_S: tl.constexpr, MAX: tl.constexpr):
+    """The sum (or max) of the S per-program values at ``ptr``, in a fixed order."""
+    lane = tl.zeros([1], dtype=tl.int64)
+    folded = _fold_partials(ptr, S, 1, lane, lane == 0, BLOCK_S, MAX)
+    return tl.max(folded, axis=0) if MAX else tl.sum(folded, axis=0)
+
+
+@triton.jit
 def _orthogonalize_reduce1_kernel(
     part_ptr, vv_ptr, scales_ptr, c1_ptr, sc1_ptr, vv_out_ptr, S, R,
     KP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < R
-    acc = tl.zeros([KP], dtype=tl.float64)
-    vv = tl.zeros([BLOCK_S], dtype=tl.float64)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        mask_s = offs_s < S
-        t = tl.load(part_ptr + offs_s[:, None] * R + offs[None, :],
-                    mask=mask_s[:, None] & mask[None, :], other=0.0)  # fmt: skip
-        acc += tl.sum(t, axis=0)
-        vv += tl.load(vv_ptr + offs_s, mask=mask_s, other=0.0)
+    acc = _fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
     s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     c1 = acc * s
     tl.store(c1_ptr + offs, c1, mask=mask)
     tl.store(sc1_ptr + offs, s * c1, mask=mask)
-    tl.store(vv_out_ptr, tl.sum(vv, axis=0))
+    tl.store(vv_out_ptr, _fold_scalars(vv_ptr, S, BLOCK_S, False))
+
+
+@triton.jit
+def _remainder_slab(
+    acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
+    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One [R, BLOCK_D] slab of pass 2: ``v1 = v - P c1``, then ``P^T v1`` into ``acc``."""
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_d = _column_mask(offs_d, end, MASKED)
+    tiles = tl.arange(0, NT)
+    lanes = tl.arange(0, BLOCK_K).to(tl.int64)
+    # v1 = v - P c1 over the slab's BLOCK_D columns, K in BLOCK_K tiles.
+    corr = tl.zeros([BLOCK_D], dtype=tl.float64)
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + lanes
+        mask_k = offs_k < R
+        sc1 = tl.load(sc1_ptr + offs_k, mask=mask_k, other=0.0)
+        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+        corr += tl.sum(sc1[:, None] * p, axis=0)
+    v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
+    v1 = v - corr
+    ss += v1 * v1
+    amax = tl.maximum(amax, tl.abs(v1))
+    # P^T v1 over the same slab. This second read of the [K, BLOCK_D] slab comes from L2:
+    # at K = 512 and BLOCK_D = 64 an fp16 slab is 64 KB, and 4 programs per SM on 132 SMs
+    # keep 34 MB live, inside the 50 MB L2 of an H100/H200. DRAM still sees one pass.
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + lanes
+        mask_k = offs_k < R
+        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
+        t = tl.sum(p * v1[None, :], axis=1)
+        acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
+    return acc, ss, amax
 
 
 @triton.jit
@@ -114,41 +200,24 @@ def _orthogonalize_remainder_kernel(
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
+    full_end = start + (end - start) // BLOCK_D * BLOCK_D
     # P^T v1 of this chunk, one row per K tile: [NT, BLOCK_K] fp64 (512 values = 4 KB at K = 512,
     # 4 per thread at the 4 warps a [32, 64] tile gets). Tile t is updated through a select on
     # the tile index, because a register tensor cannot be indexed by the loop counter.
-    tiles = tl.arange(0, NT)
-    lanes = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros([NT, BLOCK_K], dtype=tl.float64)
     ss = tl.zeros([BLOCK_D], dtype=tl.float64)
     amax = tl.zeros([BLOCK_D], dtype=tl.float64)
-    for d0 in range(start, end, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_d = offs_d < end
-        # v1 = v - P c1 over the slab's BLOCK_D columns, K in BLOCK_K tiles.
-        corr = tl.zeros([BLOCK_D], dtype=tl.float64)
-        for k0 in range(0, R, BLOCK_K):
-            offs_k = k0 + lanes
-            mask_k = offs_k < R
-            sc1 = tl.load(sc1_ptr + offs_k, mask=mask_k, other=0.0)
-            ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-            p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-            corr += tl.sum(sc1[:, None] * p, axis=0)
-        v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
-        v1 = v - corr
-        ss += v1 * v1
-        amax = tl.maximum(amax, tl.abs(v1))
-        # P^T v1 over the same slab. This second read of the [K, BLOCK_D] slab comes from L2:
-        # at K = 512 and BLOCK_D = 64 an fp16 slab is 64 KB, and 4 programs per SM on 132 SMs
-        # keep 34 MB live, inside the 50 MB L2 of an H100/H200. DRAM still sees one pass.
-        for k0 in range(0, R, BLOCK_K):
-            offs_k = k0 + lanes
-            mask_k = offs_k < R
-            ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-            p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-            t = tl.sum(p * v1[None, :], axis=1)
-            acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
-    offs = tiles.to(tl.int64)[:, None] * BLOCK_K + lanes[None, :]
+    for d0 in range(start, full_end, BLOCK_D):
+        acc, ss, amax = _remainder_slab(
+            acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
+            NT, BLOCK_K, BLOCK_D, MASKED=False,
+        )  # fmt: skip
+    for d0 in range(full_end, end, BLOCK_D):
+        acc, ss, amax = _remainder_slab(
+            acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
+            NT, BLOCK_K, BLOCK_D, MASKED=True,
+        )  # fmt: skip
+    offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
     tl.store(part_ptr + pid * R + offs, acc, mask=offs < R)
     tl.store(ss_ptr + pid, tl.sum(ss, axis=0))
     tl.store(amax_ptr + pid, tl.max(amax, axis=0))
@@ -161,24 +230,14 @@ def _orthogonalize_reduce2_kernel(
 ):  # fmt: skip
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < R
-    acc = tl.zeros([KP], dtype=tl.float64)
-    ss = tl.zeros([BLOCK_S], dtype=tl.float64)
-    amax = tl.zeros([BLOCK_S], dtype=tl.float64)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        mask_s = offs_s < S
-        t = tl.load(part_ptr + offs_s[:, None] * R + offs[None, :],
-                    mask=mask_s[:, None] & mask[None, :], other=0.0)  # fmt: skip
-        acc += tl.sum(t, axis=0)
-        ss += tl.load(ss_ptr + offs_s, mask=mask_s, other=0.0)
-        amax = tl.maximum(amax, tl.load(amax_ptr + offs_s, mask=mask_s, other=0.0))
+    acc = _fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
     s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     c2 = acc * s
     h = tl.load(c1_ptr + offs, mask=mask, other=0.0) + c2
-    norm2 = tl.sum(ss, axis=0) - tl.sum(c2 * c2, axis=0)
+    norm2 = _fold_scalars(ss_ptr, S, BLOCK_S, False) - tl.sum(c2 * c2, axis=0)
     # fp64 tl.sqrt is correctly rounded (PTX has sqrt.approx only for f32; sqrt_rn is f32-only).
     norm = tl.sqrt(tl.maximum(norm2, 0.0))
-    amax_all = tl.max(amax, axis=0)
+    amax_all = _fold_scalars(amax_ptr, S, BLOCK_S, True)
     tl.store(out_ptr + offs, h, mask=mask)
     tl.store(out_ptr + rank, norm)
     tl.store(out_ptr + rank + 1, tl.sqrt(tl.load(vv_ptr)))
@@ -192,13 +251,11 @@ def _orthogonalize_reduce2_kernel(
 
 
 @triton.jit
-def _orthogonalize_store_kernel(
-    basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, LIMIT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _store_columns(
+    basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, offs_d, LIMIT: tl.constexpr,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_d = offs_d < D
+    mask_d = _column_mask(offs_d, D, MASKED)
     u = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -211,6 +268,25 @@ def _orthogonalize_store_kernel(
     val = tl.minimum(tl.maximum(val, -LIMIT), LIMIT)
     out = basis_ptr + rank * row_stride + offs_d
     tl.store(out, to_storage(val.to(tl.float32), basis_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _orthogonalize_store_kernel(
+    basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, LIMIT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    if (pid + 1) * BLOCK_D <= D:
+        _store_columns(
+            basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, offs_d, LIMIT, BLOCK_K,
+            MASKED=False,
+        )  # fmt: skip
+    else:
+        _store_columns(
+            basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, offs_d, LIMIT, BLOCK_K,
+            MASKED=True,
+        )  # fmt: skip
 
 
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
@@ -241,7 +317,7 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> 
     nt, block_k, block_d = _remainder_blocks(R, basis.element_size())
     _orthogonalize_remainder_kernel[(S,)](
         basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk,
-        NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_k * block_d >= 4096 else 4,
+        NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=remainder_warps(block_k, block_d),
     )  # fmt: skip
     write_row = rank < K
     _orthogonalize_reduce2_kernel[(1,)](
