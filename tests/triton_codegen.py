@@ -30,13 +30,16 @@ from triton.runtime.jit import JITFunction
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # (the package re-exports functions named like these modules)
 
+from twa_kernels._triton._common import pow2  # noqa: E402
+
 project = importlib.import_module("twa_kernels._triton.project")
 reconstruct = importlib.import_module("twa_kernels._triton.reconstruct")
 step = importlib.import_module("twa_kernels._triton.step")
 orth = importlib.import_module("twa_kernels._triton.orthogonalize")
 
-# orthogonalize_'s pass-2 tile depends on the rank: the one of a full 301-sample basis.
-ORTH_RANK = 301
+# orthogonalize_'s pass-2 tile and the fused step's accumulator depend on K: that of a full
+# 301-sample basis.
+ORTH_RANK = STEP_K = 301
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -97,7 +100,7 @@ def cases():
                "part_ptr": "*fp32", "K": "i32", "NBLK": "i32", "PER": "i32"}  # fmt: skip
         aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "part_ptr")
         for cfg in step._CONFIGS:
-            kw = dict(cfg.kwargs, **common)
+            kw = dict(cfg.kwargs, NT=pow2(-(-STEP_K // cfg.kwargs["BLOCK_K"])), **common)
             tile = (kw["BLOCK_K"], step.BLOCK)
             yield "step_project", step._step_project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
