@@ -4,7 +4,8 @@ For every autotune config of the per-step kernels (project, reconstruct, the fus
 passes) and every basis dtype, this compiles the kernel as a launch on an H100/H200 would (16-byte
 aligned pointers, a row stride that is a multiple of 16 values, as ``ops.empty_basis`` makes it)
 and reads the machine code with the ``cuobjdump`` shipped in Triton's wheel: registers, local
-memory (stack) and the number of 16-byte global loads (``LDG.E.128``) per thread. Printed as
+memory (stack) and the number of 16-byte global loads per thread (``LDG.E.128``, or the
+asynchronous ``LDGSTS.E.128`` copies the compiler makes of a loop it pipelines). Printed as
 JSON; ``tests/test_triton_codegen.py`` checks the numbers.
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces compiled kernels):
@@ -37,8 +38,8 @@ reconstruct = importlib.import_module("twa_kernels._triton.reconstruct")
 step = importlib.import_module("twa_kernels._triton.step")
 orth = importlib.import_module("twa_kernels._triton.orthogonalize")
 
-# orthogonalize_'s pass-2 tile and the fused step's accumulator depend on K: that of a full
-# 301-sample basis.
+# orthogonalize_'s pass-2 tile and the [NT, BLOCK_K] accumulator of project and the fused step
+# depend on K: that of a full 301-sample basis.
 ORTH_RANK = STEP_K = 301
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -81,13 +82,29 @@ def basis_loads_per_thread(block_k: int, block_d: int, dtype: torch.dtype, num_w
 def cases():
     """``(name, kernel, signature, constexprs, aligned args, num_warps, tile (K, D))`` to compile."""
     for dtype, ptr in STORAGE.items():
+        sig = {"basis_ptr": ptr, "row_stride": "i32", "x_ptr": "*fp32", "part_ptr": "*fp32",
+               "K": "i32", "D": "i32", "CHUNK": "i32"}  # fmt: skip
+        aligned = ("basis_ptr", "row_stride", "x_ptr", "part_ptr", "CHUNK")
+        for cfg in project._CONFIGS_1:
+            kw = dict(cfg.kwargs, NT=pow2(-(-STEP_K // cfg.kwargs["BLOCK_K"])))
+            tile = (kw["BLOCK_K"], kw["BLOCK_D"])
+            yield "project", project._project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         sig = {"basis_ptr": ptr, "row_stride": "i32", "x_ptr": "*fp32", "x_stride": "i32",
                "part_ptr": "*fp32", "K": "i32", "D": "i32", "B": "i32", "CHUNK": "i32"}  # fmt: skip
         aligned = ("basis_ptr", "row_stride", "x_ptr", "x_stride", "part_ptr", "CHUNK")
-        for cfg in project._CONFIGS_1:
-            kw = dict(cfg.kwargs, BLOCK_B=1)
+        for cfg in project._CONFIGS_B:
+            kw = dict(cfg.kwargs)
             tile = (kw["BLOCK_K"], kw["BLOCK_D"])
-            yield "project", project._project_body, sig, kw, aligned, cfg.num_warps, dtype, tile
+            yield (
+                "project_batched",
+                project._project_batched_kernel,
+                sig,
+                kw,
+                aligned,
+                cfg.num_warps,
+                dtype,
+                tile,
+            )
         sig = {"out_ptr": "*fp32", "w0_ptr": "*fp32", "basis_ptr": ptr, "row_stride": "i32",
                "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32", "D": "i32"}  # fmt: skip
         aligned = ("out_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")

@@ -97,6 +97,39 @@ def pow2(n: int) -> int:
 
 
 @triton.jit
+def column_mask(offs_d, end, MASKED: tl.constexpr):
+    """``offs_d < end``, or (not MASKED) an all-true mask the compiler knows is constant.
+
+    Whole tiles take the second: with a mask that is not constant over 8 values (and offsets it
+    cannot prove aligned) the compiler turns every basis load into a 2-byte one; tiles that start
+    at a multiple of 16 columns of 16-byte aligned rows are read in 16-byte loads.
+    """
+    if MASKED:
+        return offs_d < end
+    else:
+        return tl.full(offs_d.shape, 1, tl.int1)
+
+
+@triton.jit
+def dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, x, K, BLOCK_K: tl.constexpr, NT: tl.constexpr):
+    """``acc`` [NT, BLOCK_K] plus ``basis[:, cols] @ x`` (fp32), row t of acc holding K tile t.
+
+    Columns outside, K inside: ``x`` is read once for all K tiles. A register tensor cannot be
+    indexed by the loop counter, so tile t's sums are added through a select on the tile index
+    (NT * BLOCK_K selects against BLOCK_K * len(cols) multiply-adds per tile).
+    """
+    tiles = tl.arange(0, NT)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
+        p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        t = tl.sum(p * x[None, :], axis=1)
+        acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
+    return acc
+
+
+@triton.jit
 def add_combination(
     acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K: tl.constexpr
 ):

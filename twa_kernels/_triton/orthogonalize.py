@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import ROW_AMAX
-from ._common import pow2, split_columns, to_storage, warn_if_unaligned
+from ._common import column_mask, pow2, split_columns, to_storage, warn_if_unaligned
 
 _BLOCK_K = 16
 _BLOCK_D = 256
@@ -61,16 +61,6 @@ def _load_f64(ptrs, mask):
 
 
 @triton.jit
-def _column_mask(offs_d, end, MASKED: tl.constexpr):
-    """``offs_d < end``, or an all-true mask the compiler knows is constant (whole tiles, which
-    it can then read in 16-byte loads)."""
-    if MASKED:
-        return offs_d < end
-    else:
-        return tl.full(offs_d.shape, 1, tl.int1)
-
-
-@triton.jit
 def _dot_tile(
     acc,
     basis_ptr,
@@ -84,7 +74,7 @@ def _dot_tile(
     MASKED: tl.constexpr,
 ):
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_d = _column_mask(offs_d, end, MASKED)
+    mask_d = column_mask(offs_d, end, MASKED)
     v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
     ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
     p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
@@ -163,7 +153,7 @@ def _remainder_slab(
 ):  # fmt: skip
     """One [R, BLOCK_D] slab of pass 2: ``v1 = v - P c1``, then ``P^T v1`` into ``acc``."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_d = _column_mask(offs_d, end, MASKED)
+    mask_d = column_mask(offs_d, end, MASKED)
     tiles = tl.arange(0, NT)
     lanes = tl.arange(0, BLOCK_K).to(tl.int64)
     # v1 = v - P c1 over the slab's BLOCK_D columns, K in BLOCK_K tiles.
@@ -255,7 +245,7 @@ def _store_columns(
     basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, offs_d, LIMIT: tl.constexpr,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    mask_d = _column_mask(offs_d, D, MASKED)
+    mask_d = column_mask(offs_d, D, MASKED)
     u = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)

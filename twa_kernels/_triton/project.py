@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import configs, split_columns, warn_if_unaligned
+from ._common import column_mask, configs, dot_tiles, pow2, split_columns, warn_if_unaligned
 
 # Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
 # basis per thread and tile (sm_90 code: 56-166 registers, no local memory; checked by
@@ -27,9 +27,11 @@ _CONFIGS_1 = [
     triton.Config({"BLOCK_K": 32, "BLOCK_D": 512}, num_warps=8),
 ]
 # Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
+# The compiler pipelines these loads (16-byte asynchronous copies). A [16, 128] tile at 4 warps
+# was replaced: with an fp16 basis its sm_90 code spilled 528 bytes (255 registers).
 _CONFIGS_B = [
     triton.Config({"BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4),
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 128}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 64}, num_warps=8),
     triton.Config({"BLOCK_K": 64, "BLOCK_D": 64}, num_warps=8),
 ]
 # Stage 2 adds BLOCK_S partials per step with one tree sum, then steps in order over S.
@@ -38,73 +40,83 @@ _REDUCE_BLOCK_N = 128
 
 
 @triton.jit
-def _project_tile(
-    acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+def _vector_tile(
+    acc, basis_ptr, row_stride, x_ptr, K, d0, end,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """``acc`` plus one [BLOCK_K, BLOCK_D] tile's ``P x``; only a MASKED tile checks ``end``.
-
-    An unmasked tile starts at a multiple of 16 columns, so the compiler can prove its rows
-    16-byte aligned and load them in 16-byte vectors (a column mask is not constant over 8
-    values, and turns every load into a 2-byte one).
-    """
+    """``acc`` [NT, BLOCK_K] plus the ``P^T x`` of columns [d0, d0 + BLOCK_D), all K tiles."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-    if MASKED:
-        mask_d = offs_d < end
-    else:
-        mask_d = tl.full([BLOCK_D], 1, tl.int1)
-    p = tl.load(row + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-    p = p.to(tl.float32)
-    if BLOCK_B == 1:
-        x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        acc += tl.sum(p * x[None, :], axis=1)
-    else:
-        xp = x_ptr + offs_b[:, None] * x_stride + offs_d[None, :]
-        x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(x.to(tl.float32), tl.trans(p), acc, input_precision="ieee")
-    return acc
+    mask_d = column_mask(offs_d, end, MASKED)
+    x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return dot_tiles(acc, basis_ptr, row_stride, offs_d, mask_d, x, K, BLOCK_K, NT)
 
 
+@triton.autotune(configs=configs(_CONFIGS_1), key=["K", "D"])
+@triton.heuristics({"NT": lambda args: pow2(triton.cdiv(args["K"], args["BLOCK_K"]))})
 @triton.jit
-def _project_body(
-    basis_ptr, row_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _project_kernel(
+    basis_ptr, row_stride, x_ptr, part_ptr, K, D, CHUNK,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
+    """Stage 1 for one vector: column tiles outside, K tiles inside, so x is read once."""
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
     # Whole tiles without a column mask, then at most one masked tile.
     full_end = start + (end - start) // BLOCK_D * BLOCK_D
-    offs_b = tl.arange(0, BLOCK_B).to(tl.int64)
+    acc = tl.zeros([NT, BLOCK_K], dtype=tl.float32)
+    for d0 in range(start, full_end, BLOCK_D):
+        acc = _vector_tile(acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, MASKED=False)
+    for d0 in range(full_end, end, BLOCK_D):
+        acc = _vector_tile(acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, MASKED=True)
+    offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
+    tl.store(part_ptr + pid * K + offs, acc, mask=offs < K)
+
+
+@triton.jit
+def _batch_tile(
+    acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
+    BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``acc`` [16, BLOCK_K] plus one [BLOCK_K, BLOCK_D] tile's products with 16 rows of x."""
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_d = column_mask(offs_d, end, MASKED)
+    p = tl.load(row + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+    xp = x_ptr + offs_b[:, None] * x_stride + offs_d[None, :]
+    x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+    return tl.dot(x.to(tl.float32), tl.trans(p.to(tl.float32)), acc, input_precision="ieee")
+
+
+@triton.autotune(configs=configs(_CONFIGS_B), key=["K", "D", "B"])
+@triton.jit
+def _project_batched_kernel(
+    basis_ptr, row_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Stage 1 for up to 16 vectors: K tiles outside (the [16, BLOCK_K] accumulator of tl.dot
+    cannot take the select trick cheaply), column tiles inside; the compiler pipelines this
+    loop's loads itself (it feeds a dot)."""
+    pid = tl.program_id(0).to(tl.int64)
+    start = pid * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    full_end = start + (end - start) // BLOCK_D * BLOCK_D
+    offs_b = tl.arange(0, 16).to(tl.int64)
     mask_b = offs_b < B
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
         row = basis_ptr + offs_k[:, None] * row_stride
-        if BLOCK_B == 1:
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([16, BLOCK_K], dtype=tl.float32)
         for d0 in range(start, full_end, BLOCK_D):
-            acc = _project_tile(
-                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
-                BLOCK_B, BLOCK_D, MASKED=False,
-            )  # fmt: skip
+            acc = _batch_tile(
+                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end, BLOCK_D, MASKED=False
+            )
         for d0 in range(full_end, end, BLOCK_D):
-            acc = _project_tile(
-                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
-                BLOCK_B, BLOCK_D, MASKED=True,
-            )  # fmt: skip
-        if BLOCK_B == 1:
-            tl.store(part_ptr + pid * K + offs_k, acc, mask=mask_k)
-        else:
-            out = part_ptr + pid * B * K + offs_b[:, None] * K + offs_k[None, :]
-            tl.store(out, acc, mask=mask_b[:, None] & mask_k[None, :])
-
-
-# One jitted body, two autotuned launchers: the tile shapes that fit a vector and a batch differ.
-_project_kernel = triton.autotune(configs=configs(_CONFIGS_1), key=["K", "D"])(_project_body)
-_project_batched_kernel = triton.autotune(configs=configs(_CONFIGS_B), key=["K", "D", "B"])(_project_body)
+            acc = _batch_tile(
+                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end, BLOCK_D, MASKED=True
+            )
+        out = part_ptr + pid * B * K + offs_b[:, None] * K + offs_k[None, :]
+        tl.store(out, acc, mask=mask_b[:, None] & mask_k[None, :])
 
 
 @triton.jit
@@ -130,8 +142,10 @@ def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
     B = x2.shape[0]
     S, chunk = split_columns(D, x2.device)
     part = torch.empty(S, B, K, dtype=torch.float32, device=x2.device)
-    kernel = _project_kernel if B == 1 else _project_batched_kernel
-    kernel[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk, BLOCK_B=1 if B == 1 else 16)
+    if B == 1:
+        _project_kernel[(S,)](basis, basis.stride(0), x2, part, K, D, chunk)
+    else:
+        _project_batched_kernel[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)
     return part
 
 

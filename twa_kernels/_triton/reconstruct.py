@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import add_combination, configs, to_storage, warn_if_unaligned
+from ._common import add_combination, column_mask, configs, to_storage, warn_if_unaligned
 
 # [BLOCK_K, BLOCK_D] basis tiles, read in 16-byte loads (tests/test_triton_codegen.py).
 _CONFIGS = [
@@ -26,16 +26,8 @@ def _reconstruct_columns(
     out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Columns ``offs_d`` of ``w0 + P alpha``; only a MASKED call checks ``D``.
-
-    Unmasked columns start at a multiple of BLOCK_D, so the compiler can prove the rows 16-byte
-    aligned and load them in 16-byte vectors (a column mask is not constant over 8 values, and
-    turns every load into a 2-byte one).
-    """
-    if MASKED:
-        mask_d = offs_d < D
-    else:
-        mask_d = tl.full(offs_d.shape, 1, tl.int1)
+    """Columns ``offs_d`` of ``w0 + P alpha``; only a MASKED call (the last tile) checks ``D``."""
+    mask_d = column_mask(offs_d, D, MASKED)
     acc = tl.load(w0_ptr + offs_d, mask=mask_d, other=0.0)
     acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, offs_d, mask_d, BLOCK_K)
     tl.store(out_ptr + offs_d, to_storage(acc, out_ptr.dtype.element_ty), mask=mask_d)

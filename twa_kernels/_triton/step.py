@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import subspace_step
-from ._common import add_combination, configs, pow2, split_items, to_storage, warn_if_unaligned
+from ._common import add_combination, configs, dot_tiles, pow2, split_items, to_storage, warn_if_unaligned
 
 # Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
 # (biases, norms: 64-2048 values) waste at most one partly masked block each; 512 columns keep
@@ -119,23 +119,10 @@ def _block_dot(
     FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr,
     FAST: tl.constexpr,
 ):  # fmt: skip
-    """``acc`` [NT, BLOCK_K] plus the block's part of ``P^T g``, row t holding K tile t.
-
-    The block's grad is read once for all K tiles. A register tensor cannot be indexed by the
-    loop counter, so tile t's sums are added through a select on the tile index (NT * BLOCK_K
-    selects against BLOCK_K * BLOCK_D multiply-adds per tile).
-    """
+    """``acc`` [NT, BLOCK_K] plus the block's part of ``P^T g`` (its grad read once)."""
     row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
     g = _load_as_f32(_address(row, 5, FAST), tl.load(row + 3), local, mask_d)
-    tiles = tl.arange(0, NT)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
-        p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        t = tl.sum(p * g[None, :], axis=1)
-        acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
-    return acc
+    return dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, g, K, BLOCK_K, NT)
 
 
 @triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
