@@ -1,8 +1,9 @@
 """``project``: ``c = P^T x`` for x [D] or [B, D], fp32 accumulation, two deterministic stages.
 
-Stage 1 (``_project_kernel``): program s takes columns ``[s * CHUNK, (s + 1) * CHUNK)``, loops
-over K in BLOCK_K rows and over its columns in BLOCK_D tiles, and writes its partial sums to
-``part[s, b, k]``. Stage 2 (``_project_reduce_kernel``) adds the S partials in a fixed order and
+Stage 1: program s takes columns ``[s * CHUNK, (s + 1) * CHUNK)`` in BLOCK_D tiles and K in
+BLOCK_K rows, and writes its partial sums to ``part[s, b, k]``; ``_project_kernel`` (one vector)
+walks the column tiles outside and K inside, so x is read once, ``_project_batched_kernel`` (up
+to 16 vectors, through ``tl.dot``) the other way round. Stage 2 (``_project_reduce_kernel``) adds the S partials in a fixed order and
 applies the row scales. No atomics.
 """
 
