@@ -54,7 +54,7 @@ def _jit_function(kernel):
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
-    """Registers, stack bytes and load instructions of ``kernel`` compiled for sm_90."""
+    """Registers, stack bytes, shared memory and load instructions of ``kernel`` for sm_90."""
     fn = _jit_function(kernel)
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
@@ -71,6 +71,7 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, aligned: tuple, num_
         "stack": int(re.search(r"STACK:(\d+)", usage.stdout).group(1)),
         "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass.stdout)),
         "ldgsts128": len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass.stdout)),
+        "shared": compiled.metadata.shared,
     }
 
 
@@ -166,7 +167,7 @@ def main() -> None:
         info.update(
             kernel=name,
             dtype=str(dtype).removeprefix("torch."),
-            config={k: v for k, v in kw.items() if k.startswith("BLOCK")},
+            config={k: v for k, v in kw.items() if k.startswith(("BLOCK", "STAGES"))},
             num_warps=warps,
             basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
         )

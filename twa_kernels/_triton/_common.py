@@ -111,15 +111,20 @@ def column_mask(offs_d, end, MASKED: tl.constexpr):
 
 
 @triton.jit
-def dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, x, K, BLOCK_K: tl.constexpr, NT: tl.constexpr):
+def dot_tiles(
+    acc, basis_ptr, row_stride, cols, mask_d, x, K,
+    BLOCK_K: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
     """``acc`` [NT, BLOCK_K] plus ``basis[:, cols] @ x`` (fp32), row t of acc holding K tile t.
 
     Columns outside, K inside: ``x`` is read once for all K tiles. A register tensor cannot be
     indexed by the loop counter, so tile t's sums are added through a select on the tile index
-    (NT * BLOCK_K selects against BLOCK_K * len(cols) multiply-adds per tile).
+    (NT * BLOCK_K selects against BLOCK_K * len(cols) multiply-adds per tile). STAGES > 1 has
+    the compiler prefetch the next STAGES - 1 tiles into shared memory (16-byte asynchronous
+    copies) while one is summed.
     """
     tiles = tl.arange(0, NT)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
         ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
@@ -131,10 +136,12 @@ def dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, x, K, BLOCK_K: tl.conste
 
 @triton.jit
 def add_combination(
-    acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K: tl.constexpr
-):
-    """``acc + sum_k alpha[k] scales[k] basis[k, cols]`` (fp32), K in BLOCK_K-row tiles."""
-    for k0 in range(0, K, BLOCK_K):
+    acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """``acc + sum_k alpha[k] scales[k] basis[k, cols]`` (fp32), K in BLOCK_K-row tiles
+    (STAGES - 1 of them prefetched, as in ``dot_tiles``)."""
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
         coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)

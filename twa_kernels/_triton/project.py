@@ -3,8 +3,8 @@
 Stage 1: program s takes columns ``[s * CHUNK, (s + 1) * CHUNK)`` in BLOCK_D tiles and K in
 BLOCK_K rows, and writes its partial sums to ``part[s, b, k]``; ``_project_kernel`` (one vector)
 walks the column tiles outside and K inside, so x is read once, ``_project_batched_kernel`` (up
-to 16 vectors, through ``tl.dot``) the other way round. Stage 2 (``_project_reduce_kernel``) adds the S partials in a fixed order and
-applies the row scales. No atomics.
+to 16 vectors, through ``tl.dot``) the other way round. Stage 2 (``_project_reduce_kernel``)
+adds the S partials in a fixed order and applies the row scales. No atomics.
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from torch import Tensor
 from ._common import column_mask, configs, dot_tiles, pow2, split_columns, warn_if_unaligned
 
 # Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
-# basis per thread and tile (sm_90 code: 56-166 registers, no local memory; checked by
-# tests/test_triton_codegen.py). The loop is not software-pipelined, so the larger tiles are
-# the ones with more bytes in flight per program.
+# basis per thread and tile (registers and local memory of each config's sm_90 code are checked
+# by tests/test_triton_codegen.py). Bytes in flight per program come from larger tiles, or from
+# STAGES > 1, which has the compiler prefetch the next K tiles into shared memory.
 _CONFIGS_1 = [
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256}, num_warps=8),
-    triton.Config({"BLOCK_K": 8, "BLOCK_D": 256}, num_warps=4),
-    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 512}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 8, "BLOCK_D": 256, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 512, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 3}, num_warps=8),
 ]
 # Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
 # The compiler pipelines these loads (16-byte asynchronous copies). A [16, 128] tile at 4 warps
@@ -43,13 +45,14 @@ _REDUCE_BLOCK_N = 128
 @triton.jit
 def _vector_tile(
     acc, basis_ptr, row_stride, x_ptr, K, d0, end,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
     """``acc`` [NT, BLOCK_K] plus the ``P^T x`` of columns [d0, d0 + BLOCK_D), all K tiles."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = column_mask(offs_d, end, MASKED)
     x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return dot_tiles(acc, basis_ptr, row_stride, offs_d, mask_d, x, K, BLOCK_K, NT)
+    return dot_tiles(acc, basis_ptr, row_stride, offs_d, mask_d, x, K, BLOCK_K, NT, STAGES)
 
 
 @triton.autotune(configs=configs(_CONFIGS_1), key=["K", "D"])
@@ -57,7 +60,7 @@ def _vector_tile(
 @triton.jit
 def _project_kernel(
     basis_ptr, row_stride, x_ptr, part_ptr, K, D, CHUNK,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
     """Stage 1 for one vector: column tiles outside, K tiles inside, so x is read once."""
     pid = tl.program_id(0).to(tl.int64)
@@ -67,9 +70,13 @@ def _project_kernel(
     full_end = start + (end - start) // BLOCK_D * BLOCK_D
     acc = tl.zeros([NT, BLOCK_K], dtype=tl.float32)
     for d0 in range(start, full_end, BLOCK_D):
-        acc = _vector_tile(acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, MASKED=False)
+        acc = _vector_tile(
+            acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, STAGES, MASKED=False
+        )
     for d0 in range(full_end, end, BLOCK_D):
-        acc = _vector_tile(acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, MASKED=True)
+        acc = _vector_tile(
+            acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, STAGES, MASKED=True
+        )
     offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
     tl.store(part_ptr + pid * K + offs, acc, mask=offs < K)
 

@@ -12,24 +12,29 @@ from torch import Tensor
 
 from ._common import add_combination, column_mask, configs, to_storage, warn_if_unaligned
 
-# [BLOCK_K, BLOCK_D] basis tiles, read in 16-byte loads (tests/test_triton_codegen.py).
+# [BLOCK_K, BLOCK_D] basis tiles, read in 16-byte loads (tests/test_triton_codegen.py);
+# STAGES > 1 prefetches the next K tiles into shared memory.
 _CONFIGS = [
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256}, num_warps=8),
-    triton.Config({"BLOCK_K": 8, "BLOCK_D": 512}, num_warps=4),
-    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 8, "BLOCK_D": 512, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 3}, num_warps=8),
 ]
 
 
 @triton.jit
 def _reconstruct_columns(
     out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
-    BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_K: tl.constexpr, STAGES: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Columns ``offs_d`` of ``w0 + P alpha``; only a MASKED call (the last tile) checks ``D``."""
     mask_d = column_mask(offs_d, D, MASKED)
     acc = tl.load(w0_ptr + offs_d, mask=mask_d, other=0.0)
-    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, offs_d, mask_d, BLOCK_K)
+    acc = add_combination(
+        acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, offs_d, mask_d, BLOCK_K, STAGES
+    )
     tl.store(out_ptr + offs_d, to_storage(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -37,19 +42,19 @@ def _reconstruct_columns(
 @triton.jit
 def _reconstruct_kernel(
     out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     if (pid + 1) * BLOCK_D <= D:
         _reconstruct_columns(
             out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
-            BLOCK_K, MASKED=False,
+            BLOCK_K, STAGES, MASKED=False,
         )  # fmt: skip
     else:
         _reconstruct_columns(
             out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
-            BLOCK_K, MASKED=True,
+            BLOCK_K, STAGES, MASKED=True,
         )  # fmt: skip
 
 

@@ -43,16 +43,20 @@ BLOCK = 512
 _FIELDS = 8  # int64 per row of the parameter table (7 used, padded to 64 bytes)
 # A parameter whose flat offset (in values) and addresses are multiples of this takes the
 # kernels' aligned path: 16-byte vector loads of the basis rows (given rows that start
-# 16-byte aligned, see ``reference.empty_basis``) instead of 2-byte ones.
+# 16-byte aligned, see ``ops.empty_basis``) instead of 2-byte ones.
 _ALIGN = 16
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NO_GRAD = 3
 _MAX_PLANS = 8
 
+# [BLOCK_K, 512] basis tiles read in 16-byte loads; STAGES > 1 prefetches the next tiles of the
+# K loop into shared memory (3 stages of a [16, 512] fp16 tile: 48 KB per program).
 _CONFIGS = [
-    triton.Config({"BLOCK_K": 16}, num_warps=8),
-    triton.Config({"BLOCK_K": 8}, num_warps=4),
-    triton.Config({"BLOCK_K": 32}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 8, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "STAGES": 3}, num_warps=8),
+    triton.Config({"BLOCK_K": 8, "STAGES": 3}, num_warps=4),
 ]
 
 
@@ -117,12 +121,12 @@ def _is_fast(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_D: tl.constexp
 def _block_dot(
     acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K,
     FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr,
-    FAST: tl.constexpr,
+    STAGES: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """``acc`` [NT, BLOCK_K] plus the block's part of ``P^T g`` (its grad read once)."""
     row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
     g = _load_as_f32(_address(row, 5, FAST), tl.load(row + 3), local, mask_d)
-    return dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, g, K, BLOCK_K, NT)
+    return dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, g, K, BLOCK_K, NT, STAGES)
 
 
 @triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
@@ -130,7 +134,8 @@ def _block_dot(
 @triton.jit
 def _step_project_kernel(
     ptab_ptr, btab_ptr, basis_ptr, row_stride, part_ptr, K, NBLK, PER,
-    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr,
+    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    NT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     b_lo = pid * PER
@@ -141,12 +146,12 @@ def _step_project_kernel(
     for blk in range(b_lo, b_hi):
         if _is_fast(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D):
             acc = _block_dot(
-                acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K, FIELDS, BLOCK_K, BLOCK_D, NT,
+                acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K, FIELDS, BLOCK_K, BLOCK_D, NT, STAGES,
                 FAST=True,
             )  # fmt: skip
         else:
             acc = _block_dot(
-                acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K, FIELDS, BLOCK_K, BLOCK_D, NT,
+                acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K, FIELDS, BLOCK_K, BLOCK_D, NT, STAGES,
                 FAST=False,
             )  # fmt: skip
     offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
@@ -156,12 +161,13 @@ def _step_project_kernel(
 @triton.jit
 def _block_write(
     ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr,
+    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """The block's parameter values ``w0 + P alpha``, written in the parameter's dtype."""
     row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
     acc = tl.load(w0_ptr + cols, mask=mask_d, other=0.0)
-    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K)
+    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K, STAGES)
     _store_from_f32(_address(row, 4, FAST), tl.load(row + 2), local, acc, mask_d)
 
 
@@ -169,7 +175,7 @@ def _block_write(
 @triton.jit
 def _step_write_kernel(
     ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, NBLK, PER,
-    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     b_lo = pid * PER
@@ -178,12 +184,12 @@ def _step_write_kernel(
         if _is_fast(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D):
             _block_write(
                 ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-                FIELDS, BLOCK_K, BLOCK_D, FAST=True,
+                FIELDS, BLOCK_K, BLOCK_D, STAGES, FAST=True,
             )  # fmt: skip
         else:
             _block_write(
                 ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-                FIELDS, BLOCK_K, BLOCK_D, FAST=False,
+                FIELDS, BLOCK_K, BLOCK_D, STAGES, FAST=False,
             )  # fmt: skip
 
 
