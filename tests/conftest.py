@@ -34,3 +34,24 @@ def seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
     yield 0
+
+
+def only_config(kernel, config):
+    """Context: the Triton autotuned ``kernel`` runs ``config`` and nothing else.
+
+    The autotuner's choice is timing-dependent, so a test of the result checks one config at
+    best; tests that must cover every candidate (each is its own code path: tile shapes,
+    software pipelining) pin them one at a time with this.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def pinned():
+        saved = kernel.configs, kernel.cache
+        kernel.configs, kernel.cache = [config], {}
+        try:
+            yield
+        finally:
+            kernel.configs, kernel.cache = saved
+
+    return pinned()

@@ -7,12 +7,13 @@ the only error allowed for is the kernels' fp32 accumulation (and the final roun
 output dtype), not the rounding of the basis itself.
 """
 
+import importlib
 import os
 import warnings
 
 import pytest
 import torch
-from conftest import DEVICES, STORAGE_DTYPES, TOL
+from conftest import DEVICES, STORAGE_DTYPES, TOL, only_config
 
 pytest.importorskip("triton")
 
@@ -65,6 +66,49 @@ def test_project_matches_fp64_oracle(device, dtype, x_dtype, batch, K, D):
     # The inputs are exact in fp64; only fp32 accumulation and the scale product round, so the
     # fp32 tolerance applies whatever the storage dtype, relative to sum_d |P_id x_d|.
     assert_within(c, ref, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
+
+
+def _all_configs(module, name):
+    """``(kernel, config)`` for every autotune candidate of ``module.name`` (GPU runs only: under
+    the interpreter each kernel has its first config alone)."""
+    kernel = getattr(importlib.import_module(f"twa_kernels._triton.{module}"), name)
+    return [pytest.param(kernel, c, id=f"{name}-{i}") for i, c in enumerate(kernel.configs)]
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="autotune candidates run on a GPU only")
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["padded", "odd-slice"])
+@pytest.mark.parametrize(
+    "kernel,config",
+    _all_configs("project", "_project_kernel") + _all_configs("project", "_project_batched_kernel"),
+)
+def test_every_project_config_matches_fp64_oracle(kernel, config, layout):
+    """Each candidate (tile shape, software pipelining) on its own, over several K tiles and
+    chunks, with whole tiles (16-byte loads) and masked ones."""
+    K, D = 37, 100_003
+    basis, scales = random_basis(K, D, torch.float16, "cuda", layout)
+    x = torch.randn(1 if kernel.base_fn.__name__ == "_project_kernel" else 5, D, device="cuda")
+    with only_config(kernel, config):
+        c = _ops.project(basis, scales, x, "triton")
+    P = columns(basis, scales)
+    assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["padded", "odd-slice"])
+@pytest.mark.parametrize("kernel,config", _all_configs("reconstruct", "_reconstruct_kernel"))
+def test_every_reconstruct_config_matches_fp64_oracle(kernel, config, layout):
+    K, D = 37, 100_003
+    basis, scales = random_basis(K, D, torch.float16, "cuda", layout)
+    w0, alpha = torch.randn(D, device="cuda"), torch.randn(K, device="cuda")
+    out = torch.full((D,), float("nan"), device="cuda")
+    with only_config(kernel, config):
+        _ops.reconstruct_(out, w0, basis, scales, alpha, "triton")
+    P = columns(basis, scales)
+    scale = w0.double().abs() + P.abs().T @ alpha.double().abs()
+    assert_within(out, w0.double() + P.T @ alpha.double(), scale, TOL[torch.float32], "w0 + P alpha")
 
 
 def test_unaligned_cuda_basis_warns_once(monkeypatch):
