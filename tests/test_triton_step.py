@@ -189,6 +189,34 @@ def assert_one_step_matches_fp64(device, dtype, shapes, dtypes, K):
     assert counters.tolist() == [1, 0]
 
 
+def test_deterministic_algorithms_pin_the_first_config(device, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) no kernel consults the autotuner (whose
+    timing-dependent choice could change the summation order between processes)."""
+    from triton.runtime import autotuner
+
+    def consulted(*args, **kwargs):
+        raise AssertionError("the autotuner was consulted")
+
+    monkeypatch.setattr(autotuner.Autotuner, "run", consulted)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert_one_step_matches_fp64(device, torch.float16, ALIGNED_SHAPES, DTYPES, K=37)
+        basis, scales = ops.empty_basis(37, 1000, torch.float16, device), torch.rand(37, device=device)
+        basis.copy_(torch.randn(37, 1000, device=device).half())
+        x = torch.randn(2, 1000, device=device)
+        c = ops.project(basis, scales, x, backend="triton")
+        c1 = ops.project(basis, scales, x[0], backend="triton")
+        out = torch.empty(1000, device=device)
+        ops.reconstruct_(out, x[0], basis, scales, c1, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    P = basis.double() * scales.double()[:, None]
+    # fp32 sums of 1000 products of size ~1 (results ~30): errors ~1e-5, far inside these bounds,
+    # which only need to tell a right result from a wrong one (the oracle tests bound them).
+    torch.testing.assert_close(c.double(), x.double() @ P.T, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.double(), x[0].double() + P.T @ c1.double(), atol=1e-3, rtol=1e-4)
+
+
 def test_fused_step_skips_nonfinite_bit_for_bit(device):
     params = make_params(device)
     D = sum(p.numel() for p in params)

@@ -3,7 +3,8 @@
 Reductions over D are two-stage and deterministic: stage 1 splits the columns into ``S``
 contiguous chunks and writes one partial per chunk to a workspace, stage 2 adds the partials in
 a fixed order. ``S`` depends only on the shape and the device, so the same inputs give the same
-bits (for a given autotune choice: a different tile shape changes the order of the fp32 sums).
+bits for a given autotune choice (a different tile shape changes the order of the fp32 sums;
+``tuned`` pins the first config under ``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,27 @@ def warn_if_unaligned(basis: torch.Tensor) -> None:
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuned(kernel):
+    """``kernel`` (an autotuned kernel), ready for ``[grid](...)``.
+
+    With ``torch.use_deterministic_algorithms(True)`` the autotuner is bypassed and the kernel
+    runs its first candidate config: the autotuner's choice depends on timings, and another
+    tile shape sums in another order, so two processes could otherwise disagree in the last
+    bits. Within one process the choice is cached per shape and results repeat either way.
+    """
+    return _FirstConfig(kernel) if torch.are_deterministic_algorithms_enabled() else kernel
+
+
+class _FirstConfig:
+    """An autotuned kernel launched with its first config, as ``_FirstConfig(k)[grid](...)``."""
+
+    def __init__(self, kernel):
+        self.fn, self.config = kernel.fn, kernel.configs[0]
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **self.config.all_kwargs())
 
 
 def configs(candidates: list[triton.Config]) -> list[triton.Config]:

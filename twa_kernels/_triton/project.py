@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import column_mask, configs, dot_tiles, pow2, split_columns, warn_if_unaligned
+from ._common import column_mask, configs, dot_tiles, pow2, split_columns, tuned, warn_if_unaligned
 
 # Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
 # basis per thread and tile (registers and local memory of each config's sm_90 code are checked
@@ -151,9 +151,9 @@ def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
     S, chunk = split_columns(D, x2.device)
     part = torch.empty(S, B, K, dtype=torch.float32, device=x2.device)
     if B == 1:
-        _project_kernel[(S,)](basis, basis.stride(0), x2, part, K, D, chunk)
+        tuned(_project_kernel)[(S,)](basis, basis.stride(0), x2, part, K, D, chunk)
     else:
-        _project_batched_kernel[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)
+        tuned(_project_batched_kernel)[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)
     return part
 
 

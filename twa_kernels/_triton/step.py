@@ -34,7 +34,16 @@ import triton.language as tl
 from torch import Tensor
 
 from . import subspace_step
-from ._common import add_combination, configs, dot_tiles, pow2, split_items, to_storage, warn_if_unaligned
+from ._common import (
+    add_combination,
+    configs,
+    dot_tiles,
+    pow2,
+    split_items,
+    to_storage,
+    tuned,
+    warn_if_unaligned,
+)
 
 # Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
 # (biases, norms: 64-2048 values) waste at most one partly masked block each; 512 columns keep
@@ -310,7 +319,7 @@ def fused_twa_step(
     ptab, keep = plan.table(params)
     part, coord = plan.workspace(K)
     stride = basis.stride(0)
-    _step_project_kernel[(plan.grid,)](
+    tuned(_step_project_kernel)[(plan.grid,)](
         ptab, plan.btab, basis, stride, part, K, plan.nblk, plan.per,
         FIELDS=_FIELDS, BLOCK_D=BLOCK,
     )  # fmt: skip
@@ -318,7 +327,7 @@ def fused_twa_step(
         alpha, momentum_buffer, counters, coord, gram, pw0,
         lr, momentum, dampening, weight_decay, nesterov, part=part, scales=scales,
     )  # fmt: skip
-    _step_write_kernel[(plan.grid,)](
+    tuned(_step_write_kernel)[(plan.grid,)](
         ptab, plan.btab, w0, basis, stride, scales, alpha, K, plan.nblk, plan.per,
         FIELDS=_FIELDS, BLOCK_D=BLOCK,
     )  # fmt: skip
