@@ -14,7 +14,9 @@ from torch import Tensor
 
 from ._common import pow2
 
-# [KP, BLOCK_J] Gram tiles: at KP = 512 a tile is 8K fp32, 32 values per thread at 8 warps.
+# [KP, BLOCK_J] Gram tiles and [BLOCK_S, KP] tiles of stage-1 partials: 8K fp32, 32 values per
+# thread at 8 warps (sm_90 code: 72-226 registers, no local memory; at 4 warps KP = 64 spilled).
+# At small K the S partials (528 on an H200) then take one step instead of 17 loads of 32 rows.
 _TILE_ELEMENTS = 8192
 
 
@@ -92,8 +94,8 @@ def launch(
         gram, pw0, K, float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
         FROM_PARTIALS=from_partials, HAS_WD=weight_decay != 0, HAS_MOMENTUM=momentum != 0,
         NESTEROV=bool(nesterov), KP=KP, BLOCK_J=max(1, min(KP, _TILE_ELEMENTS // KP)),
-        BLOCK_S=max(1, min(32, _TILE_ELEMENTS // KP)),
-        num_warps=4 if KP <= 128 else 8,
+        BLOCK_S=_TILE_ELEMENTS // KP,
+        num_warps=8,
     )  # fmt: skip
 
 
