@@ -37,6 +37,7 @@ project = importlib.import_module("twa_kernels._triton.project")
 reconstruct = importlib.import_module("twa_kernels._triton.reconstruct")
 step = importlib.import_module("twa_kernels._triton.step")
 orth = importlib.import_module("twa_kernels._triton.orthogonalize")
+subspace_step = importlib.import_module("twa_kernels._triton.subspace_step")
 
 # orthogonalize_'s pass-2 tile and the [NT, BLOCK_K] accumulator of project and the fused step
 # depend on K: that of a full 301-sample basis.
@@ -158,6 +159,37 @@ def cases():
                "inv_ptr": "*fp64", "rank": "i32", "R": "i32", "D": "i32"}  # fmt: skip
         aligned = ("basis_ptr", "row_stride", "sample_ptr", "sh_ptr", "inv_ptr")
         yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, 4, dtype, tile
+    # Stage 2 of the projection and the fused step's K-dimensional step read no basis (tile
+    # (0, 0)): their entries check registers and local memory only, at small and large K.
+    for K in (8, 64, 512):
+        block_n = min(project._REDUCE_BLOCK_N, pow2(K))
+        kw = {"BLOCK_S": project._REDUCE_TILE // block_n, "BLOCK_N": block_n}
+        sig = {
+            "part_ptr": "*fp32",
+            "scales_ptr": "*fp32",
+            "out_ptr": "*fp32",
+            "S": "i32",
+            "K": "i32",
+            "N": "i32",
+        }
+        yield f"project_reduce_K{K}", project._project_reduce_kernel, sig, kw, (), 8, torch.float32, (0, 0)
+        kw = dict(subspace_step.launch_constexprs(K), FROM_PARTIALS=True, HAS_WD=True, HAS_MOMENTUM=True,
+                  NESTEROV=False)  # fmt: skip
+        sig = {"alpha_ptr": "*fp32", "buf_ptr": "*fp32", "counters_ptr": "*i64", "grad_ptr": "*fp32",
+               "part_ptr": "*fp32", "scales_ptr": "*fp32", "S": "i32", "gram_ptr": "*fp32",
+               "pw0_ptr": "*fp32", "K": "i32", "lr": "fp32", "momentum": "fp32", "keep": "fp32",
+               "weight_decay": "fp32"}  # fmt: skip
+        warps = subspace_step.NUM_WARPS
+        yield (
+            f"subspace_step_K{K}",
+            subspace_step._subspace_step_kernel,
+            sig,
+            kw,
+            (),
+            warps,
+            torch.float32,
+            (0, 0),
+        )
 
 
 def main() -> None:

@@ -78,6 +78,15 @@ def _subspace_step_kernel(
     tl.store(counters_ptr + 1, skipped + (~finite).to(tl.int64))
 
 
+NUM_WARPS = 8
+
+
+def launch_constexprs(K: int) -> dict:
+    """The tile sizes of the kernel for K coordinates."""
+    KP = pow2(K)
+    return {"KP": KP, "BLOCK_J": max(1, min(KP, _TILE_ELEMENTS // KP)), "BLOCK_S": _TILE_ELEMENTS // KP}
+
+
 def launch(
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, coord_grad: Tensor, gram: Tensor,
     pw0: Tensor, lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -85,7 +94,6 @@ def launch(
 ) -> None:  # fmt: skip
     """Run the step; with ``part`` [S, K] and ``scales``, first set ``coord_grad`` from them."""
     K = alpha.shape[0]
-    KP = pow2(K)
     from_partials = part is not None
     _subspace_step_kernel[(1,)](
         alpha, momentum_buffer, counters, coord_grad,
@@ -93,9 +101,7 @@ def launch(
         part.shape[0] if from_partials else 0,
         gram, pw0, K, float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
         FROM_PARTIALS=from_partials, HAS_WD=weight_decay != 0, HAS_MOMENTUM=momentum != 0,
-        NESTEROV=bool(nesterov), KP=KP, BLOCK_J=max(1, min(KP, _TILE_ELEMENTS // KP)),
-        BLOCK_S=_TILE_ELEMENTS // KP,
-        num_warps=8,
+        NESTEROV=bool(nesterov), **launch_constexprs(K), num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
