@@ -65,14 +65,15 @@ stage "benchmarks"
 # SIGINT lets pytest-benchmark write what it measured; -k 30 leaves it time to free the large
 # inputs and write the JSON (with -k 10 two files of a first H200 run came back empty).
 # TWA_GPU_BENCH_K selects shapes (pytest -k); by default the sizes the targets are stated for.
+# bench.log also gets each Triton kernel's autotuning choice per shape (TRITON_PRINT_AUTOTUNING).
 JSONS=$(mktemp -d)
 : >"$OUT/bench.log"
 SELECT=${TWA_GPU_BENCH_K:-"resnet50 or gpt2"}
 for spec in ${TWA_GPU_BENCH_PLAN:-project:100 reconstruct:60 step:60 orthogonalize:40 train_step:50}; do
   name=${spec%%:*}
   limit=${spec##*:}
-  timeout -s INT -k 30 "$limit" "$PY" -m pytest -q -rs -p no:cacheprovider \
-    "benchmarks/bench_$name.py" -k "$SELECT" \
+  TRITON_PRINT_AUTOTUNING=1 timeout -s INT -k 30 "$limit" "$PY" -m pytest -q -rs -s \
+    -p no:cacheprovider "benchmarks/bench_$name.py" -k "$SELECT" \
     --benchmark-only --benchmark-json="$JSONS/$name.json" \
     --benchmark-columns=min,median,rounds >>"$OUT/bench.log" 2>&1
   echo "bench_$name exit $? (124: timed out)" | tee -a "$OUT/info.txt"
