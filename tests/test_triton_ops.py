@@ -111,31 +111,37 @@ def test_every_reconstruct_config_matches_fp64_oracle(kernel, config, layout):
     assert_within(out, w0.double() + P.T @ alpha.double(), scale, TOL[torch.float32], "w0 + P alpha")
 
 
-def test_unaligned_cuda_basis_warns_once(monkeypatch):
-    """A CUDA basis whose rows cannot start 16-byte aligned gets one warning per process."""
+def test_narrow_cuda_basis_warns_once(monkeypatch):
+    """A CUDA basis a backend must read in narrow loads gets one warning per process."""
     from types import SimpleNamespace
 
-    from twa_kernels._triton import _common
+    from twa_kernels import _layout
 
-    monkeypatch.setattr(_common, "_warned_unaligned", False)
+    monkeypatch.setattr(_layout, "_warned", False)
 
-    def fake(stride, address, device="cuda"):
+    def fake(stride, address, device="cuda", K=2, itemsize=2):
         return SimpleNamespace(
-            device=torch.device(device), shape=(2, 100), stride=lambda dim: stride, data_ptr=lambda: address
-        )
+            device=torch.device(device), shape=(K, 100), stride=lambda dim: stride,
+            data_ptr=lambda: address, element_size=lambda: itemsize,
+        )  # fmt: skip
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _common.warn_if_unaligned(fake(128, 4096))  # aligned: silent
-        _common.warn_if_unaligned(fake(100, 4096, "cpu"))  # interpreter: alignment is moot
+        _layout.warn_if_narrow(fake(128, 4096), "triton")  # aligned: silent
+        _layout.warn_if_narrow(fake(100, 4096, "cpu"), "triton")  # interpreter: alignment is moot
+        _layout.warn_if_narrow(fake(104, 4098), "cuda")  # 208-byte rows: CUDA peels the head
+        _layout.warn_if_narrow(fake(101, 4096, K=1), "cuda")  # one row: no stride to align
     with pytest.warns(UserWarning, match="empty_basis"):
-        _common.warn_if_unaligned(fake(100, 4096))
+        _layout.warn_if_narrow(fake(100, 4096), "triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _common.warn_if_unaligned(fake(128, 4098))  # once only
-    monkeypatch.setattr(_common, "_warned_unaligned", False)
+        _layout.warn_if_narrow(fake(128, 4098), "triton")  # once only
+    monkeypatch.setattr(_layout, "_warned", False)
     with pytest.warns(UserWarning, match="2 bytes past"):
-        _common.warn_if_unaligned(fake(128, 4098))
+        _layout.warn_if_narrow(fake(128, 4098), "triton")
+    monkeypatch.setattr(_layout, "_warned", False)
+    with pytest.warns(UserWarning, match="backend='cuda'"):
+        _layout.warn_if_narrow(fake(101, 4096), "cuda")
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)

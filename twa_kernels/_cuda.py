@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._layout import warn_if_narrow
+
 EXTENSION_NAME = "twa_kernels_cuda"
 SOURCES = (
     "bindings.cpp",
@@ -134,14 +136,17 @@ def _ops():
 
 
 def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+    warn_if_narrow(basis, "cuda")
     return _ops().project(basis, scales, x)
 
 
 def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
+    warn_if_narrow(basis, "cuda")
     _ops().reconstruct_(out, w0, basis, scales, alpha)
 
 
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+    warn_if_narrow(basis, "cuda")
     return _ops().orthogonalize_(basis, scales, sample, rank)
 
 

@@ -15,28 +15,12 @@ Example::
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import _ops
+from ._layout import ROW_ALIGN, empty_basis
 
-# Rows of a basis from ``empty_basis`` start at multiples of this many values (128 bytes of
-# fp16). The kernels load rows that start 16-byte aligned in 16-byte vectors; the Triton
-# kernels load any other row 2 bytes at a time (in the sm_90 code: 4 LDG.E.128 per thread and
-# tile against 32 LDG.E.U16).
-ROW_ALIGN = 64
-
-
-def empty_basis(rows: int, D: int, dtype: torch.dtype = torch.float16, device=None) -> Tensor:
-    """An uninitialised [rows, D] basis whose rows start 128-byte aligned.
-
-    The storage is [rows, D rounded up to a multiple of ``ROW_ALIGN``] and the result its first
-    D columns, so ``stride(0)`` is a multiple of 64 whatever D is. The ops take any basis with
-    contiguous rows; this layout is the one they read fastest (``Subspace`` allocates its basis
-    this way).
-    """
-    padded = -(-int(D) // ROW_ALIGN) * ROW_ALIGN
-    return torch.empty(rows, padded, dtype=dtype, device=device)[:, :D]
+__all__ = ["ROW_ALIGN", "empty_basis", "orthogonalize_", "project", "reconstruct_", "subspace_step_"]
 
 
 def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> Tensor:

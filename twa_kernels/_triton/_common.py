@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import triton
@@ -30,29 +29,6 @@ INTERPRETER_MAX_SPLITS = 4
 # On a GPU, 4 programs per SM keep enough loads in flight to saturate HBM on a streaming pass
 # (the partials then cost 4 * SMs * K * 4 bytes, e.g. 1.1 MB for 132 SMs and K = 512).
 PROGRAMS_PER_SM = 4
-
-
-# Triton specialises an integer argument on "divisible by 16": a row stride that is not (or a
-# base address that is not 16-byte aligned) leaves the compiler unable to prove any row start
-# aligned, and every basis load becomes a 2-byte one.
-_ROW_ALIGN_VALUES = 16
-_warned_unaligned = False
-
-
-def warn_if_unaligned(basis: torch.Tensor) -> None:
-    """Warn once per process when a CUDA basis's rows cannot be read in 16-byte vectors."""
-    global _warned_unaligned
-    if _warned_unaligned or basis.device.type != "cuda" or basis.shape[0] == 0:
-        return
-    if basis.stride(0) % _ROW_ALIGN_VALUES or basis.data_ptr() % 16:
-        _warned_unaligned = True
-        warnings.warn(
-            f"twa_kernels: the basis rows do not start 16-byte aligned (row stride "
-            f"{basis.stride(0)} values, address {basis.data_ptr() % 16} bytes past a multiple of "
-            "16), so the Triton kernels read them 2 bytes at a time, several times slower than "
-            "16-byte loads; allocate the basis with twa_kernels.ops.empty_basis (Subspace does)",
-            stacklevel=3,
-        )
 
 
 def interpreted() -> bool:

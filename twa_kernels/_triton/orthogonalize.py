@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._layout import warn_if_narrow
 from ..reference import ROW_AMAX
-from ._common import column_mask, pow2, split_columns, to_storage, warn_if_unaligned
+from ._common import column_mask, pow2, split_columns, to_storage
 
 _BLOCK_K = 16
 _BLOCK_D = 256
@@ -280,7 +281,7 @@ def _orthogonalize_store_kernel(
 
 
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
-    warn_if_unaligned(basis)
+    warn_if_narrow(basis, "triton")
     K, D = basis.shape
     dev = sample.device
     R = max(rank, 1)  # row count of the workspaces; rank = 0 runs the loops zero times

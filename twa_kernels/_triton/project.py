@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import column_mask, configs, dot_tiles, pow2, split_columns, tuned, warn_if_unaligned
+from .._layout import warn_if_narrow
+from ._common import column_mask, configs, dot_tiles, pow2, split_columns, tuned
 
 # Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
 # basis per thread and tile (registers and local memory of each config's sm_90 code are checked
@@ -173,7 +174,7 @@ def reduce_partials(part: Tensor, scales: Tensor) -> Tensor:
 
 def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     """``P^T x``: fp32 [K] for x [D], fp32 [B, K] for x [B, D] (B <= 16 per tile, any B)."""
-    warn_if_unaligned(basis)
+    warn_if_narrow(basis, "triton")
     x2 = x if x.dim() == 2 else x.unsqueeze(0)
     if x2.shape[0] == 0:
         return torch.zeros(0, basis.shape[0], dtype=torch.float32, device=x.device)

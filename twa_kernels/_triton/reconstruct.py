@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import add_combination, column_mask, configs, to_storage, tuned, warn_if_unaligned
+from .._layout import warn_if_narrow
+from ._common import add_combination, column_mask, configs, to_storage, tuned
 
 # [BLOCK_K, BLOCK_D] basis tiles, read in 16-byte loads (tests/test_triton_codegen.py);
 # STAGES > 1 prefetches the next K tiles into shared memory.
@@ -59,7 +60,7 @@ def _reconstruct_kernel(
 
 
 def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
-    warn_if_unaligned(basis)
+    warn_if_narrow(basis, "triton")
     K, D = basis.shape
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]),)
     tuned(_reconstruct_kernel)[grid](out, w0, basis, basis.stride(0), scales, alpha, K, D)

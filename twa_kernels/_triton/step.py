@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._layout import warn_if_narrow
 from . import subspace_step
 from ._common import (
     add_combination,
@@ -42,7 +43,6 @@ from ._common import (
     split_items,
     to_storage,
     tuned,
-    warn_if_unaligned,
 )
 
 # Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
@@ -312,7 +312,7 @@ def fused_twa_step(
     are kernel arguments, fixed in the graph at their capture values: an LR scheduler that
     changes ``param_groups[0]["lr"]`` does not affect replays (capture again to change them).
     """
-    warn_if_unaligned(basis)
+    warn_if_narrow(basis, "triton")
     K, D = basis.shape
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
