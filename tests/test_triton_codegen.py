@@ -1,5 +1,5 @@
-"""The Triton kernels that stream the basis, compiled for sm_90 on this (GPU-less) machine, read the basis in
-16-byte loads and keep (almost) nothing in local memory.
+"""The Triton kernels that stream the basis, compiled for sm_90 and sm_80 on this (GPU-less)
+machine, read the basis in 16-byte loads and keep (almost) nothing in local memory.
 
 A column mask that is not constant over 8 values, or an offset the compiler cannot prove
 aligned, silently turns every basis load into a 2-byte one (32 ``LDG.E.U16`` per thread for a
@@ -33,7 +33,8 @@ def report():
 
 
 def test_every_config_of_every_hot_kernel_was_compiled(report):
-    kernels = {(r["kernel"], r["dtype"]) for r in report}
+    assert {r["cc"] for r in report} == {90, 80}
+    kernels = {(r["kernel"], r["dtype"]) for r in report if r["cc"] == 90}
     assert {k for k, _ in kernels} == {
         "project", "project_batched", "reconstruct", "step_project", "step_write",
         "orthogonalize_pass1", "orthogonalize_pass2", "orthogonalize_pass3",
@@ -45,7 +46,7 @@ def test_every_config_of_every_hot_kernel_was_compiled(report):
 def test_basis_tiles_are_read_in_16_byte_loads(report):
     short = [
         f"{r['kernel']} {r['dtype']} {r['config']} warps={r['num_warps']}: "
-        f"{r['ldg128']} LDG.E.128 + {r['ldgsts128']} LDGSTS.E.128 < {r['basis_loads_needed']}"
+        f"sm_{r['cc']} {r['ldg128']} LDG.E.128 + {r['ldgsts128']} LDGSTS.E.128 < {r['basis_loads_needed']}"
         for r in report
         if r["ldg128"] + r["ldgsts128"] < r["basis_loads_needed"]
     ]
@@ -56,7 +57,11 @@ def test_no_spills_in_local_memory(report):
     # 16 bytes are allowed: reconstruct's 8-warp configs keep 2-3 values across the masked /
     # unmasked branch (e.g. [32, 256] fp16: 3 STL before the loop, 3 LDL after it), nothing
     # inside the loop.
+    # sm_90 only: on sm_80 (a portability check) reconstruct's first config keeps 32 bytes
+    # outside its loop.
     heavy = [
-        f"{r['kernel']} {r['dtype']} {r['config']}: {r['stack']} bytes" for r in report if r["stack"] > 16
+        f"{r['kernel']} {r['dtype']} {r['config']}: {r['stack']} bytes"
+        for r in report
+        if r["cc"] == 90 and r["stack"] > 16
     ]
     assert not heavy, "\n".join(heavy)

@@ -1,12 +1,13 @@
-"""Compile the hot Triton kernels for sm_90 (no GPU needed) and report what their code does.
+"""Compile the Triton kernels for sm_90 and sm_80 (no GPU needed) and report what their code does.
 
-For every autotune config of the per-step kernels (project, reconstruct, the fused step's two
-passes) and every basis dtype, this compiles the kernel as a launch on an H100/H200 would (16-byte
-aligned pointers, a row stride that is a multiple of 16 values, as ``ops.empty_basis`` makes it)
-and reads the machine code with the ``cuobjdump`` shipped in Triton's wheel: registers, local
-memory (stack) and the number of 16-byte global loads per thread (``LDG.E.128``, or the
-asynchronous ``LDGSTS.E.128`` copies the compiler makes of a loop it pipelines). Printed as
-JSON; ``tests/test_triton_codegen.py`` checks the numbers.
+For every autotune config of the kernels that stream the basis (project, reconstruct, the fused
+step's two passes, the three orthogonalize passes) and every basis dtype, plus stage 2 of the
+reductions, this compiles the kernel as a launch on an H100/H200 would (16-byte aligned
+pointers, a row stride that is a multiple of 16 values, as ``ops.empty_basis`` makes it), and
+the fp16 cases again for an A100, and reads the machine code with the ``cuobjdump`` shipped in
+Triton's wheel: registers, local memory (stack) and the number of 16-byte global loads per
+thread (``LDG.E.128``, or the asynchronous ``LDGSTS.E.128`` copies the compiler makes of a loop
+it pipelines). Printed as JSON; ``tests/test_triton_codegen.py`` checks the numbers.
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces compiled kernels):
 ``python tests/triton_codegen.py``.
@@ -43,7 +44,8 @@ subspace_step = importlib.import_module("twa_kernels._triton.subspace_step")
 # depend on K: that of a full 301-sample basis.
 ORTH_RANK = STEP_K = 301
 
-TARGET = GPUTarget("cuda", 90, 32)
+# H100/H200 (every case), and A100 (fp16 basis: a portability check of the same code).
+TARGETS = {90: GPUTarget("cuda", 90, 32), 80: GPUTarget("cuda", 80, 32)}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 STORAGE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -54,13 +56,13 @@ def _jit_function(kernel):
     return kernel
 
 
-def compile_sm90(kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
-    """Registers, stack bytes, shared memory and load instructions of ``kernel`` for sm_90."""
+def compile_for(cc: int, kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
+    """Registers, stack bytes, shared memory and load instructions of ``kernel`` for sm_``cc``."""
     fn = _jit_function(kernel)
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    compiled = triton.compile(src, target=TARGETS[cc], options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -194,16 +196,20 @@ def cases():
 
 def main() -> None:
     rows = []
-    for name, kernel, sig, kw, aligned, warps, dtype, (bk, bd) in cases():
-        info = compile_sm90(kernel, sig, kw, aligned, warps)
-        info.update(
-            kernel=name,
-            dtype=str(dtype).removeprefix("torch."),
-            config={k: v for k, v in kw.items() if k.startswith(("BLOCK", "STAGES"))},
-            num_warps=warps,
-            basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
-        )
-        rows.append(info)
+    for cc in TARGETS:
+        for name, kernel, sig, kw, aligned, warps, dtype, (bk, bd) in cases():
+            if cc != 90 and dtype != torch.float16 and bk:
+                continue
+            info = compile_for(cc, kernel, sig, kw, aligned, warps)
+            info.update(
+                cc=cc,
+                kernel=name,
+                dtype=str(dtype).removeprefix("torch."),
+                config={k: v for k, v in kw.items() if k.startswith(("BLOCK", "STAGES"))},
+                num_warps=warps,
+                basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
+            )
+            rows.append(info)
     json.dump(rows, sys.stdout, indent=1)
 
 
