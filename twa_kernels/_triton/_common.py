@@ -95,6 +95,22 @@ def pow2(n: int) -> int:
 
 
 @triton.jit
+def fold_partials(part_ptr, S, R, offs, mask, BLOCK_S: tl.constexpr, MAX: tl.constexpr):
+    """``sum_s part[s, offs]`` (or the max, with MAX) over the S rows of a [S, R] workspace of
+    stage-1 partials, BLOCK_S rows at a time in a fixed order, in the workspace's dtype."""
+    acc = tl.zeros(offs.shape, dtype=part_ptr.dtype.element_ty)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        ptrs = part_ptr + offs_s[:, None] * R + offs[None, :]
+        t = tl.load(ptrs, mask=(offs_s < S)[:, None] & mask[None, :], other=0.0)
+        if MAX:
+            acc = tl.maximum(acc, tl.max(t, axis=0))
+        else:
+            acc += tl.sum(t, axis=0)
+    return acc
+
+
+@triton.jit
 def column_mask(offs_d, end, MASKED: tl.constexpr):
     """``offs_d < end``, or (not MASKED) an all-true mask the compiler knows is constant.
 

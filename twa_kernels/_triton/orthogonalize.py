@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._layout import warn_if_narrow
 from ..reference import ROW_AMAX
-from ._common import column_mask, pow2, split_columns, to_storage
+from ._common import column_mask, fold_partials, pow2, split_columns, to_storage
 
 _BLOCK_K = 16
 _BLOCK_D = 256
@@ -109,26 +109,10 @@ def _orthogonalize_kernel(
 
 
 @triton.jit
-def _fold_partials(part_ptr, S, R, offs, mask, BLOCK_S: tl.constexpr, MAX: tl.constexpr):
-    """``sum_s part[s, offs]`` (or the max, with MAX) over the S rows of a [S, R] workspace,
-    BLOCK_S rows at a time in a fixed order."""
-    acc = tl.zeros(offs.shape, dtype=tl.float64)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        ptrs = part_ptr + offs_s[:, None] * R + offs[None, :]
-        t = tl.load(ptrs, mask=(offs_s < S)[:, None] & mask[None, :], other=0.0)
-        if MAX:
-            acc = tl.maximum(acc, tl.max(t, axis=0))
-        else:
-            acc += tl.sum(t, axis=0)
-    return acc
-
-
-@triton.jit
 def _fold_scalars(ptr, S, BLOCK_S: tl.constexpr, MAX: tl.constexpr):
     """The sum (or max) of the S per-program values at ``ptr``, in a fixed order."""
     lane = tl.zeros([1], dtype=tl.int64)
-    folded = _fold_partials(ptr, S, 1, lane, lane == 0, BLOCK_S, MAX)
+    folded = fold_partials(ptr, S, 1, lane, lane == 0, BLOCK_S, MAX)
     return tl.max(folded, axis=0) if MAX else tl.sum(folded, axis=0)
 
 
@@ -139,7 +123,7 @@ def _orthogonalize_reduce1_kernel(
 ):  # fmt: skip
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < R
-    acc = _fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
+    acc = fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
     s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     c1 = acc * s
     tl.store(c1_ptr + offs, c1, mask=mask)
@@ -221,7 +205,7 @@ def _orthogonalize_reduce2_kernel(
 ):  # fmt: skip
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < R
-    acc = _fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
+    acc = fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
     s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     c2 = acc * s
     h = tl.load(c1_ptr + offs, mask=mask, other=0.0) + c2

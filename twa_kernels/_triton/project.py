@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._layout import warn_if_narrow
-from ._common import column_mask, configs, dot_tiles, pow2, split_columns, tuned
+from ._common import column_mask, configs, dot_tiles, fold_partials, pow2, split_columns, tuned
 
 # Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
 # basis per thread and tile (registers and local memory of each config's sm_90 code are checked
@@ -137,12 +137,7 @@ def _project_reduce_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_n = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        ptrs = part_ptr + offs_s[:, None] * N + offs_n[None, :]
-        t = tl.load(ptrs, mask=(offs_s < S)[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.sum(t, axis=0)
+    acc = fold_partials(part_ptr, S, N, offs_n, mask_n, BLOCK_S, False)
     scale = tl.load(scales_ptr + offs_n % K, mask=mask_n, other=0.0)
     tl.store(out_ptr + offs_n, acc * scale, mask=mask_n)
 

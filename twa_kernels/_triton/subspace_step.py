@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import pow2
+from ._common import fold_partials, pow2
 
 # [KP, BLOCK_J] Gram tiles and [BLOCK_S, KP] tiles of stage-1 partials: 8K fp32, 32 values per
 # thread at 8 warps (sm_90 code: 72-226 registers, no local memory; at 4 warps KP = 64 spilled).
@@ -30,12 +30,7 @@ def _subspace_step_kernel(
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < K
     if FROM_PARTIALS:
-        c = tl.zeros([KP], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-            ptrs = part_ptr + offs_s[:, None] * K + offs[None, :]
-            t = tl.load(ptrs, mask=(offs_s < S)[:, None] & mask[None, :], other=0.0)
-            c += tl.sum(t, axis=0)
+        c = fold_partials(part_ptr, S, K, offs, mask, BLOCK_S, False)
         c = c * tl.load(scales_ptr + offs, mask=mask, other=0.0)
         tl.store(grad_ptr + offs, c, mask=mask)
     else:
