@@ -91,15 +91,25 @@ def _store_from_f32(addr, code, offs, val, mask):
 
 
 @triton.jit
-def _block(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
-    """Where block ``blk`` lives: ``(parameter table row, local offsets, mask, basis columns)``.
+def _locate(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr):
+    """Block ``blk``'s parameter table row and first element within its parameter."""
+    return ptab_ptr + tl.load(btab_ptr + 2 * blk) * FIELDS, tl.load(btab_ptr + 2 * blk + 1)
+
+
+@triton.jit
+def _is_fast(row, first, BLOCK_D: tl.constexpr):
+    """Whole block (no mask) of a parameter flagged ALIGNED in the table."""
+    return (first + BLOCK_D <= tl.load(row + 1)) & (tl.load(row + 6) != 0)
+
+
+@triton.jit
+def _block(row, first, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
+    """The block's ``(local offsets, mask, basis columns)``.
 
     A FAST block is whole (no mask) and its parameter, grad and basis columns start 16-byte
     aligned (the table's ALIGNED field); the hints let the compiler prove it and load the
     basis rows in 16-byte vectors, where a column mask or an unknown offset gives 2-byte loads.
     """
-    row = ptab_ptr + tl.load(btab_ptr + 2 * blk) * FIELDS
-    first = tl.load(btab_ptr + 2 * blk + 1)
     col0 = tl.load(row) + first
     if FAST:
         first = tl.multiple_of(first, 16)
@@ -108,7 +118,7 @@ def _block(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_D: tl.constexpr,
     local = first + tl.arange(0, BLOCK_D).to(tl.int64)
     if not FAST:
         mask = local < tl.load(row + 1)
-    return row, local, mask, col0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    return local, mask, col0 + tl.arange(0, BLOCK_D).to(tl.int64)
 
 
 @triton.jit
@@ -120,20 +130,13 @@ def _address(row, field, FAST: tl.constexpr):
 
 
 @triton.jit
-def _is_fast(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = ptab_ptr + tl.load(btab_ptr + 2 * blk) * FIELDS
-    whole = tl.load(btab_ptr + 2 * blk + 1) + BLOCK_D <= tl.load(row + 1)
-    return whole & (tl.load(row + 6) != 0)
-
-
-@triton.jit
 def _block_dot(
-    acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K,
-    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr,
-    STAGES: tl.constexpr, FAST: tl.constexpr,
+    acc, row, first, basis_ptr, row_stride, K,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """``acc`` [NT, BLOCK_K] plus the block's part of ``P^T g`` (its grad read once)."""
-    row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
+    local, mask_d, cols = _block(row, first, BLOCK_D, FAST)
     g = _load_as_f32(_address(row, 5, FAST), tl.load(row + 3), local, mask_d)
     return dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, g, K, BLOCK_K, NT, STAGES)
 
@@ -153,15 +156,14 @@ def _step_project_kernel(
     # K tiles outside they were read once per tile: 12 % more bytes at K = 301, BLOCK_K = 16).
     acc = tl.zeros([NT, BLOCK_K], dtype=tl.float32)
     for blk in range(b_lo, b_hi):
-        if _is_fast(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D):
+        row, first = _locate(ptab_ptr, btab_ptr, blk, FIELDS)
+        if _is_fast(row, first, BLOCK_D):
             acc = _block_dot(
-                acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K, FIELDS, BLOCK_K, BLOCK_D, NT, STAGES,
-                FAST=True,
+                acc, row, first, basis_ptr, row_stride, K, BLOCK_K, BLOCK_D, NT, STAGES, FAST=True
             )  # fmt: skip
         else:
             acc = _block_dot(
-                acc, ptab_ptr, btab_ptr, blk, basis_ptr, row_stride, K, FIELDS, BLOCK_K, BLOCK_D, NT, STAGES,
-                FAST=False,
+                acc, row, first, basis_ptr, row_stride, K, BLOCK_K, BLOCK_D, NT, STAGES, FAST=False
             )  # fmt: skip
     offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
     tl.store(part_ptr + pid * K + offs, acc, mask=offs < K)
@@ -169,12 +171,11 @@ def _step_project_kernel(
 
 @triton.jit
 def _block_write(
-    ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-    FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
-    FAST: tl.constexpr,
+    row, first, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """The block's parameter values ``w0 + P alpha``, written in the parameter's dtype."""
-    row, local, mask_d, cols = _block(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D, FAST)
+    local, mask_d, cols = _block(row, first, BLOCK_D, FAST)
     acc = tl.load(w0_ptr + cols, mask=mask_d, other=0.0)
     acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K, STAGES)
     _store_from_f32(_address(row, 4, FAST), tl.load(row + 2), local, acc, mask_d)
@@ -190,15 +191,16 @@ def _step_write_kernel(
     b_lo = pid * PER
     b_hi = tl.minimum(b_lo + PER, NBLK)
     for blk in range(b_lo, b_hi):
-        if _is_fast(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_D):
+        row, first = _locate(ptab_ptr, btab_ptr, blk, FIELDS)
+        if _is_fast(row, first, BLOCK_D):
             _block_write(
-                ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-                FIELDS, BLOCK_K, BLOCK_D, STAGES, FAST=True,
+                row, first, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+                BLOCK_K, BLOCK_D, STAGES, FAST=True,
             )  # fmt: skip
         else:
             _block_write(
-                ptab_ptr, btab_ptr, blk, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-                FIELDS, BLOCK_K, BLOCK_D, STAGES, FAST=False,
+                row, first, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+                BLOCK_K, BLOCK_D, STAGES, FAST=False,
             )  # fmt: skip
 
 
