@@ -215,6 +215,17 @@ def _scenario_main(world, rank, root):
         opt = TWA(model, space, **HYPER)
         out["error_twa_other_world"] = _error_of(lambda: opt.load_state_dict(twa_other))
 
+    # non-finite samples: every rank refuses them with one message, whichever shard holds them
+    mean = space.mean.clone()
+    nan_last = [t.clone() for t in samples[-1]]
+    nan_last[2].view(-1)[-1] = float("nan")  # flat index 255: in the last rank's shard only
+    out["error_nan_last_shard"] = _error_of(lambda: space.add(nan_last))
+    both = [t.clone() for t in nan_last]
+    both[0].view(-1)[5] = float("inf")  # flat index 5, rank 0's shard: the first one is named
+    out["error_inf_and_nan"] = _error_of(lambda: space.add(both))
+    out["unchanged_after_non_finite"] = (space.rank, space.num_samples) == (out["rank"], out["num_samples"])
+    out["unchanged_after_non_finite"] &= torch.equal(space.mean, mean)
+
     # the global mean loss per step, as a single process would see it
     dist.all_reduce(losses)
     out["losses_plain"] = losses / world
@@ -390,6 +401,14 @@ def test_sharded_state_dicts_save_and_load(runs, world):
         assert "no process group" in r["error_sharded_into_unsharded"]
         assert f"sharded over {world} processes" in r["error_sharded_into_unsharded"]
         assert "the whole subspace (no process group)" in r["error_unsharded_into_sharded"]
+
+
+@WORLDS
+def test_sharded_subspace_refuses_non_finite_samples_on_every_rank(runs, world):
+    for r in runs(world):
+        assert "'2.weight' holds nan (flat index 255 of D=259)" in r["error_nan_last_shard"]
+        assert "'0.weight' holds inf (flat index 5 of D=259)" in r["error_inf_and_nan"]
+        assert r["unchanged_after_non_finite"]
 
 
 def test_sharded_state_dicts_refuse_another_world_size(runs):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _ops, distributed, functional
+from . import _backend, _ops, _state, distributed, functional
 from .subspace import Subspace, _trainable
 
 STARTS = ("mean", "current")
@@ -55,6 +56,26 @@ class TWA(torch.optim.Optimizer):
     rank writes its shard of the weights; an all-gather of the weights updates the replicated
     parameters. ``comm_bytes_per_step`` gives the bytes. Construction, ``step()`` and
     ``load_state_dict()`` are then collectives.
+
+    Drop-in step semantics (as ``torch.optim.SGD``):
+
+    - A ``step()`` in which every parameter's ``.grad`` is None does nothing: no momentum, no
+      decay, no weight write (Lightning's ``StochasticWeightAveraging`` relies on it). Some
+      grads None count as zero gradients for those parameters.
+    - Weights changed outside the optimizer since its last write (``model.load_state_dict``,
+      ``p.copy_`` under ``no_grad``, ``p.detach().copy_``, ``p.data = t``, a callback) are seen
+      from the parameters' version counters and storage addresses, without device work. The
+      next ``step()`` warns once, naming the first such parameter, and continues from the edited
+      weights as ``start="current"`` would: ``w0`` becomes the current weights and ``alpha`` 0;
+      the momentum buffer is kept, as SGD keeps it. Writes through ``p.data`` (``p.data.add_``)
+      bypass the version counter and cannot be seen: they are overwritten by the next step. On a
+      sharded subspace every rank must make the same edits (the parameters are replicated).
+
+    ``state_dict()`` carries a fingerprint of the basis (the small factor of sample coordinates,
+    no pass over D): loading it into an optimizer on another basis raises ``ValueError``. A
+    ``load_state_dict()`` that raises has changed nothing. ``copy.deepcopy((model, opt))`` and
+    ``pickle`` give an optimizer that continues bit for bit like the original (not on a sharded
+    subspace: its process group cannot be copied).
 
     Example::
 
@@ -124,15 +145,8 @@ class TWA(torch.optim.Optimizer):
             # The one flat fp32 [D] buffer: gradients in, weights out; views made once.
             self._flat = torch.zeros(subspace.dim, dtype=torch.float32, device=device)
             self._flat_views = subspace.layout.views(self._flat)
-        if start == "mean":
-            self._w0 = subspace.mean
-        elif self._sharded is not None:
-            tensors_now = [p.detach() for p in tensors]
-            self._w0 = distributed.flatten_shard(subspace.layout, tensors_now, subspace.shard, device)
-        else:
-            self._w0 = self._flat.clone()
-            with torch.no_grad():
-                torch._foreach_copy_(subspace.layout.views(self._w0), [p.detach() for p in tensors])
+        # w0 is the subspace's mean itself for start="mean" (never written here), else our own.
+        self._w0 = subspace.mean if start == "mean" else subspace.flatten([p.detach() for p in tensors])
         self._gram = subspace.gram().float()
         self._pw0 = self._project(self._w0)
         self._alpha = torch.zeros(K, dtype=torch.float32, device=device)
@@ -190,14 +204,49 @@ class TWA(torch.optim.Optimizer):
 
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
+        backend = _backend.resolve(self.backend, self._flat.device)
         if self._sharded is not None:
-            backend = _backend.resolve(self.backend, self._flat.device)
             self._sharded.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
-            return
-        functional.write_weights_(
-            self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha,
-            _backend.resolve(self.backend, self._flat.device),
-        )  # fmt: skip
+        else:
+            functional.write_weights_(
+                self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha, backend
+            )
+        self._remember_weights()
+
+    def _remember_weights(self) -> None:
+        """Stamp each parameter (storage address, version counter) as this optimizer left it.
+
+        Host-side attributes only: reading them costs no device work. The fused Triton step
+        writes through raw pointers (no version bump); the other paths bump the counters with
+        their copies, so the stamps are taken after every write.
+        """
+        self._weight_stamps = [(p.data_ptr(), p._version) for p in self.params]
+
+    def _edited_parameters(self) -> list[int]:
+        """Indices of the parameters changed outside this optimizer since its last write."""
+        return [
+            i
+            for i, (p, stamp) in enumerate(zip(self.params, self._weight_stamps, strict=True))
+            if stamp != (p.data_ptr(), p._version)
+        ]
+
+    def _continue_from_current_weights(self, edited: list[int]) -> None:
+        """Make the current weights the origin (``start="current"``): w0 = w, alpha = 0."""
+        warnings.warn(
+            f"TWA: {self.subspace.layout.describe(edited[0])} (and {len(edited) - 1} more "
+            "parameters) changed outside the optimizer since its last write; continuing from "
+            "the edited weights (w0 = the current weights, alpha = 0, momentum kept), as "
+            'start="current" would',
+            stacklevel=3,
+        )
+        w = self.subspace.flatten([p.detach() for p in self.params])
+        if self._w0 is self.subspace.mean:
+            self._w0 = w
+        else:
+            self._w0.copy_(w)  # in place: a captured CUDA graph keeps reading the same buffer
+        self.start = "current"
+        self._alpha.zero_()
+        self._pw0.copy_(self._project(self._w0))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -211,6 +260,11 @@ class TWA(torch.optim.Optimizer):
                 "the subspace changed (add() or load_state_dict()) after this TWA optimizer was "
                 "built: build a new optimizer on it"
             )
+        if all(p.grad is None for p in self.params):
+            return loss  # as torch.optim.SGD: no gradient, nothing to do
+        edited = self._edited_parameters()
+        if edited:
+            self._continue_from_current_weights(edited)
         group = self.param_groups[0]
         _check_hyperparameters(
             group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
@@ -227,6 +281,7 @@ class TWA(torch.optim.Optimizer):
             functional.twa_step(self.params, self._flat, self._flat_views, *state, **hyper)
         else:
             self._sharded.step(self.params, *state, **hyper)
+        self._remember_weights()
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -254,6 +309,8 @@ class TWA(torch.optim.Optimizer):
             "layout": self.subspace.layout.signature(),
             "rank": self.rank,
             "num_samples": self.subspace.num_samples,
+            # Which basis the coordinates belong to: the sample coordinates (k x n, on the host).
+            "basis_fingerprint": self.subspace.sample_coordinates(),
             "start": self.start,
             "alpha": self._alpha.clone(),
             "momentum_buffer": self._momentum_buffer.clone(),
@@ -268,9 +325,13 @@ class TWA(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore ``state_dict()`` and rewrite the weights from it.
 
-        Raises ``ValueError`` (changing nothing) when it comes from another model, subspace
-        rank or start. On a sharded subspace each rank loads the state dict its rank saved, in a
-        group of the same size; if one rank refuses, all raise.
+        Every entry is checked first: the model, the subspace's rank, sample count and basis
+        (its fingerprint), the shapes, dtypes and finiteness of the coordinates, momentum and
+        origin, the hyperparameters. Any mismatch raises ``ValueError`` and changes nothing
+        (hyperparameters, coordinates, weights). The saved ``start`` is adopted with its origin
+        (an optimizer that continued from edited weights saves ``"current"``). On a sharded
+        subspace each rank loads the state dict its rank saved, in a group of the same size; if
+        one rank refuses, all raise.
         """
         state_dict = dict(state_dict)
         twa = distributed.check_together(
@@ -281,16 +342,27 @@ class TWA(torch.optim.Optimizer):
         self._alpha.copy_(twa["alpha"])
         self._momentum_buffer.copy_(twa["momentum_buffer"])
         self._counters.copy_(twa["counters"])
-        if self.start == "current":
+        if twa["start"] == "current":
+            if self._w0 is self.subspace.mean:
+                self._w0 = torch.empty_like(self.subspace.mean)
             self._w0.copy_(twa["w0"])
-            self._pw0 = self._project(self._w0)
+        else:
+            self._w0 = self.subspace.mean
+        self.start = twa["start"]
+        self._pw0.copy_(self._project(self._w0))
         self._write_weights()
 
     def _check_state(self, state_dict: dict) -> dict:
-        """Pop and check the ``"twa"`` entry of ``state_dict``; raise ``ValueError`` on a mismatch."""
+        """Pop and check the ``"twa"`` entry, check the rest; ``ValueError`` on any mismatch."""
         if "twa" not in state_dict:
             raise ValueError("state dict has no 'twa' entry: it is not from a TWA optimizer")
         twa = state_dict.pop("twa")
+        what = "TWA state dict"
+        _state.require_keys(state_dict, {"state", "param_groups"}, what)
+        _state.require_keys(
+            twa, {"layout", "rank", "num_samples", "start", "alpha", "momentum_buffer", "counters",
+                  "w0"}, f"{what} entry 'twa'",
+        )  # fmt: skip
         self.subspace.layout.check_signature(twa["layout"], "state dict")
         sharded = self._sharded is not None
         mine_shard = (list(self.subspace.shard), self.subspace.world_size) if sharded else None
@@ -301,14 +373,95 @@ class TWA(torch.optim.Optimizer):
                 f"{_describe_shard(theirs)}; this one is on {_describe_shard(mine_shard)}: load "
                 "it into a process group of the same size, each rank its own file"
             )
-        for name, mine in (
-            ("rank", self.rank),
-            ("num_samples", self.subspace.num_samples),
-            ("start", self.start),
-        ):
+        for name, mine in (("rank", self.rank), ("num_samples", self.subspace.num_samples)):
             if twa[name] != mine:
                 raise ValueError(f"state dict has {name}={twa[name]!r}, this optimizer {mine!r}")
+        self._check_basis_fingerprint(twa.get("basis_fingerprint"))
+        if twa["start"] not in STARTS:
+            raise ValueError(f"{what} has start={twa['start']!r}, expected one of {STARTS}")
+        K, n = self.rank, self.subspace.shard[1] - self.subspace.shard[0]
+        _state.tensor_entry(twa["alpha"], "alpha", (K,), torch.float32, what)
+        _state.tensor_entry(twa["momentum_buffer"], "momentum_buffer", (K,), torch.float32, what)
+        counters = _state.tensor_entry(twa["counters"], "counters", (2,), torch.int64, what)
+        if bool((counters < 0).any()):
+            raise ValueError(f"{what} entry 'counters' must be >= 0, got {counters.tolist()}")
+        if twa["start"] == "current":
+            _state.tensor_entry(twa["w0"], "w0", (n,), torch.float32, what)
+        elif twa["w0"] is not None:
+            raise ValueError(f"{what} has start='mean' and a 'w0' entry: it is inconsistent")
+        if len(state_dict["state"]) != 0:
+            raise ValueError(f"{what} has per-parameter state: it is not from a TWA optimizer")
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0].get("params", ())) != len(self.params):
+            raise ValueError(
+                f"{what} has {len(groups)} parameter group(s); TWA has one, of {len(self.params)} params"
+            )
+        group = groups[0]
+        _state.require_keys(group, {"lr", "momentum", "dampening", "weight_decay", "nesterov"}, what)
+        try:
+            _check_hyperparameters(
+                group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                group["nesterov"],
+            )  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: {e}") from e
         return twa
+
+    def _check_basis_fingerprint(self, saved) -> None:
+        """Raise ``ValueError`` unless ``saved`` (sample coordinates) describes this basis.
+
+        Rebuilding a subspace from the same samples on another backend changes the coordinates
+        by rounding only (fp64 sums in another order: ~1e-15 relative); another subspace of the
+        same model differs by its samples' differences, about 1 % of the weights along a
+        trajectory. 1e-6 of the largest coordinate separates the two; two subspaces closer than
+        that describe weights within 1e-6 of each other, where loading is harmless.
+        """
+        if saved is None:
+            warnings.warn(
+                "TWA state dict has no basis fingerprint (saved by an older twa_kernels): it "
+                "cannot be checked against this subspace's basis"
+            )
+            return
+        mine = self.subspace.sample_coordinates()
+        saved = _state.tensor_entry(saved, "basis_fingerprint", tuple(mine.shape), torch.float64,
+                                    "TWA state dict")  # fmt: skip
+        scale = float(mine.abs().max())
+        if float((saved.cpu() - mine).abs().max()) > 1e-6 * scale:
+            raise ValueError(
+                "state dict was trained on another basis: same model, rank and sample count, but "
+                "its subspace's sample coordinates differ; load it into an optimizer on the "
+                "subspace it was saved with (Subspace.load_state_dict of the same checkpoint)"
+            )
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused after construction: TWA has one parameter group by design (one lr for all
+        K coordinates, every parameter of the subspace in it)."""
+        if self.param_groups:
+            raise ValueError(
+                "TWA has one parameter group by design: its K coordinates share one lr and every "
+                "parameter of the subspace is in it; build another optimizer for other parameters"
+            )
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        if self._sharded is not None:
+            raise TypeError(
+                "a TWA optimizer on a sharded subspace cannot be copied or pickled (its process "
+                "group cannot): save state_dict() on every rank instead"
+            )
+        state = self.__dict__.copy()
+        # Edits made before the copy are still to be seen by the copy's first step.
+        edited = set(self._edited_parameters())
+        state["_weight_stamps"] = [None if i in edited else s for i, s in enumerate(self._weight_stamps)]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # pickle copies each view with a storage of its own: make them views of the buffer again
+        self._flat_views = self.subspace.layout.views(self._flat)
+        pending = [s is None for s in self._weight_stamps]
+        self._remember_weights()  # the copy's parameters: new addresses and counters
+        self._weight_stamps = [None if p else s for p, s in zip(pending, self._weight_stamps, strict=True)]
 
 
 def _describe_shard(shard) -> str:

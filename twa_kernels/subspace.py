@@ -17,8 +17,10 @@ weights inside the span can be written as combinations of the samples (``TWA.coe
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _backend, _ops, distributed, ops, reference
+from . import _backend, _ops, _state, distributed, ops, reference
 
 STORAGE_DTYPES = _ops.STORAGE_DTYPES
 
@@ -99,6 +101,14 @@ class ParamLayout:
                 raise ValueError(
                     f"{what} is from a different model: parameter {i} is {d} {s}, here {d2} {s2}"
                 )
+
+    def describe(self, i: int) -> str:
+        """How errors name parameter ``i``: its quoted name, or ``params[i]`` without names."""
+        return repr(self.names[i]) if self.names is not None else f"params[{i}]"
+
+    def parameter_at(self, flat_index: int) -> int:
+        """The index of the parameter that holds flat value ``flat_index``."""
+        return bisect.bisect_right(self.offsets, flat_index) - 1
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of a flat [D] tensor, one per parameter, shaped like the parameters."""
@@ -236,31 +246,49 @@ class Subspace:
         """``(basis[:rank], scales[:rank])``: the valid part of the basis."""
         return self.basis[: self.rank], self.scales[: self.rank]
 
-    def _flatten(self, values: Sequence[Tensor] | None) -> Tensor:
-        """The parameters (or ``values``, in parameter order) as one new fp32 tensor: its shard."""
+    def _sample(self, values: Sequence[Tensor] | None) -> list[Tensor]:
+        """The parameters, or ``values`` checked against the layout, as detached tensors."""
         if values is None:
-            tensors = [p.detach() for p in self._params]
-        else:
-            if isinstance(values, Tensor) or not isinstance(values, Sequence):
-                raise TypeError("values must be a list of tensors in parameter order")
-            for i, v in enumerate(values):
-                if not isinstance(v, Tensor):
-                    raise TypeError(f"values[{i}] is a {type(v).__name__}, expected a Tensor")
-            if len(values) != len(self.layout.shapes):
-                raise ValueError(
-                    f"values has {len(values)} tensors, the subspace has {len(self.layout.shapes)}"
-                )
-            for i, (v, shape) in enumerate(zip(values, self.layout.shapes, strict=True)):
-                if tuple(v.shape) != shape:
-                    raise ValueError(f"values[{i}] has shape {tuple(v.shape)}, expected {shape}")
-                if not v.dtype.is_floating_point:
-                    raise ValueError(f"values[{i}] has dtype {v.dtype}, expected floating point")
-            tensors = [v.detach() for v in values]
+            return [p.detach() for p in self._params]
+        if isinstance(values, Tensor) or not isinstance(values, Sequence):
+            raise TypeError("values must be a list of tensors in parameter order")
+        for i, v in enumerate(values):
+            if not isinstance(v, Tensor):
+                raise TypeError(f"values[{i}] is a {type(v).__name__}, expected a Tensor")
+        if len(values) != len(self.layout.shapes):
+            raise ValueError(f"values has {len(values)} tensors, the subspace has {len(self.layout.shapes)}")
+        for i, (v, shape) in enumerate(zip(values, self.layout.shapes, strict=True)):
+            if tuple(v.shape) != shape:
+                raise ValueError(f"values[{i}] has shape {tuple(v.shape)}, expected {shape}")
+            if not v.dtype.is_floating_point:
+                raise ValueError(f"values[{i}] has dtype {v.dtype}, expected floating point")
+        return [v.detach() for v in values]
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``tensors`` (in parameter order, shaped like the parameters) as one new fp32 tensor:
+        the values of this process's shard, ``[stop - start]`` (all D without a process group)."""
         if self.process_group is not None:
             return distributed.flatten_shard(self.layout, tensors, self.shard, self.device)
         flat = torch.empty(self.dim, dtype=torch.float32, device=self.device)
-        torch._foreach_copy_(self.layout.views(flat), tensors)
+        torch._foreach_copy_(self.layout.views(flat), list(tensors))
         return flat
+
+    def _first_non_finite(self, flat: Tensor, v: Tensor) -> Tensor:
+        """fp64 scalar on the device: ``2 j + isnan`` for the first non-finite value j of the
+        whole sample (over all ranks), ``2 D`` when it is finite; zeroes those values of ``v``.
+
+        Read on the host together with the result of the orthogonalisation (the one sync of
+        ``add()``); the zeroed ``v`` keeps nan/inf out of the passes, whose result is then dropped.
+        """
+        bad = torch.isfinite(flat).logical_not_()
+        j = bad.to(torch.uint8).argmax()  # the first maximum: the first non-finite value
+        nan = flat.index_select(0, j.view(1)).isnan()
+        code = torch.where(bad.any(), 2 * (j + self.shard[0]) + nan, 2 * self.dim)
+        # Zeroes nothing in a finite sample; a non-finite one is refused and v dropped.
+        v.masked_fill_(bad, 0.0)
+        if self.process_group is not None:
+            distributed.all_reduce_(code, self.process_group, dist.ReduceOp.MIN)
+        return code.to(torch.float64)
 
     @torch.no_grad()
     def add(self, values: Sequence[Tensor] | None = None) -> float:
@@ -274,15 +302,23 @@ class Subspace:
         With a process group each rank passes the same sample (the replicated parameters) and
         keeps its shard; the residual and the decision are the same on every rank.
         """
-        flat = self._flatten(values)
+        flat = self.flatten(self._sample(values))
         first = self.num_samples == 0
         v = flat if first else flat - self.anchor
+        non_finite = self._first_non_finite(flat, v)
         if self.process_group is None:
             out = _ops.orthogonalize_(self.basis, self.scales, v, self.rank, self.backend)
         else:
             out = distributed.orthogonalize_(self.basis, self.scales, v, self.rank, self.process_group)
-        out = out.cpu()
-        coords, norm, vnorm = out[: self.rank], float(out[-2]), float(out[-1])
+        out = torch.cat([out, non_finite.to(out.device)]).cpu()
+        code = int(out[-1])
+        if code < 2 * self.dim:
+            where = self.layout.describe(self.layout.parameter_at(code // 2))
+            raise ValueError(
+                f"the sample is not finite: {where} holds {'nan' if code % 2 else 'inf'} "
+                f"(flat index {code // 2} of D={self.dim}); nothing was added"
+            )
+        coords, norm, vnorm = out[: self.rank], float(out[-3]), float(out[-2])
         residual = norm / vnorm if vnorm > 0 else 0.0
         grows = vnorm > 0 and (first or residual > self.tol)
         if grows and self.rank == self.max_rank:
@@ -306,7 +342,7 @@ class Subspace:
     def from_checkpoints(
         cls,
         model: nn.Module,
-        paths: Iterable[str | os.PathLike],
+        paths: str | os.PathLike | Iterable[str | os.PathLike],
         max_rank: int,
         dtype: torch.dtype = torch.float16,
         *,
@@ -315,21 +351,34 @@ class Subspace:
     ) -> Subspace:
         """Build a subspace from saved checkpoints, read one at a time.
 
+        ``paths`` is one path (``str`` or ``os.PathLike``) or a list of them, in sample order.
         Each file holds a state dict of ``model`` (as ``torch.save(model.state_dict(), path)``
-        writes; under ``key`` when given, e.g. ``"state_dict"``; a ``module.`` prefix from
-        DataParallel/DDP is accepted). Files are memory-mapped and dropped after use, so host
-        memory beyond the basis stays O(D).
+        writes; under ``key`` when given, e.g. ``"state_dict"``). Names are matched without the
+        ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (``torch.compile``) prefixes, on the
+        checkpoint's side and on ``model``'s. Files are memory-mapped and dropped after use, so
+        host memory beyond the basis stays O(D). A checkpoint whose parameters hold nan or inf
+        raises ``ValueError`` naming the file and the parameter.
         """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (names match the files), got {type(model).__name__}")
+        paths = _checkpoint_paths(paths)
         space = cls(model, max_rank, dtype, **kwargs)
-        names = space.layout.names
+        names = [_unwrapped_name(n) for n in space.layout.names]
         for path in paths:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if key is not None:
                 if key not in state:
                     raise KeyError(f"{os.fspath(path)}: no key {key!r} (keys: {list(state)[:8]})")
                 state = state[key]
-            space.add([_lookup(state, name, path) for name in names])
-            del state
+            by_name = _by_unwrapped_name(state, path)
+            missing = [n for n in names if n not in by_name]
+            if missing:
+                raise KeyError(f"{os.fspath(path)}: no parameter {missing[0]!r} in the checkpoint")
+            try:
+                space.add([by_name[n] for n in names])
+            except ValueError as e:
+                raise ValueError(f"{os.fspath(path)}: {e}") from e
+            del state, by_name
         return space
 
     # ------------------------------------------------------------------------------------------
@@ -381,10 +430,13 @@ class Subspace:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore a ``state_dict()``; raises ``ValueError`` (changing nothing) on a mismatch.
+        """Restore a ``state_dict()``.
 
-        A sharded subspace loads only the shard saved by the same rank of a group of the same
-        size; if any rank refuses its state dict, every rank raises.
+        Every entry is checked first (keys, layout, storage dtype, shapes, dtypes, rank against
+        ``max_rank``, scales and sample coordinates against the rank, finite values); any
+        mismatch raises ``ValueError`` and changes nothing. A sharded subspace loads only the
+        shard saved by the same rank of a group of the same size; if any rank refuses its state
+        dict, every rank raises. An optimizer built on this subspace must be rebuilt afterwards.
         """
         group = self.process_group
         distributed.check_together(lambda: self._check_state(state), group, self.device, "load_state_dict")
@@ -404,20 +456,48 @@ class Subspace:
         self._gram = None
 
     def _check_state(self, state: Mapping) -> None:
-        missing = {"layout", "dtype", "rank", "num_samples", "basis", "scales", "anchor", "mean",
-                   "coords", "tol"} - set(state)  # fmt: skip
-        if missing:
-            raise ValueError(f"state dict is missing {sorted(missing)}")
+        """Raise ``ValueError`` unless ``state`` is a complete, consistent state of this subspace."""
+        what = "subspace state dict"
+        _state.require_keys(
+            state, {"layout", "dtype", "rank", "num_samples", "basis", "scales", "anchor", "mean",
+                    "coords", "tol"}, what,
+        )  # fmt: skip
         self.layout.check_signature(state["layout"], "state dict")
         if state["dtype"] != str(self.dtype).removeprefix("torch."):
             raise ValueError(f"state dict stores a {state['dtype']} basis, this subspace {self.dtype}")
-        rank = int(state["rank"])
+        rank = _state.int_entry(state, "rank", 0, None, what)
         if rank > self.max_rank:
             raise ValueError(f"state dict has rank {rank} > this subspace's max_rank {self.max_rank}")
+        num_samples = _state.int_entry(state, "num_samples", rank, None, what)
+        tol = state["tol"]
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
+            raise ValueError(f"{what} entry 'tol' must be a number in [0, 1), got {tol!r}")
         self._check_shard(state)
         n = self.shard[1] - self.shard[0]
-        if tuple(state["basis"].shape) != (rank, n) or len(state["coords"]) != int(state["num_samples"]):
-            raise ValueError("state dict is inconsistent: basis shape or coords do not match rank")
+        _state.tensor_entry(state["basis"], "basis", (rank, n), self.dtype, what)
+        _state.tensor_entry(state["scales"], "scales", (rank,), torch.float32, what)
+        _state.tensor_entry(state["anchor"], "anchor", (n,), torch.float32, what)
+        _state.tensor_entry(state["mean"], "mean", (n,), torch.float32, what)
+        coords = state["coords"]
+        if not isinstance(coords, (list, tuple)) or len(coords) != num_samples:
+            got = len(coords) if isinstance(coords, (list, tuple)) else type(coords).__name__
+            raise ValueError(
+                f"{what} entry 'coords' must be a list of num_samples={num_samples} tensors, got {got}"
+            )
+        # Sample i has the coordinates on the columns that existed after it was added: as many
+        # as before it, or one more when it added a column; the last has all `rank` of them.
+        columns = 0
+        for i, c in enumerate(coords):
+            if not isinstance(c, Tensor) or c.dim() != 1 or c.numel() not in (columns, columns + 1):
+                shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+                raise ValueError(
+                    f"{what} entry 'coords'[{i}] has shape {shape}, expected ({columns},) or "
+                    f"({columns + 1},): the coordinates do not match the sample order"
+                )
+            _state.tensor_entry(c, f"coords[{i}]", (c.numel(),), None, what)
+            columns = c.numel()
+        if columns != rank:
+            raise ValueError(f"{what} has rank {rank} but its sample coordinates span {columns} columns")
 
     def _check_shard(self, state: Mapping) -> None:
         theirs = state.get("shard")
@@ -446,6 +526,14 @@ class Subspace:
             f"of the same size, each rank its own file"
         )
 
+    def __getstate__(self) -> dict:
+        if self.process_group is not None:
+            raise TypeError(
+                "a Subspace with a process group cannot be copied or pickled (its process group "
+                "cannot): save state_dict() on every rank instead"
+            )
+        return self.__dict__.copy()
+
     def __repr__(self) -> str:
         shard = ""
         if self.process_group is not None:
@@ -456,8 +544,35 @@ class Subspace:
         )
 
 
-def _lookup(state: Mapping, name: str, path) -> Tensor:
-    for candidate in (name, "module." + name):
-        if candidate in state:
-            return state[candidate]
-    raise KeyError(f"{os.fspath(path)}: no parameter {name!r} in the checkpoint")
+# Prefixes that wrappers put before parameter names: DataParallel / DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """``name`` without leading wrapper prefixes (``module._orig_mod.fc.weight`` -> ``fc.weight``)."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _by_unwrapped_name(state: Mapping, path) -> dict:
+    out = {}
+    for k, v in state.items():
+        name = _unwrapped_name(k)
+        if name in out:
+            raise ValueError(f"{os.fspath(path)}: {k!r} and another entry both name {name!r}")
+        out[name] = v
+    return out
+
+
+def _checkpoint_paths(paths) -> list:
+    """One path or a list of paths, as a list; ``TypeError`` for anything else."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    if isinstance(paths, (bytes, Mapping)) or not isinstance(paths, Iterable):
+        raise TypeError(f"paths must be a path (str or os.PathLike) or a list of them, got {paths!r}")
+    paths = list(paths)
+    for i, p in enumerate(paths):
+        if not isinstance(p, (str, os.PathLike)):
+            raise TypeError(f"paths[{i}] must be a str or os.PathLike, got {type(p).__name__}")
+    return paths
