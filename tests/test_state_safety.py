@@ -479,3 +479,37 @@ def test_lightning_swa_callback_ends_on_its_average(backend):
     opt.zero_grad(set_to_none=True)
     opt.step()
     assert_same_tensors(weights(model), [p.detach() for p in average.module.parameters()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_reads_the_device_once(monkeypatch, backend):
+    """The finiteness check rides on the one transfer ``add()`` already makes: one ``.cpu()``,
+    and every other value read on the host comes from what it returned."""
+    model = make_model()
+    space = sampled_space(model, n=2, backend=backend)
+    drift(model)
+    transfers = []
+    cpu = torch.Tensor.cpu
+
+    def counted_cpu(self, *args, **kwargs):
+        out = cpu(self, *args, **kwargs)
+        transfers.append(out.untyped_storage().data_ptr())
+        return out
+
+    def reader(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if self.untyped_storage().data_ptr() not in transfers:
+                raise AssertionError(f"Tensor.{name} reads a value outside the one transfer of add()")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, reader(name))
+    space.add()
+    monkeypatch.undo()
+    assert len(transfers) == 1
+    assert space.num_samples == 3

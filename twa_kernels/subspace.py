@@ -296,8 +296,10 @@ class Subspace:
 
         Returns the relative residual ``||remainder|| / ||w - w_1||`` (1.0 for the first
         sample): how much of the sample was new. At or below ``tol`` the sample adds no column
-        but still counts in the mean. Raises ``ValueError`` when a new column is needed and the
-        basis already has ``max_rank``; nothing changes then.
+        but still counts in the mean. Raises ``ValueError``, changing nothing, when a new column
+        is needed and the basis already has ``max_rank``, and when the sample holds nan or inf
+        (the message names the first such parameter). The finiteness check runs on the device
+        and is read back with the orthogonalisation's result: one host synchronisation in all.
 
         With a process group each rank passes the same sample (the replicated parameters) and
         keeps its shard; the residual and the decision are the same on every rank.
