@@ -31,6 +31,7 @@ MAX_RANK = 6
 HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
 DEADLINE_S = 50  # per spawn; 8-20 s measured on 2 busy cores
 REL = 1e-6
+COMBINATION = [0.5, -0.25, 0.0, 1.5, 0.25]  # one coefficient per sample
 
 
 def make_model(hidden=HIDDEN):
@@ -215,6 +216,13 @@ def _scenario_main(world, rank, root):
         opt = TWA(model, space, **HYPER)
         out["error_twa_other_world"] = _error_of(lambda: opt.load_state_dict(twa_other))
 
+    # the samples' mean and a combination of them, written into (replicated) parameters
+    target = make_model(HIDDEN)
+    space.write_average_(target)
+    out["average_mean"] = flat(target)
+    space.write_average_(target, COMBINATION)
+    out["average_combination"] = flat(target)
+
     # non-finite samples: every rank refuses them with one message, whichever shard holds them
     mean = space.mean.clone()
     nan_last = [t.clone() for t in samples[-1]]
@@ -327,6 +335,11 @@ def single():
     model = make_model()
     train(model, TWA(model, space, **HYPER, start="current"), batches)
     out["params_current"] = flat(model)
+    target = make_model()
+    space.write_average_(target)
+    out["average_mean"] = flat(target)
+    space.write_average_(target, COMBINATION)
+    out["average_combination"] = flat(target)
     return out
 
 
@@ -401,6 +414,13 @@ def test_sharded_state_dicts_save_and_load(runs, world):
         assert "no process group" in r["error_sharded_into_unsharded"]
         assert f"sharded over {world} processes" in r["error_sharded_into_unsharded"]
         assert "the whole subspace (no process group)" in r["error_unsharded_into_sharded"]
+
+
+@WORLDS
+def test_sharded_subspace_writes_averages_like_one_process(runs, single, world):
+    for r in runs(world):
+        assert torch.equal(r["average_mean"], single["average_mean"])
+        assert rel_err(r["average_combination"], single["average_combination"]) < REL
 
 
 @WORLDS

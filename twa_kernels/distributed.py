@@ -259,6 +259,17 @@ def flatten_shard(
     return out
 
 
+def all_gather_flat(local: Tensor, D: int, group) -> Tensor:
+    """Collective: the fp32 [D] vector whose shards the ranks hold (``local`` is this rank's)."""
+    world, _ = world_and_rank(group)
+    S = shard_size(D, world)
+    shard = torch.zeros(S, dtype=torch.float32, device=local.device)
+    shard[: local.numel()] = local
+    flat = torch.empty(world * S, dtype=torch.float32, device=local.device)
+    _all_gather_single(flat, shard, group=group)
+    return flat[:D]
+
+
 # ---------------------------------------------------------------------------------------------
 # Subspace.add() on a shard
 

@@ -35,7 +35,7 @@ class TWA(torch.optim.Optimizer):
 
     Args:
         params: the parameters the subspace was built for (same order, shapes, dtypes, device),
-            as an iterable or an ``nn.Module``; one parameter group.
+            as an iterable, ``named_parameters()`` or an ``nn.Module``; one parameter group.
         subspace: a ``Subspace`` with at least one sample. Adding samples to it later is an
             error for this optimizer (build a new one).
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
@@ -302,6 +302,17 @@ class TWA(torch.optim.Optimizer):
             beta0 = torch.linalg.solve(self.subspace.gram().cpu(), self._pw0.double().cpu())
             lam0 = _min_norm_solve(S, beta0)
         return lam0 + _min_norm_solve(S, alpha)
+
+    def __repr__(self) -> str:
+        group = self.param_groups[0]
+        hyper = ", ".join(
+            f"{k}={group[k]!r}" for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        )
+        space = self.subspace
+        return (
+            f"TWA(rank={self.rank}, samples={space.num_samples}, D={space.dim}, dtype={space.dtype}, "
+            f"start={self.start!r}, backend={self.backend!r}, {hyper})"
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()

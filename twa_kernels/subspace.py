@@ -118,13 +118,27 @@ class ParamLayout:
 
 
 def _trainable(params) -> tuple[list[Tensor], tuple[str, ...] | None]:
-    """The ``requires_grad`` parameters (and their names, given a module), in order."""
+    """The ``requires_grad`` parameters (and their names, given a module or named pairs), in order."""
     if isinstance(params, nn.Module):
         named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         return [p for _, p in named], tuple(n for n, _ in named)
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of tensors or an nn.Module, got one Tensor")
     params = list(params)
+    if params and isinstance(params[0], tuple):  # named_parameters()
+        for i, item in enumerate(params):
+            if not (
+                isinstance(item, tuple)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], Tensor)
+            ):
+                raise TypeError(
+                    f"params[{i}] is not a (name, Tensor) pair: pass model.named_parameters(), "
+                    "model.parameters() or the module"
+                )
+        named = [(n, p) for n, p in params if p.requires_grad]
+        return [p for _, p in named], tuple(n for n, _ in named)
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a Tensor")
@@ -145,7 +159,8 @@ class Subspace:
 
     Args:
         params: an ``nn.Module`` (its ``requires_grad`` parameters, with their names, which
-            ``from_checkpoints`` needs) or an iterable of tensors; all on one device.
+            ``from_checkpoints`` needs), ``named_parameters()`` or an iterable of tensors; all
+            on one device.
         max_rank: the most columns the basis can hold (storage is allocated up front:
             ``max_rank * D`` values of ``dtype``).
         dtype: storage of the basis: ``torch.float16`` (default), ``torch.bfloat16`` or
@@ -396,6 +411,45 @@ class Subspace:
             self._gram = gram
         return self._gram
 
+    @torch.no_grad()
+    def write_average_(
+        self, params: Iterable[Tensor] | nn.Module, coefficients: Tensor | Sequence[float] | None = None
+    ) -> None:
+        """Write the mean of the samples (SWA), or ``sum_i coefficients[i] * w_i``, into ``params``.
+
+        Args:
+            params: the parameters the subspace describes (a module, ``named_parameters()`` or
+                tensors in parameter order); each is written in its own dtype.
+            coefficients: None for the plain mean (the exact fp32 running mean), or
+                ``[num_samples]`` numbers, e.g. ``TWA.coefficients()`` (fp64).
+
+        A combination is ``(sum_i c_i) w_1 + P beta`` with ``beta = sum_{i>1} c_i r_i`` (r_i the
+        coordinates of ``w_i - w_1``): the first sample enters exactly, the others to the
+        storage's rounding of their differences to it. Everything is checked before anything
+        is written. With a process group: a collective (an all-gather of D fp32 values).
+        """
+        if self.num_samples == 0:
+            raise ValueError("the subspace has no sample: call add() first")
+        tensors, _ = _trainable(params)
+        self.layout.check_params(tensors, self.device, "params")
+        if coefficients is None:
+            local = self.mean
+        else:
+            c = _coefficient_vector(coefficients, self.num_samples)
+            beta = torch.zeros(self.rank, dtype=torch.float64)
+            for ci, r in zip(c[1:].tolist(), self._coords[1:], strict=True):
+                beta[: r.numel()] += ci * r
+            local = torch.empty_like(self.anchor)
+            w0 = self.anchor * float(c.sum())
+            alpha = beta.to(torch.float32).to(self.device)
+            _ops.reconstruct_(local, w0, *self.columns, alpha, self.backend)
+        flat = (
+            local
+            if self.process_group is None
+            else distributed.all_gather_flat(local, self.dim, self.process_group)
+        )
+        torch._foreach_copy_([p.detach() for p in tensors], self.layout.views(flat))
+
     def sample_coordinates(self) -> Tensor:
         """fp64 [rank, num_samples] on the CPU: column i holds c_i with ``w_i ~ P c_i``."""
         R = torch.zeros(self.rank, self.num_samples, dtype=torch.float64)
@@ -542,7 +596,8 @@ class Subspace:
             shard = f", shard=[{self.shard[0]}, {self.shard[1]}) of {self.world_size}"
         return (
             f"Subspace(D={self.dim}, rank={self.rank}/{self.max_rank}, "
-            f"samples={self.num_samples}, dtype={self.dtype}, device={self.device}{shard})"
+            f"samples={self.num_samples}, dtype={self.dtype}, backend={self.backend!r}, "
+            f"device={self.device}{shard})"
         )
 
 
@@ -565,6 +620,21 @@ def _by_unwrapped_name(state: Mapping, path) -> dict:
             raise ValueError(f"{os.fspath(path)}: {k!r} and another entry both name {name!r}")
         out[name] = v
     return out
+
+
+def _coefficient_vector(coefficients, n: int) -> Tensor:
+    """``coefficients`` as a finite fp64 [n] tensor on the CPU; ``TypeError``/``ValueError`` else."""
+    if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, (Tensor, Sequence)):
+        raise TypeError(f"coefficients must be None, a tensor or a list of numbers, got {coefficients!r}")
+    c = torch.as_tensor(coefficients).detach()
+    if not (c.dtype.is_floating_point or c.dtype == torch.int64):
+        raise TypeError(f"coefficients must be real numbers, got dtype {c.dtype}")
+    if tuple(c.shape) != (n,):
+        raise ValueError(f"coefficients must have shape ({n},), one per sample, got {tuple(c.shape)}")
+    c = c.to(torch.float64).cpu()
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("coefficients hold nan or inf")
+    return c
 
 
 def _checkpoint_paths(paths) -> list:
