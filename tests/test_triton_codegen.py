@@ -5,6 +5,10 @@ A column mask that is not constant over 8 values, or an offset the compiler cann
 aligned, silently turns every basis load into a 2-byte one (32 ``LDG.E.U16`` per thread for a
 [16, 256] fp16 tile instead of 4 ``LDG.E.128``), and the kernels that run at the memory's speed
 lose about half of it. Nothing else in a GPU-less CI would notice; this does.
+
+The same compiles are read for addresses formed from 32-bit products (a row index times a row
+stride, a program id times a chunk): they wrap past 2^31 elements, which k x D passes at real
+sizes, and write outside the basis (see ``address_products`` in ``triton_codegen.py``).
 """
 
 import json
@@ -21,7 +25,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "triton_codegen.py")
 
 
 @pytest.fixture(scope="module")
-def report():
+def output():
     if not os.path.exists(CUOBJDUMP):
         pytest.skip("this triton wheel has no NVIDIA backend tools (cuobjdump)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -30,6 +34,11 @@ def report():
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def report(output):
+    return output["cases"]
 
 
 def test_every_config_of_every_hot_kernel_was_compiled(report):
@@ -65,3 +74,23 @@ def test_no_spills_in_local_memory(report):
         if r["cc"] == 90 and r["stack"] > 16
     ]
     assert not heavy, "\n".join(heavy)
+
+
+def test_no_address_is_formed_from_a_32_bit_product(report):
+    bad = [
+        f"{r['kernel']} {r['dtype']} {r['config']} warps={r['num_warps']} sm_{r['cc']}: {p}"
+        for r in report
+        for p in r["addr32"]
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_address_check_finds_the_products_of_its_canaries(output):
+    # Each canary forms one address from a 32-bit product the way a kernel could (the row
+    # index times the stride of orthogonalize_'s old store pass, a loop counter, a program id,
+    # a value carried by a loop, an integer turned into a pointer); "clean" widens first.
+    canaries = output["canaries"]
+    assert len(canaries) >= 9
+    for c in canaries:
+        for ir in ("ttir", "ttgir"):
+            assert len(c[ir]) == c["expected"], (c["canary"], ir, c[ir])

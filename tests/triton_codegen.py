@@ -7,7 +7,28 @@ pointers, a row stride that is a multiple of 16 values, as ``ops.empty_basis`` m
 the fp16 cases again for an A100, and reads the machine code with the ``cuobjdump`` shipped in
 Triton's wheel: registers, local memory (stack) and the number of 16-byte global loads per
 thread (``LDG.E.128``, or the asynchronous ``LDGSTS.E.128`` copies the compiler makes of a loop
-it pipelines). Printed as JSON; ``tests/test_triton_codegen.py`` checks the numbers.
+it pipelines). Printed as JSON (``cases``, ``canaries``); ``tests/test_triton_codegen.py``
+checks the numbers.
+
+It also reads each case's Triton IR (TTIR and TTGIR) for addresses formed from 32-bit
+products (``addr32`` in the JSON, see ``address_products``). Rule: no ``arith.muli`` (or
+``arith.shli``) on an integer of 32 bits or fewer may reach, through any chain of SSA
+definitions, the offset of a ``tt.addptr`` or the integer of a ``tt.int_to_ptr``, unless both
+of its operands have a bound proved from compile-time values alone (``arith.constant``,
+``tt.make_range`` and arithmetic on them) and the product of the bounds is below 2^31. Why
+this rule: a kernel's scalar integer arguments are typed i32 whenever the launch passes
+values below 2^31 (the signatures below say "i32" for exactly that reason), and so are program
+ids and the counters of loops over them; a row index times a row stride, a program id times
+a chunk, a block index times a block size are all such products, and each wraps at 2^31
+although both factors fit, while k x D passes 2^31 at GPT-2 and ResNet-50 sizes. Which
+values a runtime argument takes cannot be proved here, so every product with one is refused:
+cast a factor to int64 first. Products of compile-time values only (``tl.arange(0, N) * 4``,
+``BLOCK_K * BLOCK_D``) have a bound known here and pass when it is below 2^31. A loaded value
+(``tl.load``), a comparison and a select's condition end a chain: they carry no product of
+the address arithmetic into it. The walk is conservative where the IR has regions: a loop's
+iteration arguments and results stand for their initial value and every yielded value, any
+other region op's results for all its operands and yields. The ``canaries`` below are kernels
+with such products (and one without): the check must find exactly theirs.
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces compiled kernels):
 ``python tests/triton_codegen.py``.
@@ -22,9 +43,11 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
@@ -56,13 +79,19 @@ def _jit_function(kernel):
     return kernel
 
 
-def compile_for(cc: int, kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
-    """Registers, stack bytes, shared memory and load instructions of ``kernel`` for sm_``cc``."""
+def compile_kernel(cc: int, kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int):
+    """``kernel`` compiled for sm_``cc`` as a launch with these arguments would compile it."""
     fn = _jit_function(kernel)
     sig = dict(signature, **{name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=TARGETS[cc], options={"num_warps": num_warps})
+    return triton.compile(src, target=TARGETS[cc], options={"num_warps": num_warps})
+
+
+def compile_for(cc: int, kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
+    """Registers, stack bytes, shared memory and load instructions of ``kernel`` for sm_``cc``,
+    and the 32-bit products that form its addresses (``addr32``, TTIR and TTGIR)."""
+    compiled = compile_kernel(cc, kernel, signature, constexprs, aligned, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -75,7 +104,231 @@ def compile_for(cc: int, kernel, signature: dict, constexprs: dict, aligned: tup
         "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass.stdout)),
         "ldgsts128": len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass.stdout)),
         "shared": compiled.metadata.shared,
+        "addr32": [f"{ir}: {p}" for ir in ("ttir", "ttgir") for p in address_products(compiled.asm[ir])],
     }
+
+
+# ---- 32-bit products that form addresses (TTIR / TTGIR) --------------------------------------
+
+_VALUE = r"%[\w$.\-]+(?:#\d+)?"
+_LOC_DEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+_FILE_LINE = re.compile(r'"([^"]+)":(\d+):\d+')
+_INT_TYPE = re.compile(r"^\s*(?:tensor<(?:[\d?]+x)*)?i(\d+)\b")
+_RESULT = re.compile(rf"^({_VALUE}(?::\d+)?(?:,\s*{_VALUE})*) = (\"?[\w.]+\"?)(.*)$")
+_FOR = re.compile(rf"scf\.for ({_VALUE}) = ({_VALUE}) to ({_VALUE}) step ({_VALUE})")
+_TERMINATOR = re.compile(r"^(scf\.yield|scf\.condition|tt\.reduce\.return|tt\.scan\.return)\b(.*)$")
+# Ops whose result carries no arithmetic of the operands into an address (chains end there).
+_CHAIN_ENDS = {
+    "tt.load", "arith.cmpi", "arith.cmpf", "tt.get_program_id", "tt.get_num_programs",
+    "arith.constant", "tt.make_range", "tt.atomic_rmw", "tt.atomic_cas", "arg",
+}  # fmt: skip
+# Ops whose result is bounded by their first operand's bound.
+_SAME_BOUND = {
+    "arith.extsi", "arith.extui", "arith.trunci", "arith.index_cast", "tt.splat", "tt.broadcast",
+    "tt.expand_dims", "tt.reshape", "tt.trans", "ttg.convert_layout", "arith.divsi", "arith.divui",
+    "arith.shrsi", "arith.shrui",
+}  # fmt: skip
+
+
+class _Region:
+    """A region op (loop, if, reduce): its operands, initial values and yielded values."""
+
+    def __init__(self, op: str, operands: list[str]):
+        self.op, self.operands = op, operands
+        self.inits: list[str] = []
+        self.yields: list[list[str]] = []
+
+
+@dataclass
+class _Def:
+    op: str
+    operands: list[str]
+    text: str
+    loc: str | None
+    region: _Region | None = None
+    index: int | None = None  # results / iteration arguments of a loop or an if
+
+    def inputs(self) -> list[str]:
+        """The values this definition's value is computed from (conservatively)."""
+        if self.region is not None and self.index is not None:
+            r = self.region
+            first = [r.inits[self.index]] if self.index < len(r.inits) else []
+            return first + [y[self.index] for y in r.yields if self.index < len(y)]
+        if self.region is not None:
+            return self.region.operands + [v for y in self.region.yields for v in y]
+        if self.op in _CHAIN_ENDS:
+            return []
+        if self.op == "arith.select":
+            return self.operands[1:]
+        return self.operands
+
+    def narrow_int(self) -> bool:
+        """Result is an integer (or a tensor of integers) of at most 32 bits."""
+        m = _INT_TYPE.match(self.text.rsplit(" : ", 1)[-1]) if " : " in self.text else None
+        return m is not None and int(m[1]) <= 32
+
+
+def _strip_locs(line: str) -> tuple[str, str | None]:
+    """``line`` without its ``loc(...)`` annotations (they hold ``%`` and ``:`` of their own),
+    and the text inside the last of them (the op's location)."""
+    out, i, last = [], 0, None
+    while (j := line.find("loc(", i)) >= 0:
+        out.append(line[i:j])
+        depth, k = 0, j + 3
+        while k < len(line):
+            depth += (line[k] == "(") - (line[k] == ")")
+            k += 1
+            if depth == 0:
+                break
+        last, i = line[j + 4 : k - 1], k
+    return "".join(out) + line[i:], last
+
+
+def _parse(mlir: str):
+    """``(locs, defs, roots)``: loc table, value name -> its definitions (names repeat across
+    sibling regions, so a list), and the address operands (offsets of ``tt.addptr``, integers of
+    ``tt.int_to_ptr``) with their op's text and loc."""
+    locs: dict[str, str] = {}
+    defs: dict[str, list[_Def]] = {}
+    roots: list[tuple[str, str, str | None]] = []
+    stack: list[_Region | None] = []
+
+    def define(name, d):
+        defs.setdefault(name, []).append(d)
+
+    def loop(body, loc, region):
+        """An scf.for: its induction variable and iteration arguments."""
+        m = _FOR.search(body)
+        define(m[1], _Def("scf.for.iv", [m[2], m[4]], body, loc))
+        iters = re.findall(rf"({_VALUE}) = ({_VALUE})", body[m.end() :])
+        region.inits = [init for _, init in iters]
+        for i, (arg, _) in enumerate(iters):
+            define(arg, _Def("iter_arg", [], body, loc, region, i))
+
+    for raw in mlir.splitlines():
+        line = raw.strip()
+        if m := _LOC_DEF.match(line):
+            locs[m[1]] = m[2]
+            continue
+        body, loc = _strip_locs(line)
+        body = body.strip()
+        opens = body.count("{") - body.count("}")
+        region = None
+        if body.startswith(("module", "tt.func")):
+            for name in re.findall(rf"({_VALUE}):", body):
+                define(name, _Def("arg", [], body, loc))
+            region = _Region("func", [])
+        elif body.startswith("^bb"):  # block arguments of a reduce / scan / while body
+            for name in re.findall(rf"({_VALUE}):", body):
+                define(name, _Def("block_arg", [], body, loc, stack[-1]))
+        elif m := _TERMINATOR.match(body):
+            stack[-1].yields.append(re.findall(_VALUE, m[2]))
+        elif m := _RESULT.match(body):
+            lhs, op, rest = m[1], m[2].strip('"'), m[3]
+            names = []
+            for item in (x.strip() for x in lhs.split(",")):
+                base, _, count = item.partition(":")
+                names += [f"{base}#{i}" for i in range(int(count))] if count else [base]
+            operands = re.findall(_VALUE, rest)
+            if opens > 0:
+                region = _Region(op, [] if op == "scf.for" else operands)
+                if op == "scf.for":
+                    loop(body, loc, region)
+                indexed = op in ("scf.for", "scf.if")
+                for i, name in enumerate(names):
+                    define(name, _Def(op, operands, body, loc, region, i if indexed else None))
+            else:
+                for name in names:
+                    define(name, _Def(op, operands, body, loc))
+            if op == "tt.addptr":
+                roots.append((operands[1], body, loc))
+            elif op == "tt.int_to_ptr":
+                roots.append((operands[0], body, loc))
+        elif opens > 0 and not body.startswith("}"):  # a region op without results
+            region = _Region(body.split()[0], re.findall(_VALUE, body))
+            if body.startswith("scf.for"):
+                loop(body, loc, region)
+        if region is not None:
+            stack.append(region)
+            opens -= 1
+        if opens < 0:
+            del stack[len(stack) + opens :]
+        elif opens > 0:
+            stack.extend([stack[-1]] * opens)
+    return locs, defs, roots
+
+
+def _bound(name: str, defs, memo) -> int | None:
+    """Largest |value| of ``name`` provable from compile-time values alone, else None."""
+    if name not in memo:
+        memo[name] = None  # a cycle (loop-carried value) is unbounded
+        bounds = [_def_bound(d, defs, memo) for d in defs.get(name, [])]
+        memo[name] = max(bounds) if bounds and None not in bounds else None
+    return memo[name]
+
+
+def _def_bound(d: _Def, defs, memo) -> int | None:
+    if d.region is not None:
+        return None
+    if d.op == "arith.constant":
+        m = re.match(r"arith\.constant (?:dense<)?(-?\d+)>?\s*:", d.text.split(" = ", 1)[1])
+        return abs(int(m[1])) if m else None
+    if d.op == "tt.make_range":
+        m = re.search(r"end = (\d+) : i32, start = (\d+) : i32", d.text)
+        return max(int(m[1]) - 1, int(m[2])) if m else None
+    bs = [_bound(o, defs, memo) for o in d.operands]
+    if not bs or None in bs:
+        return None
+    if d.op in _SAME_BOUND:
+        return bs[0]
+    if d.op in ("arith.addi", "arith.subi"):
+        return bs[0] + bs[1]
+    if d.op == "arith.muli":
+        return bs[0] * bs[1]
+    if d.op == "arith.shli":
+        return bs[0] << bs[1] if bs[1] < 64 else None
+    if d.op in ("arith.remsi", "arith.remui", "arith.andi", "arith.minsi", "arith.minui"):
+        return min(bs)
+    if d.op in ("arith.maxsi", "arith.maxui", "arith.select"):
+        return max(bs)
+    return None
+
+
+def _where(loc: str | None, locs: dict[str, str], depth: int = 0) -> str:
+    """``file:line`` of a location (``#loc12``, ``"file":3:4``, a call site: the callee's)."""
+    text = locs.get(loc, loc) if loc and loc.startswith("#loc") else (loc or "")
+    if m := _FILE_LINE.search(text):
+        return f"{os.path.basename(m[1])}:{m[2]}"
+    for ref in re.findall(r"#loc\d*", text) if depth < 32 else ():
+        if (found := _where(ref, locs, depth + 1)) != "?":
+            return found
+    return "?"
+
+
+def address_products(mlir: str) -> list[str]:
+    """The 32-bit products that reach an address in ``mlir`` (TTIR or TTGIR text), as
+    ``file:line: %x = arith.muli %a, %b : i32 -> %p = tt.addptr ...`` (see the module
+    docstring for the rule)."""
+    locs, defs, roots = _parse(mlir)
+    memo: dict[str, int | None] = {}
+    found: dict[str, str] = {}
+    seen: set[str] = set()
+    for offset, use, _ in roots:
+        work = [offset]
+        while work:
+            name = work.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for d in defs.get(name, []):
+                if d.op in ("arith.muli", "arith.shli") and d.region is None and d.narrow_int():
+                    bs = [_bound(o, defs, memo) for o in d.operands]
+                    small = None not in bs and _def_bound(d, defs, memo) < 2**31
+                    if not small:
+                        key = f"{_where(d.loc, locs)}: {d.text.strip()}"
+                        found.setdefault(key, f"{key} -> {use.strip()}")
+                work.extend(d.inputs())
+    return sorted(found.values())
 
 
 def basis_loads_per_thread(block_k: int, block_d: int, dtype: torch.dtype, num_warps: int) -> int:
@@ -194,6 +447,99 @@ def cases():
         )
 
 
+# ---- canaries: kernels the address check must refuse (and one it must pass) -----------------
+# Each forms an address the way a real kernel could get wrong; ``main`` reports what the check
+# finds in them, and the test asserts it finds exactly the products marked below.
+
+
+@triton.jit
+def _canary_row_times_stride(ptr, rank, row_stride, BLOCK: tl.constexpr):
+    # orthogonalize_'s store pass before the fix: basis_ptr + rank * row_stride + offs_d
+    tl.store(ptr + rank * row_stride + tl.arange(0, BLOCK), 0.0)
+
+
+@triton.jit
+def _canary_widened_after_product(ptr, rank, row_stride, BLOCK: tl.constexpr):
+    tl.store(ptr + (rank * row_stride).to(tl.int64) + tl.arange(0, BLOCK), 0.0)
+
+
+@triton.jit
+def _canary_loop_row_times_stride(ptr, K, row_stride, BLOCK: tl.constexpr):
+    for k in range(0, K):
+        tl.store(ptr + k * row_stride + tl.arange(0, BLOCK), 0.0)
+
+
+@triton.jit
+def _canary_program_times_chunk(ptr, CHUNK, BLOCK: tl.constexpr):
+    tl.store(ptr + tl.program_id(0) * CHUNK + tl.arange(0, BLOCK), 0.0)
+
+
+@triton.jit
+def _canary_rows_times_stride(ptr, row_stride, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    tl.store(ptr + rows[:, None] * row_stride + tl.arange(0, BLOCK)[None, :], 0.0)
+
+
+@triton.jit
+def _canary_carried_by_loop(ptr, K, rank, row_stride, BLOCK: tl.constexpr):
+    off = rank * row_stride
+    for _ in range(0, K):
+        tl.store(ptr + off + tl.arange(0, BLOCK), 0.0)
+        off += BLOCK
+
+
+@triton.jit
+def _canary_integer_address(table_ptr, rank, row_stride, BLOCK: tl.constexpr):
+    addr = tl.load(table_ptr) + rank * row_stride
+    tl.store(addr.to(tl.pointer_type(tl.float32)) + tl.arange(0, BLOCK), 0.0)
+
+
+@triton.jit
+def _canary_large_constants(ptr, BLOCK: tl.constexpr):
+    tl.store(ptr + tl.arange(0, BLOCK) * 4194304, 0.0)  # 1023 * 2^22 >= 2^31
+
+
+@triton.jit
+def _canary_clean(ptr, rank, row_stride, K, CHUNK, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    tl.store(ptr + rank.to(tl.int64) * row_stride + pid * CHUNK + offs, 0.0)
+    for k in range(0, K):
+        tl.store(ptr + k.to(tl.int64) * row_stride + offs * 4, 0.0)
+    tl.store(ptr + offs[:, None] * BLOCK + offs[None, :], 0.0)
+
+
+def canaries():
+    """``(name, kernel, signature, products the check must report)``; every case has BLOCK=1024."""
+    ptr, i32 = "*fp32", "i32"
+    yield "row_times_stride", _canary_row_times_stride, {"ptr": ptr, "rank": i32, "row_stride": i32}, 1
+    yield (
+        "widened_after_product",
+        _canary_widened_after_product,
+        {"ptr": ptr, "rank": i32, "row_stride": i32},
+        1,
+    )
+    yield "loop_row_times_stride", _canary_loop_row_times_stride, {"ptr": ptr, "K": i32, "row_stride": i32}, 1
+    yield "program_times_chunk", _canary_program_times_chunk, {"ptr": ptr, "CHUNK": i32}, 1
+    yield "rows_times_stride", _canary_rows_times_stride, {"ptr": ptr, "row_stride": i32}, 1
+    sig = {"ptr": ptr, "K": i32, "rank": i32, "row_stride": i32}
+    yield "carried_by_loop", _canary_carried_by_loop, sig, 1
+    sig = {"table_ptr": "*i64", "rank": i32, "row_stride": i32}
+    yield "integer_address", _canary_integer_address, sig, 1
+    yield "large_constants", _canary_large_constants, {"ptr": ptr}, 1
+    sig = {"ptr": ptr, "rank": i32, "row_stride": i32, "K": i32, "CHUNK": i32}
+    yield "clean", _canary_clean, sig, 0
+
+
+def canary_report() -> list[dict]:
+    rows = []
+    for name, kernel, sig, expected in canaries():
+        compiled = compile_kernel(90, kernel, sig, {"BLOCK": 1024}, (), 4)
+        found = {ir: address_products(compiled.asm[ir]) for ir in ("ttir", "ttgir")}
+        rows.append({"canary": name, "expected": expected, **found})
+    return rows
+
+
 def main() -> None:
     rows = []
     for cc in TARGETS:
@@ -210,7 +556,7 @@ def main() -> None:
                 basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
             )
             rows.append(info)
-    json.dump(rows, sys.stdout, indent=1)
+    json.dump({"cases": rows, "canaries": canary_report()}, sys.stdout, indent=1)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,9 @@ def _store_columns(
         u -= tl.sum(sh[:, None] * p, axis=0)
     val = u * tl.load(inv_ptr)
     val = tl.minimum(tl.maximum(val, -LIMIT), LIMIT)
-    out = basis_ptr + rank * row_stride + offs_d
+    # rank and row_stride are 32-bit arguments: their product is formed in 64 bits (a 32-bit
+    # one wraps once rank * row_stride passes 2^31, rank 85 at D = 25.6M).
+    out = basis_ptr + tl.cast(rank, tl.int64) * row_stride + offs_d
     tl.store(out, to_storage(val.to(tl.float32), basis_ptr.dtype.element_ty), mask=mask_d)
 
 
