@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CUDA build checks that need no GPU (run from the repo root with the project venv active):
 #   1. every csrc/*.cu compiles for sm_90 and sm_80 with warnings as errors, and ptxas reports
-#      no register spills (per-kernel registers/spills are printed);
+#      no register spills (per-kernel registers/spills are printed); the PTX of both forms no
+#      global address from a 32-bit product (.ci/ptx_addr32.py), which must in turn catch the
+#      products of csrc/tests/addr32_canary.cu;
 #   2. csrc/tests/host_test.cu (the kernels' index/tiling/mask/reduction helpers against plain
 #      loops) builds with nvcc and runs on the CPU;
 #   3. the torch glue compiles (syntax only) against the project's torch;
@@ -44,12 +46,13 @@ echo "check_cuda: $("$NVCC" --version | tail -n 2 | head -n 1)"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/twa_check_cuda.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-# ---- 1. kernels: sm_90 + sm_80, warnings as errors, no spills ---------------------------------
+# ---- 1. kernels: sm_90 + sm_80, warnings as errors, no spills, 64-bit addresses ------------
 : > "$WORK/ptxas.log"
+mkdir -p "$WORK/keep"
 for f in csrc/*.cu; do
   echo "check_cuda: nvcc $f"
   if ! "$NVCC" -c -std=c++17 -O3 -lineinfo "${ARCHS[@]}" "${TORCH_NVCC_DEFINES[@]}" \
-      -Xptxas -v -Werror all-warnings -Xcompiler -fPIC,-Wall,-Werror \
+      -Xptxas -v -Werror all-warnings -Xcompiler -fPIC,-Wall,-Werror -keep -keep-dir "$WORK/keep" \
       "$f" -o "$WORK/$(basename "$f").o" 2> "$WORK/nvcc.log"; then
     cat "$WORK/nvcc.log"
     echo "check_cuda: FAILED to compile $f"
@@ -94,6 +97,14 @@ if bad:
 print(f"check_cuda: {len(rows)} kernel builds, no spills")
 EOF
 step "kernels (sm_90 + sm_80, -Werror, spills)"
+# Addresses from 32-bit products (row * stride wraps past 2^31): none in the kernels' PTX (both
+# architectures), and the check still catches every BAD kernel of the canary.
+"$PY" .ci/ptx_addr32.py "$WORK"/keep/*.compute_*.ptx
+"$NVCC" -ptx -std=c++17 -O3 -arch=compute_90 csrc/tests/addr32_canary.cu -o "$WORK/canary.ptx"
+"$PY" .ci/ptx_addr32.py "$WORK/canary.ptx" --expect-kernels \
+  store_row_times_stride,widened_after_product,block_times_size,loop_row_times_stride,rolled_loop_running_sum \
+  | tail -n 1
+step "PTX: no address from a 32-bit product"
 
 # ---- 2. host test of the shared __host__ __device__ helpers ----------------------------------
 "$NVCC" -std=c++17 -O2 -Werror all-warnings -Xcompiler -Wall,-Werror \
