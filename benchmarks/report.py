@@ -2,30 +2,32 @@
 
     python -m benchmarks.report RESULTS.json [--out DIR] [--stat median|min]
 
-Writes ``DIR/report.md`` (default: the JSON's folder) with one table per operation, the checks
-against DESIGN.md section 6, and ``DIR/chart.png``: achieved GB/s per operation, shape and
-provider against the copy bandwidth measured in the same run. Needs only the standard library.
+Writes ``DIR/report.md`` (default: the JSON's folder) with one table per operation and the checks
+against DESIGN.md section 6, then ``DIR/chart.png``, drawn with matplotlib: achieved GB/s per
+operation, shape and provider against the copy bandwidth measured in the same run. Without
+matplotlib the markdown is still written and the command says what the chart needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .png import Canvas
-
 OP_ORDER = ("project", "reconstruct", "orthogonalize", "step", "step-ratio", "train-step")
 PROVIDER_ORDER = (
     "sgd", "published", "naive-fp32", "naive-fp16-upcast", "torch-fp32", "torch", "triton", "cuda",
 )  # fmt: skip
+# Greys for the baselines, Okabe-Ito colours (told apart with any colour vision) for the rest.
 COLORS = {
-    "published": (60, 60, 60), "naive-fp32": (120, 120, 120),
-    "naive-fp16-upcast": (190, 190, 190), "torch-fp32": (230, 159, 0), "torch": (86, 180, 233),
-    "triton": (0, 158, 115), "cuda": (204, 121, 167),
+    "published": "#3c3c3c", "naive-fp32": "#787878", "naive-fp16-upcast": "#bebebe",
+    "torch-fp32": "#e69f00", "torch": "#56b4e9", "triton": "#009e73", "cuda": "#cc79a7",
 }  # fmt: skip
+COPY_COLOR = "#d55e00"
+MATPLOTLIB_INSTALL = "pip install matplotlib"
 # DESIGN.md section 6.
 OP_TARGET_PCT = 90.0
 OP_TARGET_MIN_D = 25_000_000
@@ -55,11 +57,13 @@ def load(path: Path, stat: str) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
+def _provider_rank(provider: str) -> int:
+    return PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
+
+
 def _key(row: dict):
     op = OP_ORDER.index(row["op"]) if row["op"] in OP_ORDER else len(OP_ORDER)
-    prov = row["provider"]
-    p = PROVIDER_ORDER.index(prov) if prov in PROVIDER_ORDER else len(PROVIDER_ORDER)
-    return (op, row["op"], row["D"], row["K"], row.get("B", 1), p)
+    return (op, row["op"], row["D"], row["K"], row.get("B", 1), _provider_rank(row["provider"]))
 
 
 def _fmt(x, digits=1, suffix=""):
@@ -210,46 +214,59 @@ def checks(groups: dict, copy) -> list[str]:
     return out + (lines or ["- nothing to check in this run"]) + [""]
 
 
-def chart(meta: dict, rows: list[dict]) -> bytes:
-    """Horizontal bars: GB/s per (op, shape) group and provider, with the copy bandwidth line."""
+def chart(meta: dict, rows: list[dict]):
+    """Horizontal bars, a matplotlib ``Figure``: GB/s per (op, shape) group and provider, each
+    bar labelled with its GB/s and % of the copy bandwidth, which is the vertical line.
+
+    Drawn on matplotlib's Agg canvas, without pyplot: no display, no global backend switch.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     rows = [r for r in sorted(rows, key=_key) if r.get("gbps") is not None]
     copy = meta.get("copy_gbps") or 0.0
     groups = defaultdict(list)
     for r in rows:
         groups[(r["op"], _shape(r))].append(r)
-    bar, gap, pad = 10, 3, 8
-    label_w, plot_w, value_w, top = 330, 560, 150, 70
-    height = top + sum(len(g) * (bar + gap) + pad for g in groups.values()) + 40
-    c = Canvas(label_w + plot_w + value_w, max(height, 120))
-    top_gbps = max([copy] + [r["gbps"] for r in rows]) * 1.05 or 1.0
-    scale = plot_w / top_gbps
 
-    title = f"GB/S VS COPY BANDWIDTH {copy:.0f} GB/S - {meta.get('card', '?')}"
-    c.text(8, 6, title[:140])
-    x = 8
-    for name in PROVIDER_ORDER:
-        if name in COLORS and any(r["provider"] == name for r in rows):
-            c.rect(x, 26, 12, 12, COLORS[name])
-            x = c.text(x + 16, 28, name) + 14
-    # gridlines at 25 % steps of the copy bandwidth, the bandwidth itself in red
-    for frac in (0.25, 0.5, 0.75):
-        gx = label_w + int(frac * copy * scale)
-        c.rect(gx, top - 8, 1, height - top - 24, (225, 225, 225))
-        c.text(gx - 12, top - 22, f"{frac:.0%}", (150, 150, 150))
-    c.rect(label_w + int(copy * scale), top - 8, 2, height - top - 24, (213, 94, 0))
-    c.text(label_w + int(copy * scale) - 40, top - 22, "COPY BW", (213, 94, 0))
-
-    y = top
-    for (op, shape), members in groups.items():
-        c.text(8, y + 1, f"{op} {shape}"[:40])
+    height = 1.6 + 0.17 * len(rows) + 0.12 * len(groups)
+    fig = Figure(figsize=(11, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    legend = {}  # provider -> its bars, for the legend
+    y, centres = 0.0, []
+    for members in groups.values():
+        first = y
         for r in members:
-            c.rect(label_w, y, int(r["gbps"] * scale), bar, COLORS.get(r["provider"], (0, 0, 0)))
-            pct = f" {r['pct']:.0f}%" if r.get("pct") is not None else ""
-            c.text(label_w + plot_w + 6, y, f"{r['gbps']:.1f}{pct}")
-            y += bar + gap
-        y += pad
-        c.rect(0, y - pad // 2, c.width, 1, (240, 240, 240))
-    return c.to_png()
+            name = r["provider"]
+            bars = ax.barh(y, r["gbps"], height=0.8, color=COLORS.get(name, "black"), label=name)
+            legend.setdefault(name, bars)
+            pct = f" ({r['pct']:.0f}%)" if r.get("pct") is not None else ""
+            ax.annotate(f"{r['gbps']:.1f}{pct}", (r["gbps"], y), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=7)  # fmt: skip
+            y += 1
+        centres.append((first + y - 1) / 2)
+        y += 0.6  # gap between groups
+    ax.set_yticks(centres, [f"{op} {shape}" for op, shape in groups])
+    ax.tick_params(axis="y", length=0, labelsize=8)
+    ax.set_ylim(y - 0.4, -0.8)  # first group on top
+    top = max([copy] + [r["gbps"] for r in rows])
+    ax.set_xlim(0, 1.18 * top if top > 0 else 1.0)  # room for the bars' labels
+    ax.set_xlabel("achieved GB/s (the least bytes the provider must move / time)")
+    handles = [legend[name] for name in sorted(legend, key=_provider_rank)]
+    if copy:
+        for frac in (0.25, 0.5, 0.75):
+            ax.axvline(frac * copy, color="0.88", linewidth=0.8, zorder=0)
+        line = ax.axvline(copy, color=COPY_COLOR, linewidth=1.5, label=f"copy bandwidth {copy:.0f} GB/s")
+        handles.append(line)
+        pct_axis = ax.secondary_xaxis("top", functions=(lambda g: 100 * g / copy, lambda p: p * copy / 100))
+        pct_axis.set_xticks([0, 25, 50, 75, 100])
+        pct_axis.set_xlabel("% of the copy bandwidth")
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=8)
+    card = meta.get("card", "?")
+    fig.suptitle(f"twa_kernels benchmarks: GB/s against the copy bandwidth, {card} ({meta['stat']} times)")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.json.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown(meta, rows))
-    (out / "chart.png").write_bytes(chart(meta, rows))
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            f"wrote {out / 'report.md'} ({len(rows)} results); chart.png not drawn: the chart needs "
+            f"matplotlib, which is not installed (`{MATPLOTLIB_INSTALL}`)",
+            file=sys.stderr,
+        )
+        return 1
+    chart(meta, rows).savefig(out / "chart.png")
     print(f"wrote {out / 'report.md'} and {out / 'chart.png'} ({len(rows)} results)")
     return 0
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
+import sys
 
-from .report import main
+import numpy as np
+import pytest
+
+from .report import COLORS, MATPLOTLIB_INSTALL, chart, load, main
 
 
 def _bench(op, provider, seconds, **info):
@@ -41,7 +43,15 @@ def _write(tmp_path):
     return path
 
 
-def test_report_writes_markdown_and_png(tmp_path):
+def _imread(path):
+    try:
+        from matplotlib.image import imread
+    except ImportError:
+        pytest.fail(f"the report's chart needs matplotlib: {MATPLOTLIB_INSTALL}")
+    return imread(path)
+
+
+def test_report_writes_markdown_and_chart(tmp_path):
     path = _write(tmp_path)
     assert main([str(path), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
@@ -51,14 +61,47 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert "2.00x" in md  # the step's speedup over the published step
     assert "+10.00 ms (+10.0%)" in md  # train-step overhead over sgd
     assert "interleaved: fp16 basis / fp32 basis = 1.30x" in md
-    png = (tmp_path / "out" / "chart.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", png[16:24])
-    assert width > 0 and height > 0
-    # The one IDAT chunk decompresses to height rows of 1 filter byte + 3 bytes per pixel.
-    length = struct.unpack(">I", png[33:37])[0]
-    assert png[37:41] == b"IDAT"
-    assert len(zlib.decompress(png[41 : 41 + length])) == height * (1 + 3 * width)
+    img = _imread(tmp_path / "out" / "chart.png")
+    height, width = img.shape[:2]
+    assert width == 1100 and 200 < height < 1000
+    # Each provider's bars are drawn: more pixels of its colour than its legend key has (~150;
+    # the narrowest bar here, naive-fp32's, has about 4,000).
+    from matplotlib.colors import to_rgb
+
+    for name in ("published", "naive-fp32", "torch-fp32", "torch"):
+        color = np.asarray(to_rgb(COLORS[name]))
+        pixels = np.all(np.abs(img[..., :3] - color) < 0.02, axis=-1).sum()
+        assert pixels > 1000, f"{name}: {pixels} pixels of its colour"
+
+
+def test_chart_has_a_bar_per_result_with_gbps(tmp_path):
+    meta, rows = load(_write(tmp_path), "median")
+    fig = chart(meta, rows)
+    (ax,) = fig.axes
+    # project: naive-fp32, torch; step: published, torch-fp32, torch (step-ratio and train-step
+    # have no GB/s). Widths are GB/s: 40, 20 MiB in 2, 1 ms; 200, 200, 100 MiB in 8, 3, 4 ms.
+    floor_gb = (2 * 8 + 4) * (1 << 20) / 1e9
+    expected = [2 * floor_gb / 2e-3, floor_gb / 1e-3, 10 * floor_gb / 8e-3, 10 * floor_gb / 3e-3,
+                5 * floor_gb / 4e-3]  # fmt: skip
+    assert [p.get_width() for p in ax.patches] == pytest.approx(expected)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["project m K=8", "step m K=8"]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "published", "naive-fp32", "torch-fp32", "torch", "copy bandwidth 20 GB/s",
+    ]  # fmt: skip
+    assert [tuple(line.get_xdata()) for line in ax.lines][-1] == (20.0, 20.0)  # the copy line
+    assert "test card" in fig.get_suptitle() and ax.get_xlabel().startswith("achieved GB/s")
+    # Results without GB/s only: an empty chart, not an error.
+    assert not chart(meta, [r for r in rows if r["op"] == "train-step"]).axes[0].patches
+
+
+def test_without_matplotlib_the_markdown_is_written_and_the_chart_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = _write(tmp_path)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 1
+    assert "| m K=8 | 1,048,576 | torch | 1.000 |" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "out" / "chart.png").exists()
+    assert "chart.png not drawn: the chart needs matplotlib" in capsys.readouterr().err
 
 
 def test_report_min_statistic_and_empty_input(tmp_path, capsys):
