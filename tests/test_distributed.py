@@ -106,7 +106,7 @@ def _capture_log():
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
-    log = logging.getLogger("twa_kernels.distributed")
+    log = logging.getLogger("twa_kernels._steps")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     return records
@@ -475,7 +475,7 @@ def test_ranks_that_disagree_raise_together(tmp_path):
 
 
 def test_too_many_processes_for_D_is_refused():
-    from twa_kernels.distributed import shard_range
+    from twa_kernels._collectives import shard_range
 
     assert shard_range(259, 3, 2) == (174, 259)
     with pytest.raises(ValueError, match="cannot be sharded over 4 processes"):

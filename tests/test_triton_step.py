@@ -1,6 +1,6 @@
 """The fused Triton TWA step against the generic path, and its launch count.
 
-The generic path (``functional.twa_step(..., backend="torch")``) gathers the gradients into a
+The generic path (``_steps.LocalStep(...).step(..., backend="torch")``) gathers the gradients into a
 flat fp32 buffer, runs the plain-PyTorch ops and copies the weights back; the fused step reads
 ``.grad`` and writes the parameters in place through a pointer table. Both must take the same
 steps, skip the same non-finite steps, and leave the parameters with the same values.
@@ -16,7 +16,8 @@ triton = pytest.importorskip("triton")
 
 from oracle import assert_within  # noqa: E402
 
-from twa_kernels import functional, ops, reference  # noqa: E402
+from twa_kernels import _steps, ops, reference  # noqa: E402
+from twa_kernels._params import ParamLayout  # noqa: E402
 from twa_kernels._triton import step as fused  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -51,14 +52,6 @@ def make_params(device, shapes=SHAPES, dtypes=DTYPES, seed=1):
     return [
         torch.randn(s, generator=gen).to(device=device, dtype=d) for s, d in zip(shapes, dtypes, strict=True)
     ]
-
-
-def flat_views(params, flat):
-    views, off = [], 0
-    for p in params:
-        views.append(flat[off : off + p.numel()].view_as(p))
-        off += p.numel()
-    return views
 
 
 def subspace(D, K, dtype, device):
@@ -116,16 +109,15 @@ def assert_fused_matches_generic(device, dtype, hyper, shapes, K):
     runs = {}
     for backend in ["torch", "triton"]:
         params = make_params(device, shapes)
-        flat = torch.zeros(D, device=device)
+        step_object = _steps.LocalStep(ParamLayout.of(params), torch.device(device))
         alpha = torch.zeros(K, device=device)
         buf = torch.zeros(K, device=device)
         counters = torch.zeros(2, dtype=torch.int64, device=device)
         for step in range(5):
             set_grads(params, step, device)
-            functional.twa_step(
-                params, flat, flat_views(params, flat), w0, basis, scales, alpha, buf, counters,
-                gram, pw0, backend=backend, **hyper,
-            )  # fmt: skip
+            step_object.step(
+                params, w0, basis, scales, alpha, buf, counters, gram, pw0, backend=backend, **hyper
+            )
         runs[backend] = (alpha, buf, counters, params)
     (a_ref, b_ref, c_ref, p_ref), (a, b, c, p) = runs["torch"], runs["triton"]
     assert c.tolist() == c_ref.tolist() == [4, 1]

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _ops, _state, distributed, functional
-from .subspace import Subspace, _trainable
+from . import _backend, _collectives, _state, _steps
+from ._params import trainable
+from .subspace import Subspace
 
 STARTS = ("mean", "current")
 
@@ -111,13 +112,13 @@ class TWA(torch.optim.Optimizer):
         _backend.check_backend_name(backend)
         if subspace.rank == 0:
             raise ValueError("subspace is empty (rank 0): call Subspace.add() before building TWA")
-        ddp = distributed.wrapped_by_ddp(params)
+        ddp = _steps.wrapped_by_ddp(params)
         if isinstance(params, Iterable) and not isinstance(params, (Tensor, nn.Module)):
             params = list(params)
             if params and isinstance(params[0], Mapping):
                 raise ValueError("TWA takes one parameter group (all coordinates share one lr)")
-        tensors, _ = _trainable(params)
-        distributed.check_together(
+        tensors, _ = trainable(params)
+        _collectives.check_together(
             lambda: subspace.layout.check_params(tensors, subspace.device, "params"),
             subspace.process_group, subspace.device, "TWA()",
         )  # fmt: skip
@@ -134,17 +135,8 @@ class TWA(torch.optim.Optimizer):
         self.rank = subspace.rank
         device, K = subspace.device, subspace.rank
 
-        self._sharded = None
-        self.average_gradients = False
-        if subspace.process_group is not None:
-            self.average_gradients = not ddp if average_gradients is None else average_gradients
-            self._sharded = distributed.ShardedStep(subspace, tensors, self.average_gradients)
-            # Padded to world * ceil(D / world) values; the views cover the first D.
-            self._flat, self._flat_views = self._sharded.flat, self._sharded.flat_views
-        else:
-            # The one flat fp32 [D] buffer: gradients in, weights out; views made once.
-            self._flat = torch.zeros(subspace.dim, dtype=torch.float32, device=device)
-            self._flat_views = subspace.layout.views(self._flat)
+        self._step = _steps.make_step(subspace, tensors, average_gradients, ddp)
+        self.average_gradients = self._step.average_gradients
         # w0 is the subspace's mean itself for start="mean" (never written here), else our own.
         self._w0 = subspace.mean if start == "mean" else subspace.flatten([p.detach() for p in tensors])
         self._gram = subspace.gram().float()
@@ -154,8 +146,6 @@ class TWA(torch.optim.Optimizer):
         # [steps taken, steps skipped because the gradient was not finite]
         self._counters = torch.zeros(2, dtype=torch.int64, device=device)
         self._write_weights()
-        if self._sharded is not None:
-            self._sharded.log_comm(K, subspace.dim)
 
     # ------------------------------------------------------------------------------------------
 
@@ -192,25 +182,15 @@ class TWA(torch.optim.Optimizer):
         send as much per rank as one all-reduce of the same size, so TWA without DDP costs a DDP
         step plus ``4 * K`` bytes, where the published scheme costs two DDP steps.
         """
-        if self._sharded is None:
-            return {"gradients": 0, "coordinates": 0, "weights": 0}
-        return self._sharded.comm_bytes(self.rank).as_dict()
+        return self._step.comm_bytes(self.rank).as_dict()
 
     def _project(self, x: Tensor) -> Tensor:
-        basis, scales = self.subspace.columns
-        if self._sharded is not None:
-            return self._sharded.project(basis, scales, x, self.backend)
-        return _ops.project(basis, scales, x, self.backend)
+        return self._step.project(*self.subspace.columns, x, self.backend)
 
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
-        backend = _backend.resolve(self.backend, self._flat.device)
-        if self._sharded is not None:
-            self._sharded.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
-        else:
-            functional.write_weights_(
-                self.params, self._flat, self._flat_views, self._w0, basis, scales, self._alpha, backend
-            )
+        backend = _backend.resolve(self.backend, self.subspace.device)
+        self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
         self._remember_weights()
 
     def _remember_weights(self) -> None:
@@ -277,10 +257,7 @@ class TWA(torch.optim.Optimizer):
             lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"], backend=self.backend,
         )  # fmt: skip
-        if self._sharded is None:
-            functional.twa_step(self.params, self._flat, self._flat_views, *state, **hyper)
-        else:
-            self._sharded.step(self.params, *state, **hyper)
+        self._step.step(self.params, *state, **hyper)
         self._remember_weights()
         return loss
 
@@ -328,9 +305,8 @@ class TWA(torch.optim.Optimizer):
             "counters": self._counters.clone(),
             "w0": self._w0.clone() if self.start == "current" else None,
         }
-        if self._sharded is not None:
-            state["twa"]["shard"] = list(self.subspace.shard)
-            state["twa"]["world_size"] = self.subspace.world_size
+        if self.subspace.sharding is not None:
+            state["twa"]["shard"], state["twa"]["world_size"] = self.subspace.sharding
         return state
 
     def load_state_dict(self, state_dict: Mapping) -> None:
@@ -345,8 +321,8 @@ class TWA(torch.optim.Optimizer):
         one rank refuses, all raise.
         """
         state_dict = dict(state_dict)
-        twa = distributed.check_together(
-            lambda: self._check_state(state_dict), self.subspace.process_group, self._flat.device,
+        twa = _collectives.check_together(
+            lambda: self._check_state(state_dict), self.subspace.process_group, self.subspace.device,
             "load_state_dict",
         )  # fmt: skip
         super().load_state_dict(state_dict)
@@ -375,8 +351,7 @@ class TWA(torch.optim.Optimizer):
                   "w0"}, f"{what} entry 'twa'",
         )  # fmt: skip
         self.subspace.layout.check_signature(twa["layout"], "state dict")
-        sharded = self._sharded is not None
-        mine_shard = (list(self.subspace.shard), self.subspace.world_size) if sharded else None
+        mine_shard = self.subspace.sharding
         theirs = (list(twa["shard"]), twa["world_size"]) if twa.get("shard") is not None else None
         if theirs != mine_shard:
             raise ValueError(
@@ -455,11 +430,7 @@ class TWA(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict:
-        if self._sharded is not None:
-            raise TypeError(
-                "a TWA optimizer on a sharded subspace cannot be copied or pickled (its process "
-                "group cannot): save state_dict() on every rank instead"
-            )
+        # (On a sharded subspace, copying the subspace raises: a process group cannot be copied.)
         state = self.__dict__.copy()
         # Edits made before the copy are still to be seen by the copy's first step.
         edited = set(self._edited_parameters())
@@ -468,8 +439,6 @@ class TWA(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # pickle copies each view with a storage of its own: make them views of the buffer again
-        self._flat_views = self.subspace.layout.views(self._flat)
         pending = [s is None for s in self._weight_stamps]
         self._remember_weights()  # the copy's parameters: new addresses and counters
         self._weight_stamps = [None if p else s for p, s in zip(pending, self._weight_stamps, strict=True)]

@@ -17,9 +17,6 @@ weights inside the span can be written as combinations of the samples (``TWA.coe
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
-import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,121 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _backend, _ops, _state, distributed, ops, reference
+from . import _backend, _collectives, _ops, _params, _state, distributed, ops, reference
+from ._params import ParamLayout, trainable
 
 STORAGE_DTYPES = _ops.STORAGE_DTYPES
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamLayout:
-    """Order, shapes, dtypes and flat offsets of the parameters a subspace describes."""
-
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[torch.dtype, ...]
-    names: tuple[str, ...] | None = None
-
-    @property
-    def numels(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out, total = [], 0
-        for n in self.numels:
-            out.append(total)
-            total += n
-        return tuple(out)
-
-    @property
-    def numel(self) -> int:
-        return sum(self.numels)
-
-    def signature(self) -> dict:
-        """A plain description for state dicts (loadable with ``weights_only=True``)."""
-        return {
-            "shapes": [list(s) for s in self.shapes],
-            "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
-        }
-
-    def check_params(self, params: Sequence[Tensor], device: torch.device, what: str) -> None:
-        """Raise ``ValueError`` naming the first parameter that does not fit this layout."""
-        if len(params) != len(self.shapes):
-            raise ValueError(
-                f"{what} has {len(params)} tensors, the subspace was built for {len(self.shapes)}"
-            )
-        for i, (p, shape, dtype) in enumerate(zip(params, self.shapes, self.dtypes, strict=True)):
-            if tuple(p.shape) != shape:
-                raise ValueError(f"{what}[{i}] has shape {tuple(p.shape)}, expected {shape}")
-            if p.dtype != dtype:
-                raise ValueError(f"{what}[{i}] has dtype {p.dtype}, expected {dtype}")
-            if p.device != device:
-                raise ValueError(f"{what}[{i}] is on {p.device}, the subspace is on {device}")
-
-    def check_signature(self, signature: Mapping, what: str) -> None:
-        """Raise ``ValueError`` naming the first parameter where ``signature`` differs."""
-        mine = self.signature()
-        if signature == mine:
-            return
-        if len(signature["shapes"]) != len(mine["shapes"]):
-            raise ValueError(
-                f"{what} is from a different model: {len(signature['shapes'])} parameters, "
-                f"this one has {len(mine['shapes'])}"
-            )
-        for i, (s, d, s2, d2) in enumerate(
-            zip(
-                signature["shapes"],
-                signature["dtypes"],
-                mine["shapes"],
-                mine["dtypes"],
-                strict=True,
-            )
-        ):
-            if (s, d) != (s2, d2):
-                raise ValueError(
-                    f"{what} is from a different model: parameter {i} is {d} {s}, here {d2} {s2}"
-                )
-
-    def describe(self, i: int) -> str:
-        """How errors name parameter ``i``: its quoted name, or ``params[i]`` without names."""
-        return repr(self.names[i]) if self.names is not None else f"params[{i}]"
-
-    def parameter_at(self, flat_index: int) -> int:
-        """The index of the parameter that holds flat value ``flat_index``."""
-        return bisect.bisect_right(self.offsets, flat_index) - 1
-
-    def views(self, flat: Tensor) -> list[Tensor]:
-        """Views of a flat [D] tensor, one per parameter, shaped like the parameters."""
-        return [
-            flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes, strict=True)
-        ]
-
-
-def _trainable(params) -> tuple[list[Tensor], tuple[str, ...] | None]:
-    """The ``requires_grad`` parameters (and their names, given a module or named pairs), in order."""
-    if isinstance(params, nn.Module):
-        named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-        return [p for _, p in named], tuple(n for n, _ in named)
-    if isinstance(params, Tensor):
-        raise TypeError("params must be an iterable of tensors or an nn.Module, got one Tensor")
-    params = list(params)
-    if params and isinstance(params[0], tuple):  # named_parameters()
-        for i, item in enumerate(params):
-            if not (
-                isinstance(item, tuple)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and isinstance(item[1], Tensor)
-            ):
-                raise TypeError(
-                    f"params[{i}] is not a (name, Tensor) pair: pass model.named_parameters(), "
-                    "model.parameters() or the module"
-                )
-        named = [(n, p) for n, p in params if p.requires_grad]
-        return [p for _, p in named], tuple(n for n, _ in named)
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a Tensor")
-    return [p for p in params if p.requires_grad], None
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -201,7 +87,7 @@ class Subspace:
         tol: float | None = None,
         backend: str = "auto",
     ) -> None:
-        tensors, names = _trainable(params)
+        tensors, names = trainable(params)
         if not tensors:
             raise ValueError("params has no tensor with requires_grad=True")
         for i, p in enumerate(tensors):
@@ -218,9 +104,7 @@ class Subspace:
             raise ValueError(f"tol must be in [0, 1), got {tol!r}")
         _backend.check_backend_name(backend)
 
-        self.layout = ParamLayout(
-            tuple(tuple(p.shape) for p in tensors), tuple(p.dtype for p in tensors), names
-        )
+        self.layout = ParamLayout.of(tensors, names)
         self.device = devices.pop()
         self.dtype = dtype
         self.max_rank = max_rank
@@ -232,9 +116,9 @@ class Subspace:
         self.shard = (0, D)
         self.world_size = 1
         if process_group is not None:
-            distributed.check_same_layout(self.layout, max_rank, dtype, self.tol, process_group, self.device)
-            self.world_size, group_rank = distributed.world_and_rank(process_group)
-            self.shard = distributed.shard_range(D, self.world_size, group_rank)
+            _collectives.check_same_layout(self.layout, max_rank, dtype, self.tol, process_group, self.device)
+            self.world_size, group_rank = _collectives.world_and_rank(process_group)
+            self.shard = _collectives.shard_range(D, self.world_size, group_rank)
         n = self.shard[1] - self.shard[0]
         self.basis = ops.empty_basis(max_rank, n, dtype, self.device)
         self.scales = torch.zeros(max_rank, dtype=torch.float32, device=self.device)
@@ -255,6 +139,11 @@ class Subspace:
     def dim(self) -> int:
         """D, the number of trainable values."""
         return self.layout.numel
+
+    @property
+    def sharding(self) -> tuple[list[int], int] | None:
+        """``([start, stop], world size)`` of this process's shard; None without a process group."""
+        return None if self.process_group is None else (list(self.shard), self.world_size)
 
     @property
     def columns(self) -> tuple[Tensor, Tensor]:
@@ -283,7 +172,7 @@ class Subspace:
         """``tensors`` (in parameter order, shaped like the parameters) as one new fp32 tensor:
         the values of this process's shard, ``[stop - start]`` (all D without a process group)."""
         if self.process_group is not None:
-            return distributed.flatten_shard(self.layout, tensors, self.shard, self.device)
+            return _params.flatten_shard(self.layout, tensors, self.shard, self.device)
         flat = torch.empty(self.dim, dtype=torch.float32, device=self.device)
         torch._foreach_copy_(self.layout.views(flat), list(tensors))
         return flat
@@ -302,7 +191,7 @@ class Subspace:
         # Zeroes nothing in a finite sample; a non-finite one is refused and v dropped.
         v.masked_fill_(bad, 0.0)
         if self.process_group is not None:
-            distributed.all_reduce_(code, self.process_group, dist.ReduceOp.MIN)
+            _collectives.all_reduce_(code, self.process_group, dist.ReduceOp.MIN)
         return code.to(torch.float64)
 
     @torch.no_grad()
@@ -380,14 +269,14 @@ class Subspace:
             raise TypeError(f"model must be an nn.Module (names match the files), got {type(model).__name__}")
         paths = _checkpoint_paths(paths)
         space = cls(model, max_rank, dtype, **kwargs)
-        names = [_unwrapped_name(n) for n in space.layout.names]
+        names = [_params.unwrapped_name(n) for n in space.layout.names]
         for path in paths:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if key is not None:
                 if key not in state:
                     raise KeyError(f"{os.fspath(path)}: no key {key!r} (keys: {list(state)[:8]})")
                 state = state[key]
-            by_name = _by_unwrapped_name(state, path)
+            by_name = _params.by_unwrapped_name(state, path)
             missing = [n for n in names if n not in by_name]
             if missing:
                 raise KeyError(f"{os.fspath(path)}: no parameter {missing[0]!r} in the checkpoint")
@@ -407,7 +296,7 @@ class Subspace:
         if self._gram is None:
             gram = reference.gram(*self.columns)
             if self.process_group is not None:
-                distributed.all_reduce_(gram, self.process_group)
+                _collectives.all_reduce_(gram, self.process_group)
             self._gram = gram
         return self._gram
 
@@ -430,7 +319,7 @@ class Subspace:
         """
         if self.num_samples == 0:
             raise ValueError("the subspace has no sample: call add() first")
-        tensors, _ = _trainable(params)
+        tensors, _ = trainable(params)
         self.layout.check_params(tensors, self.device, "params")
         if coefficients is None:
             local = self.mean
@@ -446,7 +335,7 @@ class Subspace:
         flat = (
             local
             if self.process_group is None
-            else distributed.all_gather_flat(local, self.dim, self.process_group)
+            else _collectives.all_gather_flat(local, self.dim, self.process_group)
         )
         torch._foreach_copy_([p.detach() for p in tensors], self.layout.views(flat))
 
@@ -495,9 +384,9 @@ class Subspace:
         dict, every rank raises. An optimizer built on this subspace must be rebuilt afterwards.
         """
         group = self.process_group
-        distributed.check_together(lambda: self._check_state(state), group, self.device, "load_state_dict")
+        _collectives.check_together(lambda: self._check_state(state), group, self.device, "load_state_dict")
         if group is not None:
-            distributed.check_same_state(state, group, self.device)
+            _collectives.check_same_state(state, group, self.device)
         rank = int(state["rank"])
         self.basis[:rank].copy_(state["basis"])
         self.scales.zero_()
@@ -599,27 +488,6 @@ class Subspace:
             f"samples={self.num_samples}, dtype={self.dtype}, backend={self.backend!r}, "
             f"device={self.device}{shard})"
         )
-
-
-# Prefixes that wrappers put before parameter names: DataParallel / DDP, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrapped_name(name: str) -> str:
-    """``name`` without leading wrapper prefixes (``module._orig_mod.fc.weight`` -> ``fc.weight``)."""
-    while name.startswith(_WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
-
-
-def _by_unwrapped_name(state: Mapping, path) -> dict:
-    out = {}
-    for k, v in state.items():
-        name = _unwrapped_name(k)
-        if name in out:
-            raise ValueError(f"{os.fspath(path)}: {k!r} and another entry both name {name!r}")
-        out[name] = v
-    return out
 
 
 def _coefficient_vector(coefficients, n: int) -> Tensor:

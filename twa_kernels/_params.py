@@ -1,0 +1,192 @@
+"""The parameters a subspace describes: their layout, the flat vector they form, its shards.
+
+- ``ParamLayout``: order, shapes, dtypes, names and flat offsets; views of a flat [D] tensor.
+- ``trainable``: the ``requires_grad`` tensors (and names) of a module, ``named_parameters()``
+  or a list of tensors.
+- names as checkpoints write them (``unwrapped_name``: without ``module.`` / ``_orig_mod.``).
+- shards: ``shard_pieces`` / ``flatten_shard`` cut the flat vector's range ``[start, stop)`` out
+  of the parameters without building the whole vector.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """Order, shapes, dtypes and flat offsets of the parameters a subspace describes."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+    names: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, params: Sequence[Tensor], names: Sequence[str] | None = None) -> ParamLayout:
+        """The layout of ``params`` (in this order)."""
+        shapes = tuple(tuple(p.shape) for p in params)
+        return cls(shapes, tuple(p.dtype for p in params), None if names is None else tuple(names))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, total = [], 0
+        for n in self.numels:
+            out.append(total)
+            total += n
+        return tuple(out)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def signature(self) -> dict:
+        """A plain description for state dicts (loadable with ``weights_only=True``)."""
+        return {
+            "shapes": [list(s) for s in self.shapes],
+            "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+        }
+
+    def check_params(self, params: Sequence[Tensor], device: torch.device, what: str) -> None:
+        """Raise ``ValueError`` naming the first parameter that does not fit this layout."""
+        if len(params) != len(self.shapes):
+            raise ValueError(
+                f"{what} has {len(params)} tensors, the subspace was built for {len(self.shapes)}"
+            )
+        for i, (p, shape, dtype) in enumerate(zip(params, self.shapes, self.dtypes, strict=True)):
+            if tuple(p.shape) != shape:
+                raise ValueError(f"{what}[{i}] has shape {tuple(p.shape)}, expected {shape}")
+            if p.dtype != dtype:
+                raise ValueError(f"{what}[{i}] has dtype {p.dtype}, expected {dtype}")
+            if p.device != device:
+                raise ValueError(f"{what}[{i}] is on {p.device}, the subspace is on {device}")
+
+    def check_signature(self, signature: Mapping, what: str) -> None:
+        """Raise ``ValueError`` naming the first parameter where ``signature`` differs."""
+        mine = self.signature()
+        if signature == mine:
+            return
+        if len(signature["shapes"]) != len(mine["shapes"]):
+            raise ValueError(
+                f"{what} is from a different model: {len(signature['shapes'])} parameters, "
+                f"this one has {len(mine['shapes'])}"
+            )
+        for i, (s, d, s2, d2) in enumerate(
+            zip(
+                signature["shapes"],
+                signature["dtypes"],
+                mine["shapes"],
+                mine["dtypes"],
+                strict=True,
+            )
+        ):
+            if (s, d) != (s2, d2):
+                raise ValueError(
+                    f"{what} is from a different model: parameter {i} is {d} {s}, here {d2} {s2}"
+                )
+
+    def describe(self, i: int) -> str:
+        """How errors name parameter ``i``: its quoted name, or ``params[i]`` without names."""
+        return repr(self.names[i]) if self.names is not None else f"params[{i}]"
+
+    def parameter_at(self, flat_index: int) -> int:
+        """The index of the parameter that holds flat value ``flat_index``."""
+        return bisect.bisect_right(self.offsets, flat_index) - 1
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of a flat [D] tensor, one per parameter, shaped like the parameters."""
+        return [
+            flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes, strict=True)
+        ]
+
+
+def trainable(params) -> tuple[list[Tensor], tuple[str, ...] | None]:
+    """The ``requires_grad`` parameters (and their names, given a module or named pairs), in order."""
+    if isinstance(params, nn.Module):
+        named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+        return [p for _, p in named], tuple(n for n, _ in named)
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of tensors or an nn.Module, got one Tensor")
+    params = list(params)
+    if params and isinstance(params[0], tuple):  # named_parameters()
+        for i, item in enumerate(params):
+            if not (
+                isinstance(item, tuple)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], Tensor)
+            ):
+                raise TypeError(
+                    f"params[{i}] is not a (name, Tensor) pair: pass model.named_parameters(), "
+                    "model.parameters() or the module"
+                )
+        named = [(n, p) for n, p in params if p.requires_grad]
+        return [p for _, p in named], tuple(n for n, _ in named)
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a Tensor")
+    return [p for p in params if p.requires_grad], None
+
+
+# Prefixes that wrappers put before parameter names: DataParallel / DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without leading wrapper prefixes (``module._orig_mod.fc.weight`` -> ``fc.weight``)."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def by_unwrapped_name(state: Mapping, path) -> dict:
+    out = {}
+    for k, v in state.items():
+        name = unwrapped_name(k)
+        if name in out:
+            raise ValueError(f"{os.fspath(path)}: {k!r} and another entry both name {name!r}")
+        out[name] = v
+    return out
+
+
+def shard_pieces(layout: ParamLayout, start: int, stop: int) -> list[tuple[int, int, int]]:
+    """``(parameter index, begin, end)`` of the flattened parameters' values in ``[start, stop)``.
+
+    Concatenated in order, the pieces are exactly the shard.
+    """
+    pieces = []
+    for i, (offset, n) in enumerate(zip(layout.offsets, layout.numels, strict=True)):
+        a, b = max(start, offset), min(stop, offset + n)
+        if a < b:
+            pieces.append((i, a - offset, b - offset))
+    return pieces
+
+
+def piece_views(buffer: Tensor, pieces: list[tuple[int, int, int]]) -> list[Tensor]:
+    views, at = [], 0
+    for _, a, b in pieces:
+        views.append(buffer[at : at + b - a])
+        at += b - a
+    return views
+
+
+def flatten_shard(
+    layout: ParamLayout, tensors: Sequence[Tensor], shard: tuple[int, int], device: torch.device
+) -> Tensor:
+    """The shard ``[start, stop)`` of the flattened ``tensors`` as a new fp32 tensor."""
+    start, stop = shard
+    pieces = shard_pieces(layout, start, stop)
+    out = torch.empty(stop - start, dtype=torch.float32, device=device)
+    sources = [tensors[i].reshape(-1)[a:b] for i, a, b in pieces]
+    torch._foreach_copy_(piece_views(out, pieces), sources)
+    return out

@@ -1,0 +1,262 @@
+"""The TWA step over a list of parameters: one interface, one class per way of running it.
+
+``TWA`` holds one step object, made by ``make_step``:
+
+- ``LocalStep``: one process. The generic path works for every backend through the ``twa::``
+  ops: gather the gradients into one flat fp32 buffer, project, update the coordinates,
+  reconstruct the weights into the same buffer and copy them into the parameters. The Triton
+  backend runs the fused step instead (``_triton.step.fused_twa_step``), which reads the
+  gradients and writes the parameters in place, in 3 launches.
+- ``ShardedStep``: the basis sharded along D over a process group (see ``distributed``): each
+  rank projects its shard of the gradient, one all-reduce of K floats gives ``P^T g``, each rank
+  writes its shard of the weights and an all-gather updates the replicated parameters.
+
+Both have ``project``, ``write_weights``, ``step`` and ``comm_bytes``. Nothing in a step
+synchronises with the host, and nothing allocates memory proportional to D: the copies go
+through ``torch._foreach_copy_`` into views of the flat buffer made once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import _backend, _collectives, _ops, _params
+
+if TYPE_CHECKING:
+    from .subspace import Subspace
+
+logger = logging.getLogger(__name__)
+
+
+def make_step(subspace: Subspace, params: list[Tensor], average_gradients: bool | None, ddp: bool):
+    """The step object for ``subspace``: sharded when it has a process group.
+
+    ``average_gradients`` None means: average over the ranks unless ``ddp`` (the params came
+    wrapped in ``DistributedDataParallel``, whose backward has averaged them already).
+    """
+    if subspace.process_group is None:
+        return LocalStep(subspace.layout, subspace.device)
+    average = not ddp if average_gradients is None else average_gradients
+    return ShardedStep(subspace, params, average)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommBytes:
+    """Payload bytes of the collectives of one sharded ``TWA.step()`` (fp32 values)."""
+
+    gradients: int  # reduce-scatter of the padded flat gradient; 0 when DDP averaged it already
+    coordinates: int  # all-reduce of the K coordinate gradients
+    weights: int  # all-gather of the padded flat weights
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def gather_grads_(params: list[Tensor], flat_views: list[Tensor]) -> None:
+    """Copy each ``p.grad`` (zeros where it is None) into its view of the flat fp32 buffer."""
+    with_grad = [(v, p.grad) for p, v in zip(params, flat_views, strict=True) if p.grad is not None]
+    without = [v for p, v in zip(params, flat_views, strict=True) if p.grad is None]
+    if with_grad:
+        views, grads = zip(*with_grad, strict=True)
+        torch._foreach_copy_(list(views), list(grads))
+    if without:
+        torch._foreach_zero_(without)
+
+
+class LocalStep:
+    """The step on one process: one flat fp32 [D] buffer (gradients in, weights out, views made
+    once); the fused Triton step when the backend is Triton, which needs no buffer at all."""
+
+    average_gradients = False
+
+    def __init__(self, layout: _params.ParamLayout, device: torch.device) -> None:
+        self.layout = layout
+        self.flat = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+        self.flat_views = layout.views(self.flat)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # pickle gives each view a storage of its own: make them views of the buffer again
+        self.flat_views = self.layout.views(self.flat)
+
+    def comm_bytes(self, K: int) -> CommBytes:
+        return CommBytes(gradients=0, coordinates=0, weights=0)
+
+    def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
+        """``P^T x`` for x fp32 [D]: fp32 [K]."""
+        return _ops.project(basis, scales, x, backend)
+
+    def write_weights(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
+    ) -> None:
+        """``params <- w0 + P alpha``, through the flat buffer (each param rounded to its dtype)."""
+        _ops.reconstruct_(self.flat, w0, basis, scales, alpha, backend)
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
+
+    def step(
+        self,
+        params: list[Tensor],
+        w0: Tensor,
+        basis: Tensor,
+        scales: Tensor,
+        alpha: Tensor,
+        momentum_buffer: Tensor,
+        counters: Tensor,
+        gram: Tensor,
+        pw0: Tensor,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        backend: str,
+    ) -> None:
+        """One TWA step: ``alpha <- SGD(alpha, P^T g)``, then ``params <- w0 + P alpha``.
+
+        Args:
+            params: the parameters, in the subspace's order (``p.grad`` may be None: zero gradient).
+            w0: fp32 [D] origin. basis: [K, D] (the K used columns). scales: fp32 [K].
+            alpha, momentum_buffer: fp32 [K]. counters: int64 [2]. gram: fp32 [K, K]. pw0: fp32 [K].
+        """
+        concrete = _backend.resolve(backend, self.flat.device)
+        if concrete == "triton":
+            from ._triton.step import fused_twa_step
+
+            fused_twa_step(
+                params, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
+                lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                nesterov=nesterov,
+            )  # fmt: skip
+            return
+        gather_grads_(params, self.flat_views)
+        coord_grad = self.project(basis, scales, self.flat, concrete)
+        _ops.subspace_step_(
+            alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+            lr, momentum, dampening, weight_decay, nesterov, concrete,
+        )  # fmt: skip
+        self.write_weights(params, w0, basis, scales, alpha, concrete)
+
+
+class ShardedStep:
+    """The buffers and collectives of ``TWA`` on a sharded subspace.
+
+    ``flat`` is fp32 ``[world * S]``: the flat parameters (or gradients) in their first D values,
+    zeros after them, so that rank r's shard is ``flat[r S : (r + 1) S]`` for every collective.
+    ``shard`` fp32 [S] receives this rank's gradient and weights.
+    """
+
+    def __init__(self, subspace: Subspace, params: list[Tensor], average_gradients: bool) -> None:
+        group = subspace.process_group
+        self.group = group
+        self.world, self.me = _collectives.world_and_rank(group)
+        self.average_gradients = average_gradients
+        D, device = subspace.dim, subspace.device
+        self.start, self.stop = subspace.shard
+        S = _collectives.shard_size(D, self.world)
+        self.flat = torch.zeros(self.world * S, dtype=torch.float32, device=device)
+        self.flat_views = subspace.layout.views(self.flat)
+        self.shard = torch.zeros(S, dtype=torch.float32, device=device)
+        self.local = self.shard[: self.stop - self.start]
+        self._pieces = _params.shard_pieces(subspace.layout, self.start, self.stop)
+        self._piece_views = _params.piece_views(self.local, self._pieces)
+        self.log_comm(subspace.rank, D)
+
+    def comm_bytes(self, K: int) -> CommBytes:
+        padded = 4 * self.flat.numel()
+        return CommBytes(gradients=padded if self.average_gradients else 0, coordinates=4 * K,
+                         weights=padded)  # fmt: skip
+
+    def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
+        """``P^T x`` for x this rank's slice of a [D] vector: fp32 [K], the same on every rank."""
+        return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
+
+    def _gather_grads(self, params: list[Tensor]) -> None:
+        if self.average_gradients:
+            gather_grads_(params, self.flat_views)
+            _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
+            self.shard.mul_(1.0 / self.world)
+            return
+        with_grad = [(v, params[i].grad.reshape(-1)[a:b])
+                     for v, (i, a, b) in zip(self._piece_views, self._pieces, strict=True)
+                     if params[i].grad is not None]  # fmt: skip
+        without = [v for v, (i, _, _) in zip(self._piece_views, self._pieces, strict=True)
+                   if params[i].grad is None]  # fmt: skip
+        if with_grad:
+            views, grads = zip(*with_grad, strict=True)
+            torch._foreach_copy_(list(views), list(grads))
+        if without:
+            torch._foreach_zero_(without)
+
+    def write_weights(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
+    ) -> None:
+        """``params <- w0 + P alpha``: this rank's shard, then an all-gather of all of them."""
+        _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
+        _collectives.all_gather_single(self.flat, self.shard, group=self.group)
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
+
+    def step(
+        self,
+        params: list[Tensor],
+        w0: Tensor,
+        basis: Tensor,
+        scales: Tensor,
+        alpha: Tensor,
+        momentum_buffer: Tensor,
+        counters: Tensor,
+        gram: Tensor,
+        pw0: Tensor,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        backend: str,
+    ) -> None:
+        """One TWA step with K + 2 D values communicated (K + D under DDP); no host sync."""
+        concrete = _backend.resolve(backend, self.flat.device)
+        self._gather_grads(params)
+        coord_grad = self.project(basis, scales, self.local, concrete)
+        _ops.subspace_step_(
+            alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+            lr, momentum, dampening, weight_decay, nesterov, concrete,
+        )  # fmt: skip
+        self.write_weights(params, w0, basis, scales, alpha, concrete)
+
+    def log_comm(self, K: int, D: int) -> None:
+        """On rank 0: the bytes of one step, beside the published scheme's extra all-reduce."""
+        if self.me != 0:
+            return
+        b = self.comm_bytes(K)
+        grads = (
+            f"reduce-scatter {_fmt(b.gradients)} of gradients, "
+            if b.gradients
+            else "no gradient collective (DDP averages them), "
+        )
+        logger.info(
+            "TWA sharded over %d ranks (D=%d, K=%d): per step %sall-reduce %s of coordinates, "
+            "all-gather %s of weights; the published scheme adds an all-reduce of %s to DDP's",
+            self.world, D, K, grads, _fmt(b.coordinates), _fmt(b.weights), _fmt(4 * D),
+        )  # fmt: skip
+
+
+def _fmt(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    exponent = min(int(math.log(n, 1024)), 3)
+    return f"{n / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB')[exponent]}"
+
+
+def wrapped_by_ddp(params) -> bool:
+    """True when ``params`` is a ``DistributedDataParallel`` module (its backward averages)."""
+    return isinstance(params, torch.nn.parallel.DistributedDataParallel)
