@@ -80,13 +80,9 @@ def skip_unless_fits(nbytes: int, device: torch.device, what: str) -> None:
 
 
 @functools.cache
-def _backend_error(op: str, backend: str, device_type: str) -> str | None:
-    """None when ``backend`` runs ``op`` on a tiny input on ``device_type``, else the reason."""
-    if device_type != "cuda":
-        if backend == "triton":
-            return "backend='triton' needs a CUDA device; benchmarks never use Triton's interpreter"
-        return f"backend={backend!r} needs a CUDA device"
-    dev = torch.device(device_type)
+def _backend_error(op: str, backend: str) -> str | None:
+    """None when ``backend`` runs ``op`` on a tiny CUDA input, else what went wrong."""
+    dev = torch.device("cuda")
     basis = torch.randn(4, 1000, device=dev).half()
     scales = torch.ones(4, device=dev)
     try:
@@ -108,16 +104,23 @@ def _backend_error(op: str, backend: str, device_type: str) -> str | None:
         else:
             raise ValueError(op)
         torch.cuda.synchronize(dev)
-    except Exception as exc:  # any failure means: this backend cannot be benchmarked here
-        return f"backend={backend!r} cannot run {op}: {type(exc).__name__}: {str(exc)[:200]}"
+    except Exception as exc:  # reported by the caller as a failure, once per op and backend
+        return f"backend={backend!r} cannot run {op}: {type(exc).__name__}: {str(exc)[:2000]}"
     return None
 
 
 def skip_unless_backend(op: str, provider: str, device: torch.device) -> None:
-    if provider in BACKEND_PROVIDERS and provider != "torch":
-        reason = _backend_error(op, provider, device.type)
-        if reason:
-            pytest.skip(reason)
+    """Skip a GPU backend on a machine without CUDA; on a CUDA device, a backend that cannot run
+    ``op`` fails the case (a broken kernel must not read as a missing measurement)."""
+    if provider not in BACKEND_PROVIDERS or provider == "torch":
+        return
+    if device.type != "cuda":
+        if provider == "triton":
+            pytest.skip("backend='triton' needs a CUDA device; benchmarks never use Triton's interpreter")
+        pytest.skip(f"backend={provider!r} needs a CUDA device")
+    error = _backend_error(op, provider)
+    if error:
+        pytest.fail(error)
 
 
 # ---------------------------------------------------------------------------------------------
