@@ -13,6 +13,22 @@ stored basis-major, ``basis[i, :]`` holding column i, with ``P[:, i] = scales[i]
 - ``orthogonalize_(basis, scales, sample, rank)``: CGS2 of a sample against rows [0, rank),
   storing the normalised remainder in row ``rank`` (when it exists) with its scale.
 - ``subspace_step_(...)``: the K-dimensional SGD update of the coordinates, on the device.
+
+Largest K (basis rows, coordinates) supported: ``MAX_RANK`` = 8192 for every op on every
+backend, checked with the other arguments (``ValueError`` above it). What sets it, per backend:
+
+- Triton: ``subspace_step_`` (and the fused step, which runs the same kernel) holds all K
+  coordinates in one program, padded to ``KP = next_power_of_2(K)``, and reads the partial sums
+  in [8192 // KP, KP] tiles: above 8192 the tile has no rows and the kernel does not compile.
+  The other Triton kernels compile at K = 8192 for sm_90 without spilling (the orthogonalize
+  reduces, run once per sample, use local memory there; project's [NT, BLOCK_K] accumulator
+  is 64 values per thread).
+- CUDA: no kernel has a K-dependent tile except ``orthogonalize_``, whose per-row fp64 sums
+  live in shared memory: ``rank <= CUDA_MAX_ORTH_RANK`` (2048, ``kMaxOrthRank`` in
+  ``csrc/twa_common.h``); above it ``backend="cuda"`` raises ``ValueError`` and ``"auto"``
+  takes Triton.
+- reference (``"torch"``): none of its own (memory only); it takes the same limit so that every
+  backend accepts the same arguments.
 """
 
 from __future__ import annotations
@@ -25,6 +41,22 @@ from . import _backend
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Largest K (basis rows, coordinates) of every op and the fused step (see the module docstring).
+MAX_RANK = 8192
+# orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
+CUDA_MAX_ORTH_RANK = 2048
+
+
+def check_rank(what: str, K) -> None:
+    """``ValueError`` when ``K`` is above ``MAX_RANK``; ``what`` names the op."""
+    torch._check_value(
+        K <= MAX_RANK,
+        lambda: (
+            f"{what}: K = {K} is above the largest supported rank, MAX_RANK = {MAX_RANK} "
+            "(basis rows / coordinates)"
+        ),
+    )
+
 
 def _same_device(**tensors: Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
@@ -33,8 +65,9 @@ def _same_device(**tensors: Tensor) -> None:
         torch._check(dev == first, lambda n=name, d=dev: f"{n} is on {d}, expected {first}")
 
 
-def _check_basis(basis: Tensor, scales: Tensor) -> None:
+def _check_basis(basis: Tensor, scales: Tensor, op: str) -> None:
     torch._check(basis.dim() == 2, lambda: f"basis must be 2-D [K, D], got {tuple(basis.shape)}")
+    check_rank(f"twa::{op}", basis.shape[0])
     torch._check(
         basis.dtype in STORAGE_DTYPES,
         lambda: f"basis dtype must be float16, bfloat16 or float32, got {basis.dtype}",
@@ -62,7 +95,7 @@ def _check_vector(name: str, t: Tensor, size: int, dtypes=(torch.float32,)) -> N
 
 
 def check_project(basis: Tensor, scales: Tensor, x: Tensor) -> None:
-    _check_basis(basis, scales)
+    _check_basis(basis, scales, "project")
     D = basis.shape[1]
     torch._check(x.dim() in (1, 2), lambda: f"x must be [D] or [B, D], got {tuple(x.shape)}")
     torch._check(x.shape[-1] == D, lambda: f"x has {x.shape[-1]} columns, the basis has D={D}")
@@ -72,7 +105,7 @@ def check_project(basis: Tensor, scales: Tensor, x: Tensor) -> None:
 
 
 def check_reconstruct(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
-    _check_basis(basis, scales)
+    _check_basis(basis, scales, "reconstruct_")
     K, D = basis.shape
     torch._check(
         out.dim() == 1 and out.shape[0] == D,
@@ -86,7 +119,7 @@ def check_reconstruct(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, al
 
 
 def check_orthogonalize(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> None:
-    _check_basis(basis, scales)
+    _check_basis(basis, scales, "orthogonalize_")
     K, D = basis.shape
     torch._check(0 <= rank <= K, lambda: f"rank must be in [0, {K}], got {rank}")
     _check_vector("sample", sample, D)
@@ -96,6 +129,7 @@ def check_orthogonalize(basis: Tensor, scales: Tensor, sample: Tensor, rank: int
 def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0) -> None:
     K = alpha.shape[0] if alpha.dim() == 1 else -1
     _check_vector("alpha", alpha, K)
+    check_rank("twa::subspace_step_", K)
     _check_vector("momentum_buffer", momentum_buffer, K)
     _check_vector("coord_grad", coord_grad, K)
     _check_vector("pw0", pw0, K)
@@ -114,9 +148,20 @@ def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
     )
 
 
-def _route(op: str, backend: str, sized: Tensor):
-    """The implementation of ``op``; ``sized`` (the basis, or the Gram matrix) keys "auto"."""
+def _route(op: str, backend: str, sized: Tensor, rank: int | None = None):
+    """The implementation of ``op``; ``sized`` (the basis, or the Gram matrix) keys "auto".
+
+    ``rank`` (orthogonalize_): rows read, above the CUDA kernel's limit on ``"cuda"``.
+    """
     concrete = _backend.resolve(backend, sized.device, op, sized.numel())
+    if concrete == "cuda" and rank is not None and rank > CUDA_MAX_ORTH_RANK:
+        if backend != "auto":
+            raise ValueError(
+                f"twa::{op}: rank = {rank} is above the CUDA backend's limit for this op, "
+                f"CUDA_MAX_ORTH_RANK = {CUDA_MAX_ORTH_RANK} (backend='triton' or 'torch' takes up "
+                f"to MAX_RANK = {MAX_RANK})"
+            )
+        concrete = _backend.resolve("triton" if _backend.triton_available() else "torch", sized.device)
     return _backend.implementation(op, concrete)
 
 
@@ -162,7 +207,7 @@ def _reconstruct_fake(out, w0, basis, scales, alpha, backend="auto"):
 @torch.library.custom_op("twa::orthogonalize_", mutates_args=("basis", "scales"))
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto") -> Tensor:
     check_orthogonalize(basis, scales, sample, rank)
-    return _route("orthogonalize_", backend, basis)(basis, scales, sample, rank)
+    return _route("orthogonalize_", backend, basis, rank)(basis, scales, sample, rank)
 
 
 @orthogonalize_.register_fake

@@ -5,6 +5,10 @@ fp32 with one fp32 scale per column (``scales`` [K]), so ``P[:, i] = scales[i] *
 Accumulation is fp32 (fp64 in ``orthogonalize_``). ``backend`` is ``"auto"`` (Triton on CUDA,
 the plain-PyTorch reference elsewhere), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
+K is at most ``MAX_RANK`` (8192) in every op and on every backend; a larger basis (or K
+coordinates) raises ``ValueError``. ``orthogonalize_`` on ``backend="cuda"`` reads at most
+``CUDA_MAX_ORTH_RANK`` (2048) rows (``"auto"`` then takes Triton).
+
 Example::
 
     basis = torch.randn(8, 4097).half(); scales = torch.ones(8)
@@ -19,8 +23,18 @@ from torch import Tensor
 
 from . import _ops
 from ._layout import ROW_ALIGN, empty_basis
+from ._ops import CUDA_MAX_ORTH_RANK, MAX_RANK
 
-__all__ = ["ROW_ALIGN", "empty_basis", "orthogonalize_", "project", "reconstruct_", "subspace_step_"]
+__all__ = [
+    "CUDA_MAX_ORTH_RANK",
+    "MAX_RANK",
+    "ROW_ALIGN",
+    "empty_basis",
+    "orthogonalize_",
+    "project",
+    "reconstruct_",
+    "subspace_step_",
+]
 
 
 def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> Tensor:
@@ -34,6 +48,9 @@ def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> 
 
     Returns:
         fp32 [K] (or [B, K]).
+
+    Raises:
+        ValueError: K above ``MAX_RANK`` (8192).
     """
     return _ops.project(basis, scales, x, backend)
 
@@ -46,6 +63,9 @@ def reconstruct_(
     Args:
         out: [D] contiguous, any floating dtype; overwritten.
         w0: [D] fp32. basis: [K, D]. scales: [K] fp32. alpha: [K] fp32.
+
+    Raises:
+        ValueError: K above ``MAX_RANK`` (8192).
     """
     _ops.reconstruct_(out, w0, basis, scales, alpha, backend)
 
@@ -63,6 +83,10 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, bac
     Returns:
         fp64 [rank + 2]: the coefficients ``h`` (``sample ~ P h + ||u|| * new column``), then
         ``||u||`` and ``||sample||``. ``||u|| / ||sample||`` is the relative residual.
+
+    Raises:
+        ValueError: K above ``MAX_RANK`` (8192); with ``backend="cuda"``, rank above
+            ``CUDA_MAX_ORTH_RANK`` (2048).
     """
     return _ops.orthogonalize_(basis, scales, sample, rank, backend)
 
@@ -91,6 +115,9 @@ def subspace_step_(
     Args:
         alpha, momentum_buffer, coord_grad, pw0: fp32 [K] (``pw0 = P^T w0``).
         counters: int64 [2]. gram: fp32 [K, K] (``P^T P``).
+
+    Raises:
+        ValueError: K above ``MAX_RANK`` (8192).
     """
     _ops.subspace_step_(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,

@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._layout import warn_if_narrow
+from .._ops import check_rank
 from . import subspace_step
 from ._common import (
     add_combination,
@@ -313,9 +314,12 @@ def fused_twa_step(
     written or accumulated in place). ``lr``, ``momentum``, ``dampening`` and ``weight_decay``
     are kernel arguments, fixed in the graph at their capture values: an LR scheduler that
     changes ``param_groups[0]["lr"]`` does not affect replays (capture again to change them).
+
+    K (basis rows) is at most ``twa_kernels.ops.MAX_RANK`` (8192); above it ``ValueError``.
     """
-    warn_if_narrow(basis, "triton")
     K, D = basis.shape
+    check_rank("fused TWA step", K)  # the K-dimensional step kernel's limit (subspace_step)
+    warn_if_narrow(basis, "triton")
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
     ptab, keep = plan.table(params)

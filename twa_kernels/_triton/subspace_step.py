@@ -1,6 +1,6 @@
 """``subspace_step_``: the K-dimensional SGD update, in one program, without host sync.
 
-One program holds all K coordinates (``KP = next_power_of_2(K)`` lanes, K <= a few thousand)
+One program holds all K coordinates (``KP = next_power_of_2(K)`` lanes, K <= 8192 = ``MAX_RANK``)
 and walks the Gram matrix in BLOCK_J column tiles, so every read of ``alpha`` happens before any
 write of it. With ``FROM_PARTIALS`` the program first finishes a projection: it adds the S
 partial sums of stage 1 in a fixed order and applies the row scales (the fused step's stage 2).
@@ -77,7 +77,8 @@ NUM_WARPS = 8
 
 
 def launch_constexprs(K: int) -> dict:
-    """The tile sizes of the kernel for K coordinates."""
+    """The tile sizes of the kernel for K coordinates (K <= 8192 = ``_ops.MAX_RANK``: above it
+    a [BLOCK_S, KP] tile of partials would have no rows)."""
     KP = pow2(K)
     return {"KP": KP, "BLOCK_J": max(1, min(KP, _TILE_ELEMENTS // KP)), "BLOCK_S": _TILE_ELEMENTS // KP}
 
