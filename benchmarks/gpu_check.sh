@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# One prepared GPU check: card and versions, install, the test suite, the benchmarks, the report.
+# One prepared GPU check: card and versions, install, the tests least verified first, the
+# benchmarks, the report.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        (run from anywhere; OUT must be set)
 #
-# Made for a lent H200 (16 cores, torch 2.11 + triton 3.6.0 on the box's python3, no network):
-# every stage has its own timeout and the next stage runs whatever happened, so the whole fits
-# in about 11 minutes (60 + 150 + 150 + 310 + 30 s of limits, plus the kill grace): run it with
+# Made for a lent H200 (16 cores, torch 2.11 + triton 3.6.0 on the box's python3, no network).
+# Stages, in order, each with its own limit (seconds) and each writing its log to $OUT as it runs:
+#   card and versions; install (60); CUDA extension build (150);
+#   cuda-first (120): a representative subset of tests/test_cuda_ops.py (every op x storage
+#     dtype x awkward sizes and layouts, determinism, agreement with Triton, opcheck) and of the
+#     fused step (tests/test_triton_step.py), never yet run on a GPU -> tests_first.log;
+#   large-basis (150): tests/test_large_basis.py, all four ops on both backends and the fused
+#     step on a basis of 2.45e9 elements (> 2^31), 5 GB -> tests_large.log;
+#   tests (150): the rest of the suite as before, without what ran above -> tests.log;
+#   benchmarks (project 100, reconstruct 60, step 60, orthogonalize 40, train_step 50) ->
+#     bench.log, bench.json; report (30) -> report.md, chart.png.
+# The whole run stays within TWA_GPU_BUDGET seconds (default 570, for a command limit of 600):
+# a stage whose limit would pass it gets what is left (and is skipped under 20 s), so the
+# benchmarks get the time the tests leave. TWA_GPU_STAGES (default "first large tests bench")
+# picks stages, e.g. TWA_GPU_STAGES=bench for a second run of the benchmarks only. Run it with
 # timeout_s 600 and at least 13 minutes of device time left. Files left in $OUT (8 at most come
-# back): info.txt, install.log, tests.log, bench.log, bench.json, report.md, chart.png.
+# back): info.txt, tests_first.log, tests_large.log, tests.log, bench.log, bench.json,
+# report.md, chart.png (install.log only when the install fails).
 # Without .git on the box the commit is unknown: pass TWA_GIT_COMMIT=<sha> to record it.
 # Without pytest-benchmark on the box: carry its wheels in .wheels/ (pip download -d .wheels
 # pytest-benchmark py-cpuinfo) and they are installed from there.
@@ -22,6 +36,21 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 start=$SECONDS
 stage() { echo "=== $1 ($((SECONDS - start)) s)" | tee -a "$OUT/info.txt"; }
+BUDGET=${TWA_GPU_BUDGET:-570}
+STAGES=" ${TWA_GPU_STAGES:-first large tests bench} "
+GRACE=30  # timeout -k: seconds between SIGINT and SIGKILL
+# limit <seconds> [reserve]: the stage's limit, cut to what the budget leaves after the kill
+# grace (and `reserve` seconds kept for later stages); prints nothing (and the caller skips the
+# stage) when under 20 s are left.
+limit() {
+  local left=$((BUDGET - (SECONDS - start) - GRACE - ${2:-0}))
+  if [ "$left" -lt 20 ]; then
+    echo "    skipped: $((BUDGET - (SECONDS - start))) s of the $BUDGET s budget left" >>"$OUT/info.txt"
+    return 1
+  fi
+  if [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+wanted() { [[ "$STAGES" == *" $1 "* ]]; }
 
 stage "card and versions"
 {
@@ -35,32 +64,82 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible to
 
 stage "install"
 timeout 60 "$PY" -m pip install -e . --no-build-isolation --no-deps -q >"$OUT/install.log" 2>&1
-echo "install exit $?" | tee -a "$OUT/info.txt"
+status=$?
+echo "install exit $status" | tee -a "$OUT/info.txt"
 if ! "$PY" -c "import pytest_benchmark" 2>/dev/null && [ -d .wheels ]; then
   timeout 60 "$PY" -m pip install --no-index --find-links .wheels -q pytest pytest-benchmark \
     >>"$OUT/install.log" 2>&1
 fi
-"$PY" -c "import pytest_benchmark" 2>/dev/null || echo "pytest-benchmark missing" | tee -a "$OUT/info.txt"
+if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+  # Only a failed install's log comes back (8 files at most do).
+  if [ "$status" -eq 0 ]; then rm -f "$OUT/install.log"; fi
+else
+  echo "pytest-benchmark missing" | tee -a "$OUT/info.txt"
+fi
 
 stage "CUDA extension build"
 # Built once here (ninja, cached in TORCH_EXTENSIONS_DIR) so the tests below time only tests.
 timeout 150 "$PY" -c "import time; t = time.time(); from twa_kernels import _cuda; _cuda.load(); \
 print('extension built/loaded in %.1f s' % (time.time() - t))" 2>&1 | tail -n 5 | tee -a "$OUT/info.txt"
 
-stage "tests"
-# What is least verified first: the CUDA extension's numerics, then the Triton kernels on CUDA
-# (all passed on an H200 at 8e833c9), then the rest. TWA_GPU_TESTS overrides the list.
-TESTS=${TWA_GPU_TESTS:-"tests/test_cuda_ops.py tests/test_triton_step.py tests/test_triton_ops.py tests"}
 # Most of the tests' time is compiling Triton kernels on the CPU: with pytest-xdist (on the box)
 # they compile on several cores at once while sharing the one GPU.
 WORKERS=""
 if "$PY" -c "import xdist" 2>/dev/null; then WORKERS="-n ${TWA_GPU_TEST_WORKERS:-8}"; fi
+# run_tests <log> <limit> <pytest args...>: one pytest under the stage's limit, its log in $OUT.
 # Tests marked slow are CPU-bound scale checks that CI runs; they would only eat the limit here.
-TWA_TEST_DEVICE=cuda timeout -s INT -k 30 ${TWA_GPU_TEST_LIMIT:-150} "$PY" -m pytest -q -rs \
-  -p no:cacheprovider -m "not slow" $WORKERS $TESTS >"$OUT/tests.log" 2>&1
-echo "tests exit $? (124: timed out)" | tee -a "$OUT/info.txt"
-tail -n 3 "$OUT/tests.log" | tee -a "$OUT/info.txt"
+run_tests() {
+  local log=$1 lim=$2
+  shift 2
+  TWA_TEST_DEVICE=cuda timeout -s INT -k $GRACE "$lim" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    -m "not slow" "$@" >"$OUT/$log" 2>&1
+  echo "$log: exit $? (124: cut at its $lim s limit)" | tee -a "$OUT/info.txt"
+  tail -n 3 "$OUT/$log" | tee -a "$OUT/info.txt"
+}
 
+# The CUDA extension's numerics have never run on a GPU: first a subset that covers every op x
+# storage dtype x awkward sizes (D = 1, prime, 1_000_003; K = 1, 3, 301; batches 1 and 5 (and
+# 0, 16, 17, 40); contiguous, aligned-slice and odd-slice rows), determinism and agreement with
+# Triton, plus the fused step's oracle, non-finite and generic-path tests. 144 tests (128 of
+# test_cuda_ops.py, 16 of test_triton_step.py); `pytest --collect-only -q -k "$FIRST_K"` on the
+# two files lists them.
+FIRST_FILES="tests/test_cuda_ops.py tests/test_triton_step.py"
+FIRST_K='(project_matches and x_dtype0 and (None-1-1] or None-3-2053] or None-301-4099] or None-5-1000003] or x_dtype0-5-301-4099] or x_dtype0-5-5-1000003])) or (project_matches and (x_dtype1-None-301-4099] or x_dtype2-5-3-2053])) or (project_column_slices and (None-301-4099-odd-slice or 5-3-2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (out_dtype0-301-4099-contiguous or out_dtype0-5-1000003-odd-slice or out_dtype1-3-2053-aligned-slice or out_dtype2-1-1-contiguous or out_dtype3-301-4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or subspace_step or orthogonalize or opcheck or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path'
+if wanted first; then
+  stage "tests: cuda-first"
+  if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-120}"); then
+    # shellcheck disable=SC2086
+    run_tests tests_first.log "$lim" $WORKERS $FIRST_FILES -k "$FIRST_K"
+  fi
+fi
+
+# Past 2^31 elements (k x D at ResNet-50 / GPT-2 sizes): all four ops on both backends and the
+# fused step, oracle on slices, guard region after the basis. One process (5 GB of GPU memory).
+if wanted large; then
+  stage "tests: large-basis"
+  if lim=$(limit "${TWA_GPU_LARGE_LIMIT:-150}"); then
+    run_tests tests_large.log "$lim" tests/test_large_basis.py
+  fi
+fi
+
+if wanted tests; then
+  stage "tests"
+  # The rest, in the order of what is least verified; TWA_GPU_TESTS overrides the list.
+  TESTS=${TWA_GPU_TESTS:-"tests/test_cuda_ops.py tests/test_triton_step.py tests/test_triton_ops.py tests"}
+  DESELECT=()
+  if wanted first; then  # what the cuda-first stage ran
+    # shellcheck disable=SC2086
+    while read -r id; do DESELECT+=(--deselect "$id"); done < <(
+      TWA_TEST_DEVICE=cuda "$PY" -m pytest --collect-only -q -p no:cacheprovider $FIRST_FILES \
+        -k "$FIRST_K" 2>/dev/null | grep '::')
+  fi
+  if lim=$(limit "${TWA_GPU_TEST_LIMIT:-150}"); then
+    # shellcheck disable=SC2086
+    run_tests tests.log "$lim" $WORKERS --ignore=tests/test_large_basis.py "${DESELECT[@]}" $TESTS
+  fi
+fi
+
+if wanted bench; then
 stage "benchmarks"
 # One pytest per file, each with its own limit (seconds): a slow file loses only its own results.
 # SIGINT lets pytest-benchmark write what it measured; -k 30 leaves it time to free the large
@@ -70,10 +149,11 @@ stage "benchmarks"
 JSONS=$(mktemp -d)
 : >"$OUT/bench.log"
 SELECT=${TWA_GPU_BENCH_K:-"resnet50 or gpt2"}
+# Each file's limit is cut to the budget, keeping 60 s for the report.
 for spec in ${TWA_GPU_BENCH_PLAN:-project:100 reconstruct:60 step:60 orthogonalize:40 train_step:50}; do
   name=${spec%%:*}
-  limit=${spec##*:}
-  TRITON_PRINT_AUTOTUNING=1 timeout -s INT -k 30 "$limit" "$PY" -m pytest -q -rs -s \
+  lim=$(limit "${spec##*:}" 60) || { echo "bench_$name skipped (budget)" | tee -a "$OUT/info.txt"; continue; }
+  TRITON_PRINT_AUTOTUNING=1 timeout -s INT -k $GRACE "$lim" "$PY" -m pytest -q -rs -s \
     -p no:cacheprovider "benchmarks/bench_$name.py" -k "$SELECT" \
     --benchmark-only --benchmark-json="$JSONS/$name.json" \
     --benchmark-columns=min,median,rounds >>"$OUT/bench.log" 2>&1
@@ -105,5 +185,6 @@ if [ -s "$OUT/bench.json" ]; then
   timeout 30 "$PY" -m benchmarks.report "$OUT/bench.json" --out "$OUT" 2>&1 | tee -a "$OUT/info.txt"
   # The card's backend="auto" entry for twa_kernels/_auto_table.py, from the same run.
   timeout 30 "$PY" -m benchmarks.auto_table "$OUT/bench.json" 2>&1 | tee -a "$OUT/info.txt"
+fi
 fi
 stage "done"
