@@ -47,7 +47,11 @@ def test_every_config_of_every_hot_kernel_was_compiled(report):
     assert {k for k, _ in kernels} == {
         "project", "project_batched", "reconstruct", "step_project", "step_write",
         "orthogonalize_pass1", "orthogonalize_pass2", "orthogonalize_pass3",
-        *(f"{name}_K{K}" for name in ("project_reduce", "subspace_step") for K in (8, 64, 512)),
+        *(
+            f"{name}_K{K}"
+            for name in ("project_reduce", "subspace_step", "orthogonalize_reduce1", "orthogonalize_reduce2")
+            for K in (8, 64, 512)
+        ),
     }  # fmt: skip
     assert {d for _, d in kernels} == {"float16", "bfloat16", "float32"}
 

@@ -421,8 +421,9 @@ def cases():
                "inv_ptr": "*fp64", "rank": "i32", "R": "i32", "D": "i32"}  # fmt: skip
         aligned = ("basis_ptr", "row_stride", "sample_ptr", "sh_ptr", "inv_ptr")
         yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, 4, dtype, tile
-    # Stage 2 of the projection and the fused step's K-dimensional step read no basis (tile
-    # (0, 0)): their entries check registers and local memory only, at small and large K.
+    # Stage 2 of the projection, the fused step's K-dimensional step and orthogonalize_'s
+    # reduces read no basis (tile (0, 0)): their entries check registers, local memory and
+    # addresses only, at small and large K.
     for K in (8, 64, 512):
         block_n = min(project._REDUCE_BLOCK_N, pow2(K))
         kw = {"BLOCK_S": project._REDUCE_TILE // block_n, "BLOCK_N": block_n}
@@ -452,6 +453,19 @@ def cases():
             torch.float32,
             (0, 0),
         )
+        # orthogonalize_'s two one-program reduces (KP = next power of two of the rank).
+        kw = {"KP": K, "BLOCK_S": orth._BLOCK_S}
+        warps = 4 if K <= 64 else 8
+        sig = {"part_ptr": "*fp64", "vv_ptr": "*fp64", "scales_ptr": "*fp32", "c1_ptr": "*fp64",
+               "sc1_ptr": "*fp64", "vv_out_ptr": "*fp64", "S": "i32", "R": "i32"}  # fmt: skip
+        kernel = orth._orthogonalize_reduce1_kernel
+        yield f"orthogonalize_reduce1_K{K}", kernel, sig, kw, (), warps, torch.float32, (0, 0)
+        kw = dict(kw, ROW_AMAX=orth.ROW_AMAX, WRITE_ROW=True)
+        sig = {"part_ptr": "*fp64", "ss_ptr": "*fp64", "amax_ptr": "*fp64", "scales_ptr": "*fp32",
+               "c1_ptr": "*fp64", "vv_ptr": "*fp64", "out_ptr": "*fp64", "sh_ptr": "*fp64",
+               "inv_ptr": "*fp64", "S": "i32", "R": "i32", "rank": "i32"}  # fmt: skip
+        kernel = orth._orthogonalize_reduce2_kernel
+        yield f"orthogonalize_reduce2_K{K}", kernel, sig, kw, (), warps, torch.float32, (0, 0)
 
 
 # ---- canaries: kernels the address check must refuse (and one it must pass) -----------------
