@@ -305,7 +305,7 @@ def fused_twa_step(
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
     *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
 ) -> None:  # fmt: skip
-    """One TWA step (see ``functional.twa_step``) in 3 launches, with no flat work buffer.
+    """One TWA step (see ``_steps.LocalStep.step``) in 3 launches, with no flat work buffer.
 
     Reads ``p.grad`` of every parameter in place and writes the parameters in place. No host
     synchronisation, so the step can be captured in a CUDA graph after one eager step with the
