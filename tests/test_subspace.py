@@ -183,6 +183,7 @@ def test_subspace_max_rank_exceeded_changes_nothing():
     [
         (lambda p: Subspace([], max_rank=2), ValueError, "no tensor with requires_grad"),
         (lambda p: Subspace(p, max_rank=0), ValueError, "max_rank must be a positive int"),
+        (lambda p: Subspace(p, max_rank=ops.MAX_RANK + 1), ValueError, "MAX_RANK = 8192"),
         (lambda p: Subspace(p, max_rank=2, dtype=torch.int8), ValueError, "dtype must be"),
         (lambda p: Subspace(p, max_rank=2, backend="gpu"), ValueError, "backend='gpu'"),
         (lambda p: Subspace(p[0], max_rank=2), TypeError, "one Tensor"),
@@ -193,7 +194,7 @@ def test_subspace_max_rank_exceeded_changes_nothing():
             r"values\[1\] has shape \(5,\), expected \(4,\)",
         ),
     ],
-    ids=["empty", "rank0", "dtype", "backend", "tensor", "count", "shape"],
+    ids=["empty", "rank0", "max_rank", "dtype", "backend", "tensor", "count", "shape"],
 )
 def test_subspace_bad_arguments_name_the_argument(make, error, match):
     params = [torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)]

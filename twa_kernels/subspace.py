@@ -98,6 +98,10 @@ class Subspace:
             raise ValueError(f"params must all be on one device, got {sorted(map(str, devices))}")
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+        if max_rank > _ops.MAX_RANK:
+            raise ValueError(
+                f"max_rank={max_rank} is above the largest supported rank, MAX_RANK = {_ops.MAX_RANK}"
+            )
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         if tol is not None and not (0 <= tol < 1):
