@@ -191,13 +191,14 @@ at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
 
 void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
                     const at::Tensor& counters, const at::Tensor& coord_grad,
-                    const at::Tensor& gram, const at::Tensor& pw0, double lr, double momentum,
+                    const at::Tensor& gram, const at::Tensor& pw0, const at::Tensor& lr, double momentum,
                     double dampening, double weight_decay, bool nesterov) {
   const char* op = "subspace_step_";
   check_cuda(op, "alpha", alpha);
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor*>{"momentum_buffer", &momentum_buffer},
-        {"counters", &counters}, {"coord_grad", &coord_grad}, {"gram", &gram}, {"pw0", &pw0}}) {
+        {"counters", &counters}, {"coord_grad", &coord_grad}, {"gram", &gram}, {"pw0", &pw0},
+        {"lr", &lr}}) {
     check_same_device(op, name, *t, alpha);
   }
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) >= 1,
@@ -213,6 +214,10 @@ void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
               "twa_cuda::subspace_step_: gram must be a contiguous float32 [", K, ", ", K,
               "], got ", gram.scalar_type(), " ", gram.sizes());
 
+  TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == at::kFloat,
+              "twa_cuda::subspace_step_: lr must be a 0-dim float32 tensor, got ", lr.scalar_type(), " ",
+              lr.sizes());
+
   const c10::cuda::CUDAGuard guard(alpha.device());
   at::Tensor workspace = at::empty({K}, alpha.options());
   twa::SubspaceStepArgs a;
@@ -224,7 +229,7 @@ void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
   a.pw0 = pw0.data_ptr<float>();
   a.workspace = workspace.data_ptr<float>();
   a.K = K;
-  a.lr = static_cast<float>(lr);
+  a.lr = lr.data_ptr<float>();
   a.use_momentum = momentum != 0.0;
   a.momentum = static_cast<float>(momentum);
   a.one_minus_dampening = static_cast<float>(1.0 - dampening);
@@ -242,7 +247,7 @@ TORCH_LIBRARY(twa_cuda, m) {
   m.def("orthogonalize_(Tensor(a!) basis, Tensor(b!) scales, Tensor sample, int rank) -> Tensor");
   m.def(
       "subspace_step_(Tensor(a!) alpha, Tensor(b!) momentum_buffer, Tensor(c!) counters, "
-      "Tensor coord_grad, Tensor gram, Tensor pw0, float lr, float momentum, float dampening, "
+      "Tensor coord_grad, Tensor gram, Tensor pw0, Tensor lr, float momentum, float dampening, "
       "float weight_decay, bool nesterov) -> ()");
 }
 

@@ -37,8 +37,10 @@ __device__ __forceinline__ bool is_finite(float v) { return isfinite(v); }
 __global__ void __launch_bounds__(kThreads)
     step_apply(float* __restrict__ alpha, float* __restrict__ momentum_buffer,
                int64_t* __restrict__ counters, const float* __restrict__ coord_grad,
-               const float* __restrict__ d, int64_t K, float lr, bool use_momentum,
+               const float* __restrict__ d, int64_t K, const float* __restrict__ lr_ptr,
+               bool use_momentum,
                float momentum, float one_minus_dampening, bool nesterov) {
+  const float lr = *lr_ptr;
   bool ok = true;
   for (int64_t i = threadIdx.x; i < K; i += kThreads) ok = ok && is_finite(coord_grad[i]);
   const bool finite = __syncthreads_and(ok) != 0;

@@ -76,7 +76,7 @@ struct SubspaceStepArgs {
   const float* pw0;
   float* workspace;  // K floats
   int64_t K;
-  float lr;
+  const float* lr;  // 0-dim tensor on the device: read by the kernel (CUDA graphs replay it)
   bool use_momentum;  // momentum != 0 in double, as the reference tests it
   float momentum;
   float one_minus_dampening;

@@ -25,7 +25,7 @@ from oracle import (
     sgd_oracle,
 )
 
-from twa_kernels import _backend, _cuda, _ops
+from twa_kernels import _backend, _cuda, _ops, ops
 
 HAS_GPU = torch.cuda.is_available() and "cuda" in DEVICES
 needs_gpu = pytest.mark.skipif(
@@ -255,7 +255,7 @@ def test_subspace_step_matches_fp64_oracle(cuda, K, hyper):
             c[K // 2] = float("nan")
         if step == 3:
             c[0] = float("-inf")
-        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend="cuda", **hyper)
+        ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend="cuda", **hyper)
         state = sgd_oracle(state, c, gram, pw0, **hyper)
         assert counters.tolist() == [state[2], state[3]]
         torch.testing.assert_close(alpha.double(), state[0], atol=1e-5, rtol=1e-5)
@@ -273,7 +273,7 @@ def test_subspace_step_skips_nonfinite_bit_for_bit(cuda):
     for bad in [float("nan"), float("inf"), float("-inf")]:
         c = torch.randn(K, device=cuda)
         c[-1] = bad
-        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.0, 1e-2, True, "cuda")
+        ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.0, 1e-2, True, "cuda")
         assert torch.equal(alpha, a0) and torch.equal(buf, b0)
     assert counters.tolist() == [3, 4]
 
@@ -290,7 +290,7 @@ def test_subspace_step_deterministic_and_agrees(cuda, hyper):
     for backend in backends:
         alpha, buf = init[0].clone(), init[1].clone()
         counters = torch.tensor([1, 0], device=cuda)
-        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend=backend, **hyper)
+        ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend=backend, **hyper)
         assert counters.tolist() == [2, 0]
         results.append((alpha, buf))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -429,7 +429,8 @@ def test_subspace_step_opcheck(cuda):
     args = (
         torch.randn(K, device=cuda), torch.randn(K, device=cuda),
         torch.zeros(2, dtype=torch.int64, device=cuda), torch.randn(K, device=cuda),
-        torch.eye(K, device=cuda), torch.randn(K, device=cuda), 0.1, 0.9, 0.0, 1e-3, False,
+        torch.eye(K, device=cuda), torch.randn(K, device=cuda), torch.tensor(0.1, device=cuda),
+        0.9, 0.0, 1e-3, False,
     )  # fmt: skip
     torch.library.opcheck(_ops.subspace_step_, args, {"backend": "cuda"})
 

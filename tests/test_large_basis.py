@@ -23,6 +23,7 @@ from conftest import DEVICES, TOL
 from oracle import assert_within, cgs2_oracle, columns, sgd_oracle
 
 from twa_kernels import _backend, ops
+from twa_kernels._steps import Hyper
 from twa_kernels.reference import ROW_AMAX
 
 K, D = 96, 25_557_032
@@ -204,7 +205,7 @@ def test_fused_step_past_2_31_elements(big):
     lr = 0.5
     fused_twa_step(
         params, w0, big.basis, big.scales, alpha, buf, counters, gram, pw0,
-        lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+        Hyper(torch.tensor(lr, device=big.device), 0.0, 0.0, 0.0, False),
     )  # fmt: skip
     assert counters.tolist() == [1, 0]
     P = columns(big.compact(), big.scales)

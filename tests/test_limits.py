@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICES
 
 from twa_kernels import ops
+from twa_kernels._steps import Hyper
 from twa_kernels.ops import CUDA_MAX_ORTH_RANK, MAX_RANK
 
 OPS = ["project", "reconstruct_", "orthogonalize_", "subspace_step_"]
@@ -122,12 +123,12 @@ def test_fused_step_limit(device, K):
     from twa_kernels._triton.step import fused_twa_step
 
     args = _fused_args(K, device)
-    kw = dict(lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)
+    hyper = Hyper(torch.tensor(1.0, device=device), 0.0, 0.0, 0.0, False)
     if K > MAX_RANK:
         with pytest.raises(ValueError, match=LIMIT):
-            fused_twa_step(*args, **kw)
+            fused_twa_step(*args, hyper)
         return
-    fused_twa_step(*args, **kw)
+    fused_twa_step(*args, hyper)
     params, alpha, counters = args[0], args[4], args[6]
     assert counters.tolist() == [1, 0]
     # alpha = -lr * P^T g = -1/K per coordinate; w = w0 + P alpha = K * (1/K) * (-1/K) = -1/K.

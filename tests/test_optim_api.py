@@ -1,5 +1,7 @@
 """The optimizer's user-facing API: named parameters, writing averages, what repr shows."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,73 @@ def test_reprs_show_rank_samples_dtype_start_and_backend():
     for part in ("rank=4", "samples=4", "dtype=torch.float16", "start='current'", "backend='torch'",
                  "lr=0.1", "momentum=0.9"):  # fmt: skip
         assert part in text, (part, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# lr as a tensor
+
+
+def _train_with_scheduler(lr, backend, steps=6):
+    model = make_model()
+    space, _ = sampled(model, dtype=torch.float32, backend=backend)
+    opt = TWA(model, space, lr=lr, momentum=0.9, weight_decay=1e-3, backend=backend)
+    # gamma = 0.5: a scheduler computes a tensor lr in fp32 and a float lr in fp64; halving is
+    # exact in both, so the lr values are the same and any difference would be the step's.
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(4, 5, generator=g)), torch.zeros(4, 2)).backward()
+        opt.step()
+        sched.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tensor_lr_gives_the_same_weights_as_a_float_lr_bit_for_bit(backend):
+    by_float, opt_f = _train_with_scheduler(0.3, backend)
+    by_tensor, opt_t = _train_with_scheduler(torch.tensor(0.3), backend)
+    assert isinstance(opt_t.param_groups[0]["lr"], torch.Tensor)
+    assert torch.equal(opt_t.alpha, opt_f.alpha)
+    for a, b in zip(by_float.parameters(), by_tensor.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_compiled_step_is_not_recompiled_when_a_scheduler_changes_a_tensor_lr():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = make_model()
+    space, _ = sampled(model, dtype=torch.float32, backend="torch")
+    opt = TWA(model, space, lr=torch.tensor(0.3), momentum=0.9, backend="torch")
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(opt.step, backend=counting_backend)
+    g = torch.Generator().manual_seed(3)
+    compiled_after = []
+    for i in range(8):
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(4, 5, generator=g)), torch.zeros(4, 2)).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if i == 5:  # an edit behind the optimizer's back is still seen by the compiled step
+                with torch.no_grad():
+                    model[2].bias.zero_()
+            step()
+        assert [str(w.message)[:13] for w in caught if "TWA: " in str(w.message)] == (
+            ["TWA: '2.bias'"] if i == 5 else []
+        ), i
+        sched.step()
+        compiled_after.append(len(graphs))
+    traced = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"twa.project.default", "twa.subspace_step_.default", "twa.reconstruct_.default"} <= traced
+    # one graph for the step, compiled once for all the lr values the scheduler sets
+    assert compiled_after[:5] == [compiled_after[0]] * 5, compiled_after
+    assert compiled_after[6:] == [compiled_after[5]] * 2, compiled_after
+    assert opt.steps == 8
+    torch._dynamo.reset()

@@ -200,7 +200,7 @@ def test_ops_pass_opcheck():
             (basis.clone(), scales.clone(), torch.randn(1031), 3, "torch"))  # fmt: skip
     opcheck(torch.ops.twa.subspace_step_.default,
             (torch.zeros(5), torch.zeros(5), torch.zeros(2, dtype=torch.int64), torch.randn(5),
-             torch.eye(5), torch.randn(5), 0.1, 0.9, 0.0, 1e-4, False, "torch"))  # fmt: skip
+             torch.eye(5), torch.randn(5), torch.tensor(0.1), 0.9, 0.0, 1e-4, False, "torch"))  # fmt: skip
 
 
 def test_project_compiles_fullgraph():

@@ -251,7 +251,7 @@ def test_subspace_step_matches_fp64_oracle(device, K, hyper):
             c[K // 2] = float("nan")
         if step == 3:
             c[0] = float("-inf")
-        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend="triton", **hyper)
+        ops.subspace_step_(alpha, buf, counters, c, gram, pw0, backend="triton", **hyper)
         state = sgd_oracle(state, c, gram, pw0, **hyper)
         assert counters.tolist() == [state[2], state[3]]
         # fp32 arithmetic on O(1) values over 5 steps; G alpha sums K terms of size ~1/sqrt(K).
@@ -269,7 +269,7 @@ def test_subspace_step_skips_nonfinite_bit_for_bit(device):
     for bad in [float("nan"), float("inf"), float("-inf")]:
         c = torch.randn(K, device=device)
         c[-1] = bad
-        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.0, 1e-2, True, "triton")
+        ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.0, 1e-2, True, "triton")
         assert torch.equal(alpha, a0) and torch.equal(buf, b0)
     assert counters.tolist() == [3, 4]
 
@@ -283,7 +283,7 @@ def test_subspace_step_deterministic(device):
     for _ in range(2):
         alpha, buf = init[0].clone(), init[1].clone()
         counters = torch.tensor([1, 0], device=device)
-        _ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.1, 1e-2, False, "triton")
+        ops.subspace_step_(alpha, buf, counters, c, gram, pw0, 0.1, 0.9, 0.1, 1e-2, False, "triton")
         results.append((alpha, buf))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
@@ -420,7 +420,8 @@ def test_subspace_step_opcheck(device):
     args = (
         torch.randn(K, device=device), torch.randn(K, device=device),
         torch.zeros(2, dtype=torch.int64, device=device), torch.randn(K, device=device),
-        torch.eye(K, device=device), torch.randn(K, device=device), 0.1, 0.9, 0.0, 1e-3, False,
+        torch.eye(K, device=device), torch.randn(K, device=device), torch.tensor(0.1, device=device),
+        0.9, 0.0, 1e-3, False,
     )  # fmt: skip
     torch.library.opcheck(_ops.subspace_step_, args, {"backend": "triton"})
 

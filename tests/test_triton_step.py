@@ -85,6 +85,14 @@ HYPER = [
 ]
 
 
+def as_hyper(hyper, device):
+    """The step's ``Hyper`` for one of the dicts above (lr as a 0-dim fp32 device tensor)."""
+    return _steps.Hyper(
+        torch.tensor(hyper["lr"], device=device),
+        *(hyper[k] for k in ("momentum", "dampening", "weight_decay", "nesterov")),
+    )
+
+
 @pytest.mark.parametrize("shapes", [SHAPES, ALIGNED_SHAPES], ids=["small", "aligned"])
 @pytest.mark.parametrize("hyper", HYPER, ids=["momentum-wd", "nesterov"])
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
@@ -116,7 +124,7 @@ def assert_fused_matches_generic(device, dtype, hyper, shapes, K):
         for step in range(5):
             set_grads(params, step, device)
             step_object.step(
-                params, w0, basis, scales, alpha, buf, counters, gram, pw0, backend=backend, **hyper
+                params, w0, basis, scales, alpha, buf, counters, gram, pw0, as_hyper(hyper, device), backend
             )
         runs[backend] = (alpha, buf, counters, params)
     (a_ref, b_ref, c_ref, p_ref), (a, b, c, p) = runs["torch"], runs["triton"]
@@ -165,7 +173,7 @@ def assert_one_step_matches_fp64(device, dtype, shapes, dtypes, K):
     lr = 0.5
     fused.fused_twa_step(
         params, w0, basis, scales, alpha, buf, counters, gram,
-        pw0, lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+        pw0, _steps.Hyper(torch.tensor(lr, device=device), 0.0, 0.0, 0.0, False),
     )  # fmt: skip
     P = basis.double() * scales.double()[:, None]
     # fp32 accumulation of exact products, relative to sum_d |P_kd g_d| (the terms cancel).
@@ -215,15 +223,15 @@ def test_fused_step_skips_nonfinite_bit_for_bit(device):
     w0, basis, scales, gram, pw0 = subspace(D, 4, torch.float16, device)
     alpha, buf = torch.randn(4, device=device), torch.randn(4, device=device)
     counters = torch.tensor([2, 0], device=device)
-    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True)
+    kw = _steps.Hyper(torch.tensor(0.1, device=device), 0.9, 0.0, 1e-2, True)
     for p in params:
         p.grad = torch.zeros_like(p)
     params[0].grad[0, 0] = float("nan")
-    fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+    fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, kw)
     after_one = [p.clone() for p in params]
     a0, b0 = alpha.clone(), buf.clone()
     params[2].grad[5] = float("-inf")
-    fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+    fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, kw)
     assert counters.tolist() == [2, 2]
     assert torch.equal(alpha, a0) and torch.equal(buf, b0)
     assert all(torch.equal(p, q) for p, q in zip(params, after_one, strict=True))
@@ -263,12 +271,12 @@ def test_fused_step_launches_at_most_4_kernels(device, monkeypatch):
     w0, basis, scales, gram, pw0 = subspace(D, K, torch.float16, device)
     alpha, buf = torch.zeros(K, device=device), torch.zeros(K, device=device)
     counters = torch.zeros(2, dtype=torch.int64, device=device)
-    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False)
+    kw = _steps.Hyper(torch.tensor(0.1, device=device), 0.9, 0.0, 1e-2, False)
 
     def step():
         for p in params:
             p.grad = torch.randn_like(p)
-        fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, **kw)
+        fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, kw)
 
     step()  # first call: autotuning (on a GPU) benchmarks several configs
     calls = _count_launches(monkeypatch)
@@ -318,10 +326,12 @@ def test_fused_step_through_twa_optimizer(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
-def test_twa_step_cuda_graph_capture():
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_twa_step_cuda_graph_capture(lr_kind):
     # TWA(backend="triton").step() captured once in a CUDA graph and replayed with gradients
     # written in place must give the same bits as eager steps with the same gradients; the eager
-    # steps must not synchronise with the host.
+    # steps must not synchronise with the host. With a tensor lr an LR scheduler runs between
+    # steps: the replays read the lr it wrote into the tensor.
     from twa_kernels.optim import TWA
     from twa_kernels.subspace import Subspace
 
@@ -338,10 +348,15 @@ def test_twa_step_cuda_graph_capture():
                 for p in model.parameters():
                     p.add_(0.1 * torch.randn_like(p))
             space.add()
-        opt = TWA(model.parameters(), space, lr=0.1, momentum=0.9, weight_decay=1e-3, backend="triton")
+        lr = torch.tensor(0.1, device=device) if lr_kind == "tensor" else 0.1
+        opt = TWA(model.parameters(), space, lr=lr, momentum=0.9, weight_decay=1e-3, backend="triton")
         for p in model.parameters():
             p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
         return model, opt
+
+    def next_lr(opt):
+        if lr_kind == "tensor":
+            opt.param_groups[0]["lr"].mul_(0.5)  # in place, as LR schedulers update a tensor lr
 
     gen = torch.Generator(device=device).manual_seed(1)
     model, _ = build()
@@ -364,6 +379,7 @@ def test_twa_step_cuda_graph_capture():
         try:
             load_grads(model_e, opt_e, i)
             opt_e.step()
+            next_lr(opt_e)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         eager.append(([p.detach().clone() for p in model_e.parameters()], opt_e.alpha.clone()))
@@ -376,6 +392,7 @@ def test_twa_step_cuda_graph_capture():
     with torch.cuda.stream(side):
         load_grads(model_g, opt_g, 0)
         opt_g.step()
+        next_lr(opt_g)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -383,6 +400,7 @@ def test_twa_step_cuda_graph_capture():
     for i in range(1, n_steps):
         load_grads(model_g, opt_g, i)
         graph.replay()
+        next_lr(opt_g)
         weights, alpha = eager[i]
         assert torch.equal(opt_g.alpha, alpha), f"alpha after step {i}"
         for j, (p, w) in enumerate(zip(model_g.parameters(), weights, strict=True)):

@@ -440,7 +440,7 @@ def cases():
                   NESTEROV=False)  # fmt: skip
         sig = {"alpha_ptr": "*fp32", "buf_ptr": "*fp32", "counters_ptr": "*i64", "grad_ptr": "*fp32",
                "part_ptr": "*fp32", "scales_ptr": "*fp32", "S": "i32", "gram_ptr": "*fp32",
-               "pw0_ptr": "*fp32", "K": "i32", "lr": "fp32", "momentum": "fp32", "keep": "fp32",
+               "pw0_ptr": "*fp32", "K": "i32", "lr_ptr": "*fp32", "momentum": "fp32", "keep": "fp32",
                "weight_decay": "fp32"}  # fmt: skip
         warps = subspace_step.NUM_WARPS
         yield (

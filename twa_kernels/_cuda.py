@@ -157,7 +157,7 @@ def subspace_step_(
     coord_grad: Tensor,
     gram: Tensor,
     pw0: Tensor,
-    lr: float,
+    lr: Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -165,5 +165,5 @@ def subspace_step_(
 ) -> None:
     _ops().subspace_step_(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
-        float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+        lr, float(momentum), float(dampening), float(weight_decay), bool(nesterov),
     )  # fmt: skip

@@ -126,7 +126,7 @@ def check_orthogonalize(basis: Tensor, scales: Tensor, sample: Tensor, rank: int
     _same_device(basis=basis, scales=scales, sample=sample)
 
 
-def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0) -> None:
+def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr) -> None:
     K = alpha.shape[0] if alpha.dim() == 1 else -1
     _check_vector("alpha", alpha, K)
     check_rank("twa::subspace_step_", K)
@@ -145,7 +145,25 @@ def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
         coord_grad=coord_grad,
         gram=gram,
         pw0=pw0,
+        lr=lr,
     )
+    torch._check(
+        lr.dim() == 0 and lr.dtype == torch.float32,
+        lambda: f"lr must be a 0-dim float32 tensor, got {lr.dtype} {tuple(lr.shape)}",
+    )
+
+
+def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    """``lr`` as ``subspace_step_`` takes it: a 0-dim fp32 tensor on ``device``.
+
+    A tensor that already is one is returned as is: the kernels read its memory when they run,
+    so a captured CUDA graph replays with the value it holds then (what an LR scheduler wrote).
+    """
+    if isinstance(lr, Tensor):
+        if lr.dim() == 0 and lr.dtype == torch.float32 and lr.device == device:
+            return lr
+        return lr.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
 def _route(op: str, backend: str, sized: Tensor, rank: int | None = None):
@@ -229,14 +247,14 @@ def subspace_step_(
     coord_grad: Tensor,
     gram: Tensor,
     pw0: Tensor,
-    lr: float,
+    lr: Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
     backend: str = "auto",
 ) -> None:
-    check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
+    check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr)
     _route("subspace_step_", backend, gram)(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
         lr, momentum, dampening, weight_decay, nesterov,
@@ -248,5 +266,5 @@ def _subspace_step_fake(
     alpha, momentum_buffer, counters, coord_grad, gram, pw0,
     lr, momentum, dampening, weight_decay, nesterov, backend="auto",
 ):  # fmt: skip
-    check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0)
+    check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr)
     _backend.check_backend_name(backend)

@@ -58,6 +58,22 @@ class CommBytes:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The SGD hyperparameters of one step, as ``torch.optim.SGD`` names them.
+
+    ``lr`` is a 0-dim fp32 tensor on the device: the kernels read it there, so a step under
+    ``torch.compile`` does not specialise on its value and a captured CUDA graph replays with the
+    value the tensor holds at replay.
+    """
+
+    lr: Tensor
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+
+
 def gather_grads_(params: list[Tensor], flat_views: list[Tensor]) -> None:
     """Copy each ``p.grad`` (zeros where it is None) into its view of the flat fp32 buffer."""
     with_grad = [(v, p.grad) for p, v in zip(params, flat_views, strict=True) if p.grad is not None]
@@ -67,6 +83,13 @@ def gather_grads_(params: list[Tensor], flat_views: list[Tensor]) -> None:
         torch._foreach_copy_(list(views), list(grads))
     if without:
         torch._foreach_zero_(without)
+
+
+def _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper: Hyper, backend) -> None:
+    _ops.subspace_step_(
+        alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+        hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay, hyper.nesterov, backend,
+    )  # fmt: skip
 
 
 class LocalStep:
@@ -111,12 +134,7 @@ class LocalStep:
         counters: Tensor,
         gram: Tensor,
         pw0: Tensor,
-        *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
+        hyper: Hyper,
         backend: str,
     ) -> None:
         """One TWA step: ``alpha <- SGD(alpha, P^T g)``, then ``params <- w0 + P alpha``.
@@ -130,18 +148,11 @@ class LocalStep:
         if concrete == "triton":
             from ._triton.step import fused_twa_step
 
-            fused_twa_step(
-                params, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
-                lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                nesterov=nesterov,
-            )  # fmt: skip
+            fused_twa_step(params, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, hyper)
             return
         gather_grads_(params, self.flat_views)
         coord_grad = self.project(basis, scales, self.flat, concrete)
-        _ops.subspace_step_(
-            alpha, momentum_buffer, counters, coord_grad, gram, pw0,
-            lr, momentum, dampening, weight_decay, nesterov, concrete,
-        )  # fmt: skip
+        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
         self.write_weights(params, w0, basis, scales, alpha, concrete)
 
 
@@ -215,22 +226,14 @@ class ShardedStep:
         counters: Tensor,
         gram: Tensor,
         pw0: Tensor,
-        *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
+        hyper: Hyper,
         backend: str,
     ) -> None:
         """One TWA step with K + 2 D values communicated (K + D under DDP); no host sync."""
         concrete = _backend.resolve(backend, self.flat.device)
         self._gather_grads(params)
         coord_grad = self.project(basis, scales, self.local, concrete)
-        _ops.subspace_step_(
-            alpha, momentum_buffer, counters, coord_grad, gram, pw0,
-            lr, momentum, dampening, weight_decay, nesterov, concrete,
-        )  # fmt: skip
+        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
         self.write_weights(params, w0, basis, scales, alpha, concrete)
 
     def log_comm(self, K: int, D: int) -> None:

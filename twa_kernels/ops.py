@@ -98,7 +98,7 @@ def subspace_step_(
     coord_grad: Tensor,
     gram: Tensor,
     pw0: Tensor,
-    lr: float,
+    lr: float | Tensor,
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
@@ -115,11 +115,13 @@ def subspace_step_(
     Args:
         alpha, momentum_buffer, coord_grad, pw0: fp32 [K] (``pw0 = P^T w0``).
         counters: int64 [2]. gram: fp32 [K, K] (``P^T P``).
+        lr: a number, or a 0-dim fp32 tensor on the device, which the kernels read when they run
+            (under CUDA-graph replay too); the ``twa::subspace_step_`` op itself takes the tensor.
 
     Raises:
         ValueError: K above ``MAX_RANK`` (8192).
     """
     _ops.subspace_step_(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
-        lr, momentum, dampening, weight_decay, nesterov, backend,
+        _ops.lr_tensor(lr, alpha.device), momentum, dampening, weight_decay, nesterov, backend,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _collectives, _state, _steps
+from . import _backend, _collectives, _ops, _state, _steps
 from ._params import trainable
 from .subspace import Subspace
 
@@ -39,7 +39,11 @@ class TWA(torch.optim.Optimizer):
             as an iterable, ``named_parameters()`` or an ``nn.Module``; one parameter group.
         subspace: a ``Subspace`` with at least one sample. Adding samples to it later is an
             error for this optimizer (build a new one).
-        lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``. ``lr`` may be a
+            number or a 0-dim floating tensor, as torch optimizers accept; a tensor on the device
+            is read there by the step's kernels, so a ``torch.compile``d step is not recompiled
+            when a scheduler changes it, and a step captured in a CUDA graph replays with the
+            value the scheduler last wrote into it (a number is frozen into the graph).
         start: ``"mean"`` (the published choice: w0 = the mean of the samples) or ``"current"``
             (w0 = the current weights). Constructing the optimizer writes w0 into the params.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
@@ -145,6 +149,9 @@ class TWA(torch.optim.Optimizer):
         self._momentum_buffer = torch.zeros(K, dtype=torch.float32, device=device)
         # [steps taken, steps skipped because the gradient was not finite]
         self._counters = torch.zeros(2, dtype=torch.int64, device=device)
+        # lr as the kernels read it: the group's tensor lr itself, or this scalar set from a number
+        self._lr = torch.zeros((), dtype=torch.float32, device=device)
+        self._lr_value = None
         self._write_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -193,6 +200,7 @@ class TWA(torch.optim.Optimizer):
         self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
         self._remember_weights()
 
+    @torch._dynamo.disable  # host bookkeeping: run as Python every call, never traced
     def _remember_weights(self) -> None:
         """Stamp each parameter (storage address, version counter) as this optimizer left it.
 
@@ -202,6 +210,7 @@ class TWA(torch.optim.Optimizer):
         """
         self._weight_stamps = [(p.data_ptr(), p._version) for p in self.params]
 
+    @torch._dynamo.disable  # host bookkeeping: run as Python every call, never traced
     def _edited_parameters(self) -> list[int]:
         """Indices of the parameters changed outside this optimizer since its last write."""
         return [
@@ -245,21 +254,37 @@ class TWA(torch.optim.Optimizer):
         edited = self._edited_parameters()
         if edited:
             self._continue_from_current_weights(edited)
-        group = self.param_groups[0]
-        _check_hyperparameters(
-            group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-            group["nesterov"],
-        )  # fmt: skip
+        hyper = self._hyperparameters()
         basis, scales = self.subspace.columns
         state = (self._w0, basis, scales, self._alpha, self._momentum_buffer, self._counters,
                  self._gram, self._pw0)  # fmt: skip
-        hyper = dict(
-            lr=float(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
-            weight_decay=group["weight_decay"], nesterov=group["nesterov"], backend=self.backend,
-        )  # fmt: skip
-        self._step.step(self.params, *state, **hyper)
+        self._step.step(self.params, *state, hyper, self.backend)
         self._remember_weights()
         return loss
+
+    def _hyperparameters(self) -> _steps.Hyper:
+        """The group's hyperparameters for this step, checked without reading the device.
+
+        A tensor lr on the device is passed as is (the kernels read it); a number is written
+        into this optimizer's own device scalar when it changes (no host sync either way).
+        """
+        group = self.param_groups[0]
+        lr = group["lr"]
+        _check_hyperparameters(
+            lr, group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+            read_tensors=False,
+        )  # fmt: skip
+        if isinstance(lr, Tensor):
+            lr = _ops.lr_tensor(lr, self.subspace.device)
+        else:
+            if lr != self._lr_value:
+                self._lr.fill_(lr)
+                self._lr_value = lr
+            lr = self._lr
+        return _steps.Hyper(
+            lr, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+            bool(group["nesterov"]),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
 
@@ -456,15 +481,29 @@ def _min_norm_solve(S: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.lstsq(S, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
 
-def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
+def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, *, read_tensors=True) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad hyperparameter.
+
+    ``lr`` may be a number or a 0-dim floating tensor; the tensor's value is checked only when
+    ``read_tensors`` (at construction and load, never in ``step()``: reading it would sync).
+    """
+    if isinstance(lr, Tensor):
+        if lr.dim() != 0 or not lr.dtype.is_floating_point:
+            raise TypeError(
+                f"lr must be a number or a 0-dim floating tensor, got {lr.dtype} {tuple(lr.shape)}"
+            )
+        if not read_tensors:
+            lr = 0.0
     for name, value in (
         ("lr", lr),
         ("momentum", momentum),
         ("dampening", dampening),
         ("weight_decay", weight_decay),
     ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if isinstance(value, Tensor) and name != "lr":
+            raise TypeError(f"{name} must be a real number, got a tensor (only lr may be one)")
     if not lr >= 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
     if not 0 <= momentum < 1:

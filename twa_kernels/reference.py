@@ -161,7 +161,7 @@ def subspace_step_(
     coord_grad: Tensor,
     gram: Tensor,
     pw0: Tensor,
-    lr: float,
+    lr: Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -172,7 +172,8 @@ def subspace_step_(
     ``d = c + weight_decay * (P^T w0 + G alpha)`` is the coordinate form of ``P^T (g + wd w)``
     with ``w = w0 + P alpha`` and ``G = P^T P``. ``counters = [steps taken, steps skipped]``:
     a step whose ``coord_grad`` is not finite changes nothing but ``counters[1]``; the first
-    step taken sets the momentum buffer to ``d`` as torch does. No host synchronisation.
+    step taken sets the momentum buffer to ``d`` as torch does. ``lr`` is a 0-dim fp32 tensor on
+    the device, read there and never on the host. No host synchronisation.
     """
     finite = torch.isfinite(coord_grad).all()
     d = coord_grad

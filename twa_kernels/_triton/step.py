@@ -303,7 +303,7 @@ def plan_for(params: list[Tensor], device: torch.device) -> _Plan:
 def fused_twa_step(
     params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor,
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
-    *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+    hyper,
 ) -> None:  # fmt: skip
     """One TWA step (see ``_steps.LocalStep.step``) in 3 launches, with no flat work buffer.
 
@@ -311,9 +311,10 @@ def fused_twa_step(
     synchronisation, so the step can be captured in a CUDA graph after one eager step with the
     same ``.grad`` tensors (see the module docstring). The graph then reads the grads at the
     addresses they had at capture: keep them (``zero_grad(set_to_none=False)``, gradients
-    written or accumulated in place). ``lr``, ``momentum``, ``dampening`` and ``weight_decay``
-    are kernel arguments, fixed in the graph at their capture values: an LR scheduler that
-    changes ``param_groups[0]["lr"]`` does not affect replays (capture again to change them).
+    written or accumulated in place). ``hyper`` is a ``_steps.Hyper``: its ``lr`` (a 0-dim
+    fp32 tensor) is read from device memory, so replays use the value it holds then (an LR
+    scheduler filling the tensor in place works under capture); ``momentum``, ``dampening``
+    and ``weight_decay`` are kernel arguments, fixed in the graph at their capture values.
 
     K (basis rows) is at most ``twa_kernels.ops.MAX_RANK`` (8192); above it ``ValueError``.
     """
@@ -331,7 +332,8 @@ def fused_twa_step(
     )  # fmt: skip
     subspace_step.launch(
         alpha, momentum_buffer, counters, coord, gram, pw0,
-        lr, momentum, dampening, weight_decay, nesterov, part=part, scales=scales,
+        hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay, hyper.nesterov,
+        part=part, scales=scales,
     )  # fmt: skip
     tuned(_step_write_kernel)[(plan.grid,)](
         ptab, plan.btab, w0, basis, stride, scales, alpha, K, plan.nblk, plan.per,

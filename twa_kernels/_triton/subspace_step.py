@@ -23,7 +23,7 @@ _TILE_ELEMENTS = 8192
 @triton.jit
 def _subspace_step_kernel(
     alpha_ptr, buf_ptr, counters_ptr, grad_ptr, part_ptr, scales_ptr, S, gram_ptr, pw0_ptr, K,
-    lr, momentum, keep, weight_decay,
+    lr_ptr, momentum, keep, weight_decay,
     FROM_PARTIALS: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr, KP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -63,7 +63,7 @@ def _subspace_step_kernel(
             update = buf
     else:
         update = d
-    new_alpha = tl.where(finite, alpha - lr * update, alpha)
+    new_alpha = tl.where(finite, alpha - tl.load(lr_ptr) * update, alpha)
     # The Gram loop read alpha in another layout (other threads): all reads end before any write.
     tl.debug_barrier()
     if HAS_MOMENTUM:
@@ -85,7 +85,7 @@ def launch_constexprs(K: int) -> dict:
 
 def launch(
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, coord_grad: Tensor, gram: Tensor,
-    pw0: Tensor, lr: float, momentum: float, dampening: float, weight_decay: float,
+    pw0: Tensor, lr: Tensor, momentum: float, dampening: float, weight_decay: float,
     nesterov: bool, part: Tensor | None = None, scales: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Run the step; with ``part`` [S, K] and ``scales``, first set ``coord_grad`` from them."""
@@ -95,7 +95,7 @@ def launch(
         alpha, momentum_buffer, counters, coord_grad,
         part if from_partials else coord_grad, scales if from_partials else coord_grad,
         part.shape[0] if from_partials else 0,
-        gram, pw0, K, float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
+        gram, pw0, K, lr, float(momentum), float(1.0 - dampening), float(weight_decay),
         FROM_PARTIALS=from_partials, HAS_WD=weight_decay != 0, HAS_MOMENTUM=momentum != 0,
         NESTEROV=bool(nesterov), **launch_constexprs(K), num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -103,7 +103,7 @@ def launch(
 
 def subspace_step_(
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, coord_grad: Tensor, gram: Tensor,
-    pw0: Tensor, lr: float, momentum: float, dampening: float, weight_decay: float,
+    pw0: Tensor, lr: Tensor, momentum: float, dampening: float, weight_decay: float,
     nesterov: bool,
 ) -> None:  # fmt: skip
     launch(
