@@ -185,7 +185,7 @@ def test_compiled_step_is_not_recompiled_when_a_scheduler_changes_a_tensor_lr():
         sched.step()
         compiled_after.append(len(graphs))
     traced = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    assert {"twa.project.default", "twa.subspace_step_.default", "twa.reconstruct_.default"} <= traced
+    assert "twa.step_.default" in traced  # the whole step is one op in the graph
     # one graph for the step, compiled once for all the lr values the scheduler sets
     assert compiled_after[:5] == [compiled_after[0]] * 5, compiled_after
     assert compiled_after[6:] == [compiled_after[5]] * 2, compiled_after

@@ -144,11 +144,11 @@ def test_fused_step_table_marks_aligned_parameters(device):
     params = make_params(device, ALIGNED_SHAPES)
     set_grads(params, 0, device)
     plan = fused.plan_for(params, device)
-    ptab, _ = plan.table(params)
+    ptab, _ = plan.table(params, [p.grad for p in params])
     assert ptab[:, 6].tolist() == ALIGNED_FLAGS
     # A grad that is not 16-byte aligned turns its parameter's aligned path off.
     params[0].grad = torch.zeros(1025, device=device)[1:]
-    ptab, _ = plan.table(params)
+    ptab, _ = plan.table(params, [p.grad for p in params])
     assert ptab[:, 6].tolist() == [0] + ALIGNED_FLAGS[1:]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import reference
 from ._layout import warn_if_narrow
 
 EXTENSION_NAME = "twa_kernels_cuda"
@@ -167,3 +168,7 @@ def subspace_step_(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
         lr, float(momentum), float(dampening), float(weight_decay), bool(nesterov),
     )  # fmt: skip
+
+
+# The step made of the three CUDA ops (a flat workspace in and out), until a fused CUDA step.
+step_ = reference.composed_step(project, subspace_step_, reconstruct_)

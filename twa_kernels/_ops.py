@@ -33,6 +33,8 @@ backend, checked with the other arguments (``ValueError`` above it). What sets i
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -126,10 +128,12 @@ def check_orthogonalize(basis: Tensor, scales: Tensor, sample: Tensor, rank: int
     _same_device(basis=basis, scales=scales, sample=sample)
 
 
-def check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr) -> None:
+def check_subspace_step(
+    alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr, what="twa::subspace_step_"
+) -> None:
     K = alpha.shape[0] if alpha.dim() == 1 else -1
     _check_vector("alpha", alpha, K)
-    check_rank("twa::subspace_step_", K)
+    check_rank(what, K)
     _check_vector("momentum_buffer", momentum_buffer, K)
     _check_vector("coord_grad", coord_grad, K)
     _check_vector("pw0", pw0, K)
@@ -267,4 +271,87 @@ def _subspace_step_fake(
     lr, momentum, dampening, weight_decay, nesterov, backend="auto",
 ):  # fmt: skip
     check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr)
+    _backend.check_backend_name(backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# step_: the whole step over a parameter list
+
+
+def check_step(
+    params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr
+) -> None:
+    _check_basis(basis, scales, "step_")
+    K, D = basis.shape
+    torch._check(
+        len(params) >= 1 and len(grads) == len(params),
+        lambda: f"params ({len(params)}) and grads ({len(grads)}) must be non-empty lists of one length",
+    )
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        torch._check(
+            p.dtype in INPUT_DTYPES,
+            lambda i=i, p=p: f"params[{i}] dtype must be fp32, bf16 or fp16, got {p.dtype}",
+        )
+        torch._check(p.is_contiguous(), lambda i=i: f"params[{i}] must be contiguous")
+        torch._check(
+            p.device == basis.device,
+            lambda i=i, p=p: f"params[{i}] is on {p.device}, the basis on {basis.device}",
+        )
+        if g is not None:
+            torch._check(
+                g.shape == p.shape,
+                lambda i=i, g=g, p=p: f"grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(p.shape)}",
+            )
+            torch._check(
+                g.dtype in INPUT_DTYPES,
+                lambda i=i, g=g: f"grads[{i}] dtype must be fp32, bf16 or fp16, got {g.dtype}",
+            )
+            torch._check(
+                g.device == p.device,
+                lambda i=i, g=g, p=p: f"grads[{i}] is on {g.device}, expected {p.device}",
+            )
+    total = sum(p.numel() for p in params)
+    torch._check(total == D, lambda: f"params hold {total} values, the basis has D={D}")
+    _check_vector("workspace", workspace, D)
+    _check_vector("w0", w0, D)
+    _check_vector("alpha", alpha, K)
+    check_subspace_step(alpha, momentum_buffer, counters, alpha, gram, pw0, lr, what="twa::step_")
+    _same_device(basis=basis, workspace=workspace, w0=w0, alpha=alpha)
+
+
+@torch.library.custom_op(
+    "twa::step_", mutates_args=("params", "workspace", "alpha", "momentum_buffer", "counters")
+)
+def step_(
+    params: list[Tensor],
+    grads: list[Optional[Tensor]],  # noqa: UP045 (the schema parser reads typing.Optional)
+    workspace: Tensor,
+    w0: Tensor,
+    basis: Tensor,
+    scales: Tensor,
+    alpha: Tensor,
+    momentum_buffer: Tensor,
+    counters: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    lr: Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    backend: str = "auto",
+) -> None:
+    check_step(params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr)
+    _route("step_", backend, basis)(
+        params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
+        lr, momentum, dampening, weight_decay, nesterov,
+    )  # fmt: skip
+
+
+@step_.register_fake
+def _step_fake(
+    params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
+    lr, momentum, dampening, weight_decay, nesterov, backend="auto",
+):  # fmt: skip
+    check_step(params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr)
     _backend.check_backend_name(backend)

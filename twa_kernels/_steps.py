@@ -2,11 +2,11 @@
 
 ``TWA`` holds one step object, made by ``make_step``:
 
-- ``LocalStep``: one process. The generic path works for every backend through the ``twa::``
-  ops: gather the gradients into one flat fp32 buffer, project, update the coordinates,
-  reconstruct the weights into the same buffer and copy them into the parameters. The Triton
-  backend runs the fused step instead (``_triton.step.fused_twa_step``), which reads the
-  gradients and writes the parameters in place, in 3 launches.
+- ``LocalStep``: one process, one ``twa::step_`` op per step. Its reference and CUDA
+  implementations gather the gradients into one flat fp32 buffer, project, update the
+  coordinates, reconstruct the weights into the same buffer and copy them into the parameters;
+  the Triton one is the fused step (``_triton.step``), which reads the gradients and writes the
+  parameters in place, in 3 launches.
 - ``ShardedStep``: the basis sharded along D over a process group (see ``distributed``): each
   rank projects its shard of the gradient, one all-reduce of K floats gives ``P^T g``, each rank
   writes its shard of the weights and an all-gather updates the replicated parameters.
@@ -144,16 +144,11 @@ class LocalStep:
             w0: fp32 [D] origin. basis: [K, D] (the K used columns). scales: fp32 [K].
             alpha, momentum_buffer: fp32 [K]. counters: int64 [2]. gram: fp32 [K, K]. pw0: fp32 [K].
         """
-        concrete = _backend.resolve(backend, self.flat.device)
-        if concrete == "triton":
-            from ._triton.step import fused_twa_step
-
-            fused_twa_step(params, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, hyper)
-            return
-        gather_grads_(params, self.flat_views)
-        coord_grad = self.project(basis, scales, self.flat, concrete)
-        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
-        self.write_weights(params, w0, basis, scales, alpha, concrete)
+        _ops.step_(
+            params, [p.grad for p in params], self.flat, w0, basis, scales, alpha, momentum_buffer,
+            counters, gram, pw0, hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay,
+            hyper.nesterov, backend,
+        )  # fmt: skip
 
 
 class ShardedStep:

@@ -33,6 +33,7 @@ __all__ = [
     "orthogonalize_",
     "project",
     "reconstruct_",
+    "step_",
     "subspace_step_",
 ]
 
@@ -123,5 +124,47 @@ def subspace_step_(
     """
     _ops.subspace_step_(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+        _ops.lr_tensor(lr, alpha.device), momentum, dampening, weight_decay, nesterov, backend,
+    )  # fmt: skip
+
+
+def step_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    workspace: Tensor,
+    w0: Tensor,
+    basis: Tensor,
+    scales: Tensor,
+    alpha: Tensor,
+    momentum_buffer: Tensor,
+    counters: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    lr: float | Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    backend: str = "auto",
+) -> None:
+    """One whole TWA step over a parameter list: ``subspace_step_`` on ``c = P^T g``, then
+    ``params <- w0 + P alpha`` (each parameter rounded once to its dtype).
+
+    Args:
+        params: the D values as a list of contiguous fp32/bf16/fp16 tensors, written in place.
+        grads: one per parameter, shaped like it (None: a zero gradient), e.g. ``p.grad``.
+        workspace: fp32 [D]; the reference and CUDA backends gather the gradients and build the
+            weights in it, the Triton backend (fused kernels: the grads read and the params
+            written in place, 3 launches) does not touch it.
+        w0: fp32 [D]. basis, scales: as in ``project``. The rest: as in ``subspace_step_``.
+
+    No host synchronisation; capturable in a CUDA graph on the Triton backend (see
+    ``_triton.step``).
+
+    Raises:
+        ValueError: K above ``MAX_RANK`` (8192).
+    """
+    _ops.step_(
+        params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
         _ops.lr_tensor(lr, alpha.device), momentum, dampening, weight_decay, nesterov, backend,
     )  # fmt: skip

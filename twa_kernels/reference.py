@@ -198,3 +198,44 @@ def gram(basis: Tensor, scales: Tensor) -> Tensor:
         G += Pc @ Pc.T
     s = scales.double()
     return G * s[:, None] * s[None, :]
+
+
+def composed_step(project_fn, subspace_step_fn, reconstruct_fn):
+    """``step_`` made of a backend's three ops: gather the grads into ``workspace``, project,
+    update the coordinates, reconstruct the weights into ``workspace``, copy them out."""
+
+    def step_(
+        params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, w0: Tensor,
+        basis: Tensor, scales: Tensor, alpha: Tensor, momentum_buffer: Tensor, counters: Tensor,
+        gram: Tensor, pw0: Tensor, lr: Tensor, momentum: float, dampening: float,
+        weight_decay: float, nesterov: bool,
+    ) -> None:  # fmt: skip
+        views = [
+            v.view(p.shape) for v, p in zip(workspace.split([p.numel() for p in params]), params, strict=True)
+        ]
+        with_grad = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
+        without = [v for v, g in zip(views, grads, strict=True) if g is None]
+        if with_grad:
+            torch._foreach_copy_([v for v, _ in with_grad], [g for _, g in with_grad])
+        if without:
+            torch._foreach_zero_(without)
+        coord_grad = project_fn(basis, scales, workspace)
+        subspace_step_fn(
+            alpha, momentum_buffer, counters, coord_grad, gram, pw0,
+            lr, momentum, dampening, weight_decay, nesterov,
+        )  # fmt: skip
+        reconstruct_fn(workspace, w0, basis, scales, alpha)
+        torch._foreach_copy_(params, views)
+
+    return step_
+
+
+step_ = composed_step(project, subspace_step_, reconstruct_)
+step_.__doc__ = """One TWA step over a parameter list: ``alpha <- SGD(alpha, P^T g)``, then
+``params <- w0 + P alpha``.
+
+``grads`` holds one gradient per parameter (None: a zero gradient); ``workspace`` is fp32 [D]
+(the gradients in, the weights out); each parameter is written rounded to its dtype. The other
+arguments are those of ``subspace_step_``. Nothing is allocated in proportion to D beyond the
+chunks of ``project`` and ``reconstruct_``; no host synchronisation.
+"""

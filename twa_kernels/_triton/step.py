@@ -237,12 +237,12 @@ class _Plan:
         # Parameter tables read by captured CUDA graphs: kept for the plan's lifetime.
         self.captured: list[Tensor] = []
 
-    def table(self, params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """The device parameter table for the current grads, and grads copied to be contiguous."""
+    def table(self, params: list[Tensor], grads: list[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
+        """The device parameter table for ``grads`` (one per parameter, None: zero gradient), and
+        the grads copied to be contiguous."""
         keep = []
-        grads = []
-        for p in params:
-            g = p.grad
+        given, grads = grads, []
+        for g in given:
             if g is not None and not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
@@ -305,25 +305,41 @@ def fused_twa_step(
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
     hyper,
 ) -> None:  # fmt: skip
-    """One TWA step (see ``_steps.LocalStep.step``) in 3 launches, with no flat work buffer.
+    """One TWA step in 3 launches, with no flat work buffer: ``step_`` on the parameters' own
+    ``.grad`` tensors, with ``hyper`` a ``_steps.Hyper``.
 
     Reads ``p.grad`` of every parameter in place and writes the parameters in place. No host
     synchronisation, so the step can be captured in a CUDA graph after one eager step with the
     same ``.grad`` tensors (see the module docstring). The graph then reads the grads at the
     addresses they had at capture: keep them (``zero_grad(set_to_none=False)``, gradients
-    written or accumulated in place). ``hyper`` is a ``_steps.Hyper``: its ``lr`` (a 0-dim
-    fp32 tensor) is read from device memory, so replays use the value it holds then (an LR
-    scheduler filling the tensor in place works under capture); ``momentum``, ``dampening``
-    and ``weight_decay`` are kernel arguments, fixed in the graph at their capture values.
+    written or accumulated in place). ``hyper.lr`` (a 0-dim fp32 tensor) is read from device
+    memory, so replays use the value it holds then (an LR scheduler filling the tensor in place
+    works under capture); ``momentum``, ``dampening`` and ``weight_decay`` are kernel
+    arguments, fixed in the graph at their capture values.
 
     K (basis rows) is at most ``twa_kernels.ops.MAX_RANK`` (8192); above it ``ValueError``.
     """
+    step_(
+        params, [p.grad for p in params], None, w0, basis, scales, alpha, momentum_buffer,
+        counters, gram, pw0, hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay,
+        hyper.nesterov,
+    )  # fmt: skip
+
+
+def step_(
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, w0: Tensor,
+    basis: Tensor, scales: Tensor, alpha: Tensor, momentum_buffer: Tensor, counters: Tensor,
+    gram: Tensor, pw0: Tensor, lr: Tensor, momentum: float, dampening: float,
+    weight_decay: float, nesterov: bool,
+) -> None:  # fmt: skip
+    """``twa::step_`` on the Triton backend (see ``reference.step_``): the fused kernels read
+    ``grads`` and write ``params`` in place; ``workspace`` is not used."""
     K, D = basis.shape
     check_rank("fused TWA step", K)  # the K-dimensional step kernel's limit (subspace_step)
     warn_if_narrow(basis, "triton")
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
-    ptab, keep = plan.table(params)
+    ptab, keep = plan.table(params, grads)
     part, coord = plan.workspace(K)
     stride = basis.stride(0)
     tuned(_step_project_kernel)[(plan.grid,)](
@@ -331,9 +347,8 @@ def fused_twa_step(
         FIELDS=_FIELDS, BLOCK_D=BLOCK,
     )  # fmt: skip
     subspace_step.launch(
-        alpha, momentum_buffer, counters, coord, gram, pw0,
-        hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay, hyper.nesterov,
-        part=part, scales=scales,
+        alpha, momentum_buffer, counters, coord, gram, pw0, lr, momentum, dampening, weight_decay,
+        nesterov, part=part, scales=scales,
     )  # fmt: skip
     tuned(_step_write_kernel)[(plan.grid,)](
         ptab, plan.btab, w0, basis, stride, scales, alpha, K, plan.nblk, plan.per,
