@@ -63,7 +63,8 @@ def make_subspace(params, K: int, dtype: torch.dtype, w0: Tensor) -> twa_kernels
         "scales": scales,
         "anchor": w0,
         "mean": w0,
-        "coords": [torch.zeros(K, dtype=torch.float64) for _ in range(K)],
+        # sample i: one new column each (a consistent triangular factor, which loading checks)
+        "coords": [torch.eye(K, dtype=torch.float64)[i, : i + 1] for i in range(K)],
     }
     space.load_state_dict(state)
     return space
