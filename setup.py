@@ -8,6 +8,7 @@ at install and used instead.
 """
 
 import os
+import runpy
 
 from setuptools import setup
 
@@ -17,14 +18,15 @@ cmdclass = {}
 if os.environ.get("TWA_KERNELS_BUILD_CUDA") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-    sources = ["bindings.cpp", "project.cu", "reconstruct.cu", "orthogonalize.cu", "subspace_step.cu"]
+    root = os.path.dirname(os.path.abspath(__file__))
+    # The JIT loader's list of sources and flags, read without importing the package.
+    build = runpy.run_path(os.path.join(root, "twa_kernels", "_cuda_build.py"))
     ext_modules = [
         CUDAExtension(
             "twa_kernels._C",
-            [os.path.join("csrc", name) for name in sources],
-            include_dirs=[csrc],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+            [os.path.join("csrc", name) for name in build["SOURCES"]],
+            include_dirs=[os.path.join(root, "csrc")],
+            extra_compile_args={"cxx": list(build["CXX_FLAGS"]), "nvcc": list(build["NVCC_FLAGS"])},
         )
     ]
     cmdclass = {"build_ext": BuildExtension}

@@ -65,3 +65,17 @@ def test_ci_installs_with_the_readme_command():
         assert line in readme and line in ci.replace("python -m pip install -q", "pip install"), line
     pins = (ROOT / ".ci" / "constraints-cpu.txt").read_text()
     assert "torch==" in pins and "triton==" in pins
+
+
+def test_cuda_sources_and_flags_have_one_home():
+    """setup.py and the JIT loader build the extension from _cuda_build's one list."""
+    import runpy
+
+    from twa_kernels import _cuda, _cuda_build
+
+    assert _cuda.SOURCES is _cuda_build.SOURCES and _cuda.NVCC_FLAGS is _cuda_build.NVCC_FLAGS
+    on_disk = {p.name for p in (ROOT / "csrc").glob("*.c*") if p.suffix in (".cu", ".cpp")}
+    assert set(_cuda_build.SOURCES) == on_disk
+    assert runpy.run_path(str(ROOT / "twa_kernels" / "_cuda_build.py"))["SOURCES"] == _cuda_build.SOURCES
+    setup_py = (ROOT / "setup.py").read_text()
+    assert "_cuda_build.py" in setup_py and ".cu" not in setup_py

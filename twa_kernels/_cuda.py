@@ -21,23 +21,14 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._cuda_build import CXX_FLAGS, HEADERS, NVCC_FLAGS, SOURCES  # noqa: F401 (HEADERS: for callers)
 from ._layout import warn_if_narrow
 
 EXTENSION_NAME = "twa_kernels_cuda"
-SOURCES = (
-    "bindings.cpp",
-    "project.cu",
-    "reconstruct.cu",
-    "orthogonalize.cu",
-    "subspace_step.cu",
-)
-HEADERS = ("twa_common.h", "twa_launch.h", "twa_device.cuh")
 # Used when no GPU is visible to pick an architecture from: the H100/H200 generation.
 DEFAULT_ARCH_LIST = "9.0"
 # Where the toolkit usually lives when neither torch nor CUDA_HOME names it.
 FALLBACK_CUDA_HOME = "/usr/local/cuda"
-NVCC_FLAGS = ["-O3", "-lineinfo", "-std=c++17"]
-CXX_FLAGS = ["-O3"]
 
 
 def csrc_dir() -> Path:
@@ -101,8 +92,8 @@ def _jit_build(verbose: bool):
         name=EXTENSION_NAME,
         sources=[str(src / name) for name in SOURCES],
         extra_include_paths=[str(src)],
-        extra_cflags=CXX_FLAGS,
-        extra_cuda_cflags=NVCC_FLAGS,
+        extra_cflags=list(CXX_FLAGS),
+        extra_cuda_cflags=list(NVCC_FLAGS),
         verbose=verbose,
     )
 
