@@ -513,3 +513,15 @@ def test_add_reads_the_device_once(monkeypatch, backend):
     monkeypatch.undo()
     assert len(transfers) == 1
     assert space.num_samples == 3
+
+
+def test_a_state_dict_without_a_basis_fingerprint_loads_with_a_warning():
+    """Saved before the fingerprint existed: it cannot be checked, and the user is told so."""
+    model, _, opt = _trained(steps=2)
+    state = opt.state_dict()
+    del state["twa"]["basis_fingerprint"]
+    alpha = opt.alpha.clone()
+    train(model, opt, batches(1))
+    with pytest.warns(UserWarning, match="no basis fingerprint"):
+        opt.load_state_dict(state)
+    assert torch.equal(opt.alpha, alpha)
