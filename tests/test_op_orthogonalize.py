@@ -1,0 +1,257 @@
+"""``twa::orthogonalize_`` (CGS2 of a sample against the stored rows) on every backend.
+
+Each test runs once per backend ("torch", "triton", "cuda") and device (see backends.py); a
+backend that cannot run here is skipped with the reason. ``oracle.check_orthogonalize`` holds
+the contract: coefficients and norms within TOL[float64] of the fp64 CGS2 on the stored rows,
+the new row within one ulp, nothing else written.
+"""
+
+# ruff: noqa: F811  (pytest fixtures imported from backends.py are test arguments)
+
+import oracle
+import pytest
+import torch
+from backends import ANY, COMPILED, GPU, KERNEL_TARGETS, backend, device, dtypes, fits, others, target  # noqa: F401  (fixtures: backend, device, target)
+from conftest import STORAGE_DTYPES, TOL
+from oracle import basis_in_layout, cgs2_oracle, check_orthogonalize, columns, orthonormal_basis
+
+from twa_kernels import _ops, ops, reference
+
+# The interpreter (triton 3.6 + numpy 2.3) converts 1-element arrays to loop bounds.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# (K, D, rank, tier): D = 1 with rank 0; K = 1 stored from rank 0; k = 1; k = 3 over a prime D
+# spanning four Triton chunks (scalar loads for 2-byte rows in CUDA); rank = K (nothing
+# stored); D = 4096 (vector loads); k = 301 with D kept small (10 Triton K tiles of 32 in pass
+# 2) and with D = 4099 (two CUDA coefficient chunks of 256); D = 1_000_003 and 100_000
+# (hundreds of column tiles, many partials).
+ORTHO_SHAPES = [
+    pytest.param(1, 1, 0, ANY, id="K1-D1-r0"),
+    pytest.param(1, 37, 0, ANY, id="K1-D37-r0"),
+    pytest.param(2, 37, 1, ANY, id="K2-D37-r1"),
+    pytest.param(4, 1009, 3, ANY, id="K4-D1009-r3"),
+    pytest.param(3, 1000, 3, ANY, id="K3-D1000-r3"),
+    pytest.param(302, 400, 301, ANY, id="K302-D400-r301"),
+    pytest.param(5, 4096, 4, COMPILED, id="K5-D4096-r4"),
+    pytest.param(302, 4099, 301, COMPILED, id="K302-D4099-r301"),
+    pytest.param(9, 100_000, 8, COMPILED, id="K9-D100000-r8"),
+    pytest.param(3, 1_000_003, 2, COMPILED, id="K3-D1000003-r2"),
+]
+
+
+@pytest.mark.parametrize("K,D,rank,tier", ORTHO_SHAPES)
+@pytest.mark.parametrize("dtype", dtypes(STORAGE_DTYPES))
+def test_orthogonalize_matches_fp64_oracle(backend, device, dtype, K, D, rank, tier):
+    fits(backend, device, tier)
+    basis, scales = orthonormal_basis(K, D, rank, dtype, device)
+    check_orthogonalize(backend, basis, scales, torch.randn(D, device=device) + 0.5, rank)
+
+
+@pytest.mark.parametrize("layout", ["padded", "aligned-slice", "odd-slice"])
+@pytest.mark.parametrize("dtype", dtypes(STORAGE_DTYPES))
+def test_orthogonalize_strided_rows(backend, device, dtype, layout):
+    """Rows strided past D (as ``Subspace`` stores them) read and written in place, nothing else."""
+    K, D, rank = 4, 1009, 3
+    basis, storage = basis_in_layout(K, D, dtype, device, layout, fill=7.0)
+    dense, scales = orthonormal_basis(K, D, rank, dtype, device)
+    basis.copy_(dense)
+    sample = torch.randn(D, device=device) + 0.5
+    check_orthogonalize(backend, basis, scales, sample, rank, storage=storage)
+
+
+# max|P^T P - I| after filling the basis: entries rounded to the storage dtype (unit roundoff
+# u: 4.9e-4 fp16, 3.9e-3 bf16) give errors ~u per inner product; fp32 storage ~1e-7.
+ORTHO_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("D,tier", [(1009, ANY), (100_003, GPU)], ids=["D1009", "D100003"])
+@pytest.mark.parametrize("dtype", dtypes(STORAGE_DTYPES))
+def test_orthogonalize_invariants(backend, device, dtype, D, tier):
+    fits(backend, device, tier)
+    K = 6
+    basis = torch.zeros(K, D, dtype=dtype, device=device)
+    scales = torch.zeros(K, device=device)
+    # Trajectory-like samples: a common point plus small moves (the differences matter).
+    anchor = torch.randn(D, device=device)
+    samples = [anchor + 0.1 * torch.randn(D, device=device) for _ in range(K)]
+    for rank, s in enumerate(samples):
+        out = _ops.orthogonalize_(basis, scales, s, rank, backend)
+        P = columns(basis[: rank + 1], scales[: rank + 1])
+        # Span kept: the sample is P [h; ||u||] up to the storage rounding of P.
+        err = (P.T @ out[: rank + 1] - s.double()).norm() / s.double().norm()
+        assert err < ORTHO_TOL[dtype], f"rank {rank}: sample reproduced to {err:.3g}"
+    G = columns(basis, scales) @ columns(basis, scales).T
+    dev = (G - torch.eye(K, dtype=torch.float64, device=device)).abs().max()
+    assert dev < ORTHO_TOL[dtype], f"max|P^T P - I| = {dev:.3g}"
+
+
+@pytest.mark.parametrize(
+    "K,D,tier",
+    [(1, 1, ANY), (12, 300, ANY), (3, 4099, COMPILED), (6, 10007, COMPILED)],
+    ids=["K1-D1", "K12-D300", "K3-D4099", "K6-D10007"],
+)
+@pytest.mark.parametrize("dtype", dtypes(STORAGE_DTYPES))
+def test_orthogonalize_builds_an_orthonormal_basis_of_the_samples(backend, device, dtype, K, D, tier):
+    """Independent samples into a NaN-filled basis: orthonormal within 2 eps of the storage
+    dtype, each sample rebuilt from its coordinates within 4 eps, ||v|| returned to 1e-12."""
+    fits(backend, device, tier)
+    samples = torch.randn(K, D, dtype=torch.float64)
+    basis = torch.full((K, D), float("nan"), dtype=dtype, device=device)
+    scales = torch.zeros(K, device=device)
+    coords = []
+    for rank, v in enumerate(samples):
+        out = ops.orthogonalize_(basis, scales, v.float().to(device), rank, backend=backend)
+        assert out.dtype == torch.float64 and out.shape == (rank + 2,)
+        coords.append(out[:-1].cpu())
+        torch.testing.assert_close(out[-1].item(), v.float().double().norm().item(), rtol=1e-12, atol=0)
+    P = columns(basis.cpu(), scales.cpu())
+    eps = torch.finfo(dtype).eps
+    orth = (P @ P.T - torch.eye(K, dtype=torch.float64)).abs().max().item()
+    assert orth <= 2 * eps, f"max|P^T P - I| = {orth:.3g}"
+    for v, c in zip(samples, coords, strict=True):
+        rebuilt = c @ P[: c.numel()]
+        assert (rebuilt - v).norm() <= 4 * eps * v.norm()
+
+
+def test_orthogonalize_returns_the_oracle_coefficients_and_residual(backend, device):
+    D = 2001
+    Q, _ = torch.linalg.qr(torch.randn(D, 3, dtype=torch.float64))
+    basis = torch.empty(3, D, dtype=torch.float32, device=device)
+    scales = torch.zeros(3, device=device)
+    for rank in range(2):
+        ops.orthogonalize_(basis, scales, Q[:, rank].float().to(device), rank, backend=backend)
+    v = 2 * Q[:, 0] - 3 * Q[:, 1] + 0.5 * Q[:, 2]
+    out = ops.orthogonalize_(basis, scales, v.float().to(device), 2, backend=backend).cpu()
+    P = columns(basis[:2].cpu(), scales[:2].cpu())
+    torch.testing.assert_close(out[:2], P @ v.float().double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[2].item(), 0.5, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[3].item(), v.norm().item(), atol=1e-5, rtol=0)
+
+
+def test_orthogonalize_scales_rows_away_from_fp16_subnormals(backend, device):
+    """A unit row over 2^22 entries has entries ~5e-4 (rms); stored scaled, max |entry| ~ 2^12."""
+    fits(backend, device, COMPILED)
+    D = 1 << 22
+    basis = torch.empty(1, D, dtype=torch.float16, device=device)
+    scales = torch.zeros(1, device=device)
+    ops.orthogonalize_(basis, scales, torch.randn(D, device=device), 0, backend=backend)
+    assert basis.float().abs().max().item() == pytest.approx(reference.ROW_AMAX, rel=1e-3)
+    P = columns(basis, scales)
+    assert abs(P.norm().item() - 1) <= 1e-4
+
+
+def test_orthogonalize_leaves_valid_rows_alone_and_skips_a_full_basis(backend, device):
+    basis, scales = oracle.make_basis(2, 300, torch.float16)
+    basis, scales = basis.to(device), scales.to(device)
+    before = basis.clone(), scales.clone()
+    out = ops.orthogonalize_(basis, scales, torch.randn(300, device=device), 2, backend=backend)
+    assert out.shape == (4,)
+    assert torch.equal(basis, before[0]) and torch.equal(scales, before[1])
+
+
+@pytest.mark.parametrize(
+    "dtype,K,rank",
+    [(torch.float16, 512, 511), (torch.float32, 512, 511), (torch.bfloat16, 512, 512)],
+    ids=["fp16-512-511", "fp32-512-511", "bf16-512-512"],
+)
+def test_orthogonalize_rank_up_to_512(backend, device, dtype, K, rank):
+    # Triton tiles K in pass 2: 16 tiles of 32 rows per [K, 64] slab (fp16) or [K, 32] slab
+    # (fp32), over a D = 520 that spans three chunks (256, 256, 8); CUDA reads 512 rows in two
+    # coefficient chunks of 256. rank = K stores nothing.
+    D = 520
+    basis, scales = orthonormal_basis(K, D, rank, dtype, device)
+    sample = torch.randn(D, device=device) + 0.5
+    before, scales_before = basis.clone(), scales.clone()
+    out = _ops.orthogonalize_(basis, scales, sample, rank, backend)
+    ref, row, scale = cgs2_oracle(before, scales_before, sample, rank)
+    vnorm = sample.double().norm().item()
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
+    assert torch.equal(basis[:rank], before[:rank])
+    if rank < K:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
+        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
+    else:
+        assert torch.equal(basis, before) and torch.equal(scales, scales_before)
+
+
+def test_orthogonalize_zero_remainder(backend, device):
+    # A zero sample: zero coefficients and norms, scale 0 and a zero row, no NaN.
+    K, D = 3, 1000
+    basis, scales = orthonormal_basis(K, D, 2, torch.float32, device)
+    zero = torch.zeros(D, device=device)
+    out = _ops.orthogonalize_(basis, scales, zero, 2, backend)
+    assert torch.equal(out, torch.zeros(4, dtype=torch.float64, device=device))
+    assert scales[2].item() == 0.0 and torch.equal(basis[2], torch.zeros_like(basis[2]))
+
+
+DETERMINISM_SHAPES = [
+    pytest.param(9, 1009, 8, ANY, id="K9-D1009-r8"),
+    pytest.param(9, 1_000_003, 8, GPU, id="K9-D1000003-r8"),
+]
+
+
+@pytest.mark.parametrize("K,D,rank,tier", DETERMINISM_SHAPES)
+def test_orthogonalize_deterministic(backend, device, K, D, rank, tier):
+    fits(backend, device, tier)
+    basis, scales = orthonormal_basis(K, D, rank, torch.float16, device)
+    sample = torch.randn(D, device=device)
+    b1, s1 = basis.clone(), scales.clone()
+    o1 = _ops.orthogonalize_(b1, s1, sample, rank, backend)
+    o2 = _ops.orthogonalize_(basis, scales, sample, rank, backend)
+    assert torch.equal(o1, o2) and torch.equal(b1, basis) and torch.equal(s1, scales)
+
+
+@pytest.mark.parametrize("K,D,rank,tier", DETERMINISM_SHAPES)
+@pytest.mark.parametrize("target", KERNEL_TARGETS, indirect=True)
+def test_orthogonalize_agrees_with_other_backends(backend, device, K, D, rank, tier):
+    fits(backend, device, tier)
+    basis, scales = orthonormal_basis(K, D, rank, torch.float16, device)
+    sample = torch.randn(D, device=device)
+    b1, s1 = basis.clone(), scales.clone()
+    o1 = _ops.orthogonalize_(b1, s1, sample, rank, backend)
+    vnorm = sample.double().norm().item()
+    eps = torch.finfo(torch.float16).eps
+    for other in others(device, backend):
+        b, s = basis.clone(), scales.clone()
+        o = _ops.orthogonalize_(b, s, sample, rank, other)
+        msg = f"{backend} vs {other}"
+        torch.testing.assert_close(o1, o, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10, msg=msg)
+        torch.testing.assert_close(b1[rank].double(), b[rank].double(), atol=0.0, rtol=eps, msg=msg)
+        torch.testing.assert_close(s1, s, atol=0.0, rtol=1e-6, msg=msg)
+
+
+def test_orthogonalize_opcheck(backend, device):
+    for layout in ["contiguous", "aligned-slice"]:
+        basis, _ = basis_in_layout(4, 300, torch.float16, device, layout)
+        dense, scales = orthonormal_basis(4, 300, 2, torch.float16, device)
+        basis.copy_(dense)
+        args = (basis, scales, torch.randn(300, device=device), 2)
+        torch.library.opcheck(_ops.orthogonalize_, args, {"backend": backend})
+
+
+def test_orthogonalize_bad_arguments_name_the_argument(backend, device):
+    basis, scales = orthonormal_basis(3, 20, 2, torch.float16, device)
+    with pytest.raises((RuntimeError, ValueError), match=r"rank must be in \[0, 3\]"):
+        ops.orthogonalize_(basis, scales, torch.randn(20, device=device), 4, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------
+# Backend-specific
+
+
+def test_orthogonalize_remainder_tiles_bounded():
+    """Triton only (a property of its tiling helper, no kernel run): pass 2 must hold one
+    bounded tile of P whatever the rank: <= 4096 fp64 values in registers, the K tiles covering
+    [0, R) with less than one tile of padding, and the [R, BLOCK_D] slab it reads twice within
+    64 KB unless BLOCK_D is at its 32-column floor."""
+    pytest.importorskip("triton")
+    from twa_kernels._triton.orthogonalize import _remainder_blocks
+
+    for size in (2, 4):
+        for R in range(1, 513):
+            nt, block_k, block_d = _remainder_blocks(R, size)
+            assert block_k * block_d <= 4096, (R, size)
+            assert R <= nt * block_k < max(R, 16) * 2, (R, size)
+            assert block_d == 32 or R * block_d * size <= 64 * 1024, (R, size)
+            assert block_d & (block_d - 1) == 0 and nt & (nt - 1) == 0, (R, size)
