@@ -7,9 +7,10 @@
 # Made for a lent H200 (16 cores, torch 2.11 + triton 3.6.0 on the box's python3, no network).
 # Stages, in order, each with its own limit (seconds) and each writing its log to $OUT as it runs:
 #   card and versions; install (60); CUDA extension build (150);
-#   cuda-first (120): a representative subset of tests/test_cuda_ops.py (every op x storage
-#     dtype x awkward sizes and layouts, determinism, agreement with Triton, opcheck) and of the
-#     fused step (tests/test_triton_step.py), never yet run on a GPU -> tests_first.log;
+#   cuda-first (120): a representative subset of the backend-cuda tests of tests/test_op_*.py
+#     (every op x storage dtype x awkward sizes and layouts, determinism, agreement with the
+#     other backends, opcheck), the loader checks and the fused step (tests/test_triton_step.py),
+#     never yet run on a GPU -> tests_first.log;
 #   large-basis (150): tests/test_large_basis.py, all four ops on both backends and the fused
 #     step on a basis of 2.45e9 elements (> 2^31), 5 GB -> tests_large.log;
 #   tests (150): the rest of the suite as before, without what ran above -> tests.log;
@@ -97,14 +98,17 @@ run_tests() {
   tail -n 3 "$OUT/$log" | tee -a "$OUT/info.txt"
 }
 
-# The CUDA extension's numerics have never run on a GPU: first a subset that covers every op x
-# storage dtype x awkward sizes (D = 1, prime, 1_000_003; K = 1, 3, 301; batches 1 and 5 (and
-# 0, 16, 17, 40); contiguous, aligned-slice and odd-slice rows), determinism and agreement with
-# Triton, plus the fused step's oracle, non-finite and generic-path tests. 144 tests (128 of
-# test_cuda_ops.py, 16 of test_triton_step.py); `pytest --collect-only -q -k "$FIRST_K"` on the
-# two files lists them.
-FIRST_FILES="tests/test_cuda_ops.py tests/test_triton_step.py"
-FIRST_K='(project_matches and x_dtype0 and (None-1-1] or None-3-2053] or None-301-4099] or None-5-1000003] or x_dtype0-5-301-4099] or x_dtype0-5-5-1000003])) or (project_matches and (x_dtype1-None-301-4099] or x_dtype2-5-3-2053])) or (project_column_slices and (None-301-4099-odd-slice or 5-3-2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (out_dtype0-301-4099-contiguous or out_dtype0-5-1000003-odd-slice or out_dtype1-3-2053-aligned-slice or out_dtype2-1-1-contiguous or out_dtype3-301-4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or subspace_step or orthogonalize or opcheck or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path'
+# The CUDA extension's numerics have never run on a GPU: first a subset that covers, for
+# backend cuda (ids cuda-cuda), every op x storage dtype x awkward sizes (D = 1, prime,
+# 1_000_003; K = 1, 3, 301; batches 1 and 5 (and 0, 16, 17, 40); contiguous, aligned-slice and
+# odd-slice rows), determinism, agreement with the other backends (torch, triton), opcheck,
+# every orthogonalize_ and subspace_step_ test, the extension loader's checks, plus the fused
+# step's oracle, non-finite and generic-path tests. 182 tests (161 cuda-cuda tests of
+# tests/test_op_*.py, 5 of test_backend.py, 16 of test_triton_step.py);
+# `TWA_TEST_DEVICE=cuda pytest --collect-only -q -k "$FIRST_K" $FIRST_FILES` lists them.
+FIRST_FILES="tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
+  tests/test_op_subspace_step.py tests/test_backend.py tests/test_triton_step.py"
+FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck)) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path'
 if wanted first; then
   stage "tests: cuda-first"
   if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-120}"); then
@@ -125,7 +129,8 @@ fi
 if wanted tests; then
   stage "tests"
   # The rest, in the order of what is least verified; TWA_GPU_TESTS overrides the list.
-  TESTS=${TWA_GPU_TESTS:-"tests/test_cuda_ops.py tests/test_triton_step.py tests/test_triton_ops.py tests"}
+  TESTS=${TWA_GPU_TESTS:-"tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
+    tests/test_op_subspace_step.py tests/test_triton_step.py tests"}
   DESELECT=()
   if wanted first; then  # what the cuda-first stage ran
     # shellcheck disable=SC2086
