@@ -190,3 +190,13 @@ def flatten_shard(
     sources = [tensors[i].reshape(-1)[a:b] for i, a, b in pieces]
     torch._foreach_copy_(piece_views(out, pieces), sources)
     return out
+
+
+def copy_or_zero_(views: Sequence[Tensor], sources: Sequence[Tensor | None]) -> None:
+    """``views[i] <- sources[i]``, or zeros where it is None (a gradient that was not computed)."""
+    pairs = [(v, s) for v, s in zip(views, sources, strict=True) if s is not None]
+    missing = [v for v, s in zip(views, sources, strict=True) if s is None]
+    if pairs:
+        torch._foreach_copy_([v for v, _ in pairs], [s for _, s in pairs])
+    if missing:
+        torch._foreach_zero_(missing)

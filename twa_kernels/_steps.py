@@ -74,17 +74,6 @@ class Hyper:
     nesterov: bool
 
 
-def gather_grads_(params: list[Tensor], flat_views: list[Tensor]) -> None:
-    """Copy each ``p.grad`` (zeros where it is None) into its view of the flat fp32 buffer."""
-    with_grad = [(v, p.grad) for p, v in zip(params, flat_views, strict=True) if p.grad is not None]
-    without = [v for p, v in zip(params, flat_views, strict=True) if p.grad is None]
-    if with_grad:
-        views, grads = zip(*with_grad, strict=True)
-        torch._foreach_copy_(list(views), list(grads))
-    if without:
-        torch._foreach_zero_(without)
-
-
 def _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper: Hyper, backend) -> None:
     _ops.subspace_step_(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
@@ -186,20 +175,14 @@ class ShardedStep:
 
     def _gather_grads(self, params: list[Tensor]) -> None:
         if self.average_gradients:
-            gather_grads_(params, self.flat_views)
+            _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
             _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
             self.shard.mul_(1.0 / self.world)
             return
-        with_grad = [(v, params[i].grad.reshape(-1)[a:b])
-                     for v, (i, a, b) in zip(self._piece_views, self._pieces, strict=True)
-                     if params[i].grad is not None]  # fmt: skip
-        without = [v for v, (i, _, _) in zip(self._piece_views, self._pieces, strict=True)
-                   if params[i].grad is None]  # fmt: skip
-        if with_grad:
-            views, grads = zip(*with_grad, strict=True)
-            torch._foreach_copy_(list(views), list(grads))
-        if without:
-            torch._foreach_zero_(without)
+        pieces = [
+            None if params[i].grad is None else params[i].grad.reshape(-1)[a:b] for i, a, b in self._pieces
+        ]
+        _params.copy_or_zero_(self._piece_views, pieces)
 
     def write_weights(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._params import copy_or_zero_
+
 # Elements of one upcast basis chunk. On the CPU 2^20 fp32 values (4 MiB) stay in the L2/L3 of
 # the machines measured (2 cores, 24 GiB) while BLAS runs over them; larger chunks were no
 # faster there. On accelerators the chunk only bounds the temporary: 2^28 values (1 GiB).
@@ -213,12 +215,7 @@ def composed_step(project_fn, subspace_step_fn, reconstruct_fn):
         views = [
             v.view(p.shape) for v, p in zip(workspace.split([p.numel() for p in params]), params, strict=True)
         ]
-        with_grad = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
-        without = [v for v, g in zip(views, grads, strict=True) if g is None]
-        if with_grad:
-            torch._foreach_copy_([v for v, _ in with_grad], [g for _, g in with_grad])
-        if without:
-            torch._foreach_zero_(without)
+        copy_or_zero_(views, grads)
         coord_grad = project_fn(basis, scales, workspace)
         subspace_step_fn(
             alpha, momentum_buffer, counters, coord_grad, gram, pw0,
