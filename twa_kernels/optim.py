@@ -492,18 +492,15 @@ def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, *, r
             raise TypeError(
                 f"lr must be a number or a 0-dim floating tensor, got {lr.dtype} {tuple(lr.shape)}"
             )
-        if not read_tensors:
-            lr = 0.0
+        lr = float(lr) if read_tensors else 0.0  # its value, or nothing to check
     for name, value in (
         ("lr", lr),
         ("momentum", momentum),
         ("dampening", dampening),
         ("weight_decay", weight_decay),
     ):
-        if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if isinstance(value, Tensor) and name != "lr":
-            raise TypeError(f"{name} must be a real number, got a tensor (only lr may be one)")
     if not lr >= 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
     if not 0 <= momentum < 1:
