@@ -161,7 +161,10 @@ from twa_kernels import _cuda
 t = time.time()
 mod = _cuda.load()
 print(f"check_cuda: built and imported {mod.__file__} in {time.time() - t:.1f} s")
-for op in ("project", "reconstruct_", "orthogonalize_", "subspace_step_"):
+for op in (
+    "project", "reconstruct_", "orthogonalize_", "orthogonalize_workspace", "orthogonalize_phase_",
+    "subspace_step_",
+):
     assert hasattr(torch.ops.twa_cuda, op), op
 
 basis, scales, x = torch.randn(3, 10).half(), torch.ones(3), torch.randn(10)

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "twa_common.h"
 #include "twa_launch.h"
@@ -154,25 +155,19 @@ void reconstruct_(const at::Tensor& out, const at::Tensor& w0, const at::Tensor&
   check_launch(op, twa::reconstruct(a, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
-                          const at::Tensor& sample, int64_t rank) {
-  const char* op = "orthogonalize_";
+// Checks shared by the orthogonalize ops; result and workspace are left null.
+twa::OrthogonalizeArgs orth_args(const char* op, const at::Tensor& basis, const at::Tensor& scales,
+                                 const at::Tensor& sample, int64_t rank) {
   check_cuda(op, "sample", sample);
   check_same_device(op, "basis", basis, sample);
   check_same_device(op, "scales", scales, sample);
   const twa::BasisView bv = basis_view(op, basis, scales);
-  TORCH_CHECK(rank >= 0 && rank <= bv.K, "twa_cuda::orthogonalize_: rank must be in [0, ", bv.K,
+  TORCH_CHECK(rank >= 0 && rank <= bv.K, "twa_cuda::", op, ": rank must be in [0, ", bv.K,
               "], got ", rank);
-  TORCH_CHECK(rank <= twa::kMaxOrthRank, "twa_cuda::orthogonalize_: the CUDA kernel supports rank <= ",
+  TORCH_CHECK(rank <= twa::kMaxOrthRank, "twa_cuda::", op, ": the CUDA kernel supports rank <= ",
               twa::kMaxOrthRank, ", got ", rank, " (backend=\"triton\" or \"torch\" has no limit)");
   check_vector(op, "sample", sample, bv.D, at::kFloat);
 
-  const c10::cuda::CUDAGuard guard(sample.device());
-  const int sms = sm_count(sample);
-  const auto dopt = sample.options().dtype(at::kDouble);
-  at::Tensor result = at::empty({rank + 2}, dopt);
-  at::Tensor workspace = at::empty(
-      {twa::orthogonalize_workspace_elems(bv.data, bv.ld, bv.D, rank, bv.dtype, sms)}, dopt);
   twa::OrthogonalizeArgs a;
   a.basis = basis.data_ptr();
   a.ld = bv.ld;
@@ -182,11 +177,64 @@ at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
   a.D = bv.D;
   a.rank = rank;
   a.sample = sample.data_ptr<float>();
+  a.result = nullptr;
+  a.workspace = nullptr;
+  a.sm_count = sm_count(sample);
+  return a;
+}
+
+at::Tensor orthogonalize_(const at::Tensor& basis, const at::Tensor& scales,
+                          const at::Tensor& sample, int64_t rank) {
+  const char* op = "orthogonalize_";
+  twa::OrthogonalizeArgs a = orth_args(op, basis, scales, sample, rank);
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const auto dopt = sample.options().dtype(at::kDouble);
+  at::Tensor result = at::empty({rank + 2}, dopt);
+  at::Tensor workspace = at::empty({twa::orthogonalize_workspace_elems(a)}, dopt);
   a.result = result.data_ptr<double>();
   a.workspace = workspace.data_ptr<double>();
-  a.sm_count = sms;
   check_launch(op, twa::orthogonalize(a, c10::cuda::getCurrentCUDAStream().stream()));
   return result;
+}
+
+// [workspace elements, sums1 offset, sums2 offset] for orthogonalize_phase_ with these arguments:
+// the caller allocates the fp64 workspace and all-reduces its sums1/sums2 ranges between phases.
+std::vector<int64_t> orthogonalize_workspace(const at::Tensor& basis, const at::Tensor& scales,
+                                             const at::Tensor& sample, int64_t rank) {
+  const twa::OrthogonalizeArgs a = orth_args("orthogonalize_workspace", basis, scales, sample, rank);
+  const twa::OrthWorkspace W{rank};
+  return {twa::orthogonalize_workspace_elems(a), W.sums1(), W.sums2()};
+}
+
+// One phase (1, 2 or 3) of orthogonalize_; see twa_launch.h. result [rank + 2] is written by
+// phase 3. The workspace must come from orthogonalize_workspace with the same basis (same
+// address), sample device and rank, so that every phase uses the split it was sized for.
+void orthogonalize_phase_(const at::Tensor& basis, const at::Tensor& scales,
+                          const at::Tensor& sample, int64_t rank, const at::Tensor& workspace,
+                          const at::Tensor& result, int64_t phase) {
+  const char* op = "orthogonalize_phase_";
+  TORCH_CHECK(phase >= 1 && phase <= twa::kOrthPhases,
+              "twa_cuda::orthogonalize_phase_: phase must be 1, 2 or 3, got ", phase);
+  twa::OrthogonalizeArgs a = orth_args(op, basis, scales, sample, rank);
+  check_same_device(op, "workspace", workspace, sample);
+  check_same_device(op, "result", result, sample);
+  const int64_t elems = twa::orthogonalize_workspace_elems(a);
+  TORCH_CHECK(workspace.scalar_type() == at::kDouble,
+              "twa_cuda::orthogonalize_phase_: workspace must be float64, got ",
+              workspace.scalar_type());
+  TORCH_CHECK(workspace.dim() == 1 && workspace.size(0) == elems,
+              "twa_cuda::orthogonalize_phase_: workspace must have shape [", elems,
+              "] (twa_cuda::orthogonalize_workspace(basis, scales, sample, rank)[0] for this "
+              "basis, rank and device), got ",
+              workspace.sizes());
+  TORCH_CHECK(workspace.is_contiguous(), "twa_cuda::orthogonalize_phase_: workspace must be contiguous");
+  check_vector(op, "result", result, rank + 2, at::kDouble);
+
+  const c10::cuda::CUDAGuard guard(sample.device());
+  a.result = result.data_ptr<double>();
+  a.workspace = workspace.data_ptr<double>();
+  check_launch(op, twa::orthogonalize_phase(a, static_cast<int>(phase),
+                                            c10::cuda::getCurrentCUDAStream().stream()));
 }
 
 void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
@@ -245,6 +293,10 @@ TORCH_LIBRARY(twa_cuda, m) {
   m.def("project(Tensor basis, Tensor scales, Tensor x) -> Tensor");
   m.def("reconstruct_(Tensor(a!) out, Tensor w0, Tensor basis, Tensor scales, Tensor alpha) -> ()");
   m.def("orthogonalize_(Tensor(a!) basis, Tensor(b!) scales, Tensor sample, int rank) -> Tensor");
+  m.def("orthogonalize_workspace(Tensor basis, Tensor scales, Tensor sample, int rank) -> int[]");
+  m.def(
+      "orthogonalize_phase_(Tensor(a!) basis, Tensor(b!) scales, Tensor sample, int rank, "
+      "Tensor(c!) workspace, Tensor(d!) result, int phase) -> ()");
   m.def(
       "subspace_step_(Tensor(a!) alpha, Tensor(b!) momentum_buffer, Tensor(c!) counters, "
       "Tensor coord_grad, Tensor gram, Tensor pw0, Tensor lr, float momentum, float dampening, "
@@ -255,6 +307,8 @@ TORCH_LIBRARY_IMPL(twa_cuda, CUDA, m) {
   m.impl("project", &project);
   m.impl("reconstruct_", &reconstruct_);
   m.impl("orthogonalize_", &orthogonalize_);
+  m.impl("orthogonalize_workspace", &orthogonalize_workspace);
+  m.impl("orthogonalize_phase_", &orthogonalize_phase_);
   m.impl("subspace_step_", &subspace_step_);
 }
 
@@ -262,6 +316,8 @@ TORCH_LIBRARY_IMPL(twa_cuda, CPU, m) {
   m.impl("project", &project);
   m.impl("reconstruct_", &reconstruct_);
   m.impl("orthogonalize_", &orthogonalize_);
+  m.impl("orthogonalize_workspace", &orthogonalize_workspace);
+  m.impl("orthogonalize_phase_", &orthogonalize_phase_);
   m.impl("subspace_step_", &subspace_step_);
 }
 

@@ -8,6 +8,8 @@
 //
 // Every reduction over D is per-block partials in a workspace plus a fixed-order second stage;
 // the scalars (c1, h, norms, scale) stay on the device, so there is no host synchronisation.
+// The launches are cut into three phases after the two second stages (twa_launch.h): the
+// one-shot op runs them back to back, and a sharded basis combines the raw sums between them.
 #include "twa_device.cuh"
 
 namespace twa {
@@ -190,18 +192,26 @@ struct OrthPlan {
   SplitPlan split;
 };
 
-OrthPlan plan_orth(const void* basis, int64_t ld, int64_t D, int64_t rank, DType dtype,
-                   int sm_count) {
-  const int es = dtype_size(dtype);
+// The only source of the plan: the workspace size and every phase of one call derive it from
+// the same args (basis address, ld, D, rank, dtype, sm_count).
+OrthPlan plan_orth(const OrthogonalizeArgs& a) {
+  const int es = dtype_size(a.dtype);
   OrthPlan p;
-  p.layout = make_layout(reinterpret_cast<uint64_t>(basis), ld, rank, D, es);
+  p.layout = make_layout(reinterpret_cast<uint64_t>(a.basis), a.ld, a.rank, a.D, es);
   p.split = make_split_plan(num_tiles(p.layout, orth_tile_cols(vec_elems(es))),
-                            max_splits_for(sm_count, 1));
+                            max_splits_for(a.sm_count, 1));
   return p;
 }
 
+bool valid_args(const OrthogonalizeArgs& a) {
+  return a.K >= 1 && a.D >= 1 && a.rank >= 0 && a.rank <= a.K && a.rank <= kMaxOrthRank &&
+         a.ld >= a.D;
+}
+
+// The kernels of one phase (twa_launch.h); p is plan_orth of the same args.
 template <typename T>
-cudaError_t launch_orth(const OrthogonalizeArgs& a, const OrthPlan& p, cudaStream_t stream) {
+cudaError_t launch_orth_phase(const OrthogonalizeArgs& a, const OrthPlan& p, int phase,
+                              cudaStream_t stream) {
   const int rank = static_cast<int>(a.rank);
   const OrthWorkspace W{rank};
   double* work = a.workspace;
@@ -211,48 +221,62 @@ cudaError_t launch_orth(const OrthogonalizeArgs& a, const OrthPlan& p, cudaStrea
   T* basis = static_cast<T*>(a.basis);
   cudaError_t err;
 
-  orth_pass<T, 1><<<splits, kThreads, smem, stream>>>(basis, a.ld, rank, p.layout, p.split,
-                                                       a.sample, work, partial);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  orth_reduce<<<static_cast<unsigned>(ceil_div(rank + 1, kWarps)), kThreads, 0, stream>>>(
-      partial, p.split.splits, rank + 1, rank + 1, work + W.sums1());
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  orth_finalize1<<<1, kThreads, 0, stream>>>(work, a.scales, rank);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  orth_pass<T, 2><<<splits, kThreads, smem, stream>>>(basis, a.ld, rank, p.layout, p.split,
-                                                       a.sample, work, partial);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  orth_reduce<<<static_cast<unsigned>(ceil_div(rank + 2, kWarps)), kThreads, 0, stream>>>(
-      partial, p.split.splits, rank + 2, rank + 1, work + W.sums2());
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  orth_finalize2<<<1, kThreads, 0, stream>>>(work, a.scales, rank, a.K, a.result);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  if (a.rank < a.K) {
-    const int64_t blocks = ceil_div(num_groups(p.layout), kThreads);
-    orth_store<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        basis, a.ld, rank, p.layout, a.sample, work);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  switch (phase) {
+    case 1:
+      orth_pass<T, 1><<<splits, kThreads, smem, stream>>>(basis, a.ld, rank, p.layout, p.split,
+                                                           a.sample, work, partial);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      orth_reduce<<<static_cast<unsigned>(ceil_div(rank + 1, kWarps)), kThreads, 0, stream>>>(
+          partial, p.split.splits, rank + 1, rank + 1, work + W.sums1());
+      return cudaGetLastError();
+    case 2:
+      orth_finalize1<<<1, kThreads, 0, stream>>>(work, a.scales, rank);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      orth_pass<T, 2><<<splits, kThreads, smem, stream>>>(basis, a.ld, rank, p.layout, p.split,
+                                                           a.sample, work, partial);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      orth_reduce<<<static_cast<unsigned>(ceil_div(rank + 2, kWarps)), kThreads, 0, stream>>>(
+          partial, p.split.splits, rank + 2, rank + 1, work + W.sums2());
+      return cudaGetLastError();
+    case 3:
+      orth_finalize2<<<1, kThreads, 0, stream>>>(work, a.scales, rank, a.K, a.result);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      if (a.rank < a.K) {
+        const int64_t blocks = ceil_div(num_groups(p.layout), kThreads);
+        orth_store<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            basis, a.ld, rank, p.layout, a.sample, work);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaSuccess;
 }
 
 }  // namespace
 
-int64_t orthogonalize_workspace_elems(const void* basis, int64_t ld, int64_t D, int64_t rank,
-                                      DType dtype, int sm_count) {
-  const OrthPlan p = plan_orth(basis, ld, D, rank, dtype, sm_count);
-  return OrthWorkspace{rank}.size() + p.split.splits * (rank + 2);
+int64_t orthogonalize_workspace_elems(const OrthogonalizeArgs& a) {
+  const OrthPlan p = plan_orth(a);
+  return OrthWorkspace{a.rank}.size() + p.split.splits * (a.rank + 2);
 }
 
 cudaError_t orthogonalize(const OrthogonalizeArgs& a, cudaStream_t stream) {
-  if (a.K < 1 || a.D < 1 || a.rank < 0 || a.rank > a.K || a.rank > kMaxOrthRank) {
-    return cudaErrorInvalidValue;
-  }
-  if (a.ld < a.D) return cudaErrorInvalidValue;
-  const OrthPlan p = plan_orth(a.basis, a.ld, a.D, a.rank, a.dtype, a.sm_count);
-  TWA_DISPATCH_STORAGE(a.dtype, T, return launch_orth<T>(a, p, stream));
+  if (!valid_args(a)) return cudaErrorInvalidValue;
+  const OrthPlan p = plan_orth(a);
+  TWA_DISPATCH_STORAGE(a.dtype, T, {
+    for (int phase = 1; phase <= kOrthPhases; ++phase) {
+      const cudaError_t err = launch_orth_phase<T>(a, p, phase, stream);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  });
+  return cudaSuccess;
+}
+
+cudaError_t orthogonalize_phase(const OrthogonalizeArgs& a, int phase, cudaStream_t stream) {
+  if (!valid_args(a) || phase < 1 || phase > kOrthPhases) return cudaErrorInvalidValue;
+  const OrthPlan p = plan_orth(a);
+  TWA_DISPATCH_STORAGE(a.dtype, T, return launch_orth_phase<T>(a, p, phase, stream));
   return cudaSuccess;
 }
 

@@ -173,6 +173,9 @@ TWA_HD double clamp_keep_nan(double v, double limit) {
 //   [3r+1, 4r+3)      pass-2 sums: raw P^T v1 (r values), ||v1||^2, max|v1|
 //   [4r+3, 5r+3)      -(s * h): coefficients of the stored remainder u = v - P h
 //   [5r+3]            ROW_AMAX / max|v1| (0 for a zero remainder)
+// For a basis sharded along D, [sums1, sums1 + r] (sum) after phase 1 and [sums2, sums2 + r]
+// (sum), [sums2 + r + 1] (max) after phase 2 are combined across shards (twa_launch.h).
+// The per-split partials of the current pass follow at size().
 struct OrthWorkspace {
   int64_t r;
   TWA_HD int64_t sums1() const { return 0; }

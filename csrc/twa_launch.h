@@ -49,6 +49,18 @@ struct ReconstructArgs {
 cudaError_t reconstruct(const ReconstructArgs& a, cudaStream_t stream);
 
 // CGS2 of sample against rows [0, rank); see reference.orthogonalize_.
+//
+// orthogonalize runs three phases on one stream; orthogonalize_phase runs one of them, so that a
+// caller holding one shard (a column range) of a basis sharded along D can combine the shards'
+// partial results in the workspace between them (OrthWorkspace in twa_common.h):
+//   phase 1  pass 1 -> workspace[sums1, sums1 + rank + 1) = raw P^T v, ||v||^2      (then: sum)
+//   phase 2  finalize 1, pass 2 -> workspace[sums2, sums2 + rank + 1) = raw P^T v1,
+//            ||v1||^2 (then: sum), workspace[sums2 + rank + 1] = max|v1|            (then: max)
+//   phase 3  finalize 2 (result, scales[rank]), store of row `rank` when rank < K
+// The split over D depends on the basis address, ld, D, rank, dtype and sm_count: every phase
+// must get the same args (workspace included) as orthogonalize_workspace_elems.
+constexpr int kOrthPhases = 3;
+
 struct OrthogonalizeArgs {
   void* basis;       // [K, D], rows ld elements apart; row `rank` is written when rank < K
   int64_t ld;
@@ -62,10 +74,11 @@ struct OrthogonalizeArgs {
   double* workspace;  // orthogonalize_workspace_elems(...) doubles
   int sm_count;
 };
-int64_t orthogonalize_workspace_elems(const void* basis, int64_t ld, int64_t D, int64_t rank,
-                                      DType dtype,
-                                      int sm_count);
+// Doubles of a.workspace (a.workspace and a.result are not read).
+int64_t orthogonalize_workspace_elems(const OrthogonalizeArgs& a);
 cudaError_t orthogonalize(const OrthogonalizeArgs& a, cudaStream_t stream);
+// phase in [1, kOrthPhases]; the phases of one call in order, on one stream (or ordered).
+cudaError_t orthogonalize_phase(const OrthogonalizeArgs& a, int phase, cudaStream_t stream);
 
 struct SubspaceStepArgs {
   float* alpha;

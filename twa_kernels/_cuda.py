@@ -15,6 +15,7 @@ import functools
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,9 +138,40 @@ def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: 
     _ops().reconstruct_(out, w0, basis, scales, alpha)
 
 
-def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+def orthogonalize_(
+    basis: Tensor,
+    scales: Tensor,
+    sample: Tensor,
+    rank: int,
+    *,
+    all_reduce: Callable[[Tensor, str], None] | None = None,
+) -> Tensor:
+    """CGS2 of ``sample`` fp32 [D] against rows [0, rank) of ``basis`` [K, D]: fp64 [rank + 2].
+
+    Without ``all_reduce``, one ``twa_cuda::orthogonalize_`` call. With it (the hook of
+    ``reference.orthogonalize_``, for a basis sharded along D), the same kernels run in three
+    ``twa_cuda::orthogonalize_phase_`` calls on an fp64 workspace sized by
+    ``twa_cuda::orthogonalize_workspace``, and the hook gets fp64 CUDA views of that workspace to
+    combine in place: after phase 1 the raw ``[P^T v, ||v||^2]`` [rank + 1] ("sum"); after phase
+    2 the raw ``[P^T v1, ||v1||^2]`` [rank + 1] ("sum"), then ``max|v1|`` [1] ("max"). Phase 3
+    writes the result, row ``rank`` and ``scales[rank]`` (when ``rank < K``).
+    """
     warn_if_narrow(basis, "cuda")
-    return _ops().orthogonalize_(basis, scales, sample, rank)
+    ops = _ops()
+    if all_reduce is None:
+        return ops.orthogonalize_(basis, scales, sample, rank)
+    # The workspace op checks the arguments as orthogonalize_ does, and sizes the workspace for
+    # the split over D that all three phases use.
+    elems, sums1, sums2 = ops.orthogonalize_workspace(basis, scales, sample, rank)
+    workspace = torch.empty(elems, dtype=torch.float64, device=sample.device)
+    result = torch.empty(rank + 2, dtype=torch.float64, device=sample.device)
+    ops.orthogonalize_phase_(basis, scales, sample, rank, workspace, result, 1)
+    all_reduce(workspace[sums1 : sums1 + rank + 1], "sum")
+    ops.orthogonalize_phase_(basis, scales, sample, rank, workspace, result, 2)
+    all_reduce(workspace[sums2 : sums2 + rank + 1], "sum")
+    all_reduce(workspace[sums2 + rank + 1 : sums2 + rank + 2], "max")
+    ops.orthogonalize_phase_(basis, scales, sample, rank, workspace, result, 3)
+    return result
 
 
 def subspace_step_(
