@@ -237,6 +237,101 @@ def test_orthogonalize_bad_arguments_name_the_argument(backend, device):
 
 
 # ------------------------------------------------------------------------------------------
+# A basis sharded along D: the all_reduce hook between the passes (twa_kernels.distributed)
+
+
+def sharded_orthogonalize(backend, basis, scales, sample, rank, world):
+    """``orthogonalize_`` over ``world`` column shards, one thread per shard, their ``all_reduce``
+    hooks meeting at a barrier (sum or max over the shards in shard order). Returns the
+    per-shard results, the shards' rows side by side, and each shard's scales."""
+    import threading
+
+    D = basis.shape[1]
+    S = -(-D // world)
+    cuts = [(r * S, min(D, (r + 1) * S)) for r in range(world)]
+    bases = [basis[:, a:b].contiguous() for a, b in cuts]
+    shard_scales = [scales.clone() for _ in cuts]
+    barrier = threading.Barrier(world, timeout=60)
+    slots, outs, calls, errors = [None] * world, [None] * world, [[] for _ in cuts], []
+
+    def hook(r):
+        def all_reduce(t, op):
+            calls[r].append((op, t.numel()))
+            slots[r] = t.clone()
+            barrier.wait()
+            stacked = torch.stack(slots)
+            combined = stacked.sum(0) if op == "sum" else stacked.amax(0)
+            barrier.wait()  # every shard has read every slot before the next call refills them
+            t.copy_(combined)
+
+        return all_reduce
+
+    def run(r):
+        try:
+            impl = _ops.route("orthogonalize_", backend, bases[r], rank)
+            a, b = cuts[r]
+            outs[r] = impl(bases[r], shard_scales[r], sample[a:b].contiguous(), rank, all_reduce=hook(r))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the test thread)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return outs, torch.cat(bases, 1), shard_scales, calls
+
+
+@pytest.mark.parametrize("K,D,rank", [(4, 1009, 3), (3, 300, 0), (6, 2000, 6)], ids=["r3", "r0", "full"])
+@pytest.mark.parametrize("dtype", dtypes(STORAGE_DTYPES))
+def test_orthogonalize_sharded_matches_one_process(backend, device, dtype, K, D, rank):
+    """Three shards of a basis, combined only through the hook, give the unsharded results:
+    the same coefficients and norms on every shard (fp64 sums in another order), the same
+    stored row and one scale shared by all shards. The hook sees [P^T v, ||v||^2] and
+    [P^T v1, ||v1||^2] (sums of rank + 1 values) and max|v1| (1 value)."""
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip(
+            "Triton's interpreter is not thread-safe; test_distributed runs it sharded over processes"
+        )
+    basis, scales = orthonormal_basis(K, D, rank, dtype, device)
+    sample = torch.randn(D, device=device) + 0.5
+    whole, whole_scales = basis.clone(), scales.clone()
+    expected = _ops.orthogonalize_(whole, whole_scales, sample, rank, backend)
+    outs, sharded, shard_scales, calls = sharded_orthogonalize(backend, basis, scales, sample, rank, world=3)
+    vnorm = sample.double().norm().item()
+    eps = torch.finfo(dtype).eps
+    for out, s, seen in zip(outs, shard_scales, calls, strict=True):
+        assert seen == [("sum", rank + 1), ("sum", rank + 1), ("max", 1)]
+        torch.testing.assert_close(out, expected, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
+        torch.testing.assert_close(s, whole_scales, atol=0.0, rtol=1e-6)
+        assert torch.equal(s, shard_scales[0])
+    assert torch.equal(sharded[:rank], whole[:rank])
+    torch.testing.assert_close(sharded.double(), whole.double(), atol=0.0, rtol=eps)
+
+
+@pytest.mark.parametrize("dtype", dtypes(STORAGE_DTYPES))
+def test_orthogonalize_identity_hook_changes_no_bit(backend, device, dtype):
+    """With one shard the hook is the identity: results bit-identical to the op without it
+    (the kernels fold and finish in separate launches then, on the same numbers)."""
+    basis, scales = orthonormal_basis(5, 1009, 4, dtype, device)
+    sample = torch.randn(1009, device=device)
+    b1, s1 = basis.clone(), scales.clone()
+    o1 = _ops.orthogonalize_(b1, s1, sample, 4, backend)
+    seen = []
+    impl = _ops.route("orthogonalize_", backend, basis, 4)
+    o2 = impl(basis, scales, sample, 4, all_reduce=lambda t, op: seen.append((op, t.dtype, t.device)))
+    assert seen == [
+        ("sum", torch.float64, device),
+        ("sum", torch.float64, device),
+        ("max", torch.float64, device),
+    ]
+    assert torch.equal(o1, o2) and torch.equal(b1, basis) and torch.equal(s1, scales)
+
+
+# ------------------------------------------------------------------------------------------
 # Backend-specific
 
 

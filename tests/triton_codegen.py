@@ -454,16 +454,16 @@ def cases():
             (0, 0),
         )
         # orthogonalize_'s two one-program reduces (KP = next power of two of the rank).
-        kw = {"KP": K, "BLOCK_S": orth._BLOCK_S}
+        kw = {"KP": K, "BLOCK_S": orth._BLOCK_S, "FOLD": True, "FINISH": True}
         warps = 4 if K <= 64 else 8
-        sig = {"part_ptr": "*fp64", "vv_ptr": "*fp64", "scales_ptr": "*fp32", "c1_ptr": "*fp64",
-               "sc1_ptr": "*fp64", "vv_out_ptr": "*fp64", "S": "i32", "R": "i32"}  # fmt: skip
+        sig = {"part_ptr": "*fp64", "vv_ptr": "*fp64", "scales_ptr": "*fp32", "sums_ptr": "*fp64",
+               "c1_ptr": "*fp64", "sc1_ptr": "*fp64", "S": "i32", "R": "i32"}  # fmt: skip
         kernel = orth._orthogonalize_reduce1_kernel
         yield f"orthogonalize_reduce1_K{K}", kernel, sig, kw, (), warps, torch.float32, (0, 0)
         kw = dict(kw, ROW_AMAX=orth.ROW_AMAX, WRITE_ROW=True)
         sig = {"part_ptr": "*fp64", "ss_ptr": "*fp64", "amax_ptr": "*fp64", "scales_ptr": "*fp32",
-               "c1_ptr": "*fp64", "vv_ptr": "*fp64", "out_ptr": "*fp64", "sh_ptr": "*fp64",
-               "inv_ptr": "*fp64", "S": "i32", "R": "i32", "rank": "i32"}  # fmt: skip
+               "sums1_ptr": "*fp64", "sums_ptr": "*fp64", "c1_ptr": "*fp64", "out_ptr": "*fp64",
+               "sh_ptr": "*fp64", "inv_ptr": "*fp64", "S": "i32", "R": "i32", "rank": "i32"}  # fmt: skip
         kernel = orth._orthogonalize_reduce2_kernel
         yield f"orthogonalize_reduce2_K{K}", kernel, sig, kw, (), warps, torch.float32, (0, 0)
 

@@ -13,6 +13,9 @@ stored basis-major, ``basis[i, :]`` holding column i, with ``P[:, i] = scales[i]
 - ``orthogonalize_(basis, scales, sample, rank)``: CGS2 of a sample against rows [0, rank),
   storing the normalised remainder in row ``rank`` (when it exists) with its scale.
 - ``subspace_step_(...)``: the K-dimensional SGD update of the coordinates, on the device.
+- ``project_grads(params, grads, workspace, basis, scales)``: ``P^T g`` of a parameter list's
+  gradients (the projection of ``step_``; a sharded step all-reduces it before the update).
+- ``step_(params, grads, workspace, ...)``: the whole step over a parameter list.
 
 Largest K (basis rows, coordinates) supported: ``MAX_RANK`` = 8192 for every op on every
 backend, checked with the other arguments (``ValueError`` above it). What sets it, per backend:
@@ -170,7 +173,7 @@ def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     return torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
-def _route(op: str, backend: str, sized: Tensor, rank: int | None = None):
+def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
     """The implementation of ``op``; ``sized`` (the basis, or the Gram matrix) keys "auto".
 
     ``rank`` (orthogonalize_): rows read, above the CUDA kernel's limit on ``"cuda"``.
@@ -194,7 +197,7 @@ def _route(op: str, backend: str, sized: Tensor, rank: int | None = None):
 @torch.library.custom_op("twa::project", mutates_args=())
 def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> Tensor:
     check_project(basis, scales, x)
-    return _route("project", backend, basis)(basis, scales, x)
+    return route("project", backend, basis)(basis, scales, x)
 
 
 @project.register_fake
@@ -213,7 +216,7 @@ def reconstruct_(
     out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str = "auto"
 ) -> None:
     check_reconstruct(out, w0, basis, scales, alpha)
-    _route("reconstruct_", backend, basis)(out, w0, basis, scales, alpha)
+    route("reconstruct_", backend, basis)(out, w0, basis, scales, alpha)
 
 
 @reconstruct_.register_fake
@@ -229,7 +232,7 @@ def _reconstruct_fake(out, w0, basis, scales, alpha, backend="auto"):
 @torch.library.custom_op("twa::orthogonalize_", mutates_args=("basis", "scales"))
 def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, backend: str = "auto") -> Tensor:
     check_orthogonalize(basis, scales, sample, rank)
-    return _route("orthogonalize_", backend, basis, rank)(basis, scales, sample, rank)
+    return route("orthogonalize_", backend, basis, rank)(basis, scales, sample, rank)
 
 
 @orthogonalize_.register_fake
@@ -259,7 +262,7 @@ def subspace_step_(
     backend: str = "auto",
 ) -> None:
     check_subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, lr)
-    _route("subspace_step_", backend, gram)(
+    route("subspace_step_", backend, gram)(
         alpha, momentum_buffer, counters, coord_grad, gram, pw0,
         lr, momentum, dampening, weight_decay, nesterov,
     )  # fmt: skip
@@ -275,14 +278,11 @@ def _subspace_step_fake(
 
 
 # ---------------------------------------------------------------------------------------------
-# step_: the whole step over a parameter list
+# project_grads (the first half of a sharded step) and step_: the whole step over a parameter list
 
 
-def check_step(
-    params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr
-) -> None:
-    _check_basis(basis, scales, "step_")
-    K, D = basis.shape
+def _check_params_and_grads(params, grads, basis: Tensor) -> None:
+    D = basis.shape[1]
     torch._check(
         len(params) >= 1 and len(grads) == len(params),
         lambda: f"params ({len(params)}) and grads ({len(grads)}) must be non-empty lists of one length",
@@ -312,6 +312,43 @@ def check_step(
             )
     total = sum(p.numel() for p in params)
     torch._check(total == D, lambda: f"params hold {total} values, the basis has D={D}")
+
+
+def check_project_grads(params, grads, workspace, basis, scales) -> None:
+    _check_basis(basis, scales, "project_grads")
+    _check_params_and_grads(params, grads, basis)
+    _check_vector("workspace", workspace, basis.shape[1])
+    _same_device(basis=basis, scales=scales, workspace=workspace)
+
+
+@torch.library.custom_op("twa::project_grads", mutates_args=("workspace",))
+def project_grads(
+    params: list[Tensor],
+    grads: list[Optional[Tensor]],  # noqa: UP045 (the schema parser reads typing.Optional)
+    workspace: Tensor,
+    basis: Tensor,
+    scales: Tensor,
+    backend: str = "auto",
+) -> Tensor:
+    """``P^T g`` of a parameter list's gradients (None: zero), fp32 [K]; ``workspace`` fp32 [D]
+    may receive the flat gradient (the fused Triton kernel reads the grads in place instead)."""
+    check_project_grads(params, grads, workspace, basis, scales)
+    return route("project_grads", backend, basis)(params, grads, workspace, basis, scales)
+
+
+@project_grads.register_fake
+def _project_grads_fake(params, grads, workspace, basis, scales, backend="auto"):
+    check_project_grads(params, grads, workspace, basis, scales)
+    _backend.check_backend_name(backend)
+    return basis.new_empty((basis.shape[0],), dtype=torch.float32)
+
+
+def check_step(
+    params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr
+) -> None:
+    _check_basis(basis, scales, "step_")
+    K, D = basis.shape
+    _check_params_and_grads(params, grads, basis)
     _check_vector("workspace", workspace, D)
     _check_vector("w0", w0, D)
     _check_vector("alpha", alpha, K)
@@ -342,7 +379,7 @@ def step_(
     backend: str = "auto",
 ) -> None:
     check_step(params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr)
-    _route("step_", backend, basis)(
+    route("step_", backend, basis)(
         params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
         lr, momentum, dampening, weight_decay, nesterov,
     )  # fmt: skip

@@ -7,8 +7,9 @@ matching slices of the anchor and of the mean, and an fp32 buffer of S values fo
 small state (scales, the sample coordinates, the K coordinates and their momentum) is identical
 on every rank. The parameters themselves stay replicated, as DDP keeps them.
 
-``Subspace.add()`` orthogonalises shard by shard (CGS2, the passes of ``reference.orthogonalize_``
-with fp64 dot products); only O(K) numbers cross the network per pass:
+``Subspace.add()`` orthogonalises shard by shard with the subspace's backend (CGS2, the passes of
+``reference.orthogonalize_`` with fp64 dot products); only O(K) numbers cross the network per
+pass:
 
 1. each rank: ``c1_r = P_r^T v_r`` and ``||v_r||^2``; all-reduce (sum) of K + 1 values;
 2. each rank: ``v1_r = v_r - P_r c1``, ``c2_r = P_r^T v1_r``, ``||v1_r||^2``; all-reduce (sum) of
@@ -57,16 +58,19 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _collectives, reference
+from . import _collectives, _ops
 
 
-def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, group) -> Tensor:
-    """CGS2 of a sample sharded along D: ``reference.orthogonalize_`` with its sums all-reduced.
+def orthogonalize_(
+    basis: Tensor, scales: Tensor, sample: Tensor, rank: int, group, backend: str = "auto"
+) -> Tensor:
+    """CGS2 of a sample sharded along D: ``twa::orthogonalize_`` with its sums all-reduced.
 
     ``basis`` [K, n] is this rank's columns of the basis, ``sample`` fp32 [n] its slice of the
-    sample; ``scales`` [K] is the same on every rank. Three passes over the local columns with
-    fp64 accumulation; pass 1 all-reduces K + 1 values, pass 2 K + 1 values and a maximum. The
-    stored slices share one scale per column, set from the global ``max |v1|`` and ``||u||``.
+    sample; ``scales`` fp32 [K] is the same on every rank. ``backend``'s kernels run the three
+    passes over the local columns with fp64 accumulation (``reference.orthogonalize_`` states
+    them); pass 1 all-reduces K + 1 values, pass 2 K + 1 values and a maximum. The stored slices
+    share one scale per column, set from the global ``max |v1|`` and ``||u||``.
 
     Returns fp64 ``[c1 + c2 (rank values), ||u||, ||v||]`` (global, the same on every rank).
     """
@@ -74,4 +78,5 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, gro
     def reduce(tensor: Tensor, op: str) -> None:
         _collectives.all_reduce_(tensor, group, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
-    return reference.orthogonalize_(basis, scales, sample, rank, all_reduce=reduce)
+    _ops.check_orthogonalize(basis, scales, sample, rank)
+    return _ops.route("orthogonalize_", backend, basis, rank)(basis, scales, sample, rank, all_reduce=reduce)

@@ -219,7 +219,9 @@ class Subspace:
         if self.process_group is None:
             out = _ops.orthogonalize_(self.basis, self.scales, v, self.rank, self.backend)
         else:
-            out = distributed.orthogonalize_(self.basis, self.scales, v, self.rank, self.process_group)
+            out = distributed.orthogonalize_(
+                self.basis, self.scales, v, self.rank, self.process_group, self.backend
+            )
         out = torch.cat([out, non_finite.to(out.device)]).cpu()
         code = int(out[-1])
         if code < 2 * self.dim:

@@ -3,13 +3,14 @@
 The formulas are those of ``reference.orthogonalize_``:
 
 1. ``_orthogonalize_kernel`` (pass 1): per-chunk partials of ``P^T v`` and ``||v||^2``;
-   ``_orthogonalize_reduce1_kernel`` adds them: ``c1``, ``s * c1``, ``||v||^2``.
+   ``_orthogonalize_reduce1_kernel`` adds them (FOLD) and finishes ``c1``, ``s * c1`` (FINISH).
 2. ``_orthogonalize_remainder_kernel`` (pass 2): for each [rank, BLOCK_D] column slab, one loop
    over K in BLOCK_K tiles forms ``v1 = v - P c1``, then ``||v1||^2`` and ``max|v1|``, and a
    second loop over the same tiles accumulates ``P^T v1``. No program holds more than one
    [BLOCK_K, BLOCK_D] tile of P, so any rank runs without register spills; the second loop
    reads the slab back from L2, so DRAM traffic stays one pass. ``_orthogonalize_reduce2_kernel``
-   finishes ``h``, ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row scale and the returned vector.
+   adds the partials (FOLD) and finishes ``h``, ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row
+   scale and the returned vector (FINISH).
 3. ``_orthogonalize_store_kernel`` (pass 3): ``u = v - P h`` scaled by ``ROW_AMAX / max|v1|``,
    clamped to the storage range and written to row ``rank``.
 
@@ -17,9 +18,14 @@ Accumulation is fp64 like the reference (the op is memory-bound; fp64 FMA throug
 limit). bf16 values go to fp32 before fp64: the interpreter's bf16 -> fp64 cast reinterprets
 the raw 16 bits; bf16 -> fp32 is exact everywhere, so the detour costs nothing. Results are
 rounded fp64 -> fp32 -> storage dtype, which is what torch's ``Tensor.to`` does for fp16/bf16.
+
+A basis sharded along D (``twa_kernels.distributed``) runs each reduce kernel twice, FOLD then
+FINISH, with the caller's all-reduce of the K + 1 (or K + 2) raw sums between them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -118,17 +124,25 @@ def _fold_scalars(ptr, S, BLOCK_S: tl.constexpr, MAX: tl.constexpr):
 
 @triton.jit
 def _orthogonalize_reduce1_kernel(
-    part_ptr, vv_ptr, scales_ptr, c1_ptr, sc1_ptr, vv_out_ptr, S, R,
-    KP: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_ptr, vv_ptr, scales_ptr, sums_ptr, c1_ptr, sc1_ptr, S, R,
+    FOLD: tl.constexpr, FINISH: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    """FOLD: the raw sums ``[P^T v, ||v||^2]`` of the S programs into ``sums`` [R + 1];
+    FINISH: ``c1 = s * (P^T v)`` and ``s * c1`` from them. A sharded basis all-reduces ``sums``
+    between a FOLD-only and a FINISH-only launch; one process runs both in one launch."""
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < R
-    acc = fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
-    s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-    c1 = acc * s
-    tl.store(c1_ptr + offs, c1, mask=mask)
-    tl.store(sc1_ptr + offs, s * c1, mask=mask)
-    tl.store(vv_out_ptr, _fold_scalars(vv_ptr, S, BLOCK_S, False))
+    if FOLD:
+        acc = fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
+        tl.store(sums_ptr + offs, acc, mask=mask)
+        tl.store(sums_ptr + R, _fold_scalars(vv_ptr, S, BLOCK_S, False))
+    else:
+        acc = tl.load(sums_ptr + offs, mask=mask, other=0.0)
+    if FINISH:
+        s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        c1 = acc * s
+        tl.store(c1_ptr + offs, c1, mask=mask)
+        tl.store(sc1_ptr + offs, s * c1, mask=mask)
 
 
 @triton.jit
@@ -200,29 +214,43 @@ def _orthogonalize_remainder_kernel(
 
 @triton.jit
 def _orthogonalize_reduce2_kernel(
-    part_ptr, ss_ptr, amax_ptr, scales_ptr, c1_ptr, vv_ptr, out_ptr, sh_ptr, inv_ptr, S, R, rank,
-    ROW_AMAX: tl.constexpr, WRITE_ROW: tl.constexpr, KP: tl.constexpr, BLOCK_S: tl.constexpr,
+    part_ptr, ss_ptr, amax_ptr, scales_ptr, sums1_ptr, sums_ptr, c1_ptr, out_ptr, sh_ptr, inv_ptr,
+    S, R, rank,
+    ROW_AMAX: tl.constexpr, WRITE_ROW: tl.constexpr, FOLD: tl.constexpr, FINISH: tl.constexpr,
+    KP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    """FOLD: the raw ``[P^T v1, ||v1||^2, max|v1|]`` of the S programs into ``sums`` [R + 2];
+    FINISH: ``h``, ``||u||``, the returned vector, ``s * h``, the row scale and ``scales[rank]``."""
     offs = tl.arange(0, KP).to(tl.int64)
     mask = offs < R
-    acc = fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
-    s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-    c2 = acc * s
-    h = tl.load(c1_ptr + offs, mask=mask, other=0.0) + c2
-    norm2 = _fold_scalars(ss_ptr, S, BLOCK_S, False) - tl.sum(c2 * c2, axis=0)
-    # fp64 tl.sqrt is correctly rounded (PTX has sqrt.approx only for f32; sqrt_rn is f32-only).
-    norm = tl.sqrt(tl.maximum(norm2, 0.0))
-    amax_all = _fold_scalars(amax_ptr, S, BLOCK_S, True)
-    tl.store(out_ptr + offs, h, mask=mask)
-    tl.store(out_ptr + rank, norm)
-    tl.store(out_ptr + rank + 1, tl.sqrt(tl.load(vv_ptr)))
-    tl.store(sh_ptr + offs, s * h, mask=mask)
-    if WRITE_ROW:
-        # A zero remainder stores a zero row with scale 0, as the reference does.
-        inv = tl.where(amax_all > 0, ROW_AMAX / amax_all, 0.0)
-        scale = tl.where(norm > 0, amax_all / (ROW_AMAX * norm), 0.0)
-        tl.store(inv_ptr, inv)
-        tl.store(scales_ptr + rank, scale.to(tl.float32))
+    if FOLD:
+        acc = fold_partials(part_ptr, S, R, offs, mask, BLOCK_S, False)
+        ss = _fold_scalars(ss_ptr, S, BLOCK_S, False)
+        amax_all = _fold_scalars(amax_ptr, S, BLOCK_S, True)
+        tl.store(sums_ptr + offs, acc, mask=mask)
+        tl.store(sums_ptr + R, ss)
+        tl.store(sums_ptr + R + 1, amax_all)
+    else:
+        acc = tl.load(sums_ptr + offs, mask=mask, other=0.0)
+        ss = tl.load(sums_ptr + R)
+        amax_all = tl.load(sums_ptr + R + 1)
+    if FINISH:
+        s = tl.load(scales_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        c2 = acc * s
+        h = tl.load(c1_ptr + offs, mask=mask, other=0.0) + c2
+        norm2 = ss - tl.sum(c2 * c2, axis=0)
+        # fp64 tl.sqrt is correctly rounded (PTX has sqrt.approx only for f32; sqrt_rn is f32-only).
+        norm = tl.sqrt(tl.maximum(norm2, 0.0))
+        tl.store(out_ptr + offs, h, mask=mask)
+        tl.store(out_ptr + rank, norm)
+        tl.store(out_ptr + rank + 1, tl.sqrt(tl.load(sums1_ptr + R)))
+        tl.store(sh_ptr + offs, s * h, mask=mask)
+        if WRITE_ROW:
+            # A zero remainder stores a zero row with scale 0, as the reference does.
+            inv = tl.where(amax_all > 0, ROW_AMAX / amax_all, 0.0)
+            scale = tl.where(norm > 0, amax_all / (ROW_AMAX * norm), 0.0)
+            tl.store(inv_ptr, inv)
+            tl.store(scales_ptr + rank, scale.to(tl.float32))
 
 
 @triton.jit
@@ -266,7 +294,22 @@ def _orthogonalize_store_kernel(
         )  # fmt: skip
 
 
-def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> Tensor:
+def orthogonalize_(
+    basis: Tensor,
+    scales: Tensor,
+    sample: Tensor,
+    rank: int,
+    *,
+    all_reduce: Callable[[Tensor, str], None] | None = None,
+) -> Tensor:
+    """CGS2 of ``sample`` fp32 [D] against rows [0, rank) of ``basis`` [K, D]: fp64 [rank + 2].
+
+    ``all_reduce(tensor, op)`` is the hook of ``reference.orthogonalize_`` (a basis sharded along
+    D): it gets fp64 views of the device workspace, the raw ``[P^T v, ||v||^2]`` [rank + 1]
+    ("sum") after pass 1, ``[P^T v1, ||v1||^2]`` [rank + 1] ("sum") and ``max|v1|`` [1] ("max")
+    after pass 2, and combines them in place. The reduce kernels then run twice per pass (fold,
+    then finish); without the hook, once.
+    """
     warn_if_narrow(basis, "triton")
     K, D = basis.shape
     dev = sample.device
@@ -278,29 +321,42 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int) -> 
     vv_part = torch.empty(S, **f64)
     ss_part = torch.empty(S, **f64)
     amax_part = torch.empty(S, **f64)
-    # c1 | s * c1 (overwritten with s * h by reduce2, which no longer needs s * c1) | vv | inv
-    small = torch.empty(2 * R + 2, **f64)
-    c1, sc1, vv, inv = small[:R], small[R : 2 * R], small[2 * R : 2 * R + 1], small[2 * R + 1 :]
+    # sums1 [rank + 1] | sums2 [rank + 2] | c1 | s * c1 (overwritten with s * h by reduce2,
+    # which no longer needs s * c1) | inv
+    small = torch.empty(4 * R + 4, **f64)
+    sums1, sums2 = small[: rank + 1], small[R + 1 : R + rank + 3]
+    c1, sc1, inv = small[2 * R + 3 : 3 * R + 3], small[3 * R + 3 : 4 * R + 3], small[4 * R + 3 :]
     out = torch.empty(rank + 2, **f64)
     stride = basis.stride(0)
     warps = 4 if KP <= 64 else 8
+    # One launch that folds and finishes, or (with the hook) a fold, the hook, a finish.
+    phases = [(True, True)] if all_reduce is None else [(True, False), (False, True)]
 
     _orthogonalize_kernel[(S,)](
         basis, stride, sample, part, vv_part, rank, D, chunk, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D
     )
-    _orthogonalize_reduce1_kernel[(1,)](
-        part, vv_part, scales, c1, sc1, vv, S, rank, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps
-    )
+    for fold, finish in phases:
+        if finish and not fold:
+            all_reduce(sums1, "sum")
+        _orthogonalize_reduce1_kernel[(1,)](
+            part, vv_part, scales, sums1, c1, sc1, S, rank,
+            FOLD=fold, FINISH=finish, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps,
+        )  # fmt: skip
     nt, block_k, block_d = _remainder_blocks(R, basis.element_size())
     _orthogonalize_remainder_kernel[(S,)](
         basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk,
         NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=remainder_warps(block_k, block_d),
     )  # fmt: skip
     write_row = rank < K
-    _orthogonalize_reduce2_kernel[(1,)](
-        part, ss_part, amax_part, scales, c1, vv, out, sc1, inv, S, rank, rank,
-        ROW_AMAX=ROW_AMAX, WRITE_ROW=write_row, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps,
-    )  # fmt: skip
+    for fold, finish in phases:
+        if finish and not fold:
+            all_reduce(sums2[: rank + 1], "sum")
+            all_reduce(sums2[rank + 1 :], "max")
+        _orthogonalize_reduce2_kernel[(1,)](
+            part, ss_part, amax_part, scales, sums1, sums2, c1, out, sc1, inv, S, rank, rank,
+            ROW_AMAX=ROW_AMAX, WRITE_ROW=write_row, FOLD=fold, FINISH=finish, KP=KP,
+            BLOCK_S=_BLOCK_S, num_warps=warps,
+        )  # fmt: skip
     if write_row:
         limit = torch.finfo(basis.dtype).max
         _orthogonalize_store_kernel[(triton.cdiv(D, _BLOCK_D),)](
