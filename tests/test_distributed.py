@@ -240,6 +240,55 @@ def _scenario_main(world, rank, root):
     return out
 
 
+class _CallCounter:
+    """Counts the calls of ``module``'s functions ``names`` (the ops route to them by name)."""
+
+    def __init__(self, module, names):
+        self.module, self.names, self.counts = module, names, dict.fromkeys(names, 0)
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.module, name) for name in self.names}
+        for name, fn in self.saved.items():
+
+            def counted(*args, _name=name, _fn=fn, **kwargs):
+                self.counts[_name] += 1
+                return _fn(*args, **kwargs)
+
+            setattr(self.module, name, counted)
+        return self.counts
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(self.module, name, fn)
+
+
+KERNEL_OPS = ("orthogonalize_", "project", "project_grads", "subspace_step_", "reconstruct_", "step_")
+
+
+def _scenario_backend(world, rank, root, backend="triton"):
+    """The sharded add() and step() on one kernel backend (Triton runs interpreted on CPU)."""
+    import importlib
+
+    group = dist.group.WORLD
+    module = importlib.import_module({"triton": "twa_kernels._triton", "cuda": "twa_kernels._cuda"}[backend])
+    out = {}
+    with _CallCounter(module, KERNEL_OPS) as counts:
+        space = Subspace(make_model(), MAX_RANK, torch.float16, group, backend=backend)
+        out["residuals"] = [space.add(s) for s in make_samples()]
+        out["add_calls"] = dict(counts)
+        out["basis"], out["scales"] = (t.clone() for t in space.columns)
+        out["coords"] = space.sample_coordinates()
+        model = make_model()
+        train(model, TWA(model, space, **HYPER, backend=backend), make_batches(), world, rank)
+        out["params_plain"] = flat(model)
+        model = make_model()
+        ddp = DistributedDataParallel(model)
+        train(ddp, TWA(ddp, space, **HYPER, backend=backend), make_batches(), world, rank)
+        out["params_ddp"] = flat(model)
+        out["calls"] = dict(counts)
+    return out
+
+
 def _scenario_mismatch(world, rank, root):
     group = dist.group.WORLD
     out = {}
@@ -266,7 +315,8 @@ def _worker(rank, world, init_method, scenario, root):
             "gloo", init_method=init_method, rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=DEADLINE_S - 10),
         )  # fmt: skip
-        out = {"main": _scenario_main, "mismatch": _scenario_mismatch}[scenario](world, rank, root)
+        scenarios = {"main": _scenario_main, "mismatch": _scenario_mismatch, "triton": _scenario_backend}
+        out = scenarios[scenario](world, rank, root)
         torch.save(out, root / f"{scenario}_w{world}_r{rank}.pt")
         dist.destroy_process_group()
     except BaseException:
@@ -429,6 +479,33 @@ def test_sharded_subspace_refuses_non_finite_samples_on_every_rank(runs, world):
         assert "'2.weight' holds nan (flat index 255 of D=259)" in r["error_nan_last_shard"]
         assert "'0.weight' holds inf (flat index 5 of D=259)" in r["error_inf_and_nan"]
         assert r["unchanged_after_non_finite"]
+
+
+def test_sharded_add_and_step_run_the_chosen_backends_kernels(single, tmp_path):
+    """backend="triton" (interpreted here), 2 ranks: the Triton orthogonalize_ with its sums
+    all-reduced between the passes; steps project on each shard with the Triton kernels (the
+    fused step's gradient kernel under DDP), update and reconstruct there. Same results."""
+    ranks = spawn(2, "triton", tmp_path)
+    space = single["space"]
+    basis, scales = space.columns
+    P = basis.double() * scales.double()[:, None]
+    P_sharded = torch.cat([r["basis"].double() * r["scales"].double()[:, None] for r in ranks], 1)
+    assert rel_err(P_sharded, P) < REL
+    steps = 2 * STEPS  # averaged, then under DDP
+    for r in ranks:
+        assert r["add_calls"] == dict.fromkeys(KERNEL_OPS, 0) | {"orthogonalize_": N_SAMPLES}
+        assert r["calls"] == {
+            "orthogonalize_": N_SAMPLES,
+            "project": STEPS + 2,  # the averaged steps' shards; P^T w0 once per TWA (weight decay)
+            "project_grads": STEPS,  # under DDP: the grads of the shard's pieces, read in place
+            "subspace_step_": steps,
+            "reconstruct_": steps + 2,  # + the start weights written by each TWA
+            "step_": 0,
+        }
+        assert r["residuals"] == pytest.approx(single["residuals"], rel=REL)
+        assert rel_err(r["coords"], space.sample_coordinates()) < REL
+        assert rel_err(r["params_plain"], single["params"]) < REL
+        assert rel_err(r["params_ddp"], single["params"]) < REL
 
 
 def test_sharded_state_dicts_refuse_another_world_size(runs):

@@ -1,5 +1,6 @@
-"""The ``twa::step_`` op (the whole TWA step over a parameter list) as an op: the same result on
-every backend, its contract (opcheck), torch.compile, and the checks of its arguments."""
+"""The ``twa::step_`` op (the whole TWA step over a parameter list) and ``twa::project_grads``
+(its gradient projection alone, the sharded step's first half) as ops: the same result on every
+backend, their contract (opcheck), torch.compile, and the checks of their arguments."""
 
 import pytest
 import torch
@@ -54,6 +55,16 @@ def problem(device, K, dtype, seed=0):
     return params, grads, state, P
 
 
+def flat_grads(params, grads):
+    """The gradients as one fp64 [D] vector on the CPU (zeros where a grad is None)."""
+    return torch.cat(
+        [
+            (torch.zeros(p.shape) if g is None else g.double().cpu()).flatten()
+            for p, g in zip(params, grads, strict=True)
+        ]
+    )
+
+
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_step_matches_the_fp64_oracle(backend, dtype, device):
@@ -65,12 +76,7 @@ def test_one_step_matches_the_fp64_oracle(backend, dtype, device):
     workspace = torch.empty(D, device=device)
     ops.step_(params, grads, workspace, s["w0"], s["basis"], s["scales"], s["alpha"], s["momentum_buffer"],
               s["counters"], s["gram"], s["pw0"], lr, backend=backend)  # fmt: skip
-    g = torch.cat(
-        [
-            (torch.zeros(p.shape) if x is None else x.double().cpu()).flatten()
-            for p, x in zip(params, grads, strict=True)
-        ]
-    )
+    g = flat_grads(params, grads)
     alpha = -lr * (P @ g)
     assert s["counters"].tolist() == [1, 0]
     assert_within(s["alpha"].cpu(), alpha, lr * (P.abs() @ g.abs()), TOL[dtype], "alpha")
@@ -153,3 +159,41 @@ def test_bad_arguments_are_named(change, match):
     with pytest.raises(RuntimeError, match=match):
         _ops.step_(args["params"], args["grads"], args["workspace"], *s.values(), args["lr"], 0.9, 0.0, 0.0,
                    False, "torch")  # fmt: skip
+
+
+# ---- twa::project_grads: the gradient projection of step_, alone (the sharded step's first half)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_project_grads_matches_the_fp64_oracle(backend, dtype, device):
+    runs_here(backend, device)
+    params, grads, s, P = problem(device, 5, dtype)
+    before = [p.clone() for p in params]
+    workspace = torch.empty(P.shape[1], device=device)
+    out = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    g = flat_grads(params, grads)
+    assert out.dtype == torch.float32 and out.shape == (5,)
+    assert_within(out.cpu(), P @ g, P.abs() @ g.abs(), TOL[dtype], "P^T g")
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p, b)  # the parameters give the layout and are not written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_project_grads_opcheck(backend, device):
+    runs_here(backend, device)
+    params, grads, s, _ = problem(device, 3, torch.float16)
+    workspace = torch.empty(s["w0"].numel(), device=device)
+    args = (params, grads, workspace, s["basis"], s["scales"])
+    torch.library.opcheck(torch.ops.twa.project_grads.default, args, {"backend": backend})
+
+
+def test_project_grads_names_bad_arguments():
+    params, grads, s, _ = problem(torch.device("cpu"), 3, torch.float16)
+    workspace = torch.empty(s["w0"].numel())
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
+        _ops.project_grads(params, [torch.zeros(3), *grads[1:]], workspace, s["basis"], s["scales"], "torch")
+    with pytest.raises(RuntimeError, match="workspace must have shape"):
+        _ops.project_grads(params, grads, torch.empty(3), s["basis"], s["scales"], "torch")
+    with pytest.raises(RuntimeError, match="params hold"):
+        _ops.project_grads(params[:-1], grads[:-1], workspace, s["basis"], s["scales"], "torch")

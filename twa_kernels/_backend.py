@@ -21,7 +21,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-OPS = ("project", "reconstruct_", "orthogonalize_", "subspace_step_", "step_")
+OPS = ("project", "reconstruct_", "orthogonalize_", "subspace_step_", "project_grads", "step_")
 
 
 def triton_interpreted() -> bool:

@@ -193,5 +193,7 @@ def subspace_step_(
     )  # fmt: skip
 
 
-# The step made of the three CUDA ops (a flat workspace in and out), until a fused CUDA step.
-step_ = reference.composed_step(project, subspace_step_, reconstruct_)
+# The gradient projection and the step made of the CUDA ops (a flat workspace in and out),
+# until a fused CUDA step.
+project_grads = reference.gathered_projection(project)
+step_ = reference.composed_step(project_grads, subspace_step_, reconstruct_)

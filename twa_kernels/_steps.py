@@ -8,8 +8,10 @@
   the Triton one is the fused step (``_triton.step``), which reads the gradients and writes the
   parameters in place, in 3 launches.
 - ``ShardedStep``: the basis sharded along D over a process group (see ``distributed``): each
-  rank projects its shard of the gradient, one all-reduce of K floats gives ``P^T g``, each rank
-  writes its shard of the weights and an all-gather updates the replicated parameters.
+  rank projects its shard of the gradient with the chosen backend (``twa::project_grads``, the
+  fused step's gradient kernel on Triton, under DDP; ``twa::project`` of the reduce-scattered
+  shard otherwise), one all-reduce of K floats gives ``P^T g``, each rank writes its shard of
+  the weights and an all-gather updates the replicated parameters.
 
 Both have ``project``, ``write_weights``, ``step`` and ``comm_bytes``. Nothing in a step
 synchronises with the host, and nothing allocates memory proportional to D: the copies go
@@ -161,7 +163,6 @@ class ShardedStep:
         self.shard = torch.zeros(S, dtype=torch.float32, device=device)
         self.local = self.shard[: self.stop - self.start]
         self._pieces = _params.shard_pieces(subspace.layout, self.start, self.stop)
-        self._piece_views = _params.piece_views(self.local, self._pieces)
         self.log_comm(subspace.rank, D)
 
     def comm_bytes(self, K: int) -> CommBytes:
@@ -173,16 +174,24 @@ class ShardedStep:
         """``P^T x`` for x this rank's slice of a [D] vector: fp32 [K], the same on every rank."""
         return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
 
-    def _gather_grads(self, params: list[Tensor]) -> None:
+    def project_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, backend: str) -> Tensor:
+        """This rank's ``P_r^T g_r`` (fp32 [K], before the all-reduce).
+
+        Averaging: the reduce-scatter leaves the mean gradient of this shard in ``shard``, which
+        is projected. Under DDP (averaged already): ``twa::project_grads`` on the pieces of the
+        parameters in this shard, which the fused Triton kernel reads in place (the other
+        backends copy them into ``shard`` first).
+        """
         if self.average_gradients:
             _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
             _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
             self.shard.mul_(1.0 / self.world)
-            return
-        pieces = [
+            return _ops.project(basis, scales, self.local, backend)
+        pieces = [params[i].detach().reshape(-1)[a:b] for i, a, b in self._pieces]
+        grads = [
             None if params[i].grad is None else params[i].grad.reshape(-1)[a:b] for i, a, b in self._pieces
         ]
-        _params.copy_or_zero_(self._piece_views, pieces)
+        return _ops.project_grads(pieces, grads, self.local, basis, scales, backend)
 
     def write_weights(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
@@ -207,10 +216,15 @@ class ShardedStep:
         hyper: Hyper,
         backend: str,
     ) -> None:
-        """One TWA step with K + 2 D values communicated (K + D under DDP); no host sync."""
+        """One TWA step with K + 2 D values communicated (K + D under DDP); no host sync.
+
+        The chosen backend's kernels on this rank's shard: the projection of the gradient (the
+        fused step's first kernel on Triton under DDP), the all-reduce of the K coordinates, the
+        K-dimensional update (the same on every rank), the weights of the shard.
+        """
         concrete = _backend.resolve(backend, self.flat.device)
-        self._gather_grads(params)
-        coord_grad = self.project(basis, scales, self.local, concrete)
+        coord_grad = self.project_grads(params, basis, scales, concrete)
+        _collectives.all_reduce_(coord_grad, self.group)
         _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
         self.write_weights(params, w0, basis, scales, alpha, concrete)
 

@@ -202,9 +202,35 @@ def gram(basis: Tensor, scales: Tensor) -> Tensor:
     return G * s[:, None] * s[None, :]
 
 
-def composed_step(project_fn, subspace_step_fn, reconstruct_fn):
-    """``step_`` made of a backend's three ops: gather the grads into ``workspace``, project,
-    update the coordinates, reconstruct the weights into ``workspace``, copy them out."""
+def _flat_views(workspace: Tensor, params: list[Tensor]) -> list[Tensor]:
+    pieces = workspace.split([p.numel() for p in params])
+    return [v.view(p.shape) for v, p in zip(pieces, params, strict=True)]
+
+
+def gathered_projection(project_fn):
+    """``project_grads`` made of a backend's ``project``: copy the grads into ``workspace``, project."""
+
+    def project_grads(
+        params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, basis: Tensor, scales: Tensor
+    ) -> Tensor:
+        copy_or_zero_(_flat_views(workspace, params), grads)
+        return project_fn(basis, scales, workspace)
+
+    return project_grads
+
+
+project_grads = gathered_projection(project)
+project_grads.__doc__ = """``P^T g`` of a parameter list's gradients: fp32 [K].
+
+``grads`` holds one gradient per parameter (None: a zero gradient; fp32, bf16 or fp16, shaped
+like the parameter); ``params`` gives the layout (their values are not read). ``workspace`` is
+fp32 [D]: it receives the flat gradient, which ``project`` then reads.
+"""
+
+
+def composed_step(project_grads_fn, subspace_step_fn, reconstruct_fn):
+    """``step_`` made of a backend's three ops: project the grads (through ``workspace``), update
+    the coordinates, reconstruct the weights into ``workspace``, copy them out."""
 
     def step_(
         params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, w0: Tensor,
@@ -212,22 +238,18 @@ def composed_step(project_fn, subspace_step_fn, reconstruct_fn):
         gram: Tensor, pw0: Tensor, lr: Tensor, momentum: float, dampening: float,
         weight_decay: float, nesterov: bool,
     ) -> None:  # fmt: skip
-        views = [
-            v.view(p.shape) for v, p in zip(workspace.split([p.numel() for p in params]), params, strict=True)
-        ]
-        copy_or_zero_(views, grads)
-        coord_grad = project_fn(basis, scales, workspace)
+        coord_grad = project_grads_fn(params, grads, workspace, basis, scales)
         subspace_step_fn(
             alpha, momentum_buffer, counters, coord_grad, gram, pw0,
             lr, momentum, dampening, weight_decay, nesterov,
         )  # fmt: skip
         reconstruct_fn(workspace, w0, basis, scales, alpha)
-        torch._foreach_copy_(params, views)
+        torch._foreach_copy_(params, _flat_views(workspace, params))
 
     return step_
 
 
-step_ = composed_step(project, subspace_step_, reconstruct_)
+step_ = composed_step(project_grads, subspace_step_, reconstruct_)
 step_.__doc__ = """One TWA step over a parameter list: ``alpha <- SGD(alpha, P^T g)``, then
 ``params <- w0 + P alpha``.
 

@@ -45,6 +45,7 @@ from ._common import (
     to_storage,
     tuned,
 )
+from .project import reduce_partials
 
 # Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
 # (biases, norms: 64-2048 values) waste at most one partly masked block each; 512 columns keep
@@ -326,6 +327,29 @@ def fused_twa_step(
     )  # fmt: skip
 
 
+def _project_partials(plan: _Plan, ptab: Tensor, basis: Tensor, part: Tensor) -> None:
+    """Stage 1 of ``P^T g`` straight from the grads the table points at: ``part`` [grid, K]."""
+    tuned(_step_project_kernel)[(plan.grid,)](
+        ptab, plan.btab, basis, basis.stride(0), part, basis.shape[0], plan.nblk, plan.per,
+        FIELDS=_FIELDS, BLOCK_D=BLOCK,
+    )  # fmt: skip
+
+
+def project_grads(
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, basis: Tensor, scales: Tensor
+) -> Tensor:
+    """``twa::project_grads`` on the Triton backend (see ``reference.project_grads``): the fused
+    step's first kernel reads ``grads`` in place, then the partials are added in a fixed order
+    and scaled; ``workspace`` is not used. fp32 [K]."""
+    warn_if_narrow(basis, "triton")
+    plan = plan_for(params, basis.device)
+    ptab, keep = plan.table(params, grads)
+    part, _ = plan.workspace(basis.shape[0])
+    _project_partials(plan, ptab, basis, part)
+    del keep  # contiguous copies of strided grads live until the launch is queued
+    return reduce_partials(part.unsqueeze(1), scales).squeeze(0)
+
+
 def step_(
     params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, w0: Tensor,
     basis: Tensor, scales: Tensor, alpha: Tensor, momentum_buffer: Tensor, counters: Tensor,
@@ -341,17 +365,13 @@ def step_(
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
     ptab, keep = plan.table(params, grads)
     part, coord = plan.workspace(K)
-    stride = basis.stride(0)
-    tuned(_step_project_kernel)[(plan.grid,)](
-        ptab, plan.btab, basis, stride, part, K, plan.nblk, plan.per,
-        FIELDS=_FIELDS, BLOCK_D=BLOCK,
-    )  # fmt: skip
+    _project_partials(plan, ptab, basis, part)
     subspace_step.launch(
         alpha, momentum_buffer, counters, coord, gram, pw0, lr, momentum, dampening, weight_decay,
         nesterov, part=part, scales=scales,
     )  # fmt: skip
     tuned(_step_write_kernel)[(plan.grid,)](
-        ptab, plan.btab, w0, basis, stride, scales, alpha, K, plan.nblk, plan.per,
+        ptab, plan.btab, w0, basis, basis.stride(0), scales, alpha, K, plan.nblk, plan.per,
         FIELDS=_FIELDS, BLOCK_D=BLOCK,
     )  # fmt: skip
     del keep  # contiguous copies of strided grads live until all launches are queued
