@@ -102,9 +102,9 @@ run_tests() {
 # backend cuda (ids cuda-cuda), every op x storage dtype x awkward sizes (D = 1, prime,
 # 1_000_003; K = 1, 3, 301; batches 1 and 5 (and 0, 16, 17, 40); contiguous, aligned-slice and
 # odd-slice rows), determinism, agreement with the other backends (torch, triton), opcheck,
-# every orthogonalize_ and subspace_step_ test, the extension loader's checks, plus the fused
-# step's oracle, non-finite and generic-path tests. 182 tests (161 cuda-cuda tests of
-# tests/test_op_*.py, 5 of test_backend.py, 16 of test_triton_step.py);
+# every orthogonalize_ (with the sharded all_reduce hook) and subspace_step_ test, the extension
+# loader's checks, plus the fused step's oracle, non-finite and generic-path tests. 194 tests
+# (173 cuda-cuda tests of tests/test_op_*.py, 5 of test_backend.py, 16 of test_triton_step.py);
 # `TWA_TEST_DEVICE=cuda pytest --collect-only -q -k "$FIRST_K" $FIRST_FILES` lists them.
 FIRST_FILES="tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
   tests/test_op_subspace_step.py tests/test_backend.py tests/test_triton_step.py"
