@@ -80,6 +80,22 @@ def test_no_spills_in_local_memory(report):
     assert not heavy, "\n".join(heavy)
 
 
+def test_no_barrier_in_the_k_loop_of_the_weight_writers(report):
+    """reconstruct and the fused step's write pass accumulate in registers and reduce once per
+    column block: no ``BAR`` in their innermost (K) loop. Reducing every K tile put 3 there per
+    tile copy of the loop (6 per config of reconstruct, and the write pass's likewise). The
+    STAGES = 3 configs keep the 4 barriers of their shared-memory prefetch ring, and the write
+    pass's block loop still holds the one reduction per block (not checked here)."""
+    bad = [
+        f"{r['kernel']} {r['dtype']} {r['config']} sm_{r['cc']}: {r['bars_in_loops']['inner']} BAR in K loop"
+        for r in report
+        if r["kernel"] in ("reconstruct", "step_write")
+        and r["config"]["STAGES"] == 1
+        and r["bars_in_loops"]["inner"] != 0
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_address_is_formed_from_a_32_bit_product(report):
     bad = [
         f"{r['kernel']} {r['dtype']} {r['config']} warps={r['num_warps']} sm_{r['cc']}: {p}"

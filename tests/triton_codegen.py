@@ -105,7 +105,33 @@ def compile_for(cc: int, kernel, signature: dict, constexprs: dict, aligned: tup
         "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass.stdout)),
         "ldgsts128": len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass.stdout)),
         "shared": compiled.metadata.shared,
+        "bars_in_loops": bars_in_loops(sass.stdout),
         "addr32": [f"{ir}: {p}" for ir in ("ttir", "ttgir") for p in address_products(compiled.asm[ir])],
+    }
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"^(?:@!?P\w+\s+)?BRA\s+(?:\S+\s+)?0x([0-9a-f]+)$")
+
+
+def bars_in_loops(sass: str) -> dict:
+    """Barriers (``BAR``) inside loops of the machine code: ``inner`` in innermost loops (no
+    other loop inside; the K loop of a tile), ``any`` in any loop. A loop runs from the target
+    to the address of a backward branch (a branch to itself, the trap loop after EXIT, is no
+    loop). A barrier there runs once per iteration: a cross-warp reduction or a shared-memory
+    staging step in the hot loop."""
+    code = [(int(m[1], 16), m[2]) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for addr, text in code:
+        if (m := _BRANCH.match(text)) and int(m[1], 16) < addr:
+            loops.append((int(m[1], 16), addr))
+    inner = [
+        (lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)
+    ]
+    bars = [addr for addr, text in code if text.split()[0].startswith("BAR")]
+    return {
+        name: sum(any(lo <= addr < hi for lo, hi in ranges) for addr in bars)
+        for name, ranges in (("inner", inner), ("any", loops))
     }
 
 

@@ -154,7 +154,13 @@ def add_combination(
     BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """``acc + sum_k alpha[k] scales[k] basis[k, cols]`` (fp32), K in BLOCK_K-row tiles
-    (STAGES - 1 of them prefetched, as in ``dot_tiles``)."""
+    (STAGES - 1 of them prefetched, as in ``dot_tiles``).
+
+    The products accumulate in a [BLOCK_K, BLOCK_D] register tile, reduced over its rows once
+    after the loop: a reduction per tile puts barriers and shared-memory traffic in the loop
+    (3 ``BAR`` per K tile in ``reconstruct``'s sm_90 code; ``tests/test_triton_codegen.py``).
+    """
+    tile = tl.zeros([BLOCK_K, cols.shape[0]], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
@@ -162,8 +168,8 @@ def add_combination(
         coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
         ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
         p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(coef[:, None] * p, axis=0)
-    return acc
+        tile += coef[:, None] * p
+    return acc + tl.sum(tile, axis=0)
 
 
 @triton.jit
