@@ -175,23 +175,25 @@ class ShardedStep:
         return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
 
     def project_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, backend: str) -> Tensor:
-        """This rank's ``P_r^T g_r`` (fp32 [K], before the all-reduce).
+        """``P^T g`` (fp32 [K], the same on every rank): each rank's ``P_r^T g_r``, all-reduced.
 
         Averaging: the reduce-scatter leaves the mean gradient of this shard in ``shard``, which
-        is projected. Under DDP (averaged already): ``twa::project_grads`` on the pieces of the
-        parameters in this shard, which the fused Triton kernel reads in place (the other
+        ``project`` reads. Under DDP (averaged already): ``twa::project_grads`` on the pieces of
+        the parameters in this shard, which the fused Triton kernel reads in place (the other
         backends copy them into ``shard`` first).
         """
         if self.average_gradients:
             _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
             _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
             self.shard.mul_(1.0 / self.world)
-            return _ops.project(basis, scales, self.local, backend)
+            return self.project(basis, scales, self.local, backend)
         pieces = [params[i].detach().reshape(-1)[a:b] for i, a, b in self._pieces]
         grads = [
             None if params[i].grad is None else params[i].grad.reshape(-1)[a:b] for i, a, b in self._pieces
         ]
-        return _ops.project_grads(pieces, grads, self.local, basis, scales, backend)
+        return _collectives.all_reduce_(
+            _ops.project_grads(pieces, grads, self.local, basis, scales, backend), self.group
+        )
 
     def write_weights(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
@@ -224,7 +226,6 @@ class ShardedStep:
         """
         concrete = _backend.resolve(backend, self.flat.device)
         coord_grad = self.project_grads(params, basis, scales, concrete)
-        _collectives.all_reduce_(coord_grad, self.group)
         _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
         self.write_weights(params, w0, basis, scales, alpha, concrete)
 
