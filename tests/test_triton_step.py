@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 
 from oracle import assert_within  # noqa: E402
 
+from twa_kernels import _param_table as param_table  # noqa: E402
 from twa_kernels import _steps, ops, reference  # noqa: E402
 from twa_kernels._params import ParamLayout  # noqa: E402
 from twa_kernels._triton import step as fused  # noqa: E402
@@ -143,7 +144,7 @@ def test_fused_step_table_marks_aligned_parameters(device):
     """The aligned path is taken exactly where offsets and addresses allow it."""
     params = make_params(device, ALIGNED_SHAPES)
     set_grads(params, 0, device)
-    plan = fused.plan_for(params, device)
+    plan = param_table.plan_for(params, device)
     ptab, _ = plan.table(params, [p.grad for p in params])
     assert ptab[:, 6].tolist() == ALIGNED_FLAGS
     # A grad that is not 16-byte aligned turns its parameter's aligned path off.
@@ -422,13 +423,13 @@ def test_plans_read_by_a_graph_are_never_evicted(monkeypatch):
     # may drop other plans, never that one. (Capture itself is marked as it would be.)
     from collections import OrderedDict
 
-    monkeypatch.setattr(fused, "_plans", OrderedDict())
+    monkeypatch.setattr(param_table, "_plans", OrderedDict())
     dev = torch.device("cpu")
-    lists = [[torch.zeros(3 + i)] for i in range(fused._MAX_PLANS + 3)]
-    first = fused.plan_for(lists[0], dev)
-    first.captured.append(torch.zeros(fused._FIELDS, dtype=torch.int64))
+    lists = [[torch.zeros(3 + i)] for i in range(param_table.MAX_PLANS + 3)]
+    first = param_table.plan_for(lists[0], dev)
+    first.captured.append(torch.zeros(param_table.FIELDS, dtype=torch.int64))
     for params in lists[1:]:
-        fused.plan_for(params, dev)
-    plans = list(fused._plans.values())
-    assert first in plans and len(plans) == fused._MAX_PLANS
-    assert plans[-1] is fused.plan_for(lists[-1], dev)  # the newest plan is cached too
+        param_table.plan_for(params, dev)
+    plans = list(param_table._plans.values())
+    assert first in plans and len(plans) == param_table.MAX_PLANS
+    assert plans[-1] is param_table.plan_for(lists[-1], dev)  # the newest plan is cached too

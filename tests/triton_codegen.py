@@ -56,6 +56,7 @@ from triton.runtime.jit import JITFunction
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # (the package re-exports functions named like these modules)
 
+from twa_kernels import _param_table as param_table  # noqa: E402
 from twa_kernels._triton._common import pow2  # noqa: E402
 
 project = importlib.import_module("twa_kernels._triton.project")
@@ -402,13 +403,17 @@ def cases():
             kw = dict(cfg.kwargs)
             tile = (kw["BLOCK_K"], kw["BLOCK_D"])
             yield "reconstruct", reconstruct._reconstruct_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
-        common = {"FIELDS": step._FIELDS, "BLOCK_D": step.BLOCK}
+        common = {
+            "FIELDS": param_table.FIELDS,
+            "BLOCK_FIELDS": param_table.BLOCK_FIELDS,
+            "BLOCK_D": param_table.BLOCK,
+        }
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "basis_ptr": ptr, "row_stride": "i32",
                "part_ptr": "*fp32", "K": "i32", "NBLK": "i32", "PER": "i32"}  # fmt: skip
         aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "part_ptr")
         for cfg in step._CONFIGS:
             kw = dict(cfg.kwargs, NT=pow2(-(-STEP_K // cfg.kwargs["BLOCK_K"])), **common)
-            tile = (kw["BLOCK_K"], step.BLOCK)
+            tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_project", step._step_project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
                "row_stride": "i32", "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32",
@@ -416,7 +421,7 @@ def cases():
         aligned = ("ptab_ptr", "btab_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
         for cfg in step._CONFIGS:
             kw = dict(cfg.kwargs, **common)
-            tile = (kw["BLOCK_K"], step.BLOCK)
+            tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_write", step._step_write_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         # orthogonalize_, once per sample: its three passes at their fixed tile shapes.
         tile = (orth._BLOCK_K, orth._BLOCK_D)
