@@ -3,7 +3,9 @@
 #   1. every csrc/*.cu compiles for sm_90 and sm_80 with warnings as errors, and ptxas reports
 #      no register spills (per-kernel registers/spills are printed); the PTX of both forms no
 #      global address from a 32-bit product (.ci/ptx_addr32.py), which must in turn catch the
-#      products of csrc/tests/addr32_canary.cu;
+#      products of csrc/tests/addr32_canary.cu; the sm_90 SASS of the kernels that stream the
+#      basis keeps >= 4 16-byte loads in flight and no barrier in its hot loop, and fits the
+#      blocks per SM its launch relies on (.ci/cuda_sass.py);
 #   2. csrc/tests/host_test.cu (the kernels' index/tiling/mask/reduction helpers against plain
 #      loops) builds with nvcc and runs on the CPU;
 #   3. the torch glue compiles (syntax only) against the project's torch;
@@ -105,6 +107,11 @@ step "kernels (sm_90 + sm_80, -Werror, spills)"
   store_row_times_stride,widened_after_product,block_times_size,loop_row_times_stride,rolled_loop_running_sum \
   | tail -n 1
 step "PTX: no address from a 32-bit product"
+# SASS of the basis-streaming kernels (sm_90): >= 4 16-byte loads in flight in the hot loop, no
+# BAR there, no local memory, registers and shared memory that fit the blocks per SM the launch
+# relies on (.ci/cuda_sass.py, analysis in tests/sass.py).
+"$PY" .ci/cuda_sass.py --keep-dir "$WORK/keep"
+step "SASS: loads in flight, barriers, occupancy"
 
 # ---- 2. host test of the shared __host__ __device__ helpers ----------------------------------
 "$NVCC" -std=c++17 -O2 -Werror all-warnings -Xcompiler -Wall,-Werror \
