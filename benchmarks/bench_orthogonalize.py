@@ -71,6 +71,7 @@ def test_orthogonalize(benchmark, device, copy_bw, shape: Shape, provider: str):
         op="orthogonalize",
         provider=provider,
         shape=shape,
+        basis=dtype,
         copy_bw=copy_bw,
         nbytes=orthogonalize_bytes(shape, dtype),
         floor_bytes=orthogonalize_bytes(shape, torch.float16),

@@ -57,6 +57,7 @@ def test_project(benchmark, device, copy_bw, shape: Shape, provider: str):
         op="project",
         provider=provider,
         shape=shape,
+        basis=dtype,
         copy_bw=copy_bw,
         nbytes=project_bytes(shape, dtype),
         floor_bytes=project_bytes(shape, torch.float16),

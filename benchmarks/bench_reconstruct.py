@@ -40,6 +40,7 @@ def test_reconstruct(benchmark, device, copy_bw, shape: Shape, provider: str):
         op="reconstruct",
         provider=provider,
         shape=shape,
+        basis=dtype,
         copy_bw=copy_bw,
         nbytes=reconstruct_bytes(shape, dtype),
         floor_bytes=reconstruct_bytes(shape, torch.float16),

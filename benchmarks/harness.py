@@ -7,8 +7,19 @@ Providers, in the order each shape runs them:
 - ``torch``, ``triton``, ``cuda``: the ``twa::`` ops with that ``backend`` and an fp16 basis.
 
 Benchmarks never run Triton's interpreter: ``triton`` and ``cuda`` need a CUDA device and skip
-with the reason otherwise, and also when their implementation of the op is missing or fails on a
-tiny input (the reason names the error).
+with the reason otherwise; on a CUDA device a backend whose implementation of the op is missing
+or fails on a tiny input fails the case (the message names the error).
+
+Every result's ``extra_info`` holds ``RESULT_KEYS`` (``record``): what was measured (``op``,
+``provider``, ``D``, ``K``, ``B``, ``basis``: the basis storage dtype, or None where there is no
+basis) and how it compares with the card (``pct_copy_bw``, ``x_floor``; None where the result has
+no byte floor, as a whole training step, or where nothing was timed, under
+``--benchmark-disable``).
+
+The floor of an op or step is the time the least bytes an implementation over an fp16 basis must
+move (each basis row read once per pass over it, each vector read or written once: ``shapes``)
+take at the copy bandwidth measured at the start of the same process (``conftest``);
+``x_floor`` = time / floor, so 1.0 is a kernel that streams as fast as a device copy.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ PROVIDERS = NAIVE + BACKEND_PROVIDERS
 # Seconds of timed work per benchmark. On the GPU each round runs the op enough times to last
 # >= 1 ms: the one host synchronisation per round, and the idle gap after it, are spread over
 # that much GPU work, and the launches between syncs overlap the GPU work as in training.
+# TWA_BENCH_TIME_S overrides both budgets (e.g. a few ms for a run that only checks the suite).
 CUDA_TIME_BUDGET_S = 0.25
 CUDA_ROUND_S = 1e-3
 CPU_TIME_BUDGET_S = 0.3
@@ -43,6 +55,21 @@ MAX_ROUNDS = 200
 MEMORY_HEADROOM = 0.9
 
 REPO = Path(__file__).resolve().parent.parent
+
+# What every result's extra_info holds (values None where they do not apply, see the docstring).
+RESULT_KEYS = ("op", "provider", "D", "K", "B", "basis", "pct_copy_bw", "x_floor")
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.float16`` -> ``"float16"`` (the ``basis`` of a result); None stays None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def time_budget(device: torch.device) -> float:
+    """Seconds of timed work per benchmark: ``TWA_BENCH_TIME_S``, else the device's default."""
+    if os.environ.get("TWA_BENCH_TIME_S"):
+        return float(os.environ["TWA_BENCH_TIME_S"])
+    return CUDA_TIME_BUDGET_S if device.type == "cuda" else CPU_TIME_BUDGET_S
 
 
 def parametrize_cases(metafunc, providers, batched: bool = False) -> None:
@@ -81,10 +108,18 @@ def skip_unless_fits(nbytes: int, device: torch.device, what: str) -> None:
 
 @functools.cache
 def _backend_error(op: str, backend: str) -> str | None:
-    """None when ``backend`` runs ``op`` on a tiny CUDA input, else what went wrong."""
+    """None when ``backend`` runs ``op`` on a tiny CUDA input, else what went wrong.
+
+    Deterministic mode (warnings only) has the Triton kernels run their first config instead of
+    autotuning: one compilation per kernel instead of one per config (about a second each), for
+    an input that only checks the backend runs.
+    """
     dev = torch.device("cuda")
     basis = torch.randn(4, 1000, device=dev).half()
     scales = torch.ones(4, device=dev)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         if op == "project":
             ops.project(basis, scales, torch.randn(1000, device=dev), backend=backend)
@@ -106,6 +141,8 @@ def _backend_error(op: str, backend: str) -> str | None:
         torch.cuda.synchronize(dev)
     except Exception as exc:  # reported by the caller as a failure, once per op and backend
         return f"backend={backend!r} cannot run {op}: {type(exc).__name__}: {str(exc)[:2000]}"
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
     return None
 
 
@@ -183,13 +220,13 @@ def run(benchmark, fn, device: torch.device, min_rounds: int = MIN_ROUNDS):
         t1.synchronize()
         once = t0.elapsed_time(t1) / 1e3
         n = max(1, math.ceil(CUDA_ROUND_S / max(once, 1e-7)))
-        rounds = _rounds(CUDA_TIME_BUDGET_S, once * n, min_rounds)
+        rounds = _rounds(time_budget(device), once * n, min_rounds)
     else:
         start = time.perf_counter()
         fn()
         once = time.perf_counter() - start
         n = 1
-        rounds = _rounds(CPU_TIME_BUDGET_S, once, min_rounds)
+        rounds = _rounds(time_budget(device), once, min_rounds)
 
     if n == 1:
 
@@ -222,28 +259,35 @@ def record(
     op: str,
     provider: str,
     shape: Shape,
-    nbytes: int,
+    basis: torch.dtype | None,
     copy_bw: float,
+    nbytes: int | None,
     floor_bytes: int | None = None,
     **extra,
 ) -> None:
-    """Put the shape, bytes moved, GB/s and % of the measured copy bandwidth in extra_info.
+    """Put ``RESULT_KEYS``, the bytes moved, GB/s and the card and versions in extra_info.
 
-    ``nbytes``: the least this provider's storage must move (its floor); ``floor_bytes``: the
-    floor of the package's own layout (fp16 basis), against which ``x_floor`` is measured.
+    ``basis``: the dtype the provider stores the basis in (None: no basis). ``nbytes``: the least
+    this provider's storage must move (None: no byte count, as for a whole training step), from
+    which ``gbps`` and ``pct_copy_bw`` (% of the measured copy bandwidth) follow;
+    ``floor_bytes`` (default ``nbytes``): the same for the package's own layout (fp16 basis), the
+    floor ``x_floor`` is measured against. Both are None where nothing was timed.
     """
     info = benchmark.extra_info
     info.update(op=op, provider=provider, model=shape.model, D=shape.D, K=shape.K, B=shape.B)
     floor = floor_bytes if floor_bytes is not None else nbytes
-    info.update(bytes_moved=nbytes, floor_bytes=floor, copy_gbps=round(copy_bw / 1e9, 2), **extra)
+    info.update(basis=dtype_name(basis), bytes_moved=nbytes, floor_bytes=floor)
+    info.update(copy_gbps=round(copy_bw / 1e9, 2), pct_copy_bw=None, x_floor=None, **extra)
     info.update(machine_summary())
     stats = getattr(benchmark, "stats", None)
     if benchmark.disabled or stats is None:
         return
     seconds = stats.stats.median
-    info["gbps"] = round(nbytes / seconds / 1e9, 3)
-    info["pct_copy_bw"] = round(100 * nbytes / seconds / copy_bw, 2)
-    info["x_floor"] = round(seconds / (floor / copy_bw), 3)
+    if nbytes is not None:
+        info["gbps"] = round(nbytes / seconds / 1e9, 3)
+        info["pct_copy_bw"] = round(100 * nbytes / seconds / copy_bw, 2)
+    if floor is not None:
+        info["x_floor"] = round(seconds / (floor / copy_bw), 3)
 
 
 # ---------------------------------------------------------------------------------------------
