@@ -15,11 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .report import load
+from .report import auto_entry, load
 
 # Benchmark op name -> twa:: op name the table is keyed on.
 OPS = {"project": "project", "reconstruct": "reconstruct_", "orthogonalize": "orthogonalize_"}
 DEFAULT = "triton"
+DEFAULT_MARGIN = 0.03
 
 
 def entry(rows: list[dict], margin: float) -> dict[str, list[tuple[int, str]]]:
@@ -50,15 +51,10 @@ def entry(rows: list[dict], margin: float) -> dict[str, list[tuple[int, str]]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
-    parser.add_argument("--margin", type=float, default=0.03)
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     args = parser.parse_args(argv)
     meta, rows = load(args.results, "median")
-    card = meta.get("card", "unknown card")
-    table = entry(rows, args.margin)
-    print(f"# backend='auto' entry measured at commit {meta.get('commit', '?')} ({meta.get('datetime', '')})")
-    if not table:
-        print(f"# {card}: Triton everywhere (or no size with both backends measured)")
-    print(f"{card!r}: {table!r},")
+    print("\n".join(auto_entry(meta, rows, args.margin)))
     return 0
 
 
