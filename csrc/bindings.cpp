@@ -13,6 +13,7 @@
 
 #include "twa_common.h"
 #include "twa_launch.h"
+#include "twa_step.h"
 
 namespace {
 
@@ -237,11 +238,12 @@ void orthogonalize_phase_(const at::Tensor& basis, const at::Tensor& scales,
                                             c10::cuda::getCurrentCUDAStream().stream()));
 }
 
-void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
-                    const at::Tensor& counters, const at::Tensor& coord_grad,
-                    const at::Tensor& gram, const at::Tensor& pw0, const at::Tensor& lr, double momentum,
-                    double dampening, double weight_decay, bool nesterov) {
-  const char* op = "subspace_step_";
+// Checks of the K-dimensional step's arguments (op names the caller); workspace left null.
+twa::SubspaceStepArgs subspace_args(const char* op, const at::Tensor& alpha,
+                                    const at::Tensor& momentum_buffer, const at::Tensor& counters,
+                                    const at::Tensor& coord_grad, const at::Tensor& gram,
+                                    const at::Tensor& pw0, const at::Tensor& lr, double momentum,
+                                    double dampening, double weight_decay, bool nesterov) {
   check_cuda(op, "alpha", alpha);
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor*>{"momentum_buffer", &momentum_buffer},
@@ -249,8 +251,8 @@ void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
         {"lr", &lr}}) {
     check_same_device(op, name, *t, alpha);
   }
-  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) >= 1,
-              "twa_cuda::subspace_step_: alpha must be a non-empty vector, got ", alpha.sizes());
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) >= 1, "twa_cuda::", op,
+              ": alpha must be a non-empty vector, got ", alpha.sizes());
   const int64_t K = alpha.size(0);
   check_vector(op, "alpha", alpha, K, at::kFloat);
   check_vector(op, "momentum_buffer", momentum_buffer, K, at::kFloat);
@@ -259,15 +261,11 @@ void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
   check_vector(op, "counters", counters, 2, at::kLong);
   TORCH_CHECK(gram.dim() == 2 && gram.size(0) == K && gram.size(1) == K &&
                   gram.scalar_type() == at::kFloat && gram.is_contiguous(),
-              "twa_cuda::subspace_step_: gram must be a contiguous float32 [", K, ", ", K,
-              "], got ", gram.scalar_type(), " ", gram.sizes());
+              "twa_cuda::", op, ": gram must be a contiguous float32 [", K, ", ", K, "], got ",
+              gram.scalar_type(), " ", gram.sizes());
+  TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == at::kFloat, "twa_cuda::", op,
+              ": lr must be a 0-dim float32 tensor, got ", lr.scalar_type(), " ", lr.sizes());
 
-  TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == at::kFloat,
-              "twa_cuda::subspace_step_: lr must be a 0-dim float32 tensor, got ", lr.scalar_type(), " ",
-              lr.sizes());
-
-  const c10::cuda::CUDAGuard guard(alpha.device());
-  at::Tensor workspace = at::empty({K}, alpha.options());
   twa::SubspaceStepArgs a;
   a.alpha = alpha.data_ptr<float>();
   a.momentum_buffer = momentum_buffer.data_ptr<float>();
@@ -275,7 +273,7 @@ void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
   a.coord_grad = coord_grad.data_ptr<float>();
   a.gram = gram.data_ptr<float>();
   a.pw0 = pw0.data_ptr<float>();
-  a.workspace = workspace.data_ptr<float>();
+  a.workspace = nullptr;
   a.K = K;
   a.lr = lr.data_ptr<float>();
   a.use_momentum = momentum != 0.0;
@@ -284,7 +282,158 @@ void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
   a.use_weight_decay = weight_decay != 0.0;
   a.weight_decay = static_cast<float>(weight_decay);
   a.nesterov = nesterov;
+  return a;
+}
+
+void subspace_step_(const at::Tensor& alpha, const at::Tensor& momentum_buffer,
+                    const at::Tensor& counters, const at::Tensor& coord_grad,
+                    const at::Tensor& gram, const at::Tensor& pw0, const at::Tensor& lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov) {
+  const char* op = "subspace_step_";
+  twa::SubspaceStepArgs a = subspace_args(op, alpha, momentum_buffer, counters, coord_grad, gram,
+                                          pw0, lr, momentum, dampening, weight_decay, nesterov);
+  const c10::cuda::CUDAGuard guard(alpha.device());
+  at::Tensor workspace = at::empty({a.K}, alpha.options());
+  a.workspace = workspace.data_ptr<float>();
   check_launch(op, twa::subspace_step(a, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// ---- the fused step over a parameter list (step.cu) -------------------------------------------
+
+// The tables of twa_kernels._param_table: ptab int64 [params, 8], btab int64 [nblk >= 1, 4].
+// Their contents (addresses, offsets) are read by the kernels only: checking them here would
+// copy them to the host.
+twa::StepTables step_tables(const char* op, const at::Tensor& ptab, const at::Tensor& btab,
+                            const at::Tensor& ref) {
+  check_same_device(op, "ptab", ptab, ref);
+  check_same_device(op, "btab", btab, ref);
+  for (const auto& [name, t, fields] :
+       {std::tuple<const char*, const at::Tensor*, int64_t>{"ptab", &ptab, twa::step::kParamFields},
+        {"btab", &btab, twa::step::kBlockFields}}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) >= 1 && t->size(1) == fields, "twa_cuda::", op, ": ",
+                name, " must have shape [n >= 1, ", fields, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kLong, "twa_cuda::", op, ": ", name,
+                " must be int64, got ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "twa_cuda::", op, ": ", name, " must be contiguous");
+  }
+  twa::StepTables tables;
+  tables.ptab = ptab.data_ptr<int64_t>();
+  tables.btab = btab.data_ptr<int64_t>();
+  tables.nblk = btab.size(0);
+  return tables;
+}
+
+twa::StepProjectSizes project_sizes(const char* op, const twa::BasisView& bv, int64_t nblk,
+                                    int sms) {
+  twa::StepProjectSizes sizes;
+  const cudaError_t err = twa::step_project_sizes(bv, nblk, sms, &sizes);
+  TORCH_CHECK(err == cudaSuccess, "twa_cuda::", op, ": sizing the projection failed: ",
+              cudaGetErrorString(err));
+  return sizes;
+}
+
+// [splits, K tiles, block columns] of the fused step's projection: its partials are float32
+// [splits, K], its tickets int32 [K tiles] (zero before the first call), and the tables must
+// cut the parameters into blocks of that many columns.
+std::vector<int64_t> step_sizes(const at::Tensor& basis, int64_t nblk) {
+  const char* op = "step_sizes";
+  check_cuda(op, "basis", basis);
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) >= 1 && basis.size(1) >= 1, "twa_cuda::", op,
+              ": basis must be 2-D [K >= 1, D >= 1], got ", basis.sizes());
+  TORCH_CHECK(nblk >= 1, "twa_cuda::", op, ": nblk must be >= 1, got ", nblk);
+  const c10::cuda::CUDAGuard guard(basis.device());
+  twa::BasisView bv;
+  bv.data = basis.data_ptr();
+  bv.ld = basis.size(0) == 1 ? basis.size(1) : basis.stride(0);
+  bv.K = basis.size(0);
+  bv.D = basis.size(1);
+  bv.dtype = to_dtype(op, "basis", basis, false);
+  const twa::StepProjectSizes sizes = project_sizes(op, bv, nblk, sm_count(basis));
+  return {sizes.splits, sizes.k_tiles, twa::step::kBlockCols};
+}
+
+// Checks the projection's workspaces against the sizes for this basis and table.
+twa::StepProjectArgs step_project_args(const char* op, const twa::StepTables& tables,
+                                       const at::Tensor& basis, const at::Tensor& scales,
+                                       const at::Tensor& partials, const at::Tensor& tickets,
+                                       const at::Tensor& out) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"scales", &scales}, {"partials", &partials},
+        {"tickets", &tickets}, {"out", &out}}) {
+    check_same_device(op, name, *t, basis);
+  }
+  const twa::BasisView bv = basis_view(op, basis, scales);
+  const int sms = sm_count(basis);
+  const twa::StepProjectSizes sizes = project_sizes(op, bv, tables.nblk, sms);
+  TORCH_CHECK(partials.dim() == 2 && partials.size(0) == sizes.splits && partials.size(1) == bv.K &&
+                  partials.scalar_type() == at::kFloat && partials.is_contiguous(),
+              "twa_cuda::", op, ": partials must be a contiguous float32 [", sizes.splits, ", ",
+              bv.K, "] (twa_cuda::step_sizes), got ", partials.scalar_type(), " ",
+              partials.sizes());
+  check_vector(op, "tickets", tickets, sizes.k_tiles, at::kInt);
+  check_vector(op, "out", out, bv.K, at::kFloat);
+  twa::StepProjectArgs a;
+  a.tables = tables;
+  a.basis = bv;
+  a.scales = scales.data_ptr<float>();
+  a.partials = partials.data_ptr<float>();
+  a.tickets = reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>());
+  a.out = out.data_ptr<float>();
+  a.sm_count = sms;
+  return a;
+}
+
+// out = P^T g of the gradients the tables point at: one launch.
+void step_project_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tensor& basis,
+                   const at::Tensor& scales, const at::Tensor& partials, const at::Tensor& tickets,
+                   const at::Tensor& out) {
+  const char* op = "step_project_";
+  check_cuda(op, "basis", basis);
+  const c10::cuda::CUDAGuard guard(basis.device());  // the occupancy cache is per device
+  const twa::StepTables tables = step_tables(op, ptab, btab, basis);
+  const twa::StepProjectArgs a =
+      step_project_args(op, tables, basis, scales, partials, tickets, out);
+  check_launch(op, twa::step_project(a, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// The whole step: P^T g into coord_grad, the K-dimensional step (direction: its [K] workspace),
+// then every parameter the tables point at <- w0 + P alpha. Four launches, no host sync.
+void fused_step_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tensor& w0,
+                 const at::Tensor& basis, const at::Tensor& scales, const at::Tensor& alpha,
+                 const at::Tensor& momentum_buffer, const at::Tensor& counters,
+                 const at::Tensor& gram, const at::Tensor& pw0, const at::Tensor& lr,
+                 const at::Tensor& partials, const at::Tensor& tickets,
+                 const at::Tensor& coord_grad, const at::Tensor& direction, double momentum,
+                 double dampening, double weight_decay, bool nesterov) {
+  const char* op = "fused_step_";
+  check_cuda(op, "basis", basis);
+  const c10::cuda::CUDAGuard guard(basis.device());  // the occupancy cache is per device
+  const twa::StepTables tables = step_tables(op, ptab, btab, basis);
+  const twa::StepProjectArgs pa =
+      step_project_args(op, tables, basis, scales, partials, tickets, coord_grad);
+  check_same_device(op, "alpha", alpha, basis);
+  twa::SubspaceStepArgs sa = subspace_args(op, alpha, momentum_buffer, counters, coord_grad, gram,
+                                           pw0, lr, momentum, dampening, weight_decay, nesterov);
+  TORCH_CHECK(sa.K == pa.basis.K, "twa_cuda::fused_step_: alpha has ", sa.K,
+              " coordinates, the basis K=", pa.basis.K, " rows");
+  check_same_device(op, "direction", direction, basis);
+  check_vector(op, "direction", direction, sa.K, at::kFloat);
+  check_same_device(op, "w0", w0, basis);
+  check_vector(op, "w0", w0, pa.basis.D, at::kFloat);
+  sa.workspace = direction.data_ptr<float>();
+
+  twa::StepWriteArgs wa;
+  wa.tables = tables;
+  wa.basis = pa.basis;
+  wa.scales = pa.scales;
+  wa.w0 = w0.data_ptr<float>();
+  wa.alpha = sa.alpha;
+  wa.sm_count = pa.sm_count;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(op, twa::step_project(pa, stream));
+  check_launch(op, twa::subspace_step(sa, stream));
+  check_launch(op, twa::step_write(wa, stream));
 }
 
 }  // namespace
@@ -301,6 +450,17 @@ TORCH_LIBRARY(twa_cuda, m) {
       "subspace_step_(Tensor(a!) alpha, Tensor(b!) momentum_buffer, Tensor(c!) counters, "
       "Tensor coord_grad, Tensor gram, Tensor pw0, Tensor lr, float momentum, float dampening, "
       "float weight_decay, bool nesterov) -> ()");
+  m.def("step_sizes(Tensor basis, int nblk) -> int[]");
+  m.def(
+      "step_project_(Tensor ptab, Tensor btab, Tensor basis, Tensor scales, Tensor(a!) partials, "
+      "Tensor(b!) tickets, Tensor(c!) out) -> ()");
+  // Also writes every parameter the tables point at (not visible to the schema).
+  m.def(
+      "fused_step_(Tensor ptab, Tensor btab, Tensor w0, Tensor basis, Tensor scales, "
+      "Tensor(a!) alpha, Tensor(b!) momentum_buffer, Tensor(c!) counters, Tensor gram, "
+      "Tensor pw0, Tensor lr, Tensor(d!) partials, Tensor(e!) tickets, Tensor(f!) coord_grad, "
+      "Tensor(g!) direction, float momentum, float dampening, float weight_decay, "
+      "bool nesterov) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(twa_cuda, CUDA, m) {
@@ -310,6 +470,9 @@ TORCH_LIBRARY_IMPL(twa_cuda, CUDA, m) {
   m.impl("orthogonalize_workspace", &orthogonalize_workspace);
   m.impl("orthogonalize_phase_", &orthogonalize_phase_);
   m.impl("subspace_step_", &subspace_step_);
+  m.impl("step_sizes", &step_sizes);
+  m.impl("step_project_", &step_project_);
+  m.impl("fused_step_", &fused_step_);
 }
 
 TORCH_LIBRARY_IMPL(twa_cuda, CPU, m) {
@@ -319,6 +482,9 @@ TORCH_LIBRARY_IMPL(twa_cuda, CPU, m) {
   m.impl("orthogonalize_workspace", &orthogonalize_workspace);
   m.impl("orthogonalize_phase_", &orthogonalize_phase_);
   m.impl("subspace_step_", &subspace_step_);
+  m.impl("step_sizes", &step_sizes);
+  m.impl("step_project_", &step_project_);
+  m.impl("fused_step_", &fused_step_);
 }
 
 // Importing the module (prebuilt twa_kernels._C or the JIT build) runs the registrations above.

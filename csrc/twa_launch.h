@@ -99,4 +99,48 @@ struct SubspaceStepArgs {
 };
 cudaError_t subspace_step(const SubspaceStepArgs& a, cudaStream_t stream);
 
+// The fused step over a parameter list (step.cu), through the tables of
+// twa_kernels/_param_table.py (layout in twa_step.h): ptab int64 [params, 8], btab int64
+// [nblk, 4]. Gradients are read and parameters written at the addresses in ptab.
+struct StepTables {
+  const int64_t* ptab;
+  const int64_t* btab;
+  int64_t nblk;  // rows of btab (>= 1)
+};
+
+// Projection sizes: partials [splits, K] fp32, tickets [k_tiles] (zero before the first launch;
+// every launch leaves them zero).
+struct StepProjectSizes {
+  int64_t splits;
+  int64_t k_tiles;
+};
+cudaError_t step_project_sizes(const BasisView& basis, int64_t nblk, int sm_count,
+                               StepProjectSizes* out);
+
+// out[k] = scales[k] * sum_j basis[k, j] g[j], g the gradients the tables point at (zero where
+// a parameter has none). One launch: stage-1 partials, then the last block of threads of each K
+// tile adds them over the splits in a fixed order.
+struct StepProjectArgs {
+  StepTables tables;
+  BasisView basis;
+  const float* scales;
+  float* partials;    // step_project_sizes(...).splits x K
+  unsigned* tickets;  // step_project_sizes(...).k_tiles
+  float* out;         // [K]
+  int sm_count;
+};
+cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream);
+
+// Every parameter the tables point at <- w0[cols] + sum_k alpha[k] scales[k] basis[k, cols],
+// fp32, rounded once to the parameter's dtype. One launch.
+struct StepWriteArgs {
+  StepTables tables;
+  BasisView basis;
+  const float* scales;
+  const float* w0;
+  const float* alpha;
+  int sm_count;
+};
+cudaError_t step_write(const StepWriteArgs& a, cudaStream_t stream);
+
 }  // namespace twa

@@ -11,7 +11,8 @@ SOURCES = (
     "reconstruct.cu",
     "orthogonalize.cu",
     "subspace_step.cu",
+    "step.cu",
 )
-HEADERS = ("twa_common.h", "twa_launch.h", "twa_device.cuh")
+HEADERS = ("twa_common.h", "twa_launch.h", "twa_device.cuh", "twa_step.h")
 NVCC_FLAGS = ("-O3", "-lineinfo", "-std=c++17")
 CXX_FLAGS = ("-O3",)

@@ -1,0 +1,556 @@
+// The fused TWA step over a parameter list: each gradient read in place, each parameter written
+// in place, through the block and parameter tables of twa_kernels/_param_table.py (layout in
+// twa_step.h). With subspace_step.cu's two kernels in between, a step is four launches:
+//
+//   step_project_kernel  P^T g. Grid (K tiles of kTileRows rows, splits); each warp walks its
+//                        own contiguous range of table blocks, reading the block's gradient once
+//                        into registers and then the block's basis columns of the tile's rows,
+//                        several 16-byte loads in flight before any is used, into one fp32
+//                        accumulator per row per thread. One reduction per block of threads at
+//                        the end (warp butterflies, then warps in order) gives partials
+//                        [split, K]; the last block of threads to finish a K tile (an integer
+//                        ticket per tile, never a floating-point atomic) adds that tile's
+//                        partials over the splits in a fixed order and applies the scales.
+//   step_write_kernel    w = w0 + P alpha block by block, the K coefficients alpha * scales in
+//                        shared memory, one fp32 accumulator per column per thread, rounded once
+//                        to the parameter's dtype and stored at its address.
+//
+// A block takes 16-byte loads (and stores) when the table marks its parameter aligned, the
+// block is whole and the basis rows (and w0) start 16-byte aligned; otherwise masked scalar
+// ones. Every address is formed in 64 bits. Grids come from the occupancy of the kernels
+// (cached per device); the split of the blocks depends only on sizes and the card, so the
+// same inputs give the same bits.
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "twa_device.cuh"
+#include "twa_step.h"
+
+namespace twa {
+namespace {
+
+using step::kBlockCols;
+using step::kTileRows;
+
+// Basis 16-byte loads in flight per thread and row group (8 x 16 bytes).
+constexpr int kLoadsInFlight = 8;
+// Masked path: columns per thread (lane + 32 j) and rows per group.
+constexpr int kSlowCols = static_cast<int>(kBlockCols) / kWarp;
+constexpr int kSlowRows = 2;
+// Largest K whose coefficients fit the default 48 KiB of shared memory of the write kernel.
+constexpr int64_t kMaxWriteK = 12288;
+
+template <typename T>
+struct Tile {
+  static constexpr int V = kVecBytes / static_cast<int>(sizeof(T));     // values per 16 bytes
+  static constexpr int U = static_cast<int>(kBlockCols) / (kWarp * V);  // groups per thread
+  static constexpr int R = kLoadsInFlight / U;                          // rows per group
+  static_assert(U * kWarp * V == kBlockCols, "a block is a whole number of warp-wide loads");
+  static_assert(R >= 1 && kTileRows % R == 0, "row groups tile the K tile");
+};
+
+// One row of the block table with the fields of its parameter.
+struct Block {
+  int64_t first;   // first element within the parameter
+  int64_t col0;    // basis column of that element
+  int64_t values;  // valid values, <= kBlockCols
+  int64_t param_dtype;
+  int64_t grad_dtype;
+  uint64_t param_addr;
+  uint64_t grad_addr;
+  bool aligned;
+};
+
+__device__ __forceinline__ Block read_block(const int64_t* __restrict__ ptab,
+                                            const int64_t* __restrict__ btab, int64_t blk) {
+  const int64_t* b = btab + blk * step::kBlockFields;
+  const int64_t* p = ptab + b[step::kBlkParam] * step::kParamFields;
+  Block r;
+  r.first = b[step::kBlkFirst];
+  r.col0 = b[step::kBlkCol];
+  r.values = b[step::kBlkValues];
+  r.param_dtype = p[step::kParDType];
+  r.grad_dtype = p[step::kParGradDType];
+  r.param_addr = static_cast<uint64_t>(p[step::kParAddr]);
+  r.grad_addr = static_cast<uint64_t>(p[step::kParGradAddr]);
+  r.aligned = p[step::kParAligned] != 0;
+  return r;
+}
+
+// Runs the statement with G the C++ type of a table dtype code (nothing for kTabNoGrad).
+#define TWA_TABLE_DISPATCH(code, G, ...)  \
+  switch (code) {                         \
+    case step::kTabF32: {                 \
+      using G = float;                    \
+      __VA_ARGS__;                        \
+      break;                              \
+    }                                     \
+    case step::kTabBF16: {                \
+      using G = __nv_bfloat16;            \
+      __VA_ARGS__;                        \
+      break;                              \
+    }                                     \
+    case step::kTabF16: {                 \
+      using G = __half;                   \
+      __VA_ARGS__;                        \
+      break;                              \
+    }                                     \
+    default:                              \
+      break;                              \
+  }
+
+template <typename P>
+__device__ __forceinline__ P from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N consecutive values of type G at p (aligned to N * sizeof(G) bytes, 8 or a multiple of 16),
+// widened to fp32, in 16-byte (or one 8-byte) loads.
+template <typename G, int N>
+__device__ __forceinline__ void load_vec(const G* __restrict__ p, float* out) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(G));
+  if constexpr (kBytes % kVecBytes == 0) {
+    constexpr int E = kVecBytes / static_cast<int>(sizeof(G));
+#pragma unroll
+    for (int c = 0; c < kBytes / kVecBytes; ++c) {
+      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p) + c);
+      unpack16<G, float>(w, out + c * E);
+    }
+  } else {
+    static_assert(kBytes == 8, "8 or a multiple of 16 bytes");
+    const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+    const G* e = reinterpret_cast<const G*>(&w);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = Storage<G>::to_float(e[i]);
+  }
+}
+
+// N fp32 values rounded to P and stored at p (aligned as for load_vec).
+template <typename P, int N>
+__device__ __forceinline__ void store_vec(P* p, const float* v) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(P));
+  if constexpr (kBytes % kVecBytes == 0) {
+    constexpr int E = kVecBytes / static_cast<int>(sizeof(P));
+#pragma unroll
+    for (int c = 0; c < kBytes / kVecBytes; ++c) {
+      uint4 w;
+      P* e = reinterpret_cast<P*>(&w);
+#pragma unroll
+      for (int i = 0; i < E; ++i) e[i] = from_float<P>(v[c * E + i]);
+      reinterpret_cast<uint4*>(p)[c] = w;
+    }
+  } else {
+    static_assert(kBytes == 8, "8 or a multiple of 16 bytes");
+    uint2 w;
+    P* e = reinterpret_cast<P*>(&w);
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = from_float<P>(v[i]);
+    *reinterpret_cast<uint2*>(p) = w;
+  }
+}
+
+template <typename G>
+__device__ __forceinline__ const G* as_ptr(uint64_t addr) {
+  return reinterpret_cast<const G*>(addr);
+}
+
+// ---- projection ----------------------------------------------------------------------------
+
+// Whole aligned block: thread `lane` owns groups u * 32 + lane (V columns each) of the block,
+// so one warp-wide load reads 512 contiguous bytes of a row. For each group of R rows of the
+// tile, all R * U 16-byte loads are issued, then used. Rows past K repeat row K - 1 (their
+// accumulators are never written out).
+template <typename T, typename G>
+__device__ __forceinline__ void project_fast(const T* __restrict__ cols, int64_t ld, int64_t row0,
+                                             int64_t K, const Block& b, int lane,
+                                             float (&acc)[kTileRows]) {
+  constexpr int V = Tile<T>::V, U = Tile<T>::U, R = Tile<T>::R;
+  const int64_t lane_col = static_cast<int64_t>(lane) * V;
+  float g[U][V];
+  const G* grad = as_ptr<G>(b.grad_addr) + b.first + lane_col;
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_vec<G, V>(grad + u * kWarp * V, g[u]);
+#pragma unroll
+  for (int rg = 0; rg < kTileRows / R; ++rg) {
+    if (row0 + rg * R < K) {  // uniform across the block of threads
+      uint4 w[R][U];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = min64(row0 + rg * R + r, K - 1);
+        const T* p = cols + row * ld + lane_col;
+#pragma unroll
+        for (int u = 0; u < U; ++u) w[r][u] = __ldg(reinterpret_cast<const uint4*>(p + u * kWarp * V));
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float s = acc[rg * R + r];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          float v[V];
+          unpack16<T, float>(w[r][u], v);
+#pragma unroll
+          for (int e = 0; e < V; ++e) s = fmaf(v[e], g[u][e], s);
+        }
+        acc[rg * R + r] = s;
+      }
+    }
+  }
+}
+
+// Any block: thread `lane` owns columns lane + 32 j, masked to the block's values; scalar loads
+// of kSlowRows rows are issued, then used.
+template <typename T, typename G>
+__device__ __forceinline__ void project_slow(const T* __restrict__ cols, int64_t ld, int64_t row0,
+                                             int64_t K, const Block& b, int lane,
+                                             float (&acc)[kTileRows]) {
+  float g[kSlowCols];
+  const G* grad = as_ptr<G>(b.grad_addr) + b.first;
+#pragma unroll
+  for (int j = 0; j < kSlowCols; ++j) {
+    const int64_t c = lane + j * kWarp;
+    g[j] = c < b.values ? Storage<G>::to_float(grad[c]) : 0.f;
+  }
+#pragma unroll
+  for (int rg = 0; rg < kTileRows / kSlowRows; ++rg) {
+    if (row0 + rg * kSlowRows < K) {
+      float w[kSlowRows][kSlowCols];
+#pragma unroll
+      for (int r = 0; r < kSlowRows; ++r) {
+        const T* p = cols + min64(row0 + rg * kSlowRows + r, K - 1) * ld;
+#pragma unroll
+        for (int j = 0; j < kSlowCols; ++j) {
+          const int64_t c = lane + j * kWarp;
+          w[r][j] = c < b.values ? Storage<T>::to_float(p[c]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kSlowRows; ++r) {
+        float s = acc[rg * kSlowRows + r];
+#pragma unroll
+        for (int j = 0; j < kSlowCols; ++j) s = fmaf(w[r][j], g[j], s);
+        acc[rg * kSlowRows + r] = s;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    step_project_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
+                        int64_t nblk, step::BlockSplit split, const T* __restrict__ basis,
+                        int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
+                        float* __restrict__ partial, unsigned* __restrict__ tickets,
+                        float* __restrict__ out) {
+  __shared__ float red_s[kWarps][kTileRows];
+  __shared__ bool last_s;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t cta = blockIdx.y;
+  const int64_t gw = cta * kWarps + warp;
+
+  float acc[kTileRows];
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) acc[r] = 0.f;
+  const int64_t b_end = step::warp_end(split, nblk, gw);
+  for (int64_t blk = step::warp_begin(split, nblk, gw); blk < b_end; ++blk) {
+    const Block b = read_block(ptab, btab, blk);
+    if (b.values <= 0) continue;
+    const T* cols = basis + b.col0;
+    if (vec && b.aligned && b.values == kBlockCols) {
+      TWA_TABLE_DISPATCH(b.grad_dtype, G, project_fast<T, G>(cols, ld, row0, K, b, lane, acc));
+    } else {
+      TWA_TABLE_DISPATCH(b.grad_dtype, G, project_slow<T, G>(cols, ld, row0, K, b, lane, acc));
+    }
+  }
+
+  // The block of threads' partial sums: warp butterflies, then the warps in order.
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) {
+    const float s = warp_sum(acc[r]);
+    if (lane == 0) red_s[warp][r] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kTileRows && row0 + threadIdx.x < K) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += red_s[w][threadIdx.x];
+    partial[cta * K + row0 + threadIdx.x] = s;
+  }
+
+  // The last block of threads of this K tile adds the tile's partials over the splits.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_s = atomicAdd(tickets + blockIdx.x, 1u) == static_cast<unsigned>(split.ctas - 1);
+  }
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  for (int r = warp; r < kTileRows; r += kWarps) {
+    const int64_t row = row0 + r;
+    if (row >= K) break;  // uniform across the warp
+    float s = 0.f;
+    for (int64_t c = stage2_first(lane); c < split.ctas; c += stage2_stride()) {
+      s += __ldcg(partial + c * K + row);  // L2: written by other blocks of threads
+    }
+    s = warp_sum(s);
+    if (lane == 0) out[row] = s * scales[row];
+  }
+  if (threadIdx.x == 0) tickets[blockIdx.x] = 0u;  // ready for the next launch
+}
+
+// ---- write pass ----------------------------------------------------------------------------
+
+// The thread's U groups of V values (write_fast's layout), rounded to P, in vector stores.
+template <typename P, int V, int U>
+__device__ __forceinline__ void store_groups(const Block& b, int64_t lane_col,
+                                             const float (&acc)[U][V]) {
+  P* out = reinterpret_cast<P*>(b.param_addr) + b.first + lane_col;
+#pragma unroll
+  for (int u = 0; u < U; ++u) store_vec<P, V>(out + u * kWarp * V, acc[u]);
+}
+
+// The thread's columns lane + 32 j (write_slow's layout) below the block's values, rounded to P.
+template <typename P>
+__device__ __forceinline__ void store_masked(const Block& b, int lane, const float (&acc)[kSlowCols]) {
+  P* out = reinterpret_cast<P*>(b.param_addr) + b.first;
+#pragma unroll
+  for (int j = 0; j < kSlowCols; ++j) {
+    const int64_t c = lane + j * kWarp;
+    if (c < b.values) out[c] = from_float<P>(acc[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void write_fast(const T* __restrict__ cols, int64_t ld, int64_t K,
+                                           const float* coef_s, const float* __restrict__ w0c,
+                                           const Block& b, int lane) {
+  constexpr int V = Tile<T>::V, U = Tile<T>::U, R = Tile<T>::R;
+  const int64_t lane_col = static_cast<int64_t>(lane) * V;
+  float acc[U][V];
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_vec<float, V>(w0c + lane_col + u * kWarp * V, acc[u]);
+  int64_t k = 0;
+  for (; k + R <= K; k += R) {
+    uint4 w[R][U];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const T* p = cols + (k + r) * ld + lane_col;
+#pragma unroll
+      for (int u = 0; u < U; ++u) w[r][u] = __ldg(reinterpret_cast<const uint4*>(p + u * kWarp * V));
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float c = coef_s[k + r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float v[V];
+        unpack16<T, float>(w[r][u], v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[u][e] = fmaf(c, v[e], acc[u][e]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    uint4 w[U];
+    const T* p = cols + k * ld + lane_col;
+#pragma unroll
+    for (int u = 0; u < U; ++u) w[u] = __ldg(reinterpret_cast<const uint4*>(p + u * kWarp * V));
+    const float c = coef_s[k];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float v[V];
+      unpack16<T, float>(w[u], v);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[u][e] = fmaf(c, v[e], acc[u][e]);
+    }
+  }
+  TWA_TABLE_DISPATCH(b.param_dtype, P, store_groups<P, V, U>(b, lane_col, acc));
+}
+
+template <typename T>
+__device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t ld, int64_t K,
+                                           const float* coef_s, const float* __restrict__ w0c,
+                                           const Block& b, int lane) {
+  float acc[kSlowCols];
+#pragma unroll
+  for (int j = 0; j < kSlowCols; ++j) {
+    const int64_t c = lane + j * kWarp;
+    acc[j] = c < b.values ? w0c[c] : 0.f;
+  }
+  int64_t k = 0;
+  for (; k + kSlowRows <= K; k += kSlowRows) {
+    float w[kSlowRows][kSlowCols];
+#pragma unroll
+    for (int r = 0; r < kSlowRows; ++r) {
+      const T* p = cols + (k + r) * ld;
+#pragma unroll
+      for (int j = 0; j < kSlowCols; ++j) {
+        const int64_t c = lane + j * kWarp;
+        w[r][j] = c < b.values ? Storage<T>::to_float(p[c]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kSlowRows; ++r) {
+      const float c = coef_s[k + r];
+#pragma unroll
+      for (int j = 0; j < kSlowCols; ++j) acc[j] = fmaf(c, w[r][j], acc[j]);
+    }
+  }
+  for (; k < K; ++k) {
+    const T* p = cols + k * ld;
+    const float c = coef_s[k];
+#pragma unroll
+    for (int j = 0; j < kSlowCols; ++j) {
+      const int64_t col = lane + j * kWarp;
+      const float v = col < b.values ? Storage<T>::to_float(p[col]) : 0.f;
+      acc[j] = fmaf(c, v, acc[j]);
+    }
+  }
+  TWA_TABLE_DISPATCH(b.param_dtype, P, store_masked<P>(b, lane, acc));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    step_write_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
+                      int64_t nblk, step::BlockSplit split, const T* __restrict__ basis,
+                      int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
+                      const float* __restrict__ w0, const float* __restrict__ alpha) {
+  extern __shared__ float coef_s[];  // [K]: alpha * scales
+  for (int64_t i = threadIdx.x; i < K; i += kThreads) coef_s[i] = alpha[i] * scales[i];
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int64_t b_end = step::warp_end(split, nblk, gw);
+  for (int64_t blk = step::warp_begin(split, nblk, gw); blk < b_end; ++blk) {
+    const Block b = read_block(ptab, btab, blk);
+    if (b.values <= 0) continue;
+    if (vec && b.aligned && b.values == kBlockCols) {
+      write_fast<T>(basis + b.col0, ld, K, coef_s, w0 + b.col0, b, lane);
+    } else {
+      write_slow<T>(basis + b.col0, ld, K, coef_s, w0 + b.col0, b, lane);
+    }
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+// Resident blocks of threads per SM of `kernel` (current device), queried once per device,
+// kernel and shared memory size.
+cudaError_t resident_per_sm(const void* kernel, size_t smem, int* out) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const auto key = std::make_tuple(device, kernel, smem);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(key);
+  if (it != cache.end()) {
+    *out = it->second;
+    return cudaSuccess;
+  }
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  *out = n > 0 ? n : 1;
+  cache.emplace(key, *out);
+  return cudaSuccess;
+}
+
+template <typename T>
+const void* project_kernel_ptr() {
+  return reinterpret_cast<const void*>(&step_project_kernel<T>);
+}
+template <typename T>
+const void* write_kernel_ptr() {
+  return reinterpret_cast<const void*>(&step_write_kernel<T>);
+}
+
+// 16-byte loads of the basis: every row starts 16-byte aligned.
+bool basis_vec(const BasisView& b) {
+  const int es = dtype_size(b.dtype);
+  return reinterpret_cast<uint64_t>(b.data) % kVecBytes == 0 &&
+         (b.K == 1 || (b.ld * es) % kVecBytes == 0);
+}
+
+bool valid(const StepTables& t, const BasisView& b) {
+  return t.ptab != nullptr && t.btab != nullptr && t.nblk >= 1 && b.K >= 1 && b.D >= 1;
+}
+
+template <typename T>
+cudaError_t project_plan(const BasisView& basis, int64_t nblk, int sm_count,
+                         step::ProjectSplit* out) {
+  int per_sm = 1;
+  const cudaError_t err = resident_per_sm(project_kernel_ptr<T>(), 0, &per_sm);
+  if (err != cudaSuccess) return err;
+  *out = step::plan_project(basis.K, nblk, sm_count, per_sm, kWarps);
+  return cudaSuccess;
+}
+
+cudaError_t dispatch_project_plan(const BasisView& basis, int64_t nblk, int sm_count,
+                                  step::ProjectSplit* out) {
+  TWA_DISPATCH_STORAGE(basis.dtype, T, return project_plan<T>(basis, nblk, sm_count, out));
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t step_project_sizes(const BasisView& basis, int64_t nblk, int sm_count,
+                               StepProjectSizes* out) {
+  if (nblk < 1 || basis.K < 1) return cudaErrorInvalidValue;
+  step::ProjectSplit p;
+  const cudaError_t err = dispatch_project_plan(basis, nblk, sm_count, &p);
+  if (err != cudaSuccess) return err;
+  out->splits = p.split.ctas;
+  out->k_tiles = p.k_tiles;
+  return cudaSuccess;
+}
+
+cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream) {
+  const BasisView& b = a.basis;
+  if (!valid(a.tables, b)) return cudaErrorInvalidValue;
+  step::ProjectSplit p;
+  cudaError_t err = dispatch_project_plan(b, a.tables.nblk, a.sm_count, &p);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.k_tiles), static_cast<unsigned>(p.split.ctas));
+  const bool vec = basis_vec(b);
+  TWA_DISPATCH_STORAGE(b.dtype, T, {
+    step_project_kernel<T><<<grid, kThreads, 0, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const T*>(b.data), b.ld,
+        b.K, vec, a.scales, a.partials, a.tickets, a.out);
+    return cudaGetLastError();
+  });
+  return cudaSuccess;
+}
+
+cudaError_t step_write(const StepWriteArgs& a, cudaStream_t stream) {
+  const BasisView& b = a.basis;
+  if (!valid(a.tables, b) || b.K > kMaxWriteK) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(b.K) * sizeof(float);
+  const bool vec = basis_vec(b) && reinterpret_cast<uint64_t>(a.w0) % kVecBytes == 0;
+  TWA_DISPATCH_STORAGE(b.dtype, T, {
+    int per_sm = 1;
+    const cudaError_t err = resident_per_sm(write_kernel_ptr<T>(), smem, &per_sm);
+    if (err != cudaSuccess) return err;
+    const step::BlockSplit split = step::plan_write(a.tables.nblk, a.sm_count, per_sm, kWarps);
+    step_write_kernel<T><<<static_cast<unsigned>(split.ctas), kThreads, smem, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, split, static_cast<const T*>(b.data), b.ld,
+        b.K, vec, a.scales, a.w0, a.alpha);
+    return cudaGetLastError();
+  });
+  return cudaSuccess;
+}
+
+}  // namespace twa
