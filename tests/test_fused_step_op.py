@@ -197,3 +197,228 @@ def test_project_grads_names_bad_arguments():
         _ops.project_grads(params, grads, torch.empty(3), s["basis"], s["scales"], "torch")
     with pytest.raises(RuntimeError, match="params hold"):
         _ops.project_grads(params[:-1], grads[:-1], workspace, s["basis"], s["scales"], "torch")
+
+
+# ---- the fused steps (Triton, CUDA): awkward sizes, determinism, CUDA graphs, launches, syncs
+
+FUSED = ["triton", "cuda"]
+# (shape, dtype, grad, storage offset in values). Flat offsets 0, 1024, 2048, 2055, 3095, 3104,
+# 5204: whole 16-byte aligned blocks (0, 1024), a parameter without grad, a parameter at an
+# address 4 bytes past a 16-byte boundary, a strided grad (copied to be contiguous), flat
+# offsets that are not multiples of 16 (masked scalar path), partial last blocks.
+AWKWARD = [
+    ((1024,), torch.float32, "grad", 0),
+    ((16, 64), torch.bfloat16, "grad", 0),
+    ((7,), torch.float16, None, 0),
+    ((1040,), torch.float32, "grad", 1),
+    ((9,), torch.bfloat16, "strided", 0),
+    ((3, 700), torch.float16, "grad", 0),
+    ((513,), torch.float32, "grad", 0),
+]
+# Basis layouts (oracle.basis_in_layout): rows 128-byte aligned (16-byte loads), and rows that
+# do not share an alignment phase (scalar loads only).
+BASIS_LAYOUTS = ["padded", "odd-slice"]
+
+
+def awkward_problem(device, K, dtype, layout="padded", seed=0):
+    """``(params, grads, state, P)`` over AWKWARD; P the fp64 columns of the stored basis."""
+    from oracle import basis_in_layout
+
+    g = torch.Generator().manual_seed(seed)
+    params, grads = [], []
+    for shape, pdtype, grad, offset in AWKWARD:
+        n = torch.Size(shape).numel()
+        p = torch.empty(n + offset, dtype=pdtype, device=device)[offset:].view(shape)
+        p.copy_(torch.randn(shape, generator=g))
+        params.append(p)
+        if grad is None:
+            grads.append(None)
+        elif grad == "strided":
+            grads.append(torch.randn(*shape, 2, generator=g).to(device=device, dtype=pdtype)[..., 0])
+        else:
+            grads.append(torch.randn(shape, generator=g).to(device=device, dtype=pdtype))
+    D = sum(p.numel() for p in params)
+    Q, _ = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64))
+    scales = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
+    basis, _ = basis_in_layout(K, D, dtype, device, layout)
+    basis.copy_((Q.T / scales[:, None]).to(dtype))
+    P = basis.double().cpu() * scales[:, None]
+    state = dict(
+        w0=torch.randn(D, generator=g).to(device),
+        basis=basis,
+        scales=scales.float().to(device),
+        alpha=torch.zeros(K, device=device),
+        momentum_buffer=torch.zeros(K, device=device),
+        counters=torch.zeros(2, dtype=torch.int64, device=device),
+        gram=(P @ P.T).float().to(device),
+    )
+    state["pw0"] = (P @ state["w0"].double().cpu()).float().to(device)
+    return params, grads, state, P
+
+
+def fused_here(backend, device, K):
+    """Skip what cannot run here; under Triton's interpreter only the small ranks run."""
+    runs_here(backend, device)
+    if device.type == "cpu" and K > 8:
+        pytest.skip("K > 8 at these sizes: CUDA tensors only (minutes under Triton's interpreter)")
+
+
+def run_steps(backend, device, K, dtype, layout, n, hyper, seed=0):
+    """n steps (the second one skipped for a NaN gradient); ``(params, state)`` after them."""
+    params, grads, s, _ = awkward_problem(device, K, dtype, layout, seed)
+    workspace = torch.empty(s["w0"].numel(), device=device)
+    for k in range(n):
+        gk = list(grads)
+        if k == 1:
+            gk[0] = grads[0].clone()
+            gk[0].view(-1)[5] = float("nan")
+        ops.step_(params, gk, workspace, *s.values(), *hyper, backend=backend)
+    return params, s
+
+
+@pytest.mark.parametrize("layout", BASIS_LAYOUTS)
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("K", [1, 8, 301])
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_step_at_awkward_sizes_matches_the_fp64_oracle(backend, K, dtype, layout, device):
+    """One step from alpha = 0 (no momentum, no decay): alpha = -lr P^T g, w = w0 + P alpha, in
+    every parameter dtype, with aligned and masked blocks, a missing and a strided grad."""
+    fused_here(backend, device, K)
+    params, grads, s, P = awkward_problem(device, K, dtype, layout)
+    lr = 0.25
+    workspace = torch.empty(P.shape[1], device=device)
+    coord = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    ops.step_(params, grads, workspace, *s.values(), lr, backend=backend)
+    g = flat_grads(params, grads)
+    c = P @ g
+    assert_within(coord.cpu(), c, P.abs() @ g.abs(), TOL[dtype], "project_grads")
+    alpha = -lr * c
+    assert s["counters"].tolist() == [1, 0]
+    assert_within(s["alpha"].cpu(), alpha, lr * (P.abs() @ g.abs()), TOL[dtype], "alpha")
+    # w from the alpha the step took (its own rounding is checked above).
+    a = s["alpha"].double().cpu()
+    w = s["w0"].double().cpu() + a @ P
+    bound = s["w0"].double().cpu().abs() + a.abs() @ P.abs()
+    offset = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        tol = TOL[p.dtype] if p.dtype != torch.float32 else TOL[dtype]
+        assert_within(p.double().cpu().flatten(), w[offset : offset + n], bound[offset : offset + n], tol,
+                      f"params[{i}]")  # fmt: skip
+        offset += n
+
+
+@pytest.mark.parametrize("K", [1, 8, 301])
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_step_at_awkward_sizes_takes_the_reference_steps(backend, K, device):
+    """Four steps with momentum, decay and nesterov (one skipped: a NaN gradient) against the
+    torch backend, in every parameter dtype."""
+    fused_here(backend, device, K)
+    hyper = (0.1, 0.9, 0.0, 1e-2, True)
+    p_ref, s_ref = run_steps("torch", device, K, torch.float16, "padded", 4, hyper)
+    p, s = run_steps(backend, device, K, torch.float16, "padded", 4, hyper)
+    assert s["counters"].tolist() == s_ref["counters"].tolist() == [3, 1]
+    torch.testing.assert_close(s["alpha"], s_ref["alpha"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s["momentum_buffer"], s_ref["momentum_buffer"], atol=1e-6, rtol=1e-5)
+    for i, (x, y) in enumerate(zip(p, p_ref, strict=True)):
+        torch.testing.assert_close(x, y, atol=TOL[x.dtype][0], rtol=TOL[x.dtype][1], msg=f"params[{i}]")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_step_is_deterministic(backend, device):
+    """The same inputs give the same bits: no floating-point atomics, a fixed summation order."""
+    K = 37 if device.type == "cuda" else 5
+    fused_here(backend, device, K)
+    hyper = (0.1, 0.9, 0.0, 1e-2, False)
+    runs = [run_steps(backend, device, K, torch.float16, "padded", 3, hyper) for _ in range(2)]
+    (p1, s1), (p2, s2) = runs
+    assert torch.equal(s1["alpha"], s2["alpha"]) and torch.equal(s1["momentum_buffer"], s2["momentum_buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    params, grads, s, P = awkward_problem(device, K, torch.float16)
+    workspace = torch.empty(P.shape[1], device=device)
+    c1 = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    c2 = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    assert torch.equal(c1, c2)
+
+
+def cuda_only(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    runs_here(backend, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_step_cuda_graph_replays_match_eager_steps(backend):
+    """One eager step, then the step captured once and replayed with gradients written in place
+    (and a new lr written into its tensor): the same bits as eager steps."""
+    cuda_only(backend)
+    device, K, n = torch.device("cuda"), 37, 4
+    hyper = (0.9, 0.0, 1e-2, False)
+    new_grads = [awkward_problem(device, K, torch.float16, seed=10 + k)[1] for k in range(n)]
+
+    def setup():
+        params, grads, s, _ = awkward_problem(device, K, torch.float16)
+        grads = [None if g is None else g.contiguous() for g in grads]  # static grads
+        return params, grads, s, torch.empty(s["w0"].numel(), device=device), torch.tensor(0.1, device=device)
+
+    def load(grads, k):
+        for g, new in zip(grads, new_grads[k], strict=True):
+            if g is not None:
+                g.copy_(new)
+
+    params_e, grads_e, s_e, ws_e, lr_e = setup()
+    eager = []
+    for k in range(n):
+        load(grads_e, k)
+        ops.step_(params_e, grads_e, ws_e, *s_e.values(), lr_e, *hyper, backend=backend)
+        lr_e.mul_(0.5)
+        eager.append(([p.clone() for p in params_e], s_e["alpha"].clone()))
+
+    params, grads, s, ws, lr = setup()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load(grads, 0)
+        ops.step_(params, grads, ws, *s.values(), lr, *hyper, backend=backend)
+        lr.mul_(0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.step_(params, grads, ws, *s.values(), lr, *hyper, backend=backend)
+    for k in range(1, n):
+        load(grads, k)
+        graph.replay()
+        lr.mul_(0.5)
+        weights, alpha = eager[k]
+        assert torch.equal(s["alpha"], alpha), f"alpha after step {k}"
+        for i, (p, w) in enumerate(zip(params, weights, strict=True)):
+            assert torch.equal(p, w), f"params[{i}] after step {k}"
+    assert s["counters"].tolist() == s_e["counters"].tolist() == [n, 0]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_step_launches_at_most_4_kernels_without_host_sync(backend):
+    cuda_only(backend)
+    from torch.profiler import ProfilerActivity, profile
+
+    device, K = torch.device("cuda"), 37
+    params, grads, s, _ = awkward_problem(device, K, torch.float16)
+    grads = [None if g is None else g.contiguous() for g in grads]  # the parameter table is reused
+    args = (params, grads, torch.empty(s["w0"].numel(), device=device), *s.values(),
+            torch.tensor(0.1, device=device), 0.9, 0.0, 1e-2, False)  # fmt: skip
+    ops.step_(*args, backend=backend)  # first call: builds, autotunes, copies the table
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+        try:
+            ops.step_(*args, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    kernels = [
+        e.name
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    assert 1 <= len(kernels) <= 4, kernels
+    assert s["counters"].tolist() == [2, 0]

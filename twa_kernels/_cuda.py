@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import reference
 from ._cuda_build import CXX_FLAGS, HEADERS, NVCC_FLAGS, SOURCES  # noqa: F401 (HEADERS: for callers)
 from ._layout import warn_if_narrow
+from ._ops import check_rank
+from ._param_table import BLOCK, Plan, plan_for
 
 EXTENSION_NAME = "twa_kernels_cuda"
 # Used when no GPU is visible to pick an architecture from: the H100/H200 generation.
@@ -193,7 +194,80 @@ def subspace_step_(
     )  # fmt: skip
 
 
-# The gradient projection and the step made of the CUDA ops (a flat workspace in and out),
-# until a fused CUDA step.
-project_grads = reference.gathered_projection(project)
-step_ = reference.composed_step(project_grads, subspace_step_, reconstruct_)
+# ---- the fused step: gradients read and parameters written in place, through the tables of
+# _param_table (csrc/step.cu)
+
+# (device, basis dtype, K, table blocks) -> (splits, K tiles) of the projection.
+_step_sizes: dict[tuple, tuple[int, int]] = {}
+
+
+def _projection_workspaces(plan: Plan, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """The plan's partials fp32 [splits, K] and tickets int32 [K tiles] (zeroed once: every
+    launch leaves them zero) for ``basis``; fixed addresses, so CUDA graphs can replay them."""
+    K = basis.shape[0]
+    nblk = plan.btab.shape[0]
+    key = (basis.device, basis.dtype, K, nblk)
+    sizes = _step_sizes.get(key)
+    if sizes is None:
+        splits, tiles, block = _ops().step_sizes(basis, nblk)
+        if block != BLOCK:
+            raise RuntimeError(
+                f"twa_kernels: the CUDA step cuts parameters into blocks of {block} columns, "
+                f"_param_table into blocks of {BLOCK}: rebuild the extension"
+            )
+        sizes = _step_sizes[key] = (splits, tiles)
+    splits, tiles = sizes
+    part = plan.workspace("cuda_step_partials", (splits, K))
+    fresh = ("cuda_step_tickets", (tiles,)) not in plan.work
+    tickets = plan.workspace("cuda_step_tickets", (tiles,))
+    if fresh:
+        tickets.zero_()
+    return part, tickets.view(torch.int32)
+
+
+def project_grads(
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, basis: Tensor, scales: Tensor
+) -> Tensor:
+    """``twa::project_grads`` on the CUDA backend (see ``reference.project_grads``): one kernel
+    reads ``grads`` in place (None: zero) and adds its partials over D in a fixed order;
+    ``workspace`` is not used. fp32 [K]."""
+    warn_if_narrow(basis, "cuda")
+    ops = _ops()
+    plan = plan_for(params, basis.device)
+    ptab, keep = plan.table(params, grads)
+    part, tickets = _projection_workspaces(plan, basis)
+    out = torch.empty(basis.shape[0], dtype=torch.float32, device=basis.device)
+    ops.step_project_(ptab, plan.btab, basis, scales, part, tickets, out)
+    del keep  # contiguous copies of strided grads live until the launch is queued
+    return out
+
+
+def step_(
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, w0: Tensor,
+    basis: Tensor, scales: Tensor, alpha: Tensor, momentum_buffer: Tensor, counters: Tensor,
+    gram: Tensor, pw0: Tensor, lr: Tensor, momentum: float, dampening: float,
+    weight_decay: float, nesterov: bool,
+) -> None:  # fmt: skip
+    """``twa::step_`` on the CUDA backend (see ``reference.step_``) in four launches: ``P^T g``
+    straight from ``grads``, the K-dimensional step (skipped on the device when ``P^T g`` is not
+    finite), then ``w0 + P alpha`` written into every parameter in its dtype. ``workspace`` is
+    not used; no host synchronisation.
+
+    CUDA graphs: the step can be captured once an eager step has run with the very ``.grad``
+    tensors the graph will read (see ``_param_table``); ``lr`` is read from device memory at
+    replay, the other hyperparameters are fixed at their capture values.
+    """
+    K, D = basis.shape
+    check_rank("fused TWA step", K)
+    warn_if_narrow(basis, "cuda")
+    ops = _ops()
+    plan = plan_for(params, basis.device)
+    torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
+    ptab, keep = plan.table(params, grads)
+    part, tickets = _projection_workspaces(plan, basis)
+    ops.fused_step_(
+        ptab, plan.btab, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr, part,
+        tickets, plan.workspace("cuda_step_coord", (K,)), plan.workspace("cuda_step_direction", (K,)),
+        float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+    )  # fmt: skip
+    del keep  # contiguous copies of strided grads live until all launches are queued
