@@ -180,8 +180,6 @@ __device__ __forceinline__ void project_fast(const T* __restrict__ cols, int64_t
   float g[U][V];
   const G* grad = as_ptr<G>(b.grad_addr) + b.first + lane_col;
 #pragma unroll
-  for (int u = 0; u < U; ++u) load_vec<G, V>(grad + u * kWarp * V, g[u]);
-#pragma unroll
   for (int rg = 0; rg < kTileRows / R; ++rg) {
     if (row0 + rg * R < K) {  // uniform across the block of threads
       uint4 w[R][U];
@@ -191,6 +189,10 @@ __device__ __forceinline__ void project_fast(const T* __restrict__ cols, int64_t
         const T* p = cols + row * ld + lane_col;
 #pragma unroll
         for (int u = 0; u < U; ++u) w[r][u] = __ldg(reinterpret_cast<const uint4*>(p + u * kWarp * V));
+      }
+      if (rg == 0) {  // the gradient's loads join the first row group's
+#pragma unroll
+        for (int u = 0; u < U; ++u) load_vec<G, V>(grad + u * kWarp * V, g[u]);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -245,8 +247,11 @@ __device__ __forceinline__ void project_slow(const T* __restrict__ cols, int64_t
   }
 }
 
+// Both kernels state 2 resident blocks of threads per SM (128 registers): with that minimum
+// stated ptxas keeps each row group's 16-byte loads ahead of their first use (without it the
+// 16-bit kernels used each pair of loads before issuing the next).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     step_project_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
                         int64_t nblk, step::BlockSplit split, const T* __restrict__ basis,
                         int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
@@ -422,7 +427,7 @@ __device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t l
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     step_write_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
                       int64_t nblk, step::BlockSplit split, const T* __restrict__ basis,
                       int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
