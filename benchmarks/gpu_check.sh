@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# One prepared GPU check: card and versions, install, the tests least verified first, the
-# benchmarks, the report.
+# One prepared GPU check: card and versions, install, the CUDA extension build, a short
+# correctness stage, the speed measurements the targets are stated for and the training-step
+# overhead, their report, then the larger test stages with the time that is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        (run from anywhere; OUT must be set)
 #
 # Made for a lent H200 (16 cores, torch 2.11 + triton 3.6.0 on the box's python3, no network).
-# Stages, in order, each with its own limit (seconds) and each writing its log to $OUT as it runs:
-#   card and versions; install (60); CUDA extension build (150);
-#   cuda-first (120): a representative subset of the backend-cuda tests of tests/test_op_*.py
-#     (every op x storage dtype x awkward sizes and layouts, determinism, agreement with the
-#     other backends, opcheck), the loader checks and the fused step (tests/test_triton_step.py),
-#     never yet run on a GPU -> tests_first.log;
-#   large-basis (150): tests/test_large_basis.py, all four ops on both backends and the fused
-#     step on a basis of 2.45e9 elements (> 2^31), 5 GB -> tests_large.log;
-#   tests (150): the rest of the suite as before, without what ran above -> tests.log;
-#   benchmarks (project 100, reconstruct 60, step 60, orthogonalize 40, train_step 50) ->
-#     bench.log, bench.json; report (30) -> report.md, chart.png.
+# Stages, in order, each with its own limit (seconds), each writing to $OUT as it ends; the
+# estimates are for an H200 (about 4.2 TB/s of copy bandwidth; Triton compiles a kernel config
+# in about a second on one core):
+#   card and versions (~5); install (60, ~10); CUDA extension build (150, ~30-60: ninja on 16
+#     cores, bindings.cpp with the torch headers is the longest);
+#   first (90, not yet timed on a GPU): the cuda-first subset of the op tests, the extension
+#     loader checks and the fused-step tests (tests/test_cuda_step.py too, where it exists),
+#     under xdist -> tests_first.log;
+#   bench: the speed targets, D = 25.6M (ResNet-50 size), fp16 basis, K = 8, 32, 101, 301, one
+#     vector, providers naive-fp32, naive-fp16-upcast, torch, triton, cuda (and for the step
+#     published, torch-fp32), each process measuring the copy bandwidth first:
+#       project (75, ~40: 20 cases of ~0.4 s timed, 28 Triton configs compiled and autotuned),
+#       reconstruct (50, ~25), step (75, ~45);
+#     then the training step, ResNet-50 batch 256 under bf16 autocast, K = 32 and 101,
+#       sgd-fused, triton, cuda, published, torch (100, ~60: cuDNN autotuning on the first
+#       step, then 10 cases of a model build and >= 13 steps of ~0.1-0.2 s);
+#     the results of each file are merged into bench.json and report.md as soon as it ends;
+#     -> bench.log, bench.json, report.md;
+#   report (30, ~5): report.md and chart.png; the targets as pass / fail / not measured, the
+#     backend="auto" entry and the training-step overheads also go to info.txt;
+#   large (150): tests/test_large_basis.py, the ops on both backends and the fused step on a
+#     basis of 2.45e9 elements (> 2^31), 5 GB -> tests_more.log;
+#   tests (150): the rest of the suite, without what ran above -> tests_more.log;
+#   more: orthogonalize at ResNet-50 size, project with a batch of 8, and GPT-2 size (D = 124M)
+#     of project, reconstruct and step (40 each), then the report again.
+# Memory: the largest cases are at K = 301, D = 25.6M: the 15.4 GB fp16 basis beside its 30.8 GB
+# fp32 twin (naive-fp32) or a 30.8 GB upcast of it (naive-fp16-upcast; the twin is freed
+# first): 46 GB of the 141; filling a basis takes milliseconds on the GPU. Expected total to the
+# end of the report: ~330 s (5 + 10 + 45 + 90 + 40 + 25 + 45 + 60 + 5).
 # The whole run stays within TWA_GPU_BUDGET seconds (default 570, for a command limit of 600):
-# a stage whose limit would pass it gets what is left (and is skipped under 20 s), so the
-# benchmarks get the time the tests leave. TWA_GPU_STAGES (default "first large tests bench")
-# picks stages, e.g. TWA_GPU_STAGES=bench for a second run of the benchmarks only. Run it with
-# timeout_s 600 and at least 13 minutes of device time left. Files left in $OUT (8 at most come
-# back): info.txt, tests_first.log, tests_large.log, tests.log, bench.log, bench.json,
-# report.md, chart.png (install.log only when the install fails).
+# a stage whose limit would pass it gets what is left (and is skipped under 20 s); benchmark
+# files keep 60 s for the training step and the report, the training step 20 s for the report.
+# TWA_GPU_STAGES (default "first bench large tests more") picks stages, e.g.
+# TWA_GPU_STAGES=bench for the measurements only. Run it with timeout_s 600 and at least 13
+# minutes of device time left. Files left in $OUT (8 at most come back): info.txt,
+# tests_first.log, bench.log, bench.json, report.md, chart.png, tests_more.log (install.log only
+# when the install fails).
 # Without .git on the box the commit is unknown: pass TWA_GIT_COMMIT=<sha> to record it.
 # Without pytest-benchmark on the box: carry its wheels in .wheels/ (pip download -d .wheels
 # pytest-benchmark py-cpuinfo) and they are installed from there.
@@ -38,7 +58,7 @@ unset TRITON_INTERPRET
 start=$SECONDS
 stage() { echo "=== $1 ($((SECONDS - start)) s)" | tee -a "$OUT/info.txt"; }
 BUDGET=${TWA_GPU_BUDGET:-570}
-STAGES=" ${TWA_GPU_STAGES:-first large tests bench} "
+STAGES=" ${TWA_GPU_STAGES:-first bench large tests more} "
 GRACE=30  # timeout -k: seconds between SIGINT and SIGKILL
 # limit <seconds> [reserve]: the stage's limit, cut to what the budget leaves after the kill
 # grace (and `reserve` seconds kept for later stages); prints nothing (and the caller skips the
@@ -79,7 +99,7 @@ else
 fi
 
 stage "CUDA extension build"
-# Built once here (ninja, cached in TORCH_EXTENSIONS_DIR) so the tests below time only tests.
+# Built once here (ninja, cached in TORCH_EXTENSIONS_DIR) so the stages below time only tests.
 timeout 150 "$PY" -c "import time; t = time.time(); from twa_kernels import _cuda; _cuda.load(); \
 print('extension built/loaded in %.1f s' % (time.time() - t))" 2>&1 | tail -n 5 | tee -a "$OUT/info.txt"
 
@@ -87,13 +107,15 @@ print('extension built/loaded in %.1f s' % (time.time() - t))" 2>&1 | tail -n 5 
 # they compile on several cores at once while sharing the one GPU.
 WORKERS=""
 if "$PY" -c "import xdist" 2>/dev/null; then WORKERS="-n ${TWA_GPU_TEST_WORKERS:-8}"; fi
-# run_tests <log> <limit> <pytest args...>: one pytest under the stage's limit, its log in $OUT.
-# Tests marked slow are CPU-bound scale checks that CI runs; they would only eat the limit here.
+# run_tests <log> <limit> <pytest args...>: one pytest under the stage's limit, appended to its
+# log in $OUT. Tests marked slow are CPU-bound scale checks that CI runs; they would only eat the
+# limit here.
 run_tests() {
   local log=$1 lim=$2
   shift 2
+  echo "=== pytest $* (limit $lim s)" >>"$OUT/$log"
   TWA_TEST_DEVICE=cuda timeout -s INT -k $GRACE "$lim" "$PY" -m pytest -q -rs -p no:cacheprovider \
-    -m "not slow" "$@" >"$OUT/$log" 2>&1
+    -m "not slow" "$@" >>"$OUT/$log" 2>&1
   echo "$log: exit $? (124: cut at its $lim s limit)" | tee -a "$OUT/info.txt"
   tail -n 3 "$OUT/$log" | tee -a "$OUT/info.txt"
 }
@@ -103,18 +125,62 @@ run_tests() {
 # 1_000_003; K = 1, 3, 301; batches 1 and 5 (and 0, 16, 17, 40); contiguous, aligned-slice and
 # odd-slice rows), determinism, agreement with the other backends (torch, triton), opcheck,
 # every orthogonalize_ (with the sharded all_reduce hook) and subspace_step_ test, the extension
-# loader's checks, plus the fused step's oracle, non-finite and generic-path tests. 194 tests
+# loader's checks, plus the fused step's oracle, non-finite and generic-path tests, and every
+# test of the CUDA fused step where tests/test_cuda_step.py exists. 194 tests without that file
 # (173 cuda-cuda tests of tests/test_op_*.py, 5 of test_backend.py, 16 of test_triton_step.py);
 # `TWA_TEST_DEVICE=cuda pytest --collect-only -q -k "$FIRST_K" $FIRST_FILES` lists them.
 FIRST_FILES="tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
   tests/test_op_subspace_step.py tests/test_backend.py tests/test_triton_step.py"
-FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck)) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path'
+if [ -f tests/test_cuda_step.py ]; then FIRST_FILES="$FIRST_FILES tests/test_cuda_step.py"; fi
+FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck)) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step'
 if wanted first; then
   stage "tests: cuda-first"
-  if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-120}"); then
+  if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-90}"); then
     # shellcheck disable=SC2086
     run_tests tests_first.log "$lim" $WORKERS $FIRST_FILES -k "$FIRST_K"
   fi
+fi
+
+# bench <file> <limit> <reserve> <pytest -k>: one benchmark file in its own pytest (a slow file
+# loses only its own results), then everything measured so far merged into $OUT/bench.json and
+# report.md, so that a run stopped later keeps it. SIGINT lets pytest-benchmark write what it
+# measured; -k 30 leaves it time to free the large inputs and write the JSON (with -k 10 two
+# files of a first H200 run came back empty). bench.log also gets each Triton kernel's
+# autotuning choice per shape (TRITON_PRINT_AUTOTUNING).
+JSONS=$(mktemp -d)
+NJSON=0
+bench() {
+  local name=$1 lim rc
+  lim=$(limit "$2" "$3") || { echo "bench_$name -k '$4' skipped (budget)" | tee -a "$OUT/info.txt"; return; }
+  NJSON=$((NJSON + 1))
+  echo "=== bench_$name -k '$4' (limit $lim s)" >>"$OUT/bench.log"
+  TRITON_PRINT_AUTOTUNING=1 timeout -s INT -k $GRACE "$lim" "$PY" -m pytest -q -rs -s \
+    -p no:cacheprovider "benchmarks/bench_$name.py" -k "$4" \
+    --benchmark-only --benchmark-json="$JSONS/$NJSON-$name.json" \
+    --benchmark-columns=min,median,rounds >>"$OUT/bench.log" 2>&1
+  rc=$?
+  echo "bench_$name -k '$4': exit $rc (124: cut at its $lim s limit) at $((SECONDS - start)) s" \
+    | tee -a "$OUT/info.txt"
+  merge_results --no-chart >/dev/null
+}
+# merge_results [report options]: bench.json and report.md from every benchmark JSON so far.
+merge_results() {
+  local files=("$JSONS"/*.json)
+  [ -e "${files[0]}" ] || return 0
+  timeout 60 "$PY" -m benchmarks.report "${files[@]}" --merged "$OUT/bench.json" --out "$OUT" "$@" \
+    2>>"$OUT/bench.log"
+}
+
+if wanted bench; then
+  stage "benchmarks: speed targets (D = 25.6M, K = 8, 32, 101, 301, fp16 basis, one vector)"
+  # Each file keeps 60 s for the training step and the report.
+  for spec in ${TWA_GPU_BENCH_PLAN:-project:75 reconstruct:50 step:75}; do
+    bench "${spec%%:*}" "${spec##*:}" 60 "${TWA_GPU_BENCH_K:-resnet50 and not B8}"
+  done
+  stage "benchmarks: training step (ResNet-50, bf16 autocast, K = 32 and 101, against SGD fused)"
+  bench train_step "${TWA_GPU_TRAIN_LIMIT:-100}" 20 "${TWA_GPU_TRAIN_K:-resnet50}"
+  stage "report"
+  merge_results 2>&1 | tee -a "$OUT/info.txt"
 fi
 
 # Past 2^31 elements (k x D at ResNet-50 / GPT-2 sizes): all four ops on both backends and the
@@ -122,7 +188,7 @@ fi
 if wanted large; then
   stage "tests: large-basis"
   if lim=$(limit "${TWA_GPU_LARGE_LIMIT:-150}"); then
-    run_tests tests_large.log "$lim" tests/test_large_basis.py
+    run_tests tests_more.log "$lim" tests/test_large_basis.py
   fi
 fi
 
@@ -132,64 +198,30 @@ if wanted tests; then
   TESTS=${TWA_GPU_TESTS:-"tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
     tests/test_op_subspace_step.py tests/test_triton_step.py tests"}
   DESELECT=()
-  if wanted first; then  # what the cuda-first stage ran
-    # shellcheck disable=SC2086
-    while read -r id; do DESELECT+=(--deselect "$id"); done < <(
-      TWA_TEST_DEVICE=cuda "$PY" -m pytest --collect-only -q -p no:cacheprovider $FIRST_FILES \
-        -k "$FIRST_K" 2>/dev/null | grep '::')
-  fi
-  if lim=$(limit "${TWA_GPU_TEST_LIMIT:-150}"); then
-    # shellcheck disable=SC2086
-    run_tests tests.log "$lim" $WORKERS --ignore=tests/test_large_basis.py "${DESELECT[@]}" $TESTS
+  # Listing what the cuda-first stage ran takes ~10 s: only when the stage can run after it.
+  if limit 150 20 >/dev/null; then
+    if wanted first; then
+      # shellcheck disable=SC2086
+      while read -r id; do DESELECT+=(--deselect "$id"); done < <(
+        TWA_TEST_DEVICE=cuda "$PY" -m pytest --collect-only -q -p no:cacheprovider $FIRST_FILES \
+          -k "$FIRST_K" 2>/dev/null | grep '::')
+    fi
+    if lim=$(limit "${TWA_GPU_TEST_LIMIT:-150}"); then
+      # shellcheck disable=SC2086
+      run_tests tests_more.log "$lim" $WORKERS --ignore=tests/test_large_basis.py "${DESELECT[@]}" $TESTS
+    fi
   fi
 fi
 
-if wanted bench; then
-stage "benchmarks"
-# One pytest per file, each with its own limit (seconds): a slow file loses only its own results.
-# SIGINT lets pytest-benchmark write what it measured; -k 30 leaves it time to free the large
-# inputs and write the JSON (with -k 10 two files of a first H200 run came back empty).
-# TWA_GPU_BENCH_K selects shapes (pytest -k); by default the sizes the targets are stated for.
-# bench.log also gets each Triton kernel's autotuning choice per shape (TRITON_PRINT_AUTOTUNING).
-JSONS=$(mktemp -d)
-: >"$OUT/bench.log"
-SELECT=${TWA_GPU_BENCH_K:-"resnet50 or gpt2"}
-# Each file's limit is cut to the budget, keeping 60 s for the report.
-for spec in ${TWA_GPU_BENCH_PLAN:-project:100 reconstruct:60 step:60 orthogonalize:40 train_step:50}; do
-  name=${spec%%:*}
-  lim=$(limit "${spec##*:}" 60) || { echo "bench_$name skipped (budget)" | tee -a "$OUT/info.txt"; continue; }
-  TRITON_PRINT_AUTOTUNING=1 timeout -s INT -k $GRACE "$lim" "$PY" -m pytest -q -rs -s \
-    -p no:cacheprovider "benchmarks/bench_$name.py" -k "$SELECT" \
-    --benchmark-only --benchmark-json="$JSONS/$name.json" \
-    --benchmark-columns=min,median,rounds >>"$OUT/bench.log" 2>&1
-  echo "bench_$name exit $? (124: timed out)" | tee -a "$OUT/info.txt"
-done
-"$PY" - "$OUT/bench.json" "$JSONS"/*.json <<'EOF' 2>&1 | tee -a "$OUT/info.txt"
-import json, sys
-out, paths = sys.argv[1], sys.argv[2:]
-merged = None
-for path in paths:
-    try:
-        data = json.load(open(path))
-    except (OSError, ValueError) as exc:
-        print("skipping", path, exc)
-        continue
-    if merged is None:
-        merged = data
-    else:
-        merged["benchmarks"] += data["benchmarks"]
-if merged is None:
-    print("no benchmark results")
-else:
-    json.dump(merged, open(out, "w"), indent=1)
-    print(len(merged["benchmarks"]), "results in", out)
-EOF
-
-stage "report"
-if [ -s "$OUT/bench.json" ]; then
-  timeout 30 "$PY" -m benchmarks.report "$OUT/bench.json" --out "$OUT" 2>&1 | tee -a "$OUT/info.txt"
-  # The card's backend="auto" entry for twa_kernels/_auto_table.py, from the same run.
-  timeout 30 "$PY" -m benchmarks.auto_table "$OUT/bench.json" 2>&1 | tee -a "$OUT/info.txt"
-fi
+if wanted more; then
+  stage "benchmarks: more sizes (only with time left)"
+  before=$NJSON
+  bench orthogonalize 40 20 "resnet50"
+  bench project 40 20 "resnet50 and B8"
+  for name in project reconstruct step; do bench "$name" 40 20 "gpt2"; done
+  if [ "$NJSON" -gt "$before" ]; then
+    stage "report (again)"
+    merge_results 2>&1 | tee -a "$OUT/info.txt"
+  fi
 fi
 stage "done"
