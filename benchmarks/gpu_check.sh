@@ -11,9 +11,9 @@
 # in about a second on one core):
 #   card and versions (~5); install (60, ~10); CUDA extension build (150, ~30-60: ninja on 16
 #     cores, bindings.cpp with the torch headers is the longest);
-#   first (90, not yet timed on a GPU): the cuda-first subset of the op tests, the extension
-#     loader checks and the fused-step tests (tests/test_cuda_step.py too, where it exists),
-#     under xdist -> tests_first.log;
+#   first (90, not yet timed on a GPU): 232 tests, the cuda-first subset of the op tests, the
+#     CUDA and Triton fused steps and the extension loader checks, under xdist
+#     -> tests_first.log;
 #   bench: the speed targets, D = 25.6M (ResNet-50 size), fp16 basis, K = 8, 32, 101, 301, one
 #     vector, providers naive-fp32, naive-fp16-upcast, torch, triton, cuda (and for the step
 #     published, torch-fp32), each process measuring the copy bandwidth first:
@@ -124,15 +124,18 @@ run_tests() {
 # backend cuda (ids cuda-cuda), every op x storage dtype x awkward sizes (D = 1, prime,
 # 1_000_003; K = 1, 3, 301; batches 1 and 5 (and 0, 16, 17, 40); contiguous, aligned-slice and
 # odd-slice rows), determinism, agreement with the other backends (torch, triton), opcheck,
-# every orthogonalize_ (with the sharded all_reduce hook) and subspace_step_ test, the extension
-# loader's checks, plus the fused step's oracle, non-finite and generic-path tests, and every
-# test of the CUDA fused step where tests/test_cuda_step.py exists. 194 tests without that file
-# (173 cuda-cuda tests of tests/test_op_*.py, 5 of test_backend.py, 16 of test_triton_step.py);
+# every orthogonalize_ (with the sharded all_reduce hook) and subspace_step_ test, the CUDA
+# fused step (step_ and project_grads: fp64 oracles at awkward sizes, reference steps,
+# determinism, opcheck, CUDA graph replay, launch count), the extension loader's checks, plus
+# the Triton fused step's oracle, non-finite, generic-path and launch-count tests, and
+# tests/test_cuda_step.py (the CUDA step's splits, largest rank, argument messages).
+# 232 tests: 173 cuda-cuda tests of tests/test_op_*.py, 33 of test_fused_step_op.py, 5 of
+# test_backend.py, 17 of test_triton_step.py, 4 of test_cuda_step.py;
 # `TWA_TEST_DEVICE=cuda pytest --collect-only -q -k "$FIRST_K" $FIRST_FILES` lists them.
 FIRST_FILES="tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
-  tests/test_op_subspace_step.py tests/test_backend.py tests/test_triton_step.py"
-if [ -f tests/test_cuda_step.py ]; then FIRST_FILES="$FIRST_FILES tests/test_cuda_step.py"; fi
-FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck)) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step'
+  tests/test_op_subspace_step.py tests/test_fused_step_op.py tests/test_backend.py tests/test_triton_step.py
+  tests/test_cuda_step.py"
+FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck or one_step or reference_steps or project_grads or fused_step)) or (graph_replays and cuda]) or (launches_at_most and cuda]) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step'
 if wanted first; then
   stage "tests: cuda-first"
   if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-90}"); then
