@@ -1,51 +1,166 @@
 // project: out[b, k] = scales[k] * sum_j basis[k, j] x[b, j], fp32 accumulation.
 //
-// Stage 1: grid (K tiles, splits over D). blockIdx.x (the K tile) varies fastest, so the blocks
-// that read the same columns of x run together and share them through L2: DRAM sees x about
-// once while the basis, the bulk of the bytes (2 K D), streams through once. Each block walks
-// its contiguous range of column tiles: x tile to shared memory, then dot_rows for its
-// kRowsPerTile rows, accumulating per-row sums in shared memory; at the end it writes one
-// partial per (b, k) to the workspace. Stage 2 adds the partials over splits in a fixed order
-// and applies the row scale.
+// Stage 1, a split-K GEMV: grid (K tiles, splits over D). blockIdx.x (the K tile) varies
+// fastest, so the blocks that read the same columns of x run together and share them through
+// L2; the basis, the bulk of the bytes (2 K D), streams through once with evict-first loads. K
+// is cut into balanced tiles of at most project_rows_per_block rows (301 rows at B = 1: ten
+// tiles of 30 or 31), D into contiguous ranges of column steps, one per split, and the grid
+// holds K tiles x splits <= resident blocks per SM x SMs blocks: one wave.
+//
+// Inside a block, warp w owns rows w, w + kWarps, ... (RW of them) and each lane keeps RW x BMAX
+// fp32 sums in registers over the whole column range: per step it issues the RW x G 16-byte
+// loads of its groups first, then reads x (L1-cached: the block's warps read the same columns)
+// and accumulates. Steps made of full groups take this path; the partial first and last steps
+// of the range take masked scalar loads. No barrier and no shared memory: after the range, one
+// butterfly per (row, batch row) and lane 0 writes the block's partial. Stage 2 adds the
+// partials over splits in a fixed order and applies the row scale.
+//
+// Summation order (fixed, independent of timing; it changed with this layout): lane l adds the
+// steps of its split in the order masked head, masked tail, full steps ascending; within a step
+// groups u = 0..G-1 and elements e = 0..V-1, the products of columns c0 + (u * 32 + l) * V + e;
+// then the xor butterfly over lanes; then stage 2 over splits. Batches of more than
+// kProjectBatch rows run in passes of kProjectBatch rows (the basis is read once per pass).
 #include "twa_device.cuh"
 
 namespace twa {
 namespace {
 
+// x[b, col0 + e] for e < V as fp32; masked (zero outside [0, D)) when MASK.
+template <typename XT, int V, bool MASK>
+__device__ __forceinline__ void load_x(const XT* __restrict__ xb, int64_t col0, const ColumnLayout& L,
+                                       float* xv) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const int64_t c = col0 + e;
+    if (MASK) {
+      xv[e] = col_valid(L, c) ? Storage<XT>::to_float(__ldg(xb + c)) : 0.f;
+    } else {
+      xv[e] = Storage<XT>::to_float(__ldg(xb + c));
+    }
+  }
+}
+
+template <typename T, typename XT, int BMAX>
+__device__ __forceinline__ void project_block(const T* __restrict__ basis, int64_t ld, int64_t K,
+                                              const ColumnLayout& L, const SplitPlan& plan,
+                                              const XT* __restrict__ x, int B,
+                                              float* __restrict__ partial) {
+  constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
+  constexpr int RW = project_rows_per_warp(BMAX);
+  constexpr int G = project_groups_per_step(BMAX);
+  constexpr int TD = project_step_cols(V, BMAX);
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+
+  const int64_t k_tiles = gridDim.x;
+  const int64_t row0 = balanced_begin(K, k_tiles, blockIdx.x);
+  const int rows = static_cast<int>(balanced_begin(K, k_tiles, blockIdx.x + 1) - row0);
+  const int64_t split = blockIdx.y;
+
+  // Row i of this warp; a row past the tile reads row0 (valid memory) and is never written.
+  const T* row_ptr[RW];
+#pragma unroll
+  for (int i = 0; i < RW; ++i) {
+    const int r = warp + i * kWarps;
+    row_ptr[i] = basis + (row0 + (r < rows ? r : 0)) * ld;
+  }
+  // Batch row b reads x row min(b, B - 1); rows b >= B are never written.
+  auto x_row = [&](int b) { return x + static_cast<int64_t>(b < B ? b : B - 1) * L.D; };
+
+  float acc[RW][BMAX];
+#pragma unroll
+  for (int i = 0; i < RW; ++i) {
+#pragma unroll
+    for (int b = 0; b < BMAX; ++b) acc[i][b] = 0.f;
+  }
+
+  // One step of TD columns from c0 with masked scalar loads.
+  auto masked_step = [&](int64_t c0) {
+#pragma unroll 1
+    for (int u = 0; u < G; ++u) {
+      const int64_t col0 = lane_group_col(c0, u, lane, V);
+      float v[RW][V];
+#pragma unroll
+      for (int i = 0; i < RW; ++i) load_group_scalar<T, float>(row_ptr[i], col0, L, v[i]);
+#pragma unroll
+      for (int b = 0; b < BMAX; ++b) {
+        float xv[V];
+        load_x<XT, V, true>(x_row(b), col0, L, xv);
+#pragma unroll
+        for (int i = 0; i < RW; ++i) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[i][b] = madd(v[i][e], xv[e], acc[i][b]);
+        }
+      }
+    }
+  };
+
+  const int64_t t_begin = split_tile_begin(plan, split);
+  const int64_t t_end = split_tile_end(plan, split);
+  const int64_t f_end = min64(t_end, full_tile_end(L, TD));
+  const int64_t f_begin = min64(t_end, max64(t_begin, full_tile_begin(L)));
+  // Masked steps: the head [t_begin, f_begin) (tile 0 at most) and the tail [f_end, t_end) (the
+  // last tile, or every step without 16-byte loads).
+  for (int part = 0; part < 2; ++part) {
+    const int64_t lo = part == 0 ? t_begin : max64(f_begin, f_end);
+    const int64_t hi = part == 0 ? f_begin : t_end;
+    for (int64_t t = lo; t < hi; ++t) masked_step(tile_col0(L, t, TD));
+  }
+  // Hot loop: full steps, all RW x G loads issued before any is consumed.
+  for (int64_t t = f_begin; t < f_end; ++t) {
+    const int64_t c0 = tile_col0(L, t, TD);
+    uint4 w[RW][G];
+#pragma unroll
+    for (int i = 0; i < RW; ++i) {
+#pragma unroll
+      for (int u = 0; u < G; ++u) w[i][u] = ld_stream16(row_ptr[i] + lane_group_col(c0, u, lane, V));
+    }
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      const int64_t col0 = lane_group_col(c0, u, lane, V);
+#pragma unroll
+      for (int b = 0; b < BMAX; ++b) {
+        float xv[V];
+        load_x<XT, V, false>(x_row(b), col0, L, xv);
+#pragma unroll
+        for (int i = 0; i < RW; ++i) {
+          float v[V];
+          unpack16<T, float>(w[i][u], v);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[i][b] = madd(v[e], xv[e], acc[i][b]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < RW; ++i) {
+    const int r = warp + i * kWarps;
+#pragma unroll
+    for (int b = 0; b < BMAX; ++b) {
+      const float s = warp_sum(acc[i][b]);
+      if (lane == 0 && r < rows && b < B) partial[partial_index(split, b, row0 + r, B, K)] = s;
+    }
+  }
+}
+
 template <typename T, int BMAX>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, kProjectMinBlocks)
     project_stage1(const T* __restrict__ basis, int64_t ld, int64_t K, ColumnLayout L,
                    SplitPlan plan, const void* __restrict__ x, DType x_dtype, int B,
                    float* __restrict__ partial) {
-  constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
-  constexpr int U = project_groups_per_lane(V, BMAX);
-  constexpr int TD = project_tile_cols(V, BMAX);
-  __shared__ __align__(16) float xs[BMAX * TD];
-  __shared__ float acc_s[BMAX * kRowsPerTile];
-
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
-  const int rows = static_cast<int>(min64(kRowsPerTile, K - row0));
-  const int64_t split = blockIdx.y;
-
-  for (int i = threadIdx.x; i < BMAX * kRowsPerTile; i += kThreads) acc_s[i] = 0.f;
-
-  const int64_t t_end = split_tile_end(plan, split);
-  for (int64_t tile = split_tile_begin(plan, split); tile < t_end; ++tile) {
-    const int64_t c0 = tile_col0(L, tile, TD);
-    __syncthreads();  // the previous tile's xs is no longer read; acc_s is initialised
-    for (int i = threadIdx.x; i < B * TD; i += kThreads) {
-      const int b = i / TD;
-      const int64_t col = c0 + (i - b * TD);
-      xs[i] = col_valid(L, col) ? load_as_float(x, x_dtype, b * L.D + col) : 0.f;
-    }
-    __syncthreads();
-    dot_rows<T, float, BMAX, U>(basis, ld, row0, rows, L, c0, xs, B, acc_s, kRowsPerTile);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < B * kRowsPerTile; i += kThreads) {
-    const int b = i / kRowsPerTile;
-    const int r = i - b * kRowsPerTile;
-    if (r < rows) partial[partial_index(split, b, row0 + r, B, K)] = acc_s[i];
+  switch (x_dtype) {
+    case DType::kFloat16:
+      project_block<T, __half, BMAX>(basis, ld, K, L, plan, static_cast<const __half*>(x), B,
+                                     partial);
+      break;
+    case DType::kBFloat16:
+      project_block<T, __nv_bfloat16, BMAX>(basis, ld, K, L, plan,
+                                            static_cast<const __nv_bfloat16*>(x), B, partial);
+      break;
+    default:
+      project_block<T, float, BMAX>(basis, ld, K, L, plan, static_cast<const float*>(x), B,
+                                    partial);
   }
 }
 
@@ -65,13 +180,47 @@ struct ProjectPlan {
   int64_t k_tiles;
 };
 
+template <typename T, int BMAX>
+int stage1_blocks_per_sm() {
+  return resident_blocks_per_sm(reinterpret_cast<const void*>(&project_stage1<T, BMAX>), kThreads, 0,
+                                kProjectMinBlocks);
+}
+
+template <typename T>
+int blocks_per_sm_for(int bmax) {
+  switch (bmax) {
+    case 1:
+      return stage1_blocks_per_sm<T, 1>();
+    case 2:
+      return stage1_blocks_per_sm<T, 2>();
+    default:
+      return stage1_blocks_per_sm<T, 4>();
+  }
+}
+
+int stage1_blocks_per_sm(DType dtype, int bmax) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return blocks_per_sm_for<__half>(bmax);
+    case DType::kBFloat16:
+      return blocks_per_sm_for<__nv_bfloat16>(bmax);
+    default:
+      return blocks_per_sm_for<float>(bmax);
+  }
+}
+
+// The only source of the plan: the workspace size and the launch derive it from the same
+// (basis, B, sm_count) on the same device.
 ProjectPlan plan_project(const BasisView& basis, int64_t B, int sm_count) {
   const int es = dtype_size(basis.dtype);
+  const int bmax = batch_tile(B);
   ProjectPlan p;
   p.layout = make_layout(reinterpret_cast<uint64_t>(basis.data), basis.ld, basis.K, basis.D, es);
-  const int TD = project_tile_cols(vec_elems(es), batch_tile(B));
-  p.k_tiles = ceil_div(basis.K, kRowsPerTile);
-  p.split = make_split_plan(num_tiles(p.layout, TD), max_splits_for(sm_count, p.k_tiles));
+  const int TD = project_step_cols(vec_elems(es), bmax);
+  p.k_tiles = ceil_div(basis.K, project_rows_per_block(bmax));
+  p.split = make_split_plan(
+      num_tiles(p.layout, TD),
+      max_splits_resident(sm_count, stage1_blocks_per_sm(basis.dtype, bmax), p.k_tiles));
   return p;
 }
 
@@ -96,26 +245,38 @@ cudaError_t dispatch_batch(const ProjectArgs& a, const ProjectPlan& p, cudaStrea
       return launch_project<T, 1>(a, p, stream);
     case 2:
       return launch_project<T, 2>(a, p, stream);
-    case 4:
-      return launch_project<T, 4>(a, p, stream);
-    case 8:
-      return launch_project<T, 8>(a, p, stream);
     default:
-      return launch_project<T, 16>(a, p, stream);
+      return launch_project<T, 4>(a, p, stream);
   }
 }
 
 }  // namespace
 
+// Batches above kProjectBatch rows run as passes of at most kProjectBatch rows, one after the
+// other on the stream, sharing the workspace.
 int64_t project_workspace_elems(const BasisView& basis, int64_t B, int sm_count) {
-  return plan_project(basis, B, sm_count).split.splits * B * basis.K;
+  int64_t elems = 0;
+  for (int64_t b0 = 0; b0 < B; b0 += kProjectBatch) {
+    const int64_t nb = min64(kProjectBatch, B - b0);
+    elems = max64(elems, plan_project(basis, nb, sm_count).split.splits * nb * basis.K);
+  }
+  return elems;
 }
 
 cudaError_t project(const ProjectArgs& a, cudaStream_t stream) {
   if (a.B < 1 || a.B > kMaxBatch || a.basis.K < 1 || a.basis.D < 1) return cudaErrorInvalidValue;
-  const ProjectPlan p = plan_project(a.basis, a.B, a.sm_count);
-  if (p.k_tiles > 0x7fffffff) return cudaErrorInvalidValue;
-  TWA_DISPATCH_STORAGE(a.basis.dtype, T, return dispatch_batch<T>(a, p, stream));
+  if (a.x_dtype == DType::kFloat64) return cudaErrorInvalidValue;
+  for (int64_t b0 = 0; b0 < a.B; b0 += kProjectBatch) {
+    ProjectArgs pass = a;
+    pass.B = min64(kProjectBatch, a.B - b0);
+    pass.x = static_cast<const char*>(a.x) + b0 * a.basis.D * dtype_size(a.x_dtype);
+    pass.out = a.out + b0 * a.basis.K;
+    const ProjectPlan p = plan_project(pass.basis, pass.B, pass.sm_count);
+    if (p.k_tiles > 0x7fffffff) return cudaErrorInvalidValue;
+    cudaError_t err = cudaSuccess;
+    TWA_DISPATCH_STORAGE(a.basis.dtype, T, err = dispatch_batch<T>(pass, p, stream));
+    if (err != cudaSuccess) return err;
+  }
   return cudaSuccess;
 }
 

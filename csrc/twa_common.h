@@ -31,6 +31,17 @@ constexpr int kXTileElems = 8192;
 constexpr int kMaxGroupsPerLane = 8;
 // Blocks per SM aimed at by the split over D: 4 x 132 SMs (H100/H200) = 528 blocks.
 constexpr int kBlocksPerSM = 4;
+// Blocks per SM that reconstruct_kernel and project_stage1 are compiled for (__launch_bounds__
+// minimum; .ci/cuda_sass.py checks that their registers and shared memory fit). Their grids are
+// sized from the resident blocks per SM that the CUDA runtime reports for the compiled kernel
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor, cached), this value being the fallback when
+// the query fails. 2 blocks of 8 warps with 8 16-byte loads in flight per lane keep 64 KiB in
+// flight per SM, about three times what HBM3e needs; project's RW x BMAX register sums need
+// the 128 registers that 2 blocks allow.
+constexpr int kStreamMinBlocks = 4;
+constexpr int kProjectMinBlocks = 2;
+// 16-byte basis loads issued together before any is consumed, per thread and hot-loop step.
+constexpr int kLoadsInFlight = 8;
 // CUDA's grid.y limit bounds the number of splits.
 constexpr int64_t kMaxGridY = 65535;
 // orthogonalize_ keeps one fp64 accumulator per basis row in shared memory (with the fp64 x
@@ -60,6 +71,25 @@ TWA_HD constexpr int project_tile_cols(int V, int bmax) {
 // (2048 fp16/bf16 or 1024 fp32 columns; an fp64 tile of at most 16 KiB).
 TWA_HD constexpr int orth_tile_cols(int V) { return kThreads * V; }
 TWA_HD constexpr int orth_groups_per_lane(int V) { return orth_tile_cols(V) / (kWarp * V); }
+
+// project (split-K GEMV): warp w of a block owns RW = project_rows_per_warp(bmax) basis rows
+// (w, w + kWarps, ...) and keeps RW x bmax fp32 sums per lane in registers over the block's
+// whole column range; each step loads G = project_groups_per_step(bmax) 16-byte groups of each
+// of its rows before consuming them: RW x G = 8 loads at bmax <= 2, 4 at bmax = 4. Batches
+// of more than kProjectBatch rows run in passes of kProjectBatch: at bmax 8 and 16 the x
+// values of a step did not fit 128 (or 255) registers without spilling.
+constexpr int kProjectBatch = 4;
+TWA_HD constexpr int project_rows_per_warp(int bmax) { return bmax <= 2 ? 4 : 2; }
+TWA_HD constexpr int project_groups_per_step(int /* bmax */) { return 2; }
+TWA_HD constexpr int project_rows_per_block(int bmax) { return kWarps * project_rows_per_warp(bmax); }
+// Columns of one step (the column tile of the split): kWarp lanes x G groups x V.
+TWA_HD constexpr int project_step_cols(int V, int bmax) {
+  return kWarp * project_groups_per_step(bmax) * V;
+}
+
+// Part i of n items cut into `parts` contiguous parts whose sizes differ by at most one
+// (301 rows in 3 parts: 100, 100, 101).
+TWA_HD int64_t balanced_begin(int64_t n, int64_t parts, int64_t i) { return i * n / parts; }
 
 // Smallest supported batch tile (1, 2, 4, 8, 16) holding B rows.
 TWA_HD int batch_tile(int64_t B) {
@@ -112,6 +142,16 @@ TWA_HD int64_t num_tiles(const ColumnLayout& L, int64_t TD) { return ceil_div(L.
 TWA_HD int64_t tile_col0(const ColumnLayout& L, int64_t tile, int64_t TD) {
   return L.origin + tile * TD;
 }
+// The tiles made only of full groups (16-byte loads, no mask) are [full_tile_begin,
+// full_tile_end): tile 0 is partial when the layout starts before column 0, the tiles that reach
+// past D - 1 are partial, and without 16-byte loads no tile is full.
+TWA_HD int64_t full_tile_begin(const ColumnLayout& L) { return L.origin < 0 ? 1 : 0; }
+TWA_HD int64_t full_tile_end(const ColumnLayout& L, int64_t TD) {
+  return L.vec ? max64(full_tile_begin(L), (L.D - L.origin) / TD) : full_tile_begin(L);
+}
+TWA_HD bool tile_full(const ColumnLayout& L, int64_t tile, int64_t TD) {
+  return tile >= full_tile_begin(L) && tile < full_tile_end(L, TD);
+}
 // Group u of a lane inside a tile: lanes take consecutive groups, so one warp-wide 16-byte
 // load reads 512 contiguous bytes of a row.
 TWA_HD int lane_group(int u, int lane) { return u * kWarp + lane; }
@@ -144,6 +184,12 @@ TWA_HD int64_t split_tile_end(const SplitPlan& p, int64_t split) {
 // Splits wanted for a grid that already has `other_blocks` blocks per split (project: K tiles).
 TWA_HD int64_t max_splits_for(int64_t sm_count, int64_t other_blocks) {
   return min64(kMaxGridY, max64(1, (kBlocksPerSM * sm_count) / max64(other_blocks, 1)));
+}
+
+// Splits over D for a grid of `other_blocks` blocks per split (project: K tiles) that fills
+// every SM with its resident blocks once: at most blocks_per_sm x sm_count blocks in all.
+TWA_HD int64_t max_splits_resident(int64_t sm_count, int64_t blocks_per_sm, int64_t other_blocks) {
+  return min64(kMaxGridY, max64(1, (max64(blocks_per_sm, 1) * sm_count) / max64(other_blocks, 1)));
 }
 
 // First-stage partials: [split][row of the batch][basis row], written by exactly one block.

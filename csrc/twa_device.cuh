@@ -1,11 +1,16 @@
 // Device building blocks shared by the kernels: dtype conversion, 16-byte group loads with the
-// masked scalar fallback, warp and block reductions in a fixed order, and the per-tile dot
-// products of basis rows with a tile of x held in shared memory.
+// masked scalar fallback (and the evict-first streaming load), warp and block reductions in a
+// fixed order, the per-tile dot products of basis rows with a tile of x held in shared memory,
+// and the host's cached occupancy and SM count queries that size the streaming grids.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "twa_common.h"
 #include "twa_launch.h"
@@ -63,6 +68,32 @@ __device__ __forceinline__ void load_group(const T* __restrict__ row, int64_t co
       const int64_t c = col0 + e;
       v[e] = col_valid(L, c) ? static_cast<Acc>(Storage<T>::to_float(row[c])) : Acc(0);
     }
+  }
+}
+
+// One 16-byte load of streamed, read-only data (the basis): read once, so evict-first in L1 and
+// L2 (ld.global.cs, through the non-coherent path: LDG.E.EF.128.CONSTANT on sm_80 and sm_90),
+// keeping the caches for what is reused (x). p must be 16-byte aligned. Volatile: issued where
+// the code has it, so a group of loads written before their consumers stays ahead of them (the
+// compiler would otherwise sink a load into the branch that consumes it).
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 w;
+  asm volatile("ld.global.cs.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+      : "l"(p));
+  return w;
+}
+
+// The masked scalar path of load_group alone (head and tail groups, rows without a shared
+// 16-byte phase): zero outside [0, D).
+template <typename T, typename Acc>
+__device__ __forceinline__ void load_group_scalar(const T* __restrict__ row, int64_t col0,
+                                                  const ColumnLayout& L, Acc* v) {
+  constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const int64_t c = col0 + e;
+    v[e] = col_valid(L, c) ? static_cast<Acc>(Storage<T>::to_float(row[c])) : Acc(0);
   }
 }
 
@@ -208,6 +239,52 @@ __device__ __forceinline__ double stage2_max(const double* __restrict__ partial,
     s = nan_max(s, partial[k * n + i]);
   }
   return warp_max(s);
+}
+
+// Host: resident blocks per SM of a compiled kernel on the current device
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor), cached per (kernel, device); `fallback`
+// when the query fails. Grids sized from it fill every SM once, without a partial last wave.
+inline int resident_blocks_per_sm(const void* kernel, int threads, size_t dyn_smem, int fallback) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return fallback;
+  }
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, dev);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, dyn_smem) != cudaSuccess ||
+      n < 1) {
+    (void)cudaGetLastError();
+    n = fallback;
+  }
+  cache.emplace(key, n);
+  return n;
+}
+
+// Host: SMs of the current device (cached; 1 when the query fails).
+inline int current_sm_count() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  cache.emplace(dev, n);
+  return n;
 }
 
 #define TWA_DISPATCH_STORAGE(dtype, T, ...)           \

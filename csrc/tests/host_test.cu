@@ -182,17 +182,20 @@ void test_split_plan() {
   }
 }
 
-// project: replays stage 1 (splits x K tiles x tiles x rows x lanes x groups) and stage 2.
+// project: replays stage 1 as the kernel walks it (balanced K tiles x splits; warp-owned rows;
+// per lane, the masked head step, the full steps, the masked tail steps; one butterfly per row
+// and batch row at the end), then stage 2; batches above kProjectBatch in passes.
 void test_project(std::mt19937& rng) {
   struct Case {
     int64_t K, D, extra, lead;
-    int B, es, max_splits;
+    int B, es, blocks_per_sm, sms;
   };
   const Case cases[] = {
-      {1, 1, 0, 0, 1, 2, 528},      {3, 1, 7, 5, 5, 2, 528},      {1, 7, 0, 3, 1, 2, 528},
-      {3, 8, 0, 0, 2, 4, 4},        {3, 2053, 3, 1, 5, 2, 7},     {5, 2053, 8, 8, 1, 2, 3},
-      {130, 301, 5, 2, 1, 4, 528},  {2, 4099, 1, 7, 16, 2, 5},    {4, 10007, 0, 0, 3, 4, 11},
-      {129, 2049, 11, 6, 9, 2, 2},  {2, 9000, 24, 4, 1, 4, 1},    {7, 65537, 16, 13, 4, 2, 528},
+      {1, 1, 0, 0, 1, 2, 2, 132},   {3, 1, 7, 5, 5, 2, 2, 132},   {1, 7, 0, 3, 1, 2, 2, 132},
+      {3, 8, 0, 0, 2, 4, 1, 4},     {3, 2053, 3, 1, 5, 2, 1, 7},  {5, 2053, 8, 8, 1, 2, 3, 1},
+      {130, 301, 5, 2, 1, 4, 2, 132}, {2, 4099, 1, 7, 16, 2, 1, 5}, {4, 10007, 0, 0, 3, 4, 2, 11},
+      {129, 2049, 11, 6, 9, 2, 1, 2}, {2, 9000, 24, 4, 1, 4, 1, 1}, {7, 65537, 16, 13, 4, 2, 2, 132},
+      {301, 5000, 0, 0, 1, 2, 2, 3},
   };
   for (const Case& c : cases) {
     const int V = vec_elems(c.es);
@@ -204,78 +207,101 @@ void test_project(std::mt19937& rng) {
     // The element address seen by make_layout: lead elements past a 16-byte boundary.
     const uint64_t base = 0x7f0000000000ull + static_cast<uint64_t>(c.lead * c.es);
     const ColumnLayout L = make_layout(base, ld, c.K, c.D, c.es);
-    const int bmax = batch_tile(c.B);
-    const int U = project_groups_per_lane(V, bmax);
-    const int TD = project_tile_cols(V, bmax);
-    const int64_t k_tiles = ceil_div(c.K, kRowsPerTile);
-    const SplitPlan sp = make_split_plan(num_tiles(L, TD), c.max_splits);
-
-    std::vector<float> partial(static_cast<size_t>(sp.splits * c.B * c.K), kNaN);
-    std::vector<int> seen(static_cast<size_t>(c.D), 0);
-    for (int64_t kt = 0; kt < k_tiles; ++kt) {
-      const int64_t row0 = kt * kRowsPerTile;
-      const int rows = static_cast<int>(min64(kRowsPerTile, c.K - row0));
-      for (int64_t s = 0; s < sp.splits; ++s) {
-        std::vector<float> acc_s(static_cast<size_t>(bmax * kRowsPerTile), 0.f);
-        for (int64_t t = split_tile_begin(sp, s); t < split_tile_end(sp, s); ++t) {
-          const int64_t c0 = tile_col0(L, t, TD);
-          std::vector<float> xs(static_cast<size_t>(bmax * TD), 0.f);
-          for (int i = 0; i < c.B * TD; ++i) {
-            const int b = i / TD;
-            const int64_t col = c0 + (i - b * TD);
-            xs[static_cast<size_t>(i)] = col_valid(L, col) ? x[static_cast<size_t>(b * c.D + col)] : 0.f;
+    std::vector<float> got_all(static_cast<size_t>(c.B * c.K), kNaN);
+    for (int64_t p0 = 0; p0 < c.B; p0 += kProjectBatch) {
+      const int nb = static_cast<int>(min64(kProjectBatch, c.B - p0));
+      const int bmax = batch_tile(nb);
+      const int RW = project_rows_per_warp(bmax);
+      const int G = project_groups_per_step(bmax);
+      const int TD = project_step_cols(V, bmax);
+      CHECK(RW * G >= 4, "loads per step %d", RW * G);
+      const int64_t k_tiles = ceil_div(c.K, project_rows_per_block(bmax));
+      const SplitPlan sp = make_split_plan(
+          num_tiles(L, TD), max_splits_resident(c.sms, c.blocks_per_sm, k_tiles));
+      CHECK(k_tiles * sp.splits <= max64(k_tiles, c.blocks_per_sm * c.sms), "more than one wave");
+      const int64_t ft0 = full_tile_begin(L), ft1 = full_tile_end(L, TD);
+      // tile_full agrees with group_full on every group of every tile.
+      for (int64_t t = 0; t < num_tiles(L, TD); ++t) {
+        bool all = true;
+        for (int g = 0; g < TD / V; ++g) all = all && group_full(L, tile_col0(L, t, TD) + g * V);
+        CHECK(all == tile_full(L, t, TD), "tile_full(%ld) D=%ld", (long)t, (long)c.D);
+        CHECK(!tile_full(L, t, TD) || (t >= ft0 && t < ft1), "full range");
+      }
+      std::vector<float> partial(static_cast<size_t>(sp.splits * nb * c.K), kNaN);
+      std::vector<int> seen(static_cast<size_t>(c.D), 0);
+      for (int64_t kt = 0; kt < k_tiles; ++kt) {
+        const int64_t row0 = balanced_begin(c.K, k_tiles, kt);
+        const int rows = static_cast<int>(balanced_begin(c.K, k_tiles, kt + 1) - row0);
+        CHECK(rows >= 1 && rows <= project_rows_per_block(bmax), "rows %d", rows);
+        for (int64_t s = 0; s < sp.splits; ++s) {
+          const int64_t t0 = split_tile_begin(sp, s), t1 = split_tile_end(sp, s);
+          const int64_t f_end = min64(t1, ft1);
+          const int64_t f_begin = min64(t1, max64(t0, ft0));
+          // The steps in the kernel's order: head, tail (masked), then the full ones. Each
+          // lane's sums do not depend on the order of whole steps only if it is fixed: replay
+          // exactly the kernel's.
+          std::vector<int64_t> order;
+          for (int64_t t = t0; t < f_begin; ++t) order.push_back(t);
+          for (int64_t t = max64(f_begin, f_end); t < t1; ++t) order.push_back(t);
+          for (int64_t t = f_begin; t < f_end; ++t) {
+            CHECK(tile_full(L, t, TD), "unmasked step %ld is not full", (long)t);
+            order.push_back(t);
           }
-          for (int r = 0; r < rows; ++r) {
-            for (int b = 0; b < c.B; ++b) {
-              float lanes[kWarp];
-              for (int lane = 0; lane < kWarp; ++lane) {
-                float acc = 0.f;
-                for (int uu = 0; uu < U; ++uu) {
-                  const int g = lane_group(uu, lane);
-                  const int64_t col0 = lane_group_col(c0, uu, lane, V);
-                  CHECK(col0 == c0 + g * V && (g + 1) * V <= TD, "group outside the tile");
-                  float v[8];
-                  load_group_emul(P, row0 + r, col0, L, v);
-                  for (int e = 0; e < V; ++e) {
-                    acc = std::fma(v[e], xs[static_cast<size_t>(b * TD + g * V + e)], acc);
-                    if (kt == 0 && r == 0 && b == 0 && col_valid(L, col0 + e)) {
-                      ++seen[static_cast<size_t>(col0 + e)];
+          CHECK(static_cast<int64_t>(order.size()) == t1 - t0, "steps of split %ld", (long)s);
+          for (int warp = 0; warp < kWarps; ++warp) {
+            for (int i = 0; i < RW; ++i) {
+              const int r = warp + i * kWarps;
+              if (r >= rows) continue;
+              for (int b = 0; b < nb; ++b) {
+                float lanes[kWarp];
+                for (int lane = 0; lane < kWarp; ++lane) {
+                  float acc = 0.f;
+                  for (int64_t t : order) {
+                    const int64_t c0 = tile_col0(L, t, TD);
+                    for (int uu = 0; uu < G; ++uu) {
+                      const int64_t col0 = lane_group_col(c0, uu, lane, V);
+                      float v[8];
+                      load_group_emul(P, row0 + r, col0, L, v);
+                      for (int e = 0; e < V; ++e) {
+                        const int64_t col = col0 + e;
+                        const float xv = col_valid(L, col) ? x[static_cast<size_t>((p0 + b) * c.D + col)] : 0.f;
+                        acc = std::fma(v[e], xv, acc);
+                        if (kt == 0 && r == 0 && b == 0 && col_valid(L, col)) ++seen[static_cast<size_t>(col)];
+                      }
                     }
                   }
+                  lanes[lane] = acc;
                 }
-                lanes[lane] = acc;
+                const int64_t idx = partial_index(s, b, row0 + r, nb, c.K);
+                CHECK(idx >= 0 && idx < static_cast<int64_t>(partial.size()), "partial index");
+                CHECK(std::isnan(partial[static_cast<size_t>(idx)]), "partial written twice");
+                partial[static_cast<size_t>(idx)] = butterfly(lanes);
               }
-              acc_s[static_cast<size_t>(b * kRowsPerTile + r)] += butterfly(lanes);
             }
           }
         }
-        for (int b = 0; b < c.B; ++b) {
-          for (int r = 0; r < rows; ++r) {
-            const int64_t i = partial_index(s, b, row0 + r, c.B, c.K);
-            CHECK(i >= 0 && i < static_cast<int64_t>(partial.size()), "partial index");
-            CHECK(std::isnan(partial[static_cast<size_t>(i)]), "partial written twice");
-            partial[static_cast<size_t>(i)] = acc_s[static_cast<size_t>(b * kRowsPerTile + r)];
+      }
+      for (int64_t j = 0; j < c.D; ++j) {
+        CHECK(seen[static_cast<size_t>(j)] == 1, "column %ld visited %d times (D=%ld)", (long)j,
+              seen[static_cast<size_t>(j)], (long)c.D);
+      }
+      // Stage 2 of this pass.
+      const int64_t n = nb * c.K;
+      for (int64_t i = 0; i < n; ++i) {
+        float lanes[kWarp];
+        for (int lane = 0; lane < kWarp; ++lane) {
+          float sum = 0.f;
+          for (int64_t k = stage2_first(lane); k < sp.splits; k += stage2_stride()) {
+            CHECK(!std::isnan(partial[static_cast<size_t>(k * n + i)]), "partial not written");
+            sum += partial[static_cast<size_t>(k * n + i)];
           }
+          lanes[lane] = sum;
         }
+        got_all[static_cast<size_t>(p0 * c.K + i)] = butterfly(lanes);
       }
     }
-    for (int64_t j = 0; j < c.D; ++j) {
-      CHECK(seen[static_cast<size_t>(j)] == 1, "column %ld visited %d times (D=%ld)", (long)j,
-            seen[static_cast<size_t>(j)], (long)c.D);
-    }
-    // Stage 2 and the plain loop.
-    const int64_t n = c.B * c.K;
     double worst = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      float lanes[kWarp];
-      for (int lane = 0; lane < kWarp; ++lane) {
-        float s = 0.f;
-        for (int64_t k = stage2_first(lane); k < sp.splits; k += stage2_stride()) {
-          s += partial[static_cast<size_t>(k * n + i)];
-        }
-        lanes[lane] = s;
-      }
-      const float got = butterfly(lanes);
+    for (int64_t i = 0; i < c.B * c.K; ++i) {
       const int64_t b = i / c.K, k = i % c.K;
       double ref = 0.0, mag = 0.0;
       for (int64_t j = 0; j < c.D; ++j) {
@@ -283,12 +309,28 @@ void test_project(std::mt19937& rng) {
         ref += t;
         mag += std::fabs(t);
       }
-      const double err = std::fabs(got - ref) / (mag + 1e-30);
+      const double err = std::fabs(got_all[static_cast<size_t>(i)] - ref) / (mag + 1e-30);
       worst = err > worst || std::isnan(err) ? err : worst;
     }
     CHECK(worst < 1e-5, "project K=%ld D=%ld B=%d es=%d: relative error %g", (long)c.K,
           (long)c.D, c.B, c.es, worst);
   }
+  // Balanced K tiles: 301 rows in 3 tiles of 100, 100, 101; sizes never differ by more than 1.
+  CHECK(balanced_begin(301, 3, 1) == 100 && balanced_begin(301, 3, 2) == 200 &&
+            balanced_begin(301, 3, 3) == 301,
+        "301 in 3");
+  for (int64_t n : {1, 7, 31, 32, 33, 301, 8192}) {
+    for (int64_t parts : {1, 2, 3, 10, 31}) {
+      if (parts > n) continue;
+      for (int64_t i = 0; i < parts; ++i) {
+        const int64_t len = balanced_begin(n, parts, i + 1) - balanced_begin(n, parts, i);
+        CHECK(len == n / parts || len == n / parts + 1, "balanced n=%ld parts=%ld", (long)n, (long)parts);
+      }
+    }
+  }
+  CHECK(max_splits_resident(132, 2, 10) == 26 && max_splits_resident(132, 0, 1) == 132 &&
+            max_splits_resident(1, 1, 1000) == 1 && max_splits_resident(1 << 20, 8, 1) == kMaxGridY,
+        "max_splits_resident");
 }
 
 // reconstruct / orthogonalize pass 3: one thread per group over a grid of kThreads-blocks.
@@ -304,10 +346,13 @@ void test_reconstruct(std::mt19937& rng) {
         // Output with 16 guard values on each side.
         std::vector<float> out(static_cast<size_t>(D + 32), -7.f);
         std::vector<int> writes(static_cast<size_t>(D + 32), 0);
-        const int64_t blocks = ceil_div(num_groups(L), kThreads);
-        for (int64_t blk = 0; blk < blocks; ++blk) {
+        // The persistent grid: block b walks tiles b, b + grid, ... (grid of 3 blocks here).
+        const int64_t tiles = ceil_div(num_groups(L), kThreads);
+        const int64_t grid = min64(tiles, 3);
+        for (int64_t blk = 0; blk < grid; ++blk) {
+         for (int64_t tile = blk; tile < tiles; tile += grid) {
           for (int tid = 0; tid < kThreads; ++tid) {
-            const int64_t g = blk * kThreads + tid;
+            const int64_t g = tile * kThreads + tid;
             if (g >= num_groups(L)) continue;
             const int64_t col0 = group_col(L, g);
             float acc[8];
@@ -323,6 +368,7 @@ void test_reconstruct(std::mt19937& rng) {
               ++writes[static_cast<size_t>(16 + col0 + e)];
             }
           }
+         }
         }
         for (int64_t j = -16; j < D + 16; ++j) {
           const size_t i = static_cast<size_t>(16 + j);
