@@ -41,7 +41,7 @@ def only_config(kernel, config):
 
     The autotuner's choice is timing-dependent, so a test of the result checks one config at
     best; tests that must cover every candidate (each is its own code path: tile shapes,
-    software pipelining) pin them one at a time with this.
+    warps) pin them one at a time with this.
     """
     import contextlib
 

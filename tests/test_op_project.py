@@ -259,7 +259,7 @@ def test_project_and_reconstruct_never_upcast_the_whole_basis(monkeypatch):
     all_configs("project", "_project_kernel") + all_configs("project", "_project_batched_kernel"),
 )
 def test_every_project_config_matches_fp64_oracle(kernel, config, layout):
-    """Triton only: each autotune candidate (tile shape, software pipelining) on its own, over
+    """Triton only: each autotune candidate (tile shape, warps, programs per SM) on its own, over
     several K tiles and chunks, with whole tiles (16-byte loads) and masked ones."""
     K, D = 37, 100_003
     basis, scales = random_basis(K, D, torch.float16, "cuda", layout)

@@ -101,14 +101,21 @@ def test_fused_step_matches_generic_path(device, dtype, hyper, shapes):
     assert_fused_matches_generic(device, dtype, hyper, shapes, K=3)
 
 
+STEP_KERNEL_CONFIGS = [
+    *((fused._step_project_kernel, c) for c in fused._PROJECT_CONFIGS),
+    *((fused._step_write_kernel, c) for c in fused._WRITE_CONFIGS),
+]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotune candidates run on a GPU only")
-@pytest.mark.parametrize("index", range(len(fused._CONFIGS)))
-def test_every_fused_step_config_matches_fp64_oracle(index):
-    """Each candidate of the two step kernels (tile height, software pipelining) on its own,
-    with 3 K tiles of 16, aligned and masked blocks, in every parameter dtype."""
-    config = fused._CONFIGS[index]
-    with only_config(fused._step_project_kernel, config), only_config(fused._step_write_kernel, config):
-        assert_one_step_matches_fp64(torch.device("cuda"), torch.float16, ALIGNED_SHAPES, DTYPES, K=37)
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("index", range(len(STEP_KERNEL_CONFIGS)))
+def test_every_fused_step_config_matches_fp64_oracle(index, dtype):
+    """Each candidate of the two step kernels (tile height, warps, programs per SM) on its own,
+    with K tiles of 4-32 rows over K = 37, aligned and masked blocks, in every parameter dtype."""
+    kernel, config = STEP_KERNEL_CONFIGS[index]
+    with only_config(kernel, config):
+        assert_one_step_matches_fp64(torch.device("cuda"), dtype, ALIGNED_SHAPES, DTYPES, K=37)
 
 
 def assert_fused_matches_generic(device, dtype, hyper, shapes, K):

@@ -38,6 +38,7 @@ Run it without ``TRITON_INTERPRET`` (the interpreter replaces compiled kernels):
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -54,7 +55,10 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 # (the package re-exports functions named like these modules)
+
+import sass  # noqa: E402  (tests/sass.py)
 
 from twa_kernels import _param_table as param_table  # noqa: E402
 from twa_kernels._triton._common import pow2  # noqa: E402
@@ -65,9 +69,8 @@ step = importlib.import_module("twa_kernels._triton.step")
 orth = importlib.import_module("twa_kernels._triton.orthogonalize")
 subspace_step = importlib.import_module("twa_kernels._triton.subspace_step")
 
-# orthogonalize_'s pass-2 tile and the [NT, BLOCK_K] accumulator of project and the fused step
-# depend on K: that of a full 301-sample basis.
-ORTH_RANK = STEP_K = 301
+# orthogonalize_'s pass-2 tile depends on K: that of a full 301-sample basis.
+ORTH_RANK = 301
 
 # H100/H200 (every case), and A100 (fp16 basis: a portability check of the same code).
 TARGETS = {90: GPUTarget("cuda", 90, 32), 80: GPUTarget("cuda", 80, 32)}
@@ -92,48 +95,50 @@ def compile_kernel(cc: int, kernel, signature: dict, constexprs: dict, aligned: 
 
 def compile_for(cc: int, kernel, signature: dict, constexprs: dict, aligned: tuple, num_warps: int) -> dict:
     """Registers, stack bytes, shared memory and load instructions of ``kernel`` for sm_``cc``,
-    and the 32-bit products that form its addresses (``addr32``, TTIR and TTGIR)."""
+    its hot loop (``hot_loop``), and the 32-bit products that form its addresses (``addr32``,
+    TTIR and TTGIR)."""
     compiled = compile_kernel(cc, kernel, signature, constexprs, aligned, num_warps)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True)
-        sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True)
+        listing = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True)
+    regs = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+    (code,) = sass.parse(listing.stdout).values()
     return {
-        "regs": int(re.search(r"REG:(\d+)", usage.stdout).group(1)),
+        "regs": regs,
         "stack": int(re.search(r"STACK:(\d+)", usage.stdout).group(1)),
-        "ldg128": len(re.findall(r"\bLDG\.E\.128\b", sass.stdout)),
-        "ldgsts128": len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", sass.stdout)),
+        "ldg128": sum(i.is_ldg128 for i in code),
+        "ldgsts128": len(re.findall(r"\bLDGSTS\.E(?:\.BYPASS)?\.128\b", listing.stdout)),
         "shared": compiled.metadata.shared,
-        "bars_in_loops": bars_in_loops(sass.stdout),
+        "resident": sass.resident_blocks(regs, 32 * num_warps, compiled.metadata.shared),
+        "hot_loop": hot_loop(code),
         "addr32": [f"{ir}: {p}" for ir in ("ttir", "ttgir") for p in address_products(compiled.asm[ir])],
     }
 
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_BRANCH = re.compile(r"^(?:@!?P\w+\s+)?BRA\s+(?:\S+\s+)?0x([0-9a-f]+)$")
+def _is_basis_load(ins: sass.Instr) -> bool:
+    """The kernels read the basis, and nothing else, with evict-first 16-byte loads."""
+    return ins.is_ldg128 and ".EF" in ins.opcode
 
 
-def bars_in_loops(sass: str) -> dict:
-    """Barriers (``BAR``) inside loops of the machine code: ``inner`` in innermost loops (no
-    other loop inside; the K loop of a tile), ``any`` in any loop. A loop runs from the target
-    to the address of a backward branch (a branch to itself, the trap loop after EXIT, is no
-    loop). A barrier there runs once per iteration: a cross-warp reduction or a shared-memory
-    staging step in the hot loop."""
-    code = [(int(m[1], 16), m[2]) for m in _SASS_LINE.finditer(sass)]
-    loops = []
-    for addr, text in code:
-        if (m := _BRANCH.match(text)) and int(m[1], 16) < addr:
-            loops.append((int(m[1], 16), addr))
-    inner = [
-        (lo, hi) for lo, hi in loops if not any(lo <= a < b <= hi and (a, b) != (lo, hi) for a, b in loops)
-    ]
-    bars = [addr for addr, text in code if text.split()[0].startswith("BAR")]
-    return {
-        name: sum(any(lo <= addr < hi for lo, hi in ranges) for addr in bars)
-        for name, ranges in (("inner", inner), ("any", loops))
-    }
+def hot_loop(code: list[sass.Instr]) -> dict | None:
+    """The innermost loop with the most basis loads (``LDG.E.EF.128``), or None: its basis loads
+    (``basis_ldg128``), those issued before the first read of one (``basis_before_use``; other
+    16-byte loads, of x or a grad, neither count nor end the run) and its ``BAR``s (``bar``)."""
+    best = None
+    for loop in sass.innermost(sass.loops(code)):
+        body = sass.body(code, loop)
+        n = sum(map(_is_basis_load, body))
+        if n and (best is None or n > best["basis_ldg128"]):
+            only_basis = [i for i in body if _is_basis_load(i) or not i.is_ldg128]
+            best = {
+                "basis_ldg128": n,
+                "basis_before_use": sass.loads_before_first_use(only_basis),
+                "bar": sum(i.is_bar for i in body),
+            }
+    return best
 
 
 # ---- 32-bit products that form addresses (TTIR / TTGIR) --------------------------------------
@@ -373,11 +378,12 @@ def basis_loads_per_thread(block_k: int, block_d: int, dtype: torch.dtype, num_w
 def cases():
     """``(name, kernel, signature, constexprs, aligned args, num_warps, tile (K, D))`` to compile."""
     for dtype, ptr in STORAGE.items():
+        size = dtype.itemsize
         sig = {"basis_ptr": ptr, "row_stride": "i32", "x_ptr": "*fp32", "part_ptr": "*fp32",
-               "K": "i32", "D": "i32", "CHUNK": "i32"}  # fmt: skip
-        aligned = ("basis_ptr", "row_stride", "x_ptr", "part_ptr", "CHUNK")
+               "K": "i32", "D": "i32"}  # fmt: skip
+        aligned = ("basis_ptr", "row_stride", "x_ptr", "part_ptr")
         for cfg in project._CONFIGS_1:
-            kw = dict(cfg.kwargs, NT=pow2(-(-STEP_K // cfg.kwargs["BLOCK_K"])))
+            kw = dict(cfg.kwargs, BLOCK_D=cfg.kwargs["ROW_BYTES"] // size, GROUP=16 // size)
             tile = (kw["BLOCK_K"], kw["BLOCK_D"])
             yield "project", project._project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         sig = {"basis_ptr": ptr, "row_stride": "i32", "x_ptr": "*fp32", "x_stride": "i32",
@@ -400,7 +406,7 @@ def cases():
                "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32", "D": "i32"}  # fmt: skip
         aligned = ("out_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
         for cfg in reconstruct._CONFIGS:
-            kw = dict(cfg.kwargs)
+            kw = dict(cfg.kwargs, BLOCK_D=cfg.kwargs["ROW_BYTES"] // size)
             tile = (kw["BLOCK_K"], kw["BLOCK_D"])
             yield "reconstruct", reconstruct._reconstruct_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         common = {
@@ -409,17 +415,18 @@ def cases():
             "BLOCK_D": param_table.BLOCK,
         }
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "basis_ptr": ptr, "row_stride": "i32",
-               "part_ptr": "*fp32", "K": "i32", "NBLK": "i32", "PER": "i32"}  # fmt: skip
+               "part_ptr": "*fp32", "K": "i32", "NBLK": "i32"}  # fmt: skip
         aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "part_ptr")
-        for cfg in step._CONFIGS:
-            kw = dict(cfg.kwargs, NT=pow2(-(-STEP_K // cfg.kwargs["BLOCK_K"])), **common)
+        # Grads of one dtype (fp32, a typed load), and of mixed dtypes (three masked loads).
+        for cfg, grad_code in itertools.product(step._PROJECT_CONFIGS, (0, -1)):
+            kw = dict(cfg.kwargs, GROUP=16 // size, GRAD_CODE=grad_code, **common)
             tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_project", step._step_project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
                "row_stride": "i32", "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32",
-               "NBLK": "i32", "PER": "i32"}  # fmt: skip
+               "NBLK": "i32"}  # fmt: skip
         aligned = ("ptab_ptr", "btab_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
-        for cfg in step._CONFIGS:
+        for cfg in step._WRITE_CONFIGS:
             kw = dict(cfg.kwargs, **common)
             tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_write", step._step_write_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
@@ -603,7 +610,7 @@ def main() -> None:
                 cc=cc,
                 kernel=name,
                 dtype=str(dtype).removeprefix("torch."),
-                config={k: v for k, v in kw.items() if k.startswith(("BLOCK", "STAGES"))},
+                config={k: v for k, v in kw.items() if k.startswith(("BLOCK", "ROW", "PROGRAMS", "GRAD"))},
                 num_warps=warps,
                 basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
             )

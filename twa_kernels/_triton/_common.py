@@ -2,9 +2,10 @@
 
 Reductions over D are two-stage and deterministic: stage 1 splits the columns into ``S``
 contiguous chunks and writes one partial per chunk to a workspace, stage 2 adds the partials in
-a fixed order. ``S`` depends only on the shape and the device, so the same inputs give the same
-bits for a given autotune choice (a different tile shape changes the order of the fp32 sums;
-``tuned`` pins the first config under ``torch.use_deterministic_algorithms(True)``).
+a fixed order. ``S`` depends only on the shape, the device and the autotune config (its tile and
+programs per SM), so the same inputs give the same bits for a given autotune choice (another
+config changes the order of the fp32 sums; ``tuned`` pins the first config under
+``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ CHUNK_ALIGN = 256
 # exercising the cross-chunk reduction whenever D > CHUNK_ALIGN.
 INTERPRETER_MAX_SPLITS = 4
 
-# On a GPU, 4 programs per SM keep enough loads in flight to saturate HBM on a streaming pass
-# (the partials then cost 4 * SMs * K * 4 bytes, e.g. 1.1 MB for 132 SMs and K = 512).
+# orthogonalize_'s passes: 4 programs per SM keep enough loads in flight to saturate HBM on a
+# streaming pass (the partials then cost 4 * SMs * K * 8 bytes).
 PROGRAMS_PER_SM = 4
 
 
@@ -70,10 +71,27 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def max_programs(device: torch.device) -> int:
+def max_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Programs of one full wave: ``per_sm`` resident on every SM (a handful when interpreted)."""
     if device.type == "cuda" and not interpreted():
-        return PROGRAMS_PER_SM * _sm_count(device.index or 0)
+        return per_sm * _sm_count(device.index or 0)
     return INTERPRETER_MAX_SPLITS
+
+
+def wave_splits(row_tiles: int, per_sm: int, device: torch.device) -> int:
+    """Column splits of a [row tiles, splits] grid that fills one wave of ``per_sm`` programs
+    per SM (at least one split; when interpreted, ``INTERPRETER_MAX_SPLITS`` whatever the rows).
+
+    One wave, so that no partial last wave idles SMs; the splits then depend on the device and
+    the config (its programs per SM and row tile), never on timing."""
+    if device.type == "cuda" and not interpreted():
+        return max(1, max_programs(device, per_sm) // row_tiles)
+    return INTERPRETER_MAX_SPLITS
+
+
+def launched_config(kernel) -> triton.Config:
+    """The config of ``kernel``'s (a ``tuned`` kernel's) latest launch."""
+    return kernel.config if isinstance(kernel, _FirstConfig) else kernel.best_config
 
 
 def split_columns(D: int, device: torch.device) -> tuple[int, int]:
@@ -125,51 +143,50 @@ def column_mask(offs_d, end, MASKED: tl.constexpr):
 
 
 @triton.jit
-def dot_tiles(
-    acc, basis_ptr, row_stride, cols, mask_d, x, K,
-    BLOCK_K: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """``acc`` [NT, BLOCK_K] plus ``basis[:, cols] @ x`` (fp32), row t of acc holding K tile t.
+def group_dot(tile, p, x, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    """``tile`` [BLOCK_K, BLOCK_D // GROUP] plus the products ``p * x`` ([BLOCK_K, BLOCK_D]) summed
+    over each run of GROUP columns: the GROUP values of one 16-byte load, which one thread holds,
+    so the sum stays in that thread (no shuffle, no shared memory) and the accumulator takes
+    1/GROUP of the registers of a [BLOCK_K, BLOCK_D] one."""
+    prod = tl.reshape(p.to(tl.float32) * x, (BLOCK_K, BLOCK_D // GROUP, GROUP))
+    return tile + tl.sum(prod, axis=2)
 
-    Columns outside, K inside: ``x`` is read once for all K tiles. A register tensor cannot be
-    indexed by the loop counter, so tile t's sums are added through a select on the tile index
-    (NT * BLOCK_K selects against BLOCK_K * len(cols) multiply-adds per tile). STAGES > 1 has
-    the compiler prefetch the next STAGES - 1 tiles into shared memory (16-byte asynchronous
-    copies) while one is summed.
-    """
-    tiles = tl.arange(0, NT)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
-        p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        t = tl.sum(p * x[None, :], axis=1)
-        acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
-    return acc
+
+@triton.jit
+def _weighted_rows(basis_ptr, row_stride, scales_ptr, alpha_ptr, K, k0, cols, mask_d, BLOCK_K: tl.constexpr):
+    """Rows ``[k0, k0 + BLOCK_K)`` of ``basis[:, cols]`` (storage dtype) and their coefficients
+    ``alpha * scales`` (fp32)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_k = offs_k < K
+    coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)
+    coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
+    ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
+    p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0, eviction_policy="evict_first")
+    return p, coef
 
 
 @triton.jit
 def add_combination(
-    acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d,
-    BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K: tl.constexpr
 ):  # fmt: skip
-    """``acc + sum_k alpha[k] scales[k] basis[k, cols]`` (fp32), K in BLOCK_K-row tiles
-    (STAGES - 1 of them prefetched, as in ``dot_tiles``).
+    """``acc + sum_k alpha[k] scales[k] basis[k, cols]`` (fp32), K in BLOCK_K-row tiles.
 
-    The products accumulate in a [BLOCK_K, BLOCK_D] register tile, reduced over its rows once
-    after the loop: a reduction per tile puts barriers and shared-memory traffic in the loop
-    (3 ``BAR`` per K tile in ``reconstruct``'s sm_90 code; ``tests/test_triton_codegen.py``).
+    Register prefetch: the next tile's loads are issued before this tile is summed, so every
+    thread keeps its BLOCK_K 16-byte loads in flight while it computes. With the columns laid
+    across all threads (BLOCK_D = 8 values x 32 lanes x warps for fp16) the sum over the rows
+    of a tile stays in each thread: no barrier, no shared memory in the loop (a reduction per
+    tile put 3 ``BAR`` per K tile in ``reconstruct``'s sm_90 code; ``tests/test_triton_codegen.py``).
+    The basis is read once, marked evict-first so that it does not push w0 and the outputs out
+    of L2.
     """
-    tile = tl.zeros([BLOCK_K, cols.shape[0]], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        coef = tl.load(alpha_ptr + offs_k, mask=mask_k, other=0.0)
-        coef = coef * tl.load(scales_ptr + offs_k, mask=mask_k, other=0.0)
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + cols[None, :]
-        p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        tile += coef[:, None] * p
-    return acc + tl.sum(tile, axis=0)
+    p, coef = _weighted_rows(basis_ptr, row_stride, scales_ptr, alpha_ptr, K, 0, cols, mask_d, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        p_next, coef_next = _weighted_rows(
+            basis_ptr, row_stride, scales_ptr, alpha_ptr, K, k0, cols, mask_d, BLOCK_K
+        )
+        acc += tl.sum(coef[:, None] * p.to(tl.float32), axis=0)
+        p, coef = p_next, coef_next
+    return acc + tl.sum(coef[:, None] * p.to(tl.float32), axis=0)
 
 
 @triton.jit

@@ -1,10 +1,13 @@
 """``project``: ``c = P^T x`` for x [D] or [B, D], fp32 accumulation, two deterministic stages.
 
-Stage 1: program s takes columns ``[s * CHUNK, (s + 1) * CHUNK)`` in BLOCK_D tiles and K in
-BLOCK_K rows, and writes its partial sums to ``part[s, b, k]``; ``_project_kernel`` (one vector)
-walks the column tiles outside and K inside, so x is read once, ``_project_batched_kernel`` (up
-to 16 vectors, through ``tl.dot``) the other way round. Stage 2 (``_project_reduce_kernel``)
-adds the S partials in a fixed order and applies the row scales. No atomics.
+Stage 1 splits the columns into S contiguous chunks and writes one partial per chunk to
+``part[s, b, k]``. ``_project_kernel`` (one vector) runs a [K tiles, S] grid, the K tile
+fastest: program (t, s) sums rows ``[t * BLOCK_K, (t + 1) * BLOCK_K)`` over chunk s in a
+register tile and reduces it once at the end; the programs of one chunk run side by side, so x
+comes from DRAM about once and from L2 for the other K tiles. ``_project_batched_kernel`` (up
+to 16 vectors, through ``tl.dot``) walks K tiles outside and column tiles inside. Stage 2
+(``_project_reduce_kernel``) adds the S partials in a fixed order and applies the row scales.
+No atomics.
 """
 
 from __future__ import annotations
@@ -15,21 +18,31 @@ import triton.language as tl
 from torch import Tensor
 
 from .._layout import warn_if_narrow
-from ._common import column_mask, configs, dot_tiles, fold_partials, pow2, split_columns, tuned
+from ._common import (
+    column_mask,
+    configs,
+    fold_partials,
+    group_dot,
+    launched_config,
+    pow2,
+    split_columns,
+    tuned,
+    wave_splits,
+)
 
-# Single vector: [BLOCK_K, BLOCK_D] tiles of 4-16K elements, 2-8 16-byte loads of an fp16
-# basis per thread and tile (registers and local memory of each config's sm_90 code are checked
-# by tests/test_triton_codegen.py). Bytes in flight per program come from larger tiles, or from
-# STAGES > 1, which has the compiler prefetch the next K tiles into shared memory.
+# Single vector: [BLOCK_K, BLOCK_D] tiles of ROW_BYTES per row (BLOCK_D = ROW_BYTES / value
+# size), 4 16-byte basis loads per thread and tile whatever the storage dtype, plus the next
+# tile's 4 prefetched while one is summed. PROGRAMS_PER_SM is the one wave the grid fills: the
+# compiled code's registers must allow it on an H100/H200 (tests/test_triton_codegen.py).
 _CONFIGS_1 = [
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 1}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 8, "BLOCK_D": 256, "STAGES": 1}, num_warps=4),
-    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 512, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 3}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 3}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "ROW_BYTES": 512, "PROGRAMS_PER_SM": 5}, num_warps=4),
+    triton.Config({"BLOCK_K": 8, "ROW_BYTES": 1024, "PROGRAMS_PER_SM": 4}, num_warps=4),
+    triton.Config({"BLOCK_K": 32, "ROW_BYTES": 512, "PROGRAMS_PER_SM": 2}, num_warps=8),
+    triton.Config({"BLOCK_K": 16, "ROW_BYTES": 1024, "PROGRAMS_PER_SM": 2}, num_warps=8),
 ]
+# Split boundaries are multiples of this many columns (every BLOCK_D divides it), so only a
+# split's last tile can be partial.
+SPLIT_ALIGN = tl.constexpr(1024)
 # Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
 # The compiler pipelines these loads (16-byte asynchronous copies). A [16, 128] tile at 4 warps
 # was replaced: with an fp16 basis its sm_90 code spilled 528 bytes (255 registers).
@@ -45,43 +58,62 @@ _REDUCE_TILE = 8192
 _REDUCE_BLOCK_N = 128
 
 
+# Columns of a ROW_BYTES tile row, and values per 16 bytes, of the basis being read.
+_TILE_COLUMNS = {
+    "BLOCK_D": lambda args: args["ROW_BYTES"] // args["basis_ptr"].element_size(),
+    "GROUP": lambda args: 16 // args["basis_ptr"].element_size(),
+}
+
+
 @triton.jit
-def _vector_tile(
-    acc, basis_ptr, row_stride, x_ptr, K, d0, end,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
-    MASKED: tl.constexpr,
+def _column_tile(
+    rows, x_ptr, mask_k, d0, end, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr
 ):  # fmt: skip
-    """``acc`` [NT, BLOCK_K] plus the ``P^T x`` of columns [d0, d0 + BLOCK_D), all K tiles."""
+    """Basis rows ``rows`` [BLOCK_K, 1] at columns ``[d0, d0 + BLOCK_D)``, and x there (fp32)."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = column_mask(offs_d, end, MASKED)
-    x = tl.load(x_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return dot_tiles(acc, basis_ptr, row_stride, offs_d, mask_d, x, K, BLOCK_K, NT, STAGES)
+    p = tl.load(rows + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0,
+                eviction_policy="evict_first")  # fmt: skip
+    # x read as a [BLOCK_K, BLOCK_D] broadcast (all rows at the same addresses; one load per
+    # thread and column group): it then has the basis tile's layout. Read as a [BLOCK_D] vector
+    # it was moved into that layout through shared memory, with 2-4 BAR in the loop.
+    same = tl.zeros([BLOCK_K, 1], dtype=tl.int64)
+    x = tl.load(x_ptr + same + offs_d[None, :], mask=mask_d[None, :], other=0.0).to(tl.float32)
+    return p, x
 
 
 @triton.autotune(configs=configs(_CONFIGS_1), key=["K", "D"])
-@triton.heuristics({"NT": lambda args: pow2(triton.cdiv(args["K"], args["BLOCK_K"]))})
+@triton.heuristics(_TILE_COLUMNS)
 @triton.jit
 def _project_kernel(
-    basis_ptr, row_stride, x_ptr, part_ptr, K, D, CHUNK,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, NT: tl.constexpr,
+    basis_ptr, row_stride, x_ptr, part_ptr, K, D,
+    BLOCK_K: tl.constexpr, ROW_BYTES: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """Stage 1 for one vector: column tiles outside, K tiles inside, so x is read once."""
-    pid = tl.program_id(0).to(tl.int64)
-    start = pid * CHUNK
-    end = tl.minimum(start + CHUNK, D)
+    """Stage 1 for one vector: program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(D, tl.num_programs(1)), SPLIT_ALIGN).to(tl.int64) * SPLIT_ALIGN
+    start = s * chunk
+    end = tl.minimum(start + chunk, D)
     # Whole tiles without a column mask, then at most one masked tile.
-    full_end = start + (end - start) // BLOCK_D * BLOCK_D
-    acc = tl.zeros([NT, BLOCK_K], dtype=tl.float32)
-    for d0 in range(start, full_end, BLOCK_D):
-        acc = _vector_tile(
-            acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, STAGES, MASKED=False
-        )
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_D * BLOCK_D
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_k = offs_k < K
+    rows = basis_ptr + offs_k[:, None] * row_stride
+    tile = tl.zeros([BLOCK_K, BLOCK_D // GROUP], dtype=tl.float32)
+    if start < full_end:
+        # Register prefetch: tile i + 1's loads are issued before tile i is summed.
+        p, x = _column_tile(rows, x_ptr, mask_k, start, end, BLOCK_K, BLOCK_D, MASKED=False)
+        for d0 in range(start + BLOCK_D, full_end, BLOCK_D):
+            p_next, x_next = _column_tile(rows, x_ptr, mask_k, d0, end, BLOCK_K, BLOCK_D, MASKED=False)
+            tile = group_dot(tile, p, x, BLOCK_K, BLOCK_D, GROUP)
+            p, x = p_next, x_next
+        tile = group_dot(tile, p, x, BLOCK_K, BLOCK_D, GROUP)
     for d0 in range(full_end, end, BLOCK_D):
-        acc = _vector_tile(
-            acc, basis_ptr, row_stride, x_ptr, K, d0, end, BLOCK_K, BLOCK_D, NT, STAGES, MASKED=True
-        )
-    offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
-    tl.store(part_ptr + pid * K + offs, acc, mask=offs < K)
+        p, x = _column_tile(rows, x_ptr, mask_k, d0, end, BLOCK_K, BLOCK_D, MASKED=True)
+        tile = group_dot(tile, p, x, BLOCK_K, BLOCK_D, GROUP)
+    tl.store(part_ptr + s * K + offs_k, tl.sum(tile, axis=1), mask=mask_k)
 
 
 @triton.jit
@@ -142,16 +174,28 @@ def _project_reduce_kernel(
     tl.store(out_ptr + offs_n, acc * scale, mask=mask_n)
 
 
+def vector_splits(K: int, config: dict, device: torch.device) -> int:
+    """S of ``_project_kernel`` under ``config``: one wave of its programs per SM."""
+    return wave_splits(triton.cdiv(K, config["BLOCK_K"]), config["PROGRAMS_PER_SM"], device)
+
+
 def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
     """Stage 1 only: fp32 partial sums [S, B, K] of ``basis @ x2.T`` (no scales)."""
     K, D = basis.shape
     B = x2.shape[0]
-    S, chunk = split_columns(D, x2.device)
-    part = torch.empty(S, B, K, dtype=torch.float32, device=x2.device)
+    dev = x2.device
     if B == 1:
-        tuned(_project_kernel)[(S,)](basis, basis.stride(0), x2, part, K, D, chunk)
-    else:
-        tuned(_project_batched_kernel)[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)
+        # Room for the splits of every config (the autotuner launches each); the rows of the
+        # config that ran are returned.
+        most = max(vector_splits(K, c.kwargs, dev) for c in _project_kernel.configs)
+        part = torch.empty(most, 1, K, dtype=torch.float32, device=dev)
+        kernel = tuned(_project_kernel)
+        grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), vector_splits(K, meta, dev))
+        kernel[grid](basis, basis.stride(0), x2, part, K, D)
+        return part[: vector_splits(K, launched_config(kernel).kwargs, dev)]
+    S, chunk = split_columns(D, dev)
+    part = torch.empty(S, B, K, dtype=torch.float32, device=dev)
+    tuned(_project_batched_kernel)[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)
     return part
 
 

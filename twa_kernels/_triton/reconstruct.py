@@ -13,49 +13,55 @@ from torch import Tensor
 from .._layout import warn_if_narrow
 from ._common import add_combination, column_mask, configs, to_storage, tuned
 
-# [BLOCK_K, BLOCK_D] basis tiles, read in 16-byte loads (tests/test_triton_codegen.py);
-# STAGES > 1 prefetches the next K tiles into shared memory.
+# [BLOCK_K, BLOCK_D] basis tiles of ROW_BYTES per row: BLOCK_D = ROW_BYTES / value size columns,
+# 16 bytes per thread and row across all the program's threads (4 warps x 32 lanes x 16 bytes =
+# 2048), so each thread issues BLOCK_K 16-byte loads per tile, whatever the storage dtype, and
+# sums over K without leaving its registers. Registers, loads in flight and the programs per SM
+# they allow are checked from the sm_90 code (tests/test_triton_codegen.py).
+# (8-warp tiles of 4096 bytes ran 1 program per SM at 150-197 registers: dropped.)
 _CONFIGS = [
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 1}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 8, "BLOCK_D": 512, "STAGES": 1}, num_warps=4),
-    triton.Config({"BLOCK_K": 64, "BLOCK_D": 128, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 16, "BLOCK_D": 256, "STAGES": 3}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "BLOCK_D": 256, "STAGES": 3}, num_warps=8),
+    triton.Config({"BLOCK_K": 4, "ROW_BYTES": 2048}, num_warps=4),
+    triton.Config({"BLOCK_K": 8, "ROW_BYTES": 2048}, num_warps=4),
 ]
+
+
+def block_d(args) -> int:
+    """Columns of a ``ROW_BYTES`` tile row of ``args["basis_ptr"]``."""
+    return args["ROW_BYTES"] // args["basis_ptr"].element_size()
 
 
 @triton.jit
 def _reconstruct_columns(
     out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
-    BLOCK_K: tl.constexpr, STAGES: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Columns ``offs_d`` of ``w0 + P alpha``; only a MASKED call (the last tile) checks ``D``."""
     mask_d = column_mask(offs_d, D, MASKED)
     acc = tl.load(w0_ptr + offs_d, mask=mask_d, other=0.0)
-    acc = add_combination(
-        acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, offs_d, mask_d, BLOCK_K, STAGES
-    )
+    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, offs_d, mask_d, BLOCK_K)
     tl.store(out_ptr + offs_d, to_storage(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.autotune(configs=configs(_CONFIGS), key=["K", "D"])
+@triton.heuristics({"BLOCK_D": block_d})
 @triton.jit
 def _reconstruct_kernel(
     out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROW_BYTES: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """One program per BLOCK_D columns (no reduction crosses programs, so the grid is not
+    capped: every SM holds as many programs as its registers allow)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     if (pid + 1) * BLOCK_D <= D:
         _reconstruct_columns(
             out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
-            BLOCK_K, STAGES, MASKED=False,
+            BLOCK_K, MASKED=False,
         )  # fmt: skip
     else:
         _reconstruct_columns(
             out_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, D, offs_d,
-            BLOCK_K, STAGES, MASKED=True,
+            BLOCK_K, MASKED=True,
         )  # fmt: skip
 
 

@@ -20,40 +20,62 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _param_table as table
 from .._layout import warn_if_narrow
 from .._ops import check_rank
 from .._param_table import BLOCK, BLOCK_FIELDS, FIELDS, Plan, plan_for
 from . import subspace_step
-from ._common import (
-    add_combination,
-    configs,
-    dot_tiles,
-    pow2,
-    split_items,
-    to_storage,
-    tuned,
-)
+from ._common import add_combination, configs, group_dot, launched_config, to_storage, tuned, wave_splits
 from .project import reduce_partials
 
-# [BLOCK_K, 512] basis tiles read in 16-byte loads; STAGES > 1 prefetches the next tiles of the
-# K loop into shared memory (3 stages of a [16, 512] fp16 tile: 48 KB per program).
-_CONFIGS = [
-    triton.Config({"BLOCK_K": 16, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 8, "STAGES": 1}, num_warps=4),
-    triton.Config({"BLOCK_K": 32, "STAGES": 1}, num_warps=8),
-    triton.Config({"BLOCK_K": 16, "STAGES": 3}, num_warps=8),
-    triton.Config({"BLOCK_K": 8, "STAGES": 3}, num_warps=4),
+# Parameter table columns, as the kernels read them.
+NUMEL = tl.constexpr(table.NUMEL)
+PARAM_DTYPE = tl.constexpr(table.PARAM_DTYPE)
+GRAD_DTYPE = tl.constexpr(table.GRAD_DTYPE)
+PARAM_ADDR = tl.constexpr(table.PARAM_ADDR)
+GRAD_ADDR = tl.constexpr(table.GRAD_ADDR)
+ALIGNED = tl.constexpr(table.ALIGNED)
+
+# Projection: [BLOCK_K, 512] basis tiles, the next block's tile and grad prefetched while one is
+# summed. PROGRAMS_PER_SM is the one wave the grid fills: what the compiled code's registers
+# allow for every basis dtype and grad kind (tests/test_triton_codegen.py), e.g. [4, 512] at 2
+# warps: 168-227 registers, 4-6 programs per SM.
+_PROJECT_CONFIGS = [
+    triton.Config({"BLOCK_K": 4, "PROGRAMS_PER_SM": 4}, num_warps=2),
+    triton.Config({"BLOCK_K": 8, "PROGRAMS_PER_SM": 2}, num_warps=4),
+    triton.Config({"BLOCK_K": 16, "PROGRAMS_PER_SM": 1}, num_warps=8),
+]
+# Write pass: one program per block; the block's 512 columns lie across the threads of at most
+# 512 / (8 x 32) = 2 warps (fp16: 8 values per 16 bytes), so the sum over a K tile stays in each
+# thread (more warps would share columns and reduce through shared memory on every tile).
+# [16, 512] spilled (255 registers).
+_WRITE_CONFIGS = [
+    triton.Config({"BLOCK_K": 8}, num_warps=2),
+    triton.Config({"BLOCK_K": 4}, num_warps=2),
 ]
 
 
 @triton.jit
-def _load_as_f32(addr, code, offs, mask):
-    # Exactly one of the three masked loads is live (none for NO_GRAD): no memory is touched
-    # through a pointer of the wrong type, and a missing grad reads as zeros.
-    v = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask & (code == 0), other=0.0)
-    b = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask & (code == 1), other=0.0)
-    h = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask & (code == 2), other=0.0)
-    return v + b.to(tl.float32) + h.to(tl.float32)
+def _load_as_f32(addr, code, offs, mask, GRAD_CODE: tl.constexpr):
+    """The grad at ``addr`` (dtype ``code``) as fp32; zeros for NO_GRAD.
+
+    GRAD_CODE >= 0: every grad of the list has that dtype (or none), one typed load. Otherwise
+    exactly one of three masked loads is live: no memory is touched through a pointer of the
+    wrong type, at the cost of 46 more registers in the projection (214 against 168 for a
+    [8, 512] fp16 tile at 4 warps, sm_90)."""
+    if GRAD_CODE == 0:
+        return tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask & (code == 0), other=0.0)
+    elif GRAD_CODE == 1:
+        b = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask & (code == 1), other=0.0)
+        return b.to(tl.float32)
+    elif GRAD_CODE == 2:
+        h = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask & (code == 2), other=0.0)
+        return h.to(tl.float32)
+    else:
+        v = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask & (code == 0), other=0.0)
+        b = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask & (code == 1), other=0.0)
+        h = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask & (code == 2), other=0.0)
+        return v + b.to(tl.float32) + h.to(tl.float32)
 
 
 @triton.jit
@@ -68,34 +90,34 @@ def _store_from_f32(addr, code, offs, val, mask):
 
 
 @triton.jit
-def _locate(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr):
-    """Block ``blk``'s parameter table row and first element within its parameter."""
+def _entry(ptab_ptr, btab_ptr, blk, FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Block ``blk``: its block table row, its parameter's table row, and whether it is FAST
+    (whole, and its parameter flagged aligned in the table)."""
     entry = btab_ptr + BLOCK_FIELDS * blk
-    return ptab_ptr + tl.load(entry) * FIELDS, tl.load(entry + 1)
+    row = ptab_ptr + tl.load(entry) * FIELDS
+    fast = (tl.load(entry + 3) == BLOCK_D) & (tl.load(row + ALIGNED) != 0)
+    return entry, row, fast
 
 
 @triton.jit
-def _is_fast(row, first, BLOCK_D: tl.constexpr):
-    """Whole block (no mask) of a parameter flagged ALIGNED in the table."""
-    return (first + BLOCK_D <= tl.load(row + 1)) & (tl.load(row + 6) != 0)
-
-
-@triton.jit
-def _block(row, first, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
+def _block(entry, row, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
     """The block's ``(local offsets, mask, basis columns)``.
 
     A FAST block is whole (no mask) and its parameter, grad and basis columns start 16-byte
     aligned (the table's ALIGNED field); the hints let the compiler prove it and load the
     basis rows in 16-byte vectors, where a column mask or an unknown offset gives 2-byte loads.
+    The hints attach to the loads made here: on a value passed in from another function the
+    compiler drops them (and every basis load became a 2-byte one).
     """
-    col0 = tl.load(row) + first
+    first = tl.load(entry + 1)
+    col0 = tl.load(entry + 2)
     if FAST:
         first = tl.multiple_of(first, 16)
         col0 = tl.multiple_of(col0, 16)
         mask = tl.full([BLOCK_D], 1, tl.int1)
     local = first + tl.arange(0, BLOCK_D).to(tl.int64)
     if not FAST:
-        mask = local < tl.load(row + 1)
+        mask = local < tl.load(row + NUMEL)
     return local, mask, col0 + tl.arange(0, BLOCK_D).to(tl.int64)
 
 
@@ -108,80 +130,103 @@ def _address(row, field, FAST: tl.constexpr):
 
 
 @triton.jit
-def _block_dot(
-    acc, row, first, basis_ptr, row_stride, K,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, NT: tl.constexpr, STAGES: tl.constexpr,
-    FAST: tl.constexpr,
+def _grad_tile(
+    entry, row, rows, mask_k,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GRAD_CODE: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """``acc`` [NT, BLOCK_K] plus the block's part of ``P^T g`` (its grad read once)."""
-    local, mask_d, cols = _block(row, first, BLOCK_D, FAST)
-    g = _load_as_f32(_address(row, 5, FAST), tl.load(row + 3), local, mask_d)
-    return dot_tiles(acc, basis_ptr, row_stride, cols, mask_d, g, K, BLOCK_K, NT, STAGES)
+    """The block's basis tile (rows ``rows`` [BLOCK_K, 1]) and its grad (fp32, broadcast over
+    the rows so that it has the tile's layout; see ``project._column_tile``)."""
+    local, mask_d, cols = _block(entry, row, BLOCK_D, FAST)
+    p = tl.load(rows + cols[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0,
+                eviction_policy="evict_first")  # fmt: skip
+    same = tl.zeros([BLOCK_K, 1], dtype=tl.int64)
+    addr, code = _address(row, GRAD_ADDR, FAST), tl.load(row + GRAD_DTYPE)
+    g = _load_as_f32(addr, code, same + local[None, :], mask_d[None, :], GRAD_CODE)
+    return p, g
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
-@triton.heuristics({"NT": lambda args: pow2(triton.cdiv(args["K"], args["BLOCK_K"]))})
+@triton.jit
+def _fetch(
+    ptab_ptr, btab_ptr, blk, rows, mask_k,
+    FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    GRAD_CODE: tl.constexpr,
+):  # fmt: skip
+    """Block ``blk``'s basis tile and grad (see ``_grad_tile``), FAST or masked."""
+    entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+    if fast:
+        p, g = _grad_tile(entry, row, rows, mask_k, BLOCK_K, BLOCK_D, GRAD_CODE, FAST=True)
+    else:
+        p, g = _grad_tile(entry, row, rows, mask_k, BLOCK_K, BLOCK_D, GRAD_CODE, FAST=False)
+    return p, g
+
+
+@triton.autotune(configs=configs(_PROJECT_CONFIGS), key=["K", "NBLK"])
+@triton.heuristics({"GROUP": lambda args: 16 // args["basis_ptr"].element_size()})
 @triton.jit
 def _step_project_kernel(
-    ptab_ptr, btab_ptr, basis_ptr, row_stride, part_ptr, K, NBLK, PER,
+    ptab_ptr, btab_ptr, basis_ptr, row_stride, part_ptr, K, NBLK,
     FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
-    NT: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, GRAD_CODE: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    b_lo = pid * PER
-    b_hi = tl.minimum(b_lo + PER, NBLK)
-    # Blocks outside, K tiles inside: each block's table entries and grad are read once (with
-    # K tiles outside they were read once per tile: 12 % more bytes at K = 301, BLOCK_K = 16).
-    acc = tl.zeros([NT, BLOCK_K], dtype=tl.float32)
-    for blk in range(b_lo, b_hi):
-        row, first = _locate(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS)
-        if _is_fast(row, first, BLOCK_D):
-            acc = _block_dot(
-                acc, row, first, basis_ptr, row_stride, K, BLOCK_K, BLOCK_D, NT, STAGES, FAST=True
-            )  # fmt: skip
-        else:
-            acc = _block_dot(
-                acc, row, first, basis_ptr, row_stride, K, BLOCK_K, BLOCK_D, NT, STAGES, FAST=False
-            )  # fmt: skip
-    offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
-    tl.store(part_ptr + pid * K + offs, acc, mask=offs < K)
+    """Program (t, s): rows ``[t * BLOCK_K, (t + 1) * BLOCK_K)`` of ``P^T g`` over split s (a run
+    of consecutive blocks), summed in a register tile with the next block's basis tile and grad
+    prefetched, reduced once into ``part[s, rows]``. The programs of a split run side by side (t fastest),
+    so its grads come from DRAM about once."""
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    per = tl.cdiv(NBLK, tl.num_programs(1)).to(tl.int64)
+    b_lo = s * per
+    b_hi = tl.minimum(b_lo + per, NBLK)
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_k = offs_k < K
+    rows = basis_ptr + offs_k[:, None] * row_stride
+    tile = tl.zeros([BLOCK_K, BLOCK_D // GROUP], dtype=tl.float32)
+    if b_lo < b_hi:
+        # Register prefetch: block i + 1's tile and grad are loaded before block i is summed.
+        p, g = _fetch(
+            ptab_ptr, btab_ptr, b_lo, rows, mask_k, FIELDS, BLOCK_FIELDS, BLOCK_K, BLOCK_D, GRAD_CODE
+        )
+        for blk in range(b_lo + 1, b_hi):
+            p_next, g_next = _fetch(
+                ptab_ptr, btab_ptr, blk, rows, mask_k, FIELDS, BLOCK_FIELDS, BLOCK_K, BLOCK_D, GRAD_CODE
+            )
+            tile = group_dot(tile, p, g, BLOCK_K, BLOCK_D, GROUP)
+            p, g = p_next, g_next
+        tile = group_dot(tile, p, g, BLOCK_K, BLOCK_D, GROUP)
+    tl.store(part_ptr + s * K + offs_k, tl.sum(tile, axis=1), mask=mask_k)
 
 
 @triton.jit
 def _block_write(
-    row, first, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr,
+    entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """The block's parameter values ``w0 + P alpha``, written in the parameter's dtype."""
-    local, mask_d, cols = _block(row, first, BLOCK_D, FAST)
+    local, mask_d, cols = _block(entry, row, BLOCK_D, FAST)
     acc = tl.load(w0_ptr + cols, mask=mask_d, other=0.0)
-    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K, STAGES)
-    _store_from_f32(_address(row, 4, FAST), tl.load(row + 2), local, acc, mask_d)
+    acc = add_combination(acc, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, cols, mask_d, BLOCK_K)
+    _store_from_f32(_address(row, PARAM_ADDR, FAST), tl.load(row + PARAM_DTYPE), local, acc, mask_d)
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["K", "NBLK"])
+@triton.autotune(configs=configs(_WRITE_CONFIGS), key=["K", "NBLK"])
 @triton.jit
 def _step_write_kernel(
-    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, NBLK, PER,
+    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, NBLK,
     FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    b_lo = pid * PER
-    b_hi = tl.minimum(b_lo + PER, NBLK)
-    for blk in range(b_lo, b_hi):
-        row, first = _locate(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS)
-        if _is_fast(row, first, BLOCK_D):
-            _block_write(
-                row, first, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-                BLOCK_K, BLOCK_D, STAGES, FAST=True,
-            )  # fmt: skip
-        else:
-            _block_write(
-                row, first, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
-                BLOCK_K, BLOCK_D, STAGES, FAST=False,
-            )  # fmt: skip
+    """One program per block (no reduction crosses programs, so the grid is not capped)."""
+    blk = tl.program_id(0).to(tl.int64)
+    entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+    if fast:
+        _block_write(
+            entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+            BLOCK_K, BLOCK_D, FAST=True,
+        )  # fmt: skip
+    else:
+        _block_write(
+            entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
+            BLOCK_K, BLOCK_D, FAST=False,
+        )  # fmt: skip
 
 
 def fused_twa_step(
@@ -210,19 +255,30 @@ def fused_twa_step(
     )  # fmt: skip
 
 
-def _grid(plan: Plan) -> tuple[int, int]:
-    return split_items(max(plan.nblk, 1), plan.device)
+def _project_splits(K: int, config: dict, device: torch.device) -> int:
+    return wave_splits(triton.cdiv(K, config["BLOCK_K"]), config["PROGRAMS_PER_SM"], device)
 
 
-def _project_partials(plan: Plan, ptab: Tensor, basis: Tensor) -> Tensor:
-    """Stage 1 of ``P^T g`` straight from the grads the table points at: partials [grid, K]."""
-    grid, per = _grid(plan)
-    part = plan.workspace("part", (grid, basis.shape[0]))
-    tuned(_step_project_kernel)[(grid,)](
-        ptab, plan.btab, basis, basis.stride(0), part, basis.shape[0], plan.nblk, per,
-        FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK,
+def _grad_code(grads: list[Tensor | None]) -> int:
+    """The dtype code all grads share (missing ones aside), or -1 when they mix dtypes."""
+    codes = {table.DTYPE_CODES.get(g.dtype, -1) for g in grads if g is not None}
+    return codes.pop() if len(codes) == 1 else -1
+
+
+def _project_partials(plan: Plan, ptab: Tensor, basis: Tensor, grads: list[Tensor | None]) -> Tensor:
+    """Stage 1 of ``P^T g`` straight from the grads the table points at: partials [S, K]."""
+    K, dev = basis.shape[0], plan.device
+    # Room for the splits of every config (the autotuner launches each); the rows of the config
+    # that ran are returned.
+    most = max(_project_splits(K, c.kwargs, dev) for c in _step_project_kernel.configs)
+    part = plan.workspace("part", (most, K))
+    kernel = tuned(_step_project_kernel)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), _project_splits(K, meta, dev))
+    kernel[grid](
+        ptab, plan.btab, basis, basis.stride(0), part, K, plan.nblk,
+        FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK, GRAD_CODE=_grad_code(grads),
     )  # fmt: skip
-    return part
+    return part[: _project_splits(K, launched_config(kernel).kwargs, dev)]
 
 
 def project_grads(
@@ -234,7 +290,7 @@ def project_grads(
     warn_if_narrow(basis, "triton")
     plan = plan_for(params, basis.device)
     ptab, keep = plan.table(params, grads)
-    part = _project_partials(plan, ptab, basis)
+    part = _project_partials(plan, ptab, basis, grads)
     del keep  # contiguous copies of strided grads live until the launch is queued
     return reduce_partials(part.unsqueeze(1), scales).squeeze(0)
 
@@ -253,15 +309,14 @@ def step_(
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
     ptab, keep = plan.table(params, grads)
-    part = _project_partials(plan, ptab, basis)
+    part = _project_partials(plan, ptab, basis, grads)
     coord = plan.workspace("coord", (K,))
     subspace_step.launch(
         alpha, momentum_buffer, counters, coord, gram, pw0, lr, momentum, dampening, weight_decay,
         nesterov, part=part, scales=scales,
     )  # fmt: skip
-    grid, per = _grid(plan)
-    tuned(_step_write_kernel)[(grid,)](
-        ptab, plan.btab, w0, basis, basis.stride(0), scales, alpha, K, plan.nblk, per,
+    tuned(_step_write_kernel)[(max(plan.nblk, 1),)](
+        ptab, plan.btab, w0, basis, basis.stride(0), scales, alpha, K, plan.nblk,
         FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK,
     )  # fmt: skip
     del keep  # contiguous copies of strided grads live until all launches are queued
