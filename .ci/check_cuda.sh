@@ -7,7 +7,8 @@
 #      basis keeps >= 4 16-byte loads in flight and no barrier in its hot loop, and fits the
 #      blocks per SM its launch relies on (.ci/cuda_sass.py);
 #   2. csrc/tests/host_test.cu (the kernels' index/tiling/mask/reduction helpers against plain
-#      loops) builds with nvcc and runs on the CPU;
+#      loops) and csrc/tests/step_host_test.cu (the fused step's splits) build with nvcc and run
+#      on the CPU;
 #   3. the torch glue compiles (syntax only) against the project's torch;
 #   4. the whole extension JIT-builds, links and imports against the torch 2.14.1 CUDA wheel in
 #      .venv-cuda (created when missing and the disk has room), and calling an op on CPU tensors
@@ -117,7 +118,10 @@ step "SASS: loads in flight, barriers, occupancy"
 "$NVCC" -std=c++17 -O2 -Werror all-warnings -Xcompiler -Wall,-Werror \
   csrc/tests/host_test.cu -o "$WORK/host_test"
 "$WORK/host_test"
-step "host test (index/tiling/masks/reduction)"
+"$NVCC" -std=c++17 -O2 -Werror all-warnings -Xcompiler -Wall,-Werror \
+  csrc/tests/step_host_test.cu -o "$WORK/step_host_test"
+"$WORK/step_host_test"
+step "host tests (index/tiling/masks/reduction, step splits)"
 
 # ---- 3. torch glue against the project's torch (syntax only) ----------------------------------
 # CPU wheels lack the CMake-generated c10/cuda/impl/cuda_cmake_macros.h; a one-line stub stands in.
@@ -170,7 +174,7 @@ mod = _cuda.load()
 print(f"check_cuda: built and imported {mod.__file__} in {time.time() - t:.1f} s")
 for op in (
     "project", "reconstruct_", "orthogonalize_", "orthogonalize_workspace", "orthogonalize_phase_",
-    "subspace_step_",
+    "subspace_step_", "step_sizes", "step_project_", "fused_step_",
 ):
     assert hasattr(torch.ops.twa_cuda, op), op
 

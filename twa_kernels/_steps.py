@@ -2,11 +2,11 @@
 
 ``TWA`` holds one step object, made by ``make_step``:
 
-- ``LocalStep``: one process, one ``twa::step_`` op per step. Its reference and CUDA
-  implementations gather the gradients into one flat fp32 buffer, project, update the
-  coordinates, reconstruct the weights into the same buffer and copy them into the parameters;
-  the Triton one is the fused step (``_triton.step``), which reads the gradients and writes the
-  parameters in place, in 3 launches.
+- ``LocalStep``: one process, one ``twa::step_`` op per step. Its reference implementation
+  gathers the gradients into one flat fp32 buffer, projects, updates the coordinates,
+  reconstructs the weights into the same buffer and copies them into the parameters; the Triton
+  and CUDA ones are fused steps (``_triton.step``, ``csrc/step.cu``), which read the gradients
+  and write the parameters in place through a parameter table (3 and 4 launches).
 - ``ShardedStep``: the basis sharded along D over a process group (see ``distributed``): each
   rank projects its shard of the gradient with the chosen backend (``twa::project_grads``, the
   fused step's gradient kernel on Triton, under DDP; ``twa::project`` of the reduce-scattered
@@ -85,7 +85,8 @@ def _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hype
 
 class LocalStep:
     """The step on one process: one flat fp32 [D] buffer (gradients in, weights out, views made
-    once); the fused Triton step when the backend is Triton, which needs no buffer at all."""
+    once) for the reference step and ``write_weights``; the fused Triton and CUDA steps use no
+    buffer at all."""
 
     average_gradients = False
 
