@@ -249,5 +249,5 @@ def resident_blocks(
     warps = -(-threads // 32)
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
     by_regs = (regs_per_sm // per_warp) // warps
-    by_shared = shared_per_sm // (shared + shared_reserved)
+    by_shared = shared_per_sm // (shared + shared_reserved) if shared + shared_reserved else max_blocks
     return min(by_regs, by_shared, max_threads // (warps * 32), max_blocks)
