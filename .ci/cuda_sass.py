@@ -50,6 +50,8 @@ THREADS = 256  # kThreads (csrc/twa_common.h): every kernel here runs 256-thread
 CHECKED = {
     "project_stage1": 0,
     "reconstruct_kernel": 0,
+    "orth_pass": 0,
+    "orth_store": 0,
     "step_project_kernel": 0,
     "step_write_kernel": 0,
 }

@@ -6,6 +6,16 @@
 //                           max|v1|                             -> partials, stage 2, finalize2
 //   pass 3  (over columns)  row `rank` = clamp((v - P h) * ROW_AMAX / max|v1|) in the storage dtype
 //
+// Loops that read the basis (none holds a barrier; the full/partial choice is made once per
+// tile or per thread, partial groups take masked scalar loads in the same order):
+//   - the dot products of a tile (passes 1, 2): x tile in shared memory (fp64), warp w takes
+//     rows w, w + 8, ..., two rows per iteration, their 2 x 8 16-byte evict-first loads issued
+//     before any is consumed; per row and tile, lane sums in order, a butterfly, and lane 0
+//     adds into the row's fp64 sum in shared memory (one owner per row);
+//   - the residual v - P c (pass 2 per tile, pass 3): one thread per group of V columns, rows k
+//     ascending, 8 rows' 16-byte loads in flight (cached in pass 2, which re-reads the tile;
+//     evict-first in pass 3), coefficients staged in shared memory kThreads at a time.
+//
 // Every reduction over D is per-block partials in a workspace plus a fixed-order second stage;
 // the scalars (c1, h, norms, scale) stay on the device, so there is no host synchronisation.
 // The launches are cut into three phases after the two second stages (twa_launch.h): the
@@ -15,6 +25,134 @@
 namespace twa {
 namespace {
 
+// One 16-byte load of basis data that is read again soon (pass 2 reads each tile twice: the
+// residual, then the dot products): the default caching policy, unlike ld_stream16's evict-first.
+// Volatile for the same reason: a group of loads written before their consumers stays ahead.
+__device__ __forceinline__ uint4 ld_keep16(const void* p) {
+  uint4 w;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+      : "l"(p));
+  return w;
+}
+
+// acc[e] += sum_k coef[k0 + k] basis[k0 + k, col0 + e] over the rows of one staged coefficient
+// chunk (coef_s[0, n)), k ascending, for this thread's group. A full group (one 16-byte load per
+// row) issues the kLoadsInFlight loads of rows k .. k + 7 before any is consumed (rows past the
+// chunk re-read its last row and are not added); other groups take masked scalar loads.
+template <typename T, bool STREAM>
+__device__ __forceinline__ void residual_rows(const T* __restrict__ basis, int64_t ld, int64_t k0,
+                                              int n, const ColumnLayout& L, int64_t col0,
+                                              bool full, const double* coef_s, double* acc) {
+  constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
+  constexpr int R = kLoadsInFlight;
+  if (full) {
+    const T* rows = basis + k0 * ld + col0;
+    for (int k = 0; k < n; k += R) {
+      uint4 w[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int kr = k + r < n ? k + r : n - 1;
+        const T* p = rows + static_cast<int64_t>(kr) * ld;
+        w[r] = STREAM ? ld_stream16(p) : ld_keep16(p);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (k + r < n) {
+          double v[V];
+          unpack16<T, double>(w[r], v);
+          const double c = coef_s[k + r];
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[e] = fma(c, v[e], acc[e]);
+        }
+      }
+    }
+  } else {
+    for (int k = 0; k < n; ++k) {
+      double v[V];
+      load_group_scalar<T, double>(basis + (k0 + k) * ld, col0, L, v);
+      const double c = coef_s[k];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = fma(c, v[e], acc[e]);
+    }
+  }
+}
+
+// acc_s[r] += sum over the tile's columns of basis[r, c] xs[c - c0], r in [0, rank). Warp w
+// takes rows w, w + kWarps, ...; lane l sums its U groups u (columns c0 + (u * 32 + l) * V + e)
+// in order u, e, then the butterfly, then lane 0 adds the tile's sum into acc_s[r] (one owner
+// per row: no atomics, no barrier). A full tile (decided once, uniform over the block) issues
+// the row's U 16-byte evict-first loads before any is consumed; other tiles take masked scalar
+// loads (zero outside [0, D)) in the same order.
+template <typename T>
+__device__ __forceinline__ void dot_tile(const T* __restrict__ basis, int64_t ld, int rank,
+                                         const ColumnLayout& L, int64_t c0, bool full,
+                                         const double* xs, double* acc_s) {
+  constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
+  constexpr int U = orth_groups_per_lane(V);
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  if (full) {
+    // RW rows per iteration (r and r + kWarps, ...; a row past rank re-reads row r and is not
+    // added), their RW x U loads issued first. Group u of the lane is at a constant offset
+    // u * kWarp * V from its first group; each x value read from shared memory serves RW rows.
+    constexpr int RW = 2;
+    const T* lane_row = basis + static_cast<int64_t>(warp) * ld + lane_group_col(c0, 0, lane, V);
+    const int64_t row_step = static_cast<int64_t>(kWarps) * ld;
+    const double* xl = xs + lane_group(0, lane) * V;
+    for (int r = warp; r < rank; r += RW * kWarps, lane_row += RW * row_step) {
+      uint4 w[RW][U];
+#pragma unroll
+      for (int i = 0; i < RW; ++i) {
+        const T* p = r + i * kWarps < rank ? lane_row + i * row_step : lane_row;
+#pragma unroll
+        for (int u = 0; u < U; ++u) w[i][u] = ld_stream16(p + u * kWarp * V);
+      }
+      double acc[RW];
+#pragma unroll
+      for (int i = 0; i < RW; ++i) acc[i] = 0.0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const double* xr = xl + u * kWarp * V;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const double x = xr[e];
+#pragma unroll
+          for (int i = 0; i < RW; ++i) {
+            const T* h = reinterpret_cast<const T*>(&w[i][u]);
+            acc[i] = fma(static_cast<double>(Storage<T>::to_float(h[e])), x, acc[i]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < RW; ++i) {
+        const double s = warp_sum(acc[i]);
+        if (lane == 0 && r + i * kWarps < rank) acc_s[r + i * kWarps] += s;
+      }
+    }
+  } else {
+    for (int r = warp; r < rank; r += kWarps) {
+      const T* row = basis + static_cast<int64_t>(r) * ld;
+      double acc = 0.0;
+#pragma unroll 1
+      for (int u = 0; u < U; ++u) {
+        double v[V];
+        // lane_group_col in 64-bit arithmetic: u is not a constant in this rolled loop.
+        load_group_scalar<T, double>(row, c0 + (static_cast<int64_t>(u) * kWarp + lane) * V, L, v);
+        const double* xr = xs + lane_group(u, lane) * V;
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc = fma(v[e], xr[e], acc);
+      }
+      const double s = warp_sum(acc);
+      if (lane == 0) acc_s[r] += s;
+    }
+  }
+}
+
+// One block per split: its tiles of TD = kThreads V columns in order. Per tile, the x tile (pass
+// 1: v; pass 2: v1 = v - P c1, one group per thread) goes to shared memory in fp64, then
+// dot_tile. Barriers only between those phases and around each staged coefficient chunk, never
+// inside a loop that loads the basis.
 template <typename T, int PASS>
 __global__ void __launch_bounds__(kThreads, 2)
     orth_pass(const T* __restrict__ basis, int64_t ld, int rank, ColumnLayout L, SplitPlan plan,
@@ -22,7 +160,6 @@ __global__ void __launch_bounds__(kThreads, 2)
               double* __restrict__ partial) {
   constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
   constexpr int TD = orth_tile_cols(V);
-  constexpr int U = orth_groups_per_lane(V);
   __shared__ __align__(16) double xs[TD];
   __shared__ double coef_s[kThreads];
   __shared__ double scratch[kWarps];
@@ -39,6 +176,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t t_end = split_tile_end(plan, split);
   for (int64_t tile = split_tile_begin(plan, split); tile < t_end; ++tile) {
     const int64_t c0 = tile_col0(L, tile, TD);
+    const bool full = tile_full(L, tile, TD);  // uniform over the block
     __syncthreads();  // the previous tile's xs is no longer read; acc_s is initialised
     if constexpr (PASS == 1) {
       for (int i = threadIdx.x; i < TD; i += kThreads) {
@@ -50,6 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     } else {
       // v1 = v - P c1 for this thread's group (exactly one group per thread: TD = kThreads V).
       const int64_t col0 = c0 + static_cast<int64_t>(threadIdx.x) * V;
+      const bool gfull = group_full(L, col0);
       double acc[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) {
@@ -60,14 +199,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         __syncthreads();
         if (static_cast<int>(threadIdx.x) < n) coef_s[threadIdx.x] = work[W.coef1() + k0 + threadIdx.x];
         __syncthreads();
-#pragma unroll 2
-        for (int k = 0; k < n; ++k) {
-          double v[V];
-          load_group<T, double>(basis + (k0 + k) * ld, col0, L, v);
-          const double c = coef_s[k];
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[e] = fma(c, v[e], acc[e]);
-        }
+        // Cached loads: dot_tile reads the same tile right after.
+        residual_rows<T, false>(basis, ld, k0, n, L, col0, gfull, coef_s, acc);
       }
 #pragma unroll
       for (int e = 0; e < V; ++e) {
@@ -78,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     __syncthreads();
-    dot_rows<T, double, 1, U>(basis, ld, 0, rank, L, c0, xs, 1, acc_s, rank);
+    dot_tile<T>(basis, ld, rank, L, c0, full, xs, acc_s);
   }
   __syncthreads();
   double* out = partial + split * ncols;
@@ -160,21 +293,14 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = 0; e < V; ++e) {
     acc[e] = (active && col_valid(L, col0 + e)) ? static_cast<double>(sample[col0 + e]) : 0.0;
   }
+  const bool full = active && group_full(L, col0);
   for (int k0 = 0; k0 < rank; k0 += kThreads) {
     const int n = min(kThreads, rank - k0);
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < n) coef_s[threadIdx.x] = work[W.coef2() + k0 + threadIdx.x];
     __syncthreads();
-    if (active) {
-#pragma unroll 2
-      for (int k = 0; k < n; ++k) {
-        double v[V];
-        load_group<T, double>(basis + (k0 + k) * ld, col0, L, v);
-        const double c = coef_s[k];
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] = fma(c, v[e], acc[e]);
-      }
-    }
+    // The last read of these rows: evict-first.
+    if (active) residual_rows<T, true>(basis, ld, k0, n, L, col0, full, coef_s, acc);
   }
   if (!active) return;
   const double inv = work[W.inv()];
