@@ -431,19 +431,21 @@ def cases():
             tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_write", step._step_write_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         # orthogonalize_, once per sample: its three passes at their fixed tile shapes.
-        tile = (orth._BLOCK_K, orth._BLOCK_D)
-        kw = {"BLOCK_K": tile[0], "BLOCK_D": tile[1]}
+        bk, bd, group = orth.pass1_blocks(size)
+        tile = (bk, bd)
+        kw = {"BLOCK_K": bk, "BLOCK_D": bd, "GROUP": group}
         sig = {"basis_ptr": ptr, "row_stride": "i32", "sample_ptr": "*fp32", "part_ptr": "*fp64",
                "vv_ptr": "*fp64", "R": "i32", "D": "i32", "CHUNK": "i32"}  # fmt: skip
         aligned = ("basis_ptr", "row_stride", "sample_ptr", "part_ptr", "vv_ptr", "CHUNK")
         yield "orthogonalize_pass1", orth._orthogonalize_kernel, sig, kw, aligned, 4, dtype, tile
         nt, bk, bd = orth._remainder_blocks(ORTH_RANK, dtype.itemsize)
-        kw = {"NT": nt, "BLOCK_K": bk, "BLOCK_D": bd}
+        rows = orth.remainder_rows(bk, bd, size)
+        kw = {"NT": nt, "BLOCK_K": bk, "BLOCK_D": bd, "GROUP": 16 // size, "ROWS": rows}
         sig = {"basis_ptr": ptr, "row_stride": "i32", "sample_ptr": "*fp32", "sc1_ptr": "*fp64",
                "part_ptr": "*fp64", "ss_ptr": "*fp64", "amax_ptr": "*fp64", "R": "i32", "D": "i32",
                "CHUNK": "i32"}  # fmt: skip
         aligned = ("basis_ptr", "row_stride", "sample_ptr", "sc1_ptr", "part_ptr", "CHUNK")
-        warps = orth.remainder_warps(bk, bd)
+        warps = orth.remainder_warps(bk, bd, size)
         yield (
             "orthogonalize_pass2",
             orth._orthogonalize_remainder_kernel,
@@ -454,11 +456,13 @@ def cases():
             dtype,
             (bk, bd),
         )
+        tile = orth.store_blocks(size)
         kw = {"LIMIT": torch.finfo(dtype).max, "BLOCK_K": tile[0], "BLOCK_D": tile[1]}
         sig = {"basis_ptr": ptr, "row_stride": "i32", "sample_ptr": "*fp32", "sh_ptr": "*fp64",
                "inv_ptr": "*fp64", "rank": "i32", "R": "i32", "D": "i32"}  # fmt: skip
         aligned = ("basis_ptr", "row_stride", "sample_ptr", "sh_ptr", "inv_ptr")
-        yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, 4, dtype, tile
+        warps = orth._STORE_WARPS
+        yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, warps, dtype, tile
     # Stage 2 of the projection, the fused step's K-dimensional step and orthogonalize_'s
     # reduces read no basis (tile (0, 0)): their entries check registers, local memory and
     # addresses only, at small and large K.

@@ -6,13 +6,23 @@ The formulas are those of ``reference.orthogonalize_``:
    ``_orthogonalize_reduce1_kernel`` adds them (FOLD) and finishes ``c1``, ``s * c1`` (FINISH).
 2. ``_orthogonalize_remainder_kernel`` (pass 2): for each [rank, BLOCK_D] column slab, one loop
    over K in BLOCK_K tiles forms ``v1 = v - P c1``, then ``||v1||^2`` and ``max|v1|``, and a
-   second loop over the same tiles accumulates ``P^T v1``. No program holds more than one
-   [BLOCK_K, BLOCK_D] tile of P, so any rank runs without register spills; the second loop
-   reads the slab back from L2, so DRAM traffic stays one pass. ``_orthogonalize_reduce2_kernel``
-   adds the partials (FOLD) and finishes ``h``, ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row
-   scale and the returned vector (FINISH).
+   second loop over the same tiles accumulates ``P^T v1``. No program holds more than two
+   [BLOCK_K, BLOCK_D] tiles of P (one summed, the next in flight), so any rank runs without
+   register spills; the second loop reads the slab back from L2, so DRAM traffic stays one
+   pass. ``_orthogonalize_reduce2_kernel`` adds the partials (FOLD) and finishes ``h``,
+   ``||u|| = sqrt(||v1||^2 - ||c2||^2)``, the row scale and the returned vector (FINISH).
 3. ``_orthogonalize_store_kernel`` (pass 3): ``u = v - P h`` scaled by ``ROW_AMAX / max|v1|``,
    clamped to the storage range and written to row ``rank``.
+
+Each pass streams the basis like ``project``: 16-byte evict-first loads (the basis is read once
+per pass and should not push the sample and the partials out of L2), the next tile's loads
+issued before the current tile is summed (4 per thread and tile), and sums kept in registers in
+the layout of the loaded tile, so that no loop over tiles has a reduction across warps or a
+barrier: pass 1 sums each 16-byte run in its thread and reduces once per K tile and chunk;
+pass 3 lays the columns across all threads, so the sum over a tile's rows stays in each thread;
+pass 2 does the latter for ``P c1`` (reduced across threads once per slab) and, for ``P^T v1``,
+adds a row's 16-byte runs within a warp (shuffles) into per-thread slots reduced once per
+program. Summation orders are fixed by the code, never by timing.
 
 Accumulation is fp64 like the reference (the op is memory-bound; fp64 FMA throughput is not the
 limit). bf16 values go to fp32 before fp64: the interpreter's bf16 -> fp64 cast reinterprets
@@ -36,63 +46,89 @@ from .._layout import warn_if_narrow
 from ..reference import ROW_AMAX
 from ._common import column_mask, fold_partials, pow2, split_columns, to_storage
 
-_BLOCK_K = 16
-_BLOCK_D = 256
 _BLOCK_S = 16
-# Pass 2 holds one [BLOCK_K, BLOCK_D] fp64 tile at a time: at most 4K values (32 KB), 16 per
-# thread at 8 warps, whatever K. The [K, BLOCK_D] slab it reads twice is kept near 64 KB so the
-# second read hits L2 (see the kernel); BLOCK_D stays >= 32 columns (64 contiguous bytes of
-# fp16, one full 128-byte line of fp32).
+# Pass 1: [16, 512 bytes] basis tiles (256 fp16 or 128 fp32 columns), 4 16-byte loads per thread
+# at 4 warps, and the next tile's 4 in flight while one is summed.
+_PASS1_BLOCK_K = 16
+_PASS1_ROW_BYTES = 512
+# Pass 3: [4, BLOCK_D] tiles whose columns lie across all threads of 4 warps, 16 bytes each
+# (BLOCK_D = 1024 fp16 or 512 fp32 columns): 4 loads per thread and tile, plus the next tile's.
+_STORE_BLOCK_K = 4
+_STORE_WARPS = 4
+# Pass 2 tiles hold at most 4K values, 64 bytes (4 16-byte loads) per thread whatever K (the
+# warps follow the tile's bytes). The [K, BLOCK_D] slab it reads twice is kept near 64 KB so
+# the second read hits L2 (see the kernel); BLOCK_D stays >= 32 columns (64 contiguous bytes of
+# fp16, one full 128-byte line of fp32). BLOCK_K = 64 from K = 33 on keeps the K tiles of a
+# 512-row basis (8) within the threads across a tile row (C >= 8): one slot each.
 _TILE_ELEMENTS = 4096
 _SLAB_BYTES = 64 * 1024
 _MIN_BLOCK_D = 32
+_MAX_BLOCK_D = 256
+# A pass-2 tile row is read by at most 32 threads, 16 bytes each.
+_MAX_ROW_BYTES = 512
+
+
+def pass1_blocks(element_size: int) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_D, GROUP)`` of pass 1 for a basis of ``element_size``-byte values."""
+    return _PASS1_BLOCK_K, _PASS1_ROW_BYTES // element_size, 16 // element_size
+
+
+def store_blocks(element_size: int) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_D)`` of pass 3 for a basis of ``element_size``-byte values."""
+    return _STORE_BLOCK_K, 16 // element_size * 32 * _STORE_WARPS
 
 
 def _remainder_blocks(R: int, element_size: int) -> tuple[int, int, int]:
     """``(NT, BLOCK_K, BLOCK_D)`` of pass 2 for R rows of ``element_size`` bytes."""
-    block_k = 16 if R <= 16 else 32
+    block_k = 16 if R <= 16 else 32 if R <= 32 else 64
     fit = max(_SLAB_BYTES // (R * element_size), 1)
     block_d = 1 << (fit.bit_length() - 1)  # largest power of two <= fit
-    block_d = max(_MIN_BLOCK_D, min(block_d, _BLOCK_D, _TILE_ELEMENTS // block_k))
+    cap = min(_MAX_BLOCK_D, _TILE_ELEMENTS // block_k, _MAX_ROW_BYTES // element_size)
+    block_d = max(_MIN_BLOCK_D, min(block_d, cap))
     return max(pow2(R), block_k) // block_k, block_k, block_d
 
 
-def remainder_warps(block_k: int, block_d: int) -> int:
-    """Warps of pass 2: 8 for [BLOCK_K, BLOCK_D] tiles of 4K values, else 4."""
-    return 8 if block_k * block_d >= 4096 else 4
+def remainder_warps(block_k: int, block_d: int, element_size: int) -> int:
+    """Warps of pass 2: 64 bytes of each [BLOCK_K, BLOCK_D] tile per thread (4 16-byte loads)."""
+    return max(1, block_k * block_d * element_size // (32 * 64))
+
+
+def remainder_rows(block_k: int, block_d: int, element_size: int) -> int:
+    """ROWS of pass 2: the rows one layer of its [C, ROWS, BLOCK_K // ROWS, GROUP] tile covers
+    (C = BLOCK_D // GROUP threads of a warp across a row, 32 // C rows per warp)."""
+    lanes = block_d * element_size // 16
+    return 32 // lanes * remainder_warps(block_k, block_d, element_size)
 
 
 @triton.jit
-def _load_f64(ptrs, mask):
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+def _group_dot64(tile, p, v, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    """``tile`` [BLOCK_K, BLOCK_D // GROUP] fp64 plus ``p * v`` summed over each run of GROUP
+    columns (one 16-byte basis load, held by one thread): the sum stays in the thread."""
+    prod = p.to(tl.float32).to(tl.float64) * v.to(tl.float64)
+    return tile + tl.sum(tl.reshape(prod, (BLOCK_K, BLOCK_D // GROUP, GROUP)), axis=2)
 
 
 @triton.jit
-def _dot_tile(
-    acc,
-    basis_ptr,
-    row_stride,
-    sample_ptr,
-    offs_k,
-    mask_k,
-    d0,
-    end,
-    BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _pass1_tile(rows, sample_ptr, mask_k, d0, end, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+    """Basis rows ``rows`` [BLOCK_K, 1] at columns ``[d0, d0 + BLOCK_D)``, and v there read as a
+    [BLOCK_K, BLOCK_D] broadcast, so that it has the basis tile's layout (no shared memory)."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = column_mask(offs_d, end, MASKED)
-    v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
-    ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-    p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-    return acc + tl.sum(p * v[None, :], axis=1)
+    p = tl.load(rows + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0,
+                eviction_policy="evict_first")  # fmt: skip
+    same = tl.zeros([BLOCK_K, 1], dtype=tl.int64)
+    v = tl.load(sample_ptr + same + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    return p, v
 
 
 @triton.jit
 def _orthogonalize_kernel(
     basis_ptr, row_stride, sample_ptr, part_ptr, vv_ptr, R, D, CHUNK,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
+    """Pass 1: per K tile, one loop over the chunk's columns into a register tile (the next
+    column tile prefetched while one is summed), reduced once per K tile; then ``||v||^2``."""
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
@@ -100,12 +136,21 @@ def _orthogonalize_kernel(
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < R
-        acc = tl.zeros([BLOCK_K], dtype=tl.float64)
-        for d0 in range(start, full_end, BLOCK_D):
-            acc = _dot_tile(acc, basis_ptr, row_stride, sample_ptr, offs_k, mask_k, d0, end, BLOCK_D, False)
+        rows = basis_ptr + offs_k[:, None] * row_stride
+        tile = tl.zeros([BLOCK_K, BLOCK_D // GROUP], dtype=tl.float64)
+        if start < full_end:
+            p, v = _pass1_tile(rows, sample_ptr, mask_k, start, end, BLOCK_K, BLOCK_D, MASKED=False)
+            for d0 in range(start + BLOCK_D, full_end, BLOCK_D):
+                p_next, v_next = _pass1_tile(
+                    rows, sample_ptr, mask_k, d0, end, BLOCK_K, BLOCK_D, MASKED=False
+                )
+                tile = _group_dot64(tile, p, v, BLOCK_K, BLOCK_D, GROUP)
+                p, v = p_next, v_next
+            tile = _group_dot64(tile, p, v, BLOCK_K, BLOCK_D, GROUP)
         for d0 in range(full_end, end, BLOCK_D):
-            acc = _dot_tile(acc, basis_ptr, row_stride, sample_ptr, offs_k, mask_k, d0, end, BLOCK_D, True)
-        tl.store(part_ptr + pid * R + offs_k, acc, mask=mask_k)
+            p, v = _pass1_tile(rows, sample_ptr, mask_k, d0, end, BLOCK_K, BLOCK_D, MASKED=True)
+            tile = _group_dot64(tile, p, v, BLOCK_K, BLOCK_D, GROUP)
+        tl.store(part_ptr + pid * R + offs_k, tl.sum(tile, axis=1), mask=mask_k)
     vv = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(start, end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -146,70 +191,113 @@ def _orthogonalize_reduce1_kernel(
 
 
 @triton.jit
+def _tile_rows(k0, ROWS: tl.constexpr, REP: tl.constexpr):
+    """Rows ``k0 + rep * ROWS + r`` of a pass-2 tile as [ROWS, REP] (int64)."""
+    return k0 + (tl.arange(0, ROWS)[:, None] + tl.arange(0, REP)[None, :] * ROWS).to(tl.int64)
+
+
+@triton.jit
+def _slab_rows(basis_ptr, row_stride, R, k0, cols, mask_c, ROWS: tl.constexpr, REP: tl.constexpr):
+    """Rows ``k0 + [0, REP * ROWS)`` of ``basis[:, cols]`` as [C, ROWS, REP, GROUP] (storage
+    dtype; ``cols`` [C, GROUP]): each thread reads one 16-byte run of REP rows. C leads because
+    the compiler gives a warp's threads to the contiguous dim (GROUP, in-thread), then to the
+    others in index order: C threads across a row, the rest and the warps across ROWS, and REP
+    repeated in each thread (the sums over REP and GROUP stay in it)."""
+    rows = _tile_rows(k0, ROWS, REP)[None, :, :, None]
+    ptrs = basis_ptr + rows * row_stride + cols[:, None, None, :]
+    mask = (rows < R) & mask_c[:, None, None, :]
+    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _sc1_rows(sc1_ptr, R, k0, ROWS: tl.constexpr, REP: tl.constexpr):
+    rows = _tile_rows(k0, ROWS, REP)
+    return tl.load(sc1_ptr + rows, mask=rows < R, other=0.0)
+
+
+@triton.jit
+def _add_tile_sums(acc, p, v1, t, C: tl.constexpr, NJ: tl.constexpr):
+    """``acc`` [C, ROWS, REP, NJ] plus tile t's row sums ``p . v1``: the sum over a row's C
+    threads (shuffles within a warp, no barrier) lands in thread ``t % C``'s slot ``t // C``."""
+    s = tl.sum(tl.sum(p.to(tl.float32).to(tl.float64) * v1[:, None, None, :], axis=3), axis=0)
+    tiles = tl.arange(0, C)[:, None] + tl.arange(0, NJ)[None, :] * C
+    return tl.where((tiles == t)[:, None, None, :], acc + s[None, :, :, None], acc)
+
+
+@triton.jit
 def _remainder_slab(
     acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
-    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
+    REP: tl.constexpr, NJ: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One [R, BLOCK_D] slab of pass 2: ``v1 = v - P c1``, then ``P^T v1`` into ``acc``."""
-    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_d = column_mask(offs_d, end, MASKED)
-    tiles = tl.arange(0, NT)
-    lanes = tl.arange(0, BLOCK_K).to(tl.int64)
-    # v1 = v - P c1 over the slab's BLOCK_D columns, K in BLOCK_K tiles.
-    corr = tl.zeros([BLOCK_D], dtype=tl.float64)
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + lanes
-        mask_k = offs_k < R
-        sc1 = tl.load(sc1_ptr + offs_k, mask=mask_k, other=0.0)
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-        corr += tl.sum(sc1[:, None] * p, axis=0)
-    v = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
-    v1 = v - corr
+    """One [R, C * GROUP] slab of pass 2: ``v1 = v - P c1``, then ``P^T v1`` into ``acc``."""
+    cols = d0 + (tl.arange(0, C)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]).to(tl.int64)
+    mask_c = column_mask(cols, end, MASKED)
+    # v1 = v - P c1 over the slab's columns, K in BLOCK_K tiles (the next one prefetched while
+    # one is summed); each thread adds its REP rows, the threads of a column once per slab.
+    corr = tl.zeros([C, ROWS, GROUP], dtype=tl.float64)
+    p = _slab_rows(basis_ptr, row_stride, R, 0, cols, mask_c, ROWS, REP)
+    sc1 = _sc1_rows(sc1_ptr, R, 0, ROWS, REP)
+    for k0 in range(BLOCK_K, R, BLOCK_K):
+        p_next = _slab_rows(basis_ptr, row_stride, R, k0, cols, mask_c, ROWS, REP)
+        sc1_next = _sc1_rows(sc1_ptr, R, k0, ROWS, REP)
+        corr += tl.sum(sc1[None, :, :, None] * p.to(tl.float32).to(tl.float64), axis=2)
+        p, sc1 = p_next, sc1_next
+    corr += tl.sum(sc1[None, :, :, None] * p.to(tl.float32).to(tl.float64), axis=2)
+    v = tl.load(sample_ptr + cols, mask=mask_c, other=0.0).to(tl.float64)
+    v1 = v - tl.sum(corr, axis=1)
     ss += v1 * v1
     amax = tl.maximum(amax, tl.abs(v1))
     # P^T v1 over the same slab. This second read of the [K, BLOCK_D] slab comes from L2:
-    # at K = 512 and BLOCK_D = 64 an fp16 slab is 64 KB, and 4 programs per SM on 132 SMs
-    # keep 34 MB live, inside the 50 MB L2 of an H100/H200. DRAM still sees one pass.
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + lanes
-        mask_k = offs_k < R
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-        t = tl.sum(p * v1[None, :], axis=1)
-        acc = tl.where((tiles == k0 // BLOCK_K)[:, None], acc + t[None, :], acc)
+    # at K = 512 and BLOCK_D = 64 an fp16 slab is 64 KB, and <= 4 programs per SM on 132 SMs
+    # keep at most 34 MB live, inside the 50 MB L2 of an H100/H200. DRAM still sees one pass.
+    p = _slab_rows(basis_ptr, row_stride, R, 0, cols, mask_c, ROWS, REP)
+    for k0 in range(BLOCK_K, R, BLOCK_K):
+        p_next = _slab_rows(basis_ptr, row_stride, R, k0, cols, mask_c, ROWS, REP)
+        acc = _add_tile_sums(acc, p, v1, k0 // BLOCK_K - 1, C, NJ)
+        p = p_next
+    acc = _add_tile_sums(acc, p, v1, tl.cdiv(R, BLOCK_K) - 1, C, NJ)
     return acc, ss, amax
 
 
 @triton.jit
 def _orthogonalize_remainder_kernel(
     basis_ptr, row_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr, R, D, CHUNK,
-    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
+    """Pass 2 over the program's chunk, [R, BLOCK_D] slab by slab. Basis tiles are
+    [C, ROWS, REP, GROUP]: C threads of a warp across a row, 16 bytes (GROUP values) each, the
+    other threads and the warps across ROWS rows, REP such layers per thread."""
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
     full_end = start + (end - start) // BLOCK_D * BLOCK_D
-    # P^T v1 of this chunk, one row per K tile: [NT, BLOCK_K] fp64 (512 values = 4 KB at K = 512,
-    # 4 per thread at the 4 warps a [32, 64] tile gets). Tile t is updated through a select on
-    # the tile index, because a register tensor cannot be indexed by the loop counter.
-    acc = tl.zeros([NT, BLOCK_K], dtype=tl.float64)
-    ss = tl.zeros([BLOCK_D], dtype=tl.float64)
-    amax = tl.zeros([BLOCK_D], dtype=tl.float64)
+    C: tl.constexpr = BLOCK_D // GROUP
+    REP: tl.constexpr = BLOCK_K // ROWS
+    NJ: tl.constexpr = (NT + C - 1) // C
+    # P^T v1 of this chunk: row rep * ROWS + r of K tile t = j * C + c, kept (reduced over its
+    # columns) by thread c of that row's warp in slot [c, r, rep, j]: REP * NJ fp64 per thread
+    # whatever R. A register tensor cannot be indexed by the loop counter: the tile's slot is
+    # updated through a select on the tile index.
+    acc = tl.zeros([C, ROWS, REP, NJ], dtype=tl.float64)
+    ss = tl.zeros([C, GROUP], dtype=tl.float64)
+    amax = tl.zeros([C, GROUP], dtype=tl.float64)
     for d0 in range(start, full_end, BLOCK_D):
         acc, ss, amax = _remainder_slab(
             acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
-            NT, BLOCK_K, BLOCK_D, MASKED=False,
+            BLOCK_K, GROUP, C, ROWS, REP, NJ, MASKED=False,
         )  # fmt: skip
     for d0 in range(full_end, end, BLOCK_D):
         acc, ss, amax = _remainder_slab(
             acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
-            NT, BLOCK_K, BLOCK_D, MASKED=True,
+            BLOCK_K, GROUP, C, ROWS, REP, NJ, MASKED=True,
         )  # fmt: skip
-    offs = tl.arange(0, NT).to(tl.int64)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
+    tiles = (tl.arange(0, C)[:, None] + tl.arange(0, NJ)[None, :] * C).to(tl.int64)
+    offs = tiles[:, None, None, :] * BLOCK_K + _tile_rows(0, ROWS, REP)[None, :, :, None]
     tl.store(part_ptr + pid * R + offs, acc, mask=offs < R)
-    tl.store(ss_ptr + pid, tl.sum(ss, axis=0))
-    tl.store(amax_ptr + pid, tl.max(amax, axis=0))
+    tl.store(ss_ptr + pid, tl.sum(tl.sum(ss, axis=1), axis=0))
+    tl.store(amax_ptr + pid, tl.max(tl.max(amax, axis=1), axis=0))
 
 
 @triton.jit
@@ -254,19 +342,33 @@ def _orthogonalize_reduce2_kernel(
 
 
 @triton.jit
+def _store_rows(basis_ptr, row_stride, sh_ptr, R, k0, offs_d, mask_d, BLOCK_K: tl.constexpr):
+    """Rows ``[k0, k0 + BLOCK_K)`` of ``basis[:, offs_d]`` (storage dtype) and ``s * h`` there."""
+    offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_k = offs_k < R
+    sh = tl.load(sh_ptr + offs_k, mask=mask_k, other=0.0)
+    ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
+    p = tl.load(ptrs, mask=mask_k[:, None] & mask_d[None, :], other=0.0, eviction_policy="evict_first")
+    return p, sh
+
+
+@triton.jit
 def _store_columns(
     basis_ptr, row_stride, sample_ptr, sh_ptr, inv_ptr, rank, R, D, offs_d, LIMIT: tl.constexpr,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     mask_d = column_mask(offs_d, D, MASKED)
-    u = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64)
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < R
-        sh = tl.load(sh_ptr + offs_k, mask=mask_k, other=0.0)
-        ptrs = basis_ptr + offs_k[:, None] * row_stride + offs_d[None, :]
-        p = _load_f64(ptrs, mask_k[:, None] & mask_d[None, :])
-        u -= tl.sum(sh[:, None] * p, axis=0)
+    # P (s * h) over the block's columns, K in BLOCK_K-row tiles, the next tile prefetched while
+    # one is summed. The columns lie across all threads (16 bytes each), so the sum over a
+    # tile's rows stays in each thread: no barrier in the loop.
+    acc = tl.zeros(offs_d.shape, dtype=tl.float64)
+    p, sh = _store_rows(basis_ptr, row_stride, sh_ptr, R, 0, offs_d, mask_d, BLOCK_K)
+    for k0 in range(BLOCK_K, R, BLOCK_K):
+        p_next, sh_next = _store_rows(basis_ptr, row_stride, sh_ptr, R, k0, offs_d, mask_d, BLOCK_K)
+        acc += tl.sum(sh[:, None] * p.to(tl.float32).to(tl.float64), axis=0)
+        p, sh = p_next, sh_next
+    acc += tl.sum(sh[:, None] * p.to(tl.float32).to(tl.float64), axis=0)
+    u = tl.load(sample_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float64) - acc
     val = u * tl.load(inv_ptr)
     val = tl.minimum(tl.maximum(val, -LIMIT), LIMIT)
     # rank and row_stride are 32-bit arguments: their product is formed in 64 bits (a 32-bit
@@ -332,9 +434,11 @@ def orthogonalize_(
     # One launch that folds and finishes, or (with the hook) a fold, the hook, a finish.
     phases = [(True, True)] if all_reduce is None else [(True, False), (False, True)]
 
+    block_k, block_d, group = pass1_blocks(basis.element_size())
     _orthogonalize_kernel[(S,)](
-        basis, stride, sample, part, vv_part, rank, D, chunk, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D
-    )
+        basis, stride, sample, part, vv_part, rank, D, chunk,
+        BLOCK_K=block_k, BLOCK_D=block_d, GROUP=group, num_warps=4,
+    )  # fmt: skip
     for fold, finish in phases:
         if finish and not fold:
             all_reduce(sums1, "sum")
@@ -342,10 +446,12 @@ def orthogonalize_(
             part, vv_part, scales, sums1, c1, sc1, S, rank,
             FOLD=fold, FINISH=finish, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps,
         )  # fmt: skip
-    nt, block_k, block_d = _remainder_blocks(R, basis.element_size())
+    size = basis.element_size()
+    nt, block_k, block_d = _remainder_blocks(R, size)
     _orthogonalize_remainder_kernel[(S,)](
         basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk,
-        NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=remainder_warps(block_k, block_d),
+        NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, GROUP=16 // size,
+        ROWS=remainder_rows(block_k, block_d, size), num_warps=remainder_warps(block_k, block_d, size),
     )  # fmt: skip
     write_row = rank < K
     for fold, finish in phases:
@@ -359,8 +465,9 @@ def orthogonalize_(
         )  # fmt: skip
     if write_row:
         limit = torch.finfo(basis.dtype).max
-        _orthogonalize_store_kernel[(triton.cdiv(D, _BLOCK_D),)](
+        block_k, block_d = store_blocks(basis.element_size())
+        _orthogonalize_store_kernel[(triton.cdiv(D, block_d),)](
             basis, stride, sample, sc1, inv, rank, rank, D, LIMIT=limit,
-            BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D,
+            BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_STORE_WARPS,
         )  # fmt: skip
     return out
