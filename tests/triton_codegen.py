@@ -618,6 +618,11 @@ def main() -> None:
                 num_warps=warps,
                 basis_loads_needed=basis_loads_per_thread(bk, bd, dtype, warps),
             )
+            # Programs per SM the launch's grid is one wave of (where it assumes one).
+            if "PROGRAMS_PER_SM" in kw:
+                info["assumed_per_sm"] = kw["PROGRAMS_PER_SM"]
+            elif name in ("orthogonalize_pass1", "orthogonalize_pass2"):
+                info["assumed_per_sm"] = orth.PROGRAMS_PER_SM
             rows.append(info)
     json.dump({"cases": rows, "canaries": canary_report()}, sys.stdout, indent=1)
 

@@ -27,8 +27,8 @@ CHUNK_ALIGN = 256
 # exercising the cross-chunk reduction whenever D > CHUNK_ALIGN.
 INTERPRETER_MAX_SPLITS = 4
 
-# orthogonalize_'s passes: 4 programs per SM keep enough loads in flight to saturate HBM on a
-# streaming pass (the partials then cost 4 * SMs * K * 8 bytes).
+# The default of ``max_programs``: 4 programs per SM keep enough loads in flight to saturate HBM
+# on a streaming pass whose code fits 4 (project's batched kernel).
 PROGRAMS_PER_SM = 4
 
 
@@ -94,18 +94,13 @@ def launched_config(kernel) -> triton.Config:
     return kernel.config if isinstance(kernel, _FirstConfig) else kernel.best_config
 
 
-def split_columns(D: int, device: torch.device) -> tuple[int, int]:
-    """``(S, CHUNK)``: ``S`` chunks of ``CHUNK`` columns (the last one shorter) covering D."""
+def split_columns(D: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """``(S, CHUNK)``: ``S`` chunks of ``CHUNK`` columns (the last one shorter) covering D, at
+    most ``per_sm`` per SM (one wave of programs that fit ``per_sm`` to an SM)."""
     units = triton.cdiv(D, CHUNK_ALIGN)
-    per = triton.cdiv(units, min(units, max_programs(device)))
+    per = triton.cdiv(units, min(units, max_programs(device, per_sm)))
     chunk = per * CHUNK_ALIGN
     return triton.cdiv(D, chunk), chunk
-
-
-def split_items(n: int, device: torch.device) -> tuple[int, int]:
-    """``(S, PER)``: ``S`` programs taking ``PER`` consecutive items each (the last fewer)."""
-    per = triton.cdiv(n, min(n, max_programs(device)))
-    return triton.cdiv(n, per), per
 
 
 def pow2(n: int) -> int:

@@ -47,6 +47,10 @@ from ..reference import ROW_AMAX
 from ._common import column_mask, fold_partials, pow2, split_columns, to_storage
 
 _BLOCK_S = 16
+# Passes 1 and 2 split the columns over one wave of this many programs per SM: their sm_90 code
+# (164 and up to 246 registers at 4 warps for an fp16 basis) fits 3 and 2 to an SM, so the
+# default 4 would run 1.3-2 waves (tests/test_triton_codegen.py checks the fit).
+PROGRAMS_PER_SM = 2
 # Pass 1: [16, 512 bytes] basis tiles (256 fp16 or 128 fp32 columns), 4 16-byte loads per thread
 # at 4 warps, and the next tile's 4 in flight while one is summed.
 _PASS1_BLOCK_K = 16
@@ -417,7 +421,7 @@ def orthogonalize_(
     dev = sample.device
     R = max(rank, 1)  # row count of the workspaces; rank = 0 runs the loops zero times
     KP = pow2(rank)
-    S, chunk = split_columns(D, dev)
+    S, chunk = split_columns(D, dev, PROGRAMS_PER_SM)
     f64 = dict(dtype=torch.float64, device=dev)
     part = torch.empty(S, R, **f64)
     vv_part = torch.empty(S, **f64)
