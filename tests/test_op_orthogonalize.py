@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 # (K, D, rank, tier): D = 1 with rank 0; K = 1 stored from rank 0; k = 1; k = 3 over a prime D
 # spanning four Triton chunks (scalar loads for 2-byte rows in CUDA); rank = K (nothing
-# stored); D = 4096 (vector loads); k = 301 with D kept small (10 Triton K tiles of 32 in pass
+# stored); D = 4096 (vector loads); k = 301 with D kept small (5 Triton K tiles of 64 in pass
 # 2) and with D = 4099 (two CUDA coefficient chunks of 256); D = 1_000_003 and 100_000
 # (hundreds of column tiles, many partials).
 ORTHO_SHAPES = [
