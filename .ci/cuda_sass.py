@@ -45,8 +45,8 @@ THREADS = 256  # kThreads (csrc/twa_common.h): every kernel here runs 256-thread
 # project_stage1 and reconstruct_kernel size their grids from the runtime's resident blocks per
 # SM for the compiled kernel, so what the launch relies on is their __launch_bounds__ minimum.
 # (Before that change, project_stage1's grid assumed 4 blocks per SM, kBlocksPerSM, and was
-# checked against 4.) orth_pass (splits from kBlocksPerSM, so more than one wave when fewer
-# fit) and orth_store (one block per 256 groups) rely on no occupancy beyond that minimum.
+# checked against 4.) orth_pass sizes its split the same way (the fewer resident blocks of its
+# two passes); orth_store (one block per 256 groups) relies on no occupancy beyond the minimum.
 CHECKED = {
     "project_stage1": 0,
     "reconstruct_kernel": 0,

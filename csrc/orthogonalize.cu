@@ -318,14 +318,38 @@ struct OrthPlan {
   SplitPlan split;
 };
 
+// Resident blocks per SM of passes 1 and 2 (they share the split, so the fewer of the two),
+// queried with the dynamic shared memory of the largest rank so that one cached value holds for
+// every call. Their sm_90 code fits 2 (124-128 registers): a split of 4 per SM ran two waves.
+template <typename T>
+int orth_blocks_per_sm() {
+  constexpr size_t smem = sizeof(double) * kMaxOrthRank;
+  const int fallback = 2;  // the __launch_bounds__ minimum of orth_pass
+  return min(resident_blocks_per_sm(reinterpret_cast<const void*>(&orth_pass<T, 1>), kThreads, smem,
+                                    fallback),
+             resident_blocks_per_sm(reinterpret_cast<const void*>(&orth_pass<T, 2>), kThreads, smem,
+                                    fallback));
+}
+
+int orth_blocks_per_sm(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return orth_blocks_per_sm<__half>();
+    case DType::kBFloat16:
+      return orth_blocks_per_sm<__nv_bfloat16>();
+    default:
+      return orth_blocks_per_sm<float>();
+  }
+}
+
 // The only source of the plan: the workspace size and every phase of one call derive it from
-// the same args (basis address, ld, D, rank, dtype, sm_count).
+// the same args (basis address, ld, D, rank, dtype, sm_count) on the same device.
 OrthPlan plan_orth(const OrthogonalizeArgs& a) {
   const int es = dtype_size(a.dtype);
   OrthPlan p;
   p.layout = make_layout(reinterpret_cast<uint64_t>(a.basis), a.ld, a.rank, a.D, es);
   p.split = make_split_plan(num_tiles(p.layout, orth_tile_cols(vec_elems(es))),
-                            max_splits_for(a.sm_count, 1));
+                            max_splits_resident(a.sm_count, orth_blocks_per_sm(a.dtype), 1));
   return p;
 }
 

@@ -29,8 +29,6 @@ constexpr int kXTileElems = 8192;
 // project: at most 8 16-byte loads in flight per lane and row (32 registers); 16 (fp32 rows,
 // B = 1) made ptxas spill 16 bytes on sm_90.
 constexpr int kMaxGroupsPerLane = 8;
-// Blocks per SM aimed at by the split over D: 4 x 132 SMs (H100/H200) = 528 blocks.
-constexpr int kBlocksPerSM = 4;
 // Blocks per SM that reconstruct_kernel and project_stage1 are compiled for (__launch_bounds__
 // minimum; .ci/cuda_sass.py checks that their registers and shared memory fit). Their grids are
 // sized from the resident blocks per SM that the CUDA runtime reports for the compiled kernel
@@ -181,11 +179,6 @@ TWA_HD int64_t split_tile_begin(const SplitPlan& p, int64_t split) {
 TWA_HD int64_t split_tile_end(const SplitPlan& p, int64_t split) {
   return min64(p.tiles, (split + 1) * p.tiles_per_split);
 }
-// Splits wanted for a grid that already has `other_blocks` blocks per split (project: K tiles).
-TWA_HD int64_t max_splits_for(int64_t sm_count, int64_t other_blocks) {
-  return min64(kMaxGridY, max64(1, (kBlocksPerSM * sm_count) / max64(other_blocks, 1)));
-}
-
 // Splits over D for a grid of `other_blocks` blocks per split (project: K tiles) that fills
 // every SM with its resident blocks once: at most blocks_per_sm x sm_count blocks in all.
 TWA_HD int64_t max_splits_resident(int64_t sm_count, int64_t blocks_per_sm, int64_t other_blocks) {

@@ -140,10 +140,6 @@ void test_small_helpers() {
     CHECK(orth_groups_per_lane(V) * kWarp * V == orth_tile_cols(V), "orth U");
     CHECK(orth_tile_cols(V) * 8 <= 16384, "orth x tile fits 16 KiB");
   }
-  CHECK(max_splits_for(132, 1) == kBlocksPerSM * 132, "splits");
-  CHECK(max_splits_for(132, 4) == kBlocksPerSM * 33, "splits per K tile");
-  CHECK(max_splits_for(1, 1000) == 1, "at least one split");
-  CHECK(max_splits_for(1 << 30, 1) == kMaxGridY, "grid.y cap");
   CHECK(ceil_div(0, 5) == 0 && ceil_div(1, 5) == 1 && ceil_div(5, 5) == 1 && ceil_div(6, 5) == 2,
         "ceil_div");
 
@@ -460,7 +456,7 @@ void test_64bit() {
     const int64_t tiles = num_tiles(L, TD);
     CHECK(tiles > (int64_t{1} << 21), "tiles %ld", (long)tiles);
     CHECK(tile_col0(L, tiles - 1, TD) < D && tile_col0(L, tiles - 1, TD) + TD >= D, "last tile");
-    const SplitPlan sp = make_split_plan(tiles, max_splits_for(132, 4));
+    const SplitPlan sp = make_split_plan(tiles, max_splits_resident(132, 4, 4));
     CHECK(split_tile_end(sp, sp.splits - 1) == tiles, "last split");
     const int64_t last = group_col(L, num_groups(L) - 1);
     CHECK(last < D && last + V >= D && last > (int64_t{1} << 32), "last group %ld", (long)last);
