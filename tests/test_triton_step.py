@@ -440,3 +440,15 @@ def test_plans_read_by_a_graph_are_never_evicted(monkeypatch):
     plans = list(param_table._plans.values())
     assert first in plans and len(plans) == param_table.MAX_PLANS
     assert plans[-1] is param_table.plan_for(lists[-1], dev)  # the newest plan is cached too
+
+
+def test_plan_workspaces_keep_their_address_and_zero_only_when_made():
+    # Captured graphs read workspaces at fixed addresses; the CUDA step's tickets must start at
+    # zero once, then keep what its kernels leave there (zero again after every step).
+    plan = param_table.Plan([torch.zeros(3)], torch.device("cpu"))
+    tickets = plan.workspace("tickets", (4,), zero=True)
+    assert tickets.tolist() == [0.0] * 4
+    tickets.fill_(7.0)
+    again = plan.workspace("tickets", (4,), zero=True)
+    assert again.data_ptr() == tickets.data_ptr() and again.tolist() == [7.0] * 4
+    assert plan.workspace("tickets", (5,), zero=True).tolist() == [0.0] * 5  # another shape: new

@@ -218,10 +218,7 @@ def _projection_workspaces(plan: Plan, basis: Tensor) -> tuple[Tensor, Tensor]:
         sizes = _step_sizes[key] = (splits, tiles)
     splits, tiles = sizes
     part = plan.workspace("cuda_step_partials", (splits, K))
-    fresh = ("cuda_step_tickets", (tiles,)) not in plan.work
-    tickets = plan.workspace("cuda_step_tickets", (tiles,))
-    if fresh:
-        tickets.zero_()
+    tickets = plan.workspace("cuda_step_tickets", (tiles,), zero=True)
     return part, tickets.view(torch.int32)
 
 

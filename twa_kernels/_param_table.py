@@ -115,11 +115,14 @@ class Plan:
             self.grad_key = key
         return self.ptab, keep
 
-    def workspace(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        """An fp32 workspace kept with the plan (a captured graph reads it at a fixed address)."""
+    def workspace(self, name: str, shape: tuple[int, ...], zero: bool = False) -> Tensor:
+        """An fp32 workspace kept with the plan (a captured graph reads it at a fixed address),
+        zero-filled when it is made if ``zero`` (kernels that leave it as they found it, e.g.
+        the CUDA step's tickets, need that once)."""
         key = (name, shape)
         if key not in self.work:
-            self.work[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            make = torch.zeros if zero else torch.empty
+            self.work[key] = make(shape, dtype=torch.float32, device=self.device)
         return self.work[key]
 
 
