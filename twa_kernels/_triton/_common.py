@@ -78,15 +78,28 @@ def max_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
     return INTERPRETER_MAX_SPLITS
 
 
-def wave_splits(row_tiles: int, per_sm: int, device: torch.device) -> int:
-    """Column splits of a [row tiles, splits] grid that fills one wave of ``per_sm`` programs
-    per SM (at least one split; when interpreted, ``INTERPRETER_MAX_SPLITS`` whatever the rows).
+def wave_splits(K: int, config: dict, device: torch.device) -> int:
+    """Column splits of a [K tiles, splits] grid under ``config`` (its ``BLOCK_K`` and
+    ``PROGRAMS_PER_SM``) that fills one wave of its programs per SM (at least one split; when
+    interpreted, ``INTERPRETER_MAX_SPLITS`` whatever K).
 
     One wave, so that no partial last wave idles SMs; the splits then depend on the device and
-    the config (its programs per SM and row tile), never on timing."""
+    the config, never on timing."""
     if device.type == "cuda" and not interpreted():
-        return max(1, max_programs(device, per_sm) // row_tiles)
+        per_sm = max_programs(device, config["PROGRAMS_PER_SM"])
+        return max(1, per_sm // triton.cdiv(K, config["BLOCK_K"]))
     return INTERPRETER_MAX_SPLITS
+
+
+def wave_grid(K: int, device: torch.device):
+    """The launch grid ``[K tiles, wave_splits]`` of an autotuned kernel, from its config."""
+    return lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), wave_splits(K, meta, device))
+
+
+def most_wave_splits(kernel, K: int, device: torch.device) -> int:
+    """The most splits any of ``kernel``'s configs takes: room for the partials of each (the
+    autotuner launches every config)."""
+    return max(wave_splits(K, c.kwargs, device) for c in kernel.configs)
 
 
 def launched_config(kernel) -> triton.Config:

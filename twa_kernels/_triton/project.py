@@ -24,9 +24,11 @@ from ._common import (
     fold_partials,
     group_dot,
     launched_config,
+    most_wave_splits,
     pow2,
     split_columns,
     tuned,
+    wave_grid,
     wave_splits,
 )
 
@@ -174,25 +176,17 @@ def _project_reduce_kernel(
     tl.store(out_ptr + offs_n, acc * scale, mask=mask_n)
 
 
-def vector_splits(K: int, config: dict, device: torch.device) -> int:
-    """S of ``_project_kernel`` under ``config``: one wave of its programs per SM."""
-    return wave_splits(triton.cdiv(K, config["BLOCK_K"]), config["PROGRAMS_PER_SM"], device)
-
-
 def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
     """Stage 1 only: fp32 partial sums [S, B, K] of ``basis @ x2.T`` (no scales)."""
     K, D = basis.shape
     B = x2.shape[0]
     dev = x2.device
     if B == 1:
-        # Room for the splits of every config (the autotuner launches each); the rows of the
-        # config that ran are returned.
-        most = max(vector_splits(K, c.kwargs, dev) for c in _project_kernel.configs)
-        part = torch.empty(most, 1, K, dtype=torch.float32, device=dev)
+        # The partials of the config that ran are returned.
+        part = torch.empty(most_wave_splits(_project_kernel, K, dev), 1, K, dtype=torch.float32, device=dev)
         kernel = tuned(_project_kernel)
-        grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), vector_splits(K, meta, dev))
-        kernel[grid](basis, basis.stride(0), x2, part, K, D)
-        return part[: vector_splits(K, launched_config(kernel).kwargs, dev)]
+        kernel[wave_grid(K, dev)](basis, basis.stride(0), x2, part, K, D)
+        return part[: wave_splits(K, launched_config(kernel).kwargs, dev)]
     S, chunk = split_columns(D, dev)
     part = torch.empty(S, B, K, dtype=torch.float32, device=dev)
     tuned(_project_batched_kernel)[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)

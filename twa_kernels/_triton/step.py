@@ -25,7 +25,17 @@ from .._layout import warn_if_narrow
 from .._ops import check_rank
 from .._param_table import BLOCK, BLOCK_FIELDS, FIELDS, Plan, plan_for
 from . import subspace_step
-from ._common import add_combination, configs, group_dot, launched_config, to_storage, tuned, wave_splits
+from ._common import (
+    add_combination,
+    configs,
+    group_dot,
+    launched_config,
+    most_wave_splits,
+    to_storage,
+    tuned,
+    wave_grid,
+    wave_splits,
+)
 from .project import reduce_partials
 
 # Parameter table columns, as the kernels read them.
@@ -255,10 +265,6 @@ def fused_twa_step(
     )  # fmt: skip
 
 
-def _project_splits(K: int, config: dict, device: torch.device) -> int:
-    return wave_splits(triton.cdiv(K, config["BLOCK_K"]), config["PROGRAMS_PER_SM"], device)
-
-
 def _grad_code(grads: list[Tensor | None]) -> int:
     """The dtype code all grads share (missing ones aside), or -1 when they mix dtypes."""
     codes = {table.DTYPE_CODES.get(g.dtype, -1) for g in grads if g is not None}
@@ -268,17 +274,14 @@ def _grad_code(grads: list[Tensor | None]) -> int:
 def _project_partials(plan: Plan, ptab: Tensor, basis: Tensor, grads: list[Tensor | None]) -> Tensor:
     """Stage 1 of ``P^T g`` straight from the grads the table points at: partials [S, K]."""
     K, dev = basis.shape[0], plan.device
-    # Room for the splits of every config (the autotuner launches each); the rows of the config
-    # that ran are returned.
-    most = max(_project_splits(K, c.kwargs, dev) for c in _step_project_kernel.configs)
-    part = plan.workspace("part", (most, K))
+    # The partials of the config that ran are returned.
+    part = plan.workspace("part", (most_wave_splits(_step_project_kernel, K, dev), K))
     kernel = tuned(_step_project_kernel)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), _project_splits(K, meta, dev))
-    kernel[grid](
+    kernel[wave_grid(K, dev)](
         ptab, plan.btab, basis, basis.stride(0), part, K, plan.nblk,
         FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK, GRAD_CODE=_grad_code(grads),
     )  # fmt: skip
-    return part[: _project_splits(K, launched_config(kernel).kwargs, dev)]
+    return part[: wave_splits(K, launched_config(kernel).kwargs, dev)]
 
 
 def project_grads(
