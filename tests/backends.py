@@ -84,11 +84,14 @@ def others(device: torch.device, backend: str) -> list[str]:
     return [b for b in BACKENDS if b != backend and skip_reason(b, device.type) is None]
 
 
-DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+DTYPE_IDS = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "int8",
+}  # fmt: skip
 
 
 def dtypes(ds):
-    """``pytest.param`` per dtype, with short ids (fp16, bf16, fp32, fp64)."""
+    """``pytest.param`` per dtype, with short ids (fp16, bf16, fp32, fp64, int8)."""
     return [pytest.param(d, id=DTYPE_IDS[d]) for d in ds]
 
 

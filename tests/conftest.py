@@ -16,7 +16,9 @@ DEVICES = (
     if "TWA_TEST_DEVICE" in os.environ
     else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 )
-STORAGE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+FLOAT_STORAGE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Every basis storage: the float ones (one scale per row) and int8 (one scale per 64 values).
+STORAGE_DTYPES = [*FLOAT_STORAGE_DTYPES, torch.int8]
 
 # (atol, rtol) per dtype, for results compared with an fp64 oracle after scaling by the size of
 # the quantity (see the tests). Half-precision rows: the unit roundoff (4.9e-4 fp16, 3.9e-3 bf16)
@@ -27,6 +29,19 @@ TOL = {
     torch.float32: (1e-6, 2e-5),
     torch.float64: (1e-12, 1e-10),
 }
+
+
+@pytest.fixture(autouse=True)
+def skip_int8_without_kernels(request):
+    """A test parametrised with an int8 basis and a backend that has no int8 kernels yet skips."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    target = params.get("target")
+    backend = target[0] if isinstance(target, tuple) else params.get("backend")
+    if params.get("dtype") is torch.int8 and isinstance(backend, str):
+        from twa_kernels import _ops
+
+        if backend not in _ops.BLOCKWISE_BACKENDS:
+            pytest.skip(f"backend={backend!r} has no int8 kernels yet")
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """fp64 oracles of the twa:: ops, written from the math, independent of the package's code.
 
-The only value taken from the package is ROW_AMAX, the storage contract of the basis rows
-(orthogonalize_ stores each new row scaled so its largest entry is about ROW_AMAX). Every oracle
+The only values taken from the package are ROW_AMAX, the storage contract of float basis rows
+(orthogonalize_ stores each new row scaled so its largest entry is about ROW_AMAX), and the int8
+format: one fp32 scale per QUANT_BLOCK = 64 values of a row, stored values in [-127, 127]. Every oracle
 works on the *stored* basis values upcast to fp64, so a kernel compared with one is allowed only
 its own accumulation error and final rounding, not the rounding of the basis itself.
 """
@@ -11,10 +12,39 @@ import torch
 from twa_kernels import ops
 from twa_kernels.reference import ROW_AMAX
 
+QUANT_BLOCK = 64
+QMAX = 127
+
+
+def is_int8(basis):
+    return basis.dtype == torch.int8
+
 
 def columns(basis, scales):
-    """P as fp64 [K, D] rows: P[i] = scales[i] * basis[i]."""
+    """P as fp64 [K, D] rows: P[i] = scales[i] * basis[i] (float storage), or
+    P[i, j] = scales[i, j // 64] * basis[i, j] (int8 storage, scales [K, ceil(D / 64)])."""
+    if is_int8(basis):
+        per_value = scales.double().repeat_interleave(QUANT_BLOCK, dim=1)[:, : basis.shape[1]]
+        return basis.double() * per_value
     return basis.double() * scales.double()[:, None]
+
+
+def block_count(D):
+    return -(-D // QUANT_BLOCK)
+
+
+def quantise_row(u):
+    """fp64 ``u`` [D] as int8 values and the block maxima: each block of 64 values divided by
+    its max |u| / 127 and rounded to nearest (ties to even)."""
+    D = u.numel()
+    q = torch.zeros(D, dtype=torch.int8)
+    amax = torch.zeros(block_count(D), dtype=torch.float64)
+    for b in range(block_count(D)):
+        block = u[b * QUANT_BLOCK : (b + 1) * QUANT_BLOCK].cpu()
+        amax[b] = block.abs().max()
+        if amax[b] > 0:
+            q[b * QUANT_BLOCK : (b + 1) * QUANT_BLOCK] = torch.round(block * (QMAX / amax[b])).to(torch.int8)
+    return q.to(u.device), amax.to(u.device)
 
 
 def project(basis, scales, x):
@@ -29,6 +59,9 @@ def make_basis(K, D, dtype, generator=None):
     """Random rows of unit norm stored in ``dtype`` with scales (entries ~1 stored)."""
     raw = torch.randn(K, D, generator=generator, dtype=torch.float64)
     norms = raw.norm(dim=1, keepdim=True)
+    if dtype == torch.int8:
+        rows = [quantise_row(r) for r in raw / norms]
+        return torch.stack([q for q, _ in rows]), torch.stack([a / QMAX for _, a in rows]).float()
     amax = (raw / norms).abs().amax(dim=1)
     basis = (raw / norms / amax[:, None]).to(dtype)
     return basis, amax.float()
@@ -62,19 +95,38 @@ def basis_in_layout(K, D, dtype, device, layout="contiguous", fill=0.0):
     return storage[:, offset : offset + D], storage
 
 
+def random_scales(K, D, dtype, device):
+    """fp32 scales of a random stored basis: [K] near 1 / ROW_AMAX (float), or [K, ceil(D / 64)]
+    near 1 / QMAX (int8), each block its own."""
+    if dtype == torch.int8:
+        return torch.rand(K, block_count(D), device=device) / QMAX + 1e-5
+    return torch.rand(K, device=device) / ROW_AMAX + 1e-5
+
+
 def random_basis(K, D, dtype, device, layout="contiguous"):
     """Rows with entries ~ROW_AMAX (as stored rows are) and fp32 scales, in a chosen layout
     (see ``basis_in_layout``)."""
     basis, _ = basis_in_layout(K, D, dtype, device, layout)
-    basis.copy_((torch.randn(K, D, device=device) * ROW_AMAX / 4).to(dtype))
-    scales = torch.rand(K, device=device) / ROW_AMAX + 1e-5
-    return basis, scales
+    if dtype == torch.int8:
+        basis.copy_(torch.randint(-QMAX, QMAX + 1, (K, D), device=device).to(dtype))
+    else:
+        basis.copy_((torch.randn(K, D, device=device) * ROW_AMAX / 4).to(dtype))
+    return basis, random_scales(K, D, dtype, device)
 
 
 def orthonormal_basis(K, D, rank, dtype, device):
     """Rows [0, rank) orthonormal (fp64 QR), stored like orthogonalize_ stores rows."""
     basis = torch.zeros(K, D, dtype=dtype, device=device)
     scales = torch.zeros(K, device=device)
+    if rank and dtype == torch.int8:
+        scales = torch.zeros(K, block_count(D), device=device)
+        Q = torch.linalg.qr(torch.randn(D, rank, dtype=torch.float64, device=device)).Q.T
+        for i in range(rank):
+            q, amax = quantise_row(Q[i])
+            basis[i], scales[i] = q, (amax / QMAX).float()
+        return basis, scales
+    if dtype == torch.int8:
+        return basis, torch.zeros(K, block_count(D), device=device)
     if rank:
         Q = torch.linalg.qr(torch.randn(D, rank, dtype=torch.float64, device=device)).Q.T
         amax = Q.abs().amax(dim=1)
@@ -123,10 +175,14 @@ def cgs2_oracle(basis, scales, v, rank):
     norm = (v1 @ v1 - c2 @ c2).clamp_min(0).sqrt()
     amax = v1.abs().max()
     u = v - P.T @ h
+    out = torch.cat([h, norm.view(1), v.norm().view(1)])
+    if is_int8(basis):
+        row, block_amax = quantise_row(u)
+        return out, row, (block_amax / (QMAX * norm)).float()
     limit = torch.finfo(basis.dtype).max
     row = (u * (ROW_AMAX / amax)).clamp(-limit, limit).float().to(basis.dtype)
     scale = (amax / (ROW_AMAX * norm)).float()
-    return torch.cat([h, norm.view(1), v.norm().view(1)]), row, scale
+    return out, row, scale
 
 
 def check_orthogonalize(backend, basis, scales, sample, rank, storage=None):
@@ -151,7 +207,13 @@ def check_orthogonalize(backend, basis, scales, sample, rank, storage=None):
     atol, rtol = TOL[torch.float64]
     torch.testing.assert_close(out, ref, atol=atol * vnorm, rtol=rtol)
     assert torch.equal(basis[:rank], before[:rank]) and torch.equal(scales[:rank], scales_before[:rank])
-    if rank < K:
+    if rank < K and is_int8(basis):
+        # The fp64 remainders of two backends differ in their last bits: a value within that
+        # of a rounding tie may round to the neighbouring integer (a step of 1 in 127).
+        assert (basis[rank].int() - row.int()).abs().max().item() <= 1
+        torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)
+        assert torch.equal(basis[rank + 1 :], before[rank + 1 :])
+    elif rank < K:
         eps = torch.finfo(basis.dtype).eps
         torch.testing.assert_close(basis[rank].double(), row.double(), atol=0.0, rtol=eps)
         torch.testing.assert_close(scales[rank], scale, atol=0.0, rtol=1e-6)

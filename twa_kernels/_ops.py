@@ -6,7 +6,10 @@ the fake implementation runs the same checks and only allocates, so ``torch.comp
 ``torch.library.opcheck`` see the same contract on every backend.
 
 Notation (column convention of the user docs): the basis P has K columns of length D and is
-stored basis-major, ``basis[i, :]`` holding column i, with ``P[:, i] = scales[i] * basis[i, :]``.
+stored basis-major, ``basis[i, :]`` holding column i, with ``P[:, i] = scales[i] * basis[i, :]``
+(fp16/bf16/fp32 storage, ``scales`` [K]) or ``P[j, i] = scales[i, j // 64] * basis[i, j]`` (int8
+storage, ``scales`` [K, ceil(D / 64)]: one scale per block of ``QUANT_BLOCK`` = 64 values, see
+``_layout``).
 
 - ``project(basis, scales, x)``: ``P^T x`` for x of shape [D] or [B, D]; fp32 [K] or [B, K].
 - ``reconstruct_(out, w0, basis, scales, alpha)``: ``out = w0 + P alpha`` in out's dtype.
@@ -42,12 +45,15 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._layout import blockwise, scales_shape
 
-STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Largest K (basis rows, coordinates) of every op and the fused step (see the module docstring).
 MAX_RANK = 8192
+# The backends with kernels for an int8 basis; "auto" takes the last of them on CUDA.
+BLOCKWISE_BACKENDS = ("torch",)
 # orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
 CUDA_MAX_ORTH_RANK = 2048
 
@@ -75,19 +81,24 @@ def _check_basis(basis: Tensor, scales: Tensor, op: str) -> None:
     check_rank(f"twa::{op}", basis.shape[0])
     torch._check(
         basis.dtype in STORAGE_DTYPES,
-        lambda: f"basis dtype must be float16, bfloat16 or float32, got {basis.dtype}",
+        lambda: f"basis dtype must be float16, bfloat16, float32 or int8, got {basis.dtype}",
     )
     torch._check(
         basis.shape[0] >= 1 and basis.shape[1] >= 1,
         lambda: f"basis must have K >= 1 rows and D >= 1 columns, got {tuple(basis.shape)}",
     )
     torch._check(basis.stride(1) == 1, lambda: "basis rows must be contiguous (stride(1) == 1)")
+    expected = scales_shape(basis.shape[0], basis.shape[1], basis.dtype)
     torch._check(
-        scales.dim() == 1 and scales.shape[0] == basis.shape[0],
-        lambda: f"scales must have shape [{basis.shape[0]}], got {tuple(scales.shape)}",
+        tuple(scales.shape) == expected,
+        lambda: (
+            f"scales must have shape {list(expected)} for a {basis.dtype} basis of shape "
+            f"{list(basis.shape)}, got {list(scales.shape)}"
+            + (" (one scale per 64 values of a row)" if blockwise(basis.dtype) else "")
+        ),
     )
     torch._check(scales.dtype == torch.float32, lambda: f"scales must be float32, got {scales.dtype}")
-    torch._check(scales.is_contiguous(), lambda: "scales must be contiguous")
+    torch._check(scales.stride(-1) == 1, lambda: "scales must be contiguous along their last dim")
 
 
 def _check_vector(name: str, t: Tensor, size: int, dtypes=(torch.float32,)) -> None:
@@ -179,6 +190,13 @@ def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
     ``rank`` (orthogonalize_): rows read, above the CUDA kernel's limit on ``"cuda"``.
     """
     concrete = _backend.resolve(backend, sized.device, op, sized.numel())
+    if blockwise(sized.dtype) and concrete not in BLOCKWISE_BACKENDS:
+        if backend != "auto":
+            raise ValueError(
+                f"twa::{op}: backend={backend!r} has no kernels for an int8 basis yet "
+                f"(backends that have: {', '.join(map(repr, BLOCKWISE_BACKENDS))})"
+            )
+        concrete = BLOCKWISE_BACKENDS[-1] if sized.device.type == "cuda" else "torch"
     if concrete == "cuda" and rank is not None and rank > CUDA_MAX_ORTH_RANK:
         if backend != "auto":
             raise ValueError(

@@ -1,7 +1,10 @@
 """Public functional API of the TWA operations (the ``twa::`` custom ops).
 
 P has K columns of length D, stored basis-major: ``basis`` is [K, D] in fp16 (default), bf16 or
-fp32 with one fp32 scale per column (``scales`` [K]), so ``P[:, i] = scales[i] * basis[i]``.
+fp32 with one fp32 scale per column (``scales`` [K]), so ``P[:, i] = scales[i] * basis[i]``; or
+in int8 with one fp32 scale per block of ``QUANT_BLOCK`` (64) values of a column (``scales``
+[K, ceil(D / 64)]), so ``P[j, i] = scales[i, j // 64] * basis[i, j]``. ``empty_basis`` and
+``empty_scales`` allocate both.
 Accumulation is fp32 (fp64 in ``orthogonalize_``). ``backend`` is ``"auto"`` (Triton on CUDA,
 the plain-PyTorch reference elsewhere), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
@@ -22,14 +25,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _ops
-from ._layout import ROW_ALIGN, empty_basis
+from ._layout import QUANT_BLOCK, ROW_ALIGN, empty_basis, empty_scales
 from ._ops import CUDA_MAX_ORTH_RANK, MAX_RANK
 
 __all__ = [
     "CUDA_MAX_ORTH_RANK",
     "MAX_RANK",
+    "QUANT_BLOCK",
     "ROW_ALIGN",
     "empty_basis",
+    "empty_scales",
     "orthogonalize_",
     "project",
     "reconstruct_",
@@ -42,9 +47,11 @@ def project(basis: Tensor, scales: Tensor, x: Tensor, backend: str = "auto") -> 
     """``P^T x``.
 
     Args:
-        basis: [K, D] fp16/bf16/fp32, rows contiguous (a column slice of a wider basis is fine;
-            rows that start 16-byte aligned, as ``empty_basis`` makes them, are read fastest).
-        scales: [K] fp32.
+        basis: [K, D] fp16/bf16/fp32/int8, rows contiguous (a column slice of a wider basis is
+            fine; rows that start 16-byte aligned, as ``empty_basis`` makes them, are read
+            fastest).
+        scales: fp32 [K] (float basis) or [K, ceil(D / 64)] (int8 basis; its blocks start at
+            the basis's column 0).
         x: [D] or [B, D], fp32/bf16/fp16, contiguous.
 
     Returns:
@@ -63,7 +70,7 @@ def reconstruct_(
 
     Args:
         out: [D] contiguous, any floating dtype; overwritten.
-        w0: [D] fp32. basis: [K, D]. scales: [K] fp32. alpha: [K] fp32.
+        w0: [D] fp32. basis: [K, D]. scales: as in ``project``. alpha: [K] fp32.
 
     Raises:
         ValueError: K above ``MAX_RANK`` (8192).
@@ -78,7 +85,9 @@ def orthogonalize_(basis: Tensor, scales: Tensor, sample: Tensor, rank: int, bac
     scale; columns below ``rank`` are read only. Three passes over the basis.
 
     Args:
-        basis: [K, D] contiguous, modified in row ``rank``. scales: [K] fp32, likewise.
+        basis: [K, D] contiguous, modified in row ``rank``. scales: as in ``project``, likewise
+            (an int8 row is quantised as it is stored: each block of 64 values to
+            ``rint(u * 127 / max|u|)``, with its scale).
         sample: [D] fp32. rank: number of valid columns, 0 <= rank <= K.
 
     Returns:

@@ -6,7 +6,9 @@ kernels follow. The basis is processed in column chunks: each chunk is upcast to
 never half-precision matrix arithmetic on the CPU (which is slow there: no half GEMM kernels).
 
 Shapes follow ``_ops``: ``basis`` [K, D] (rows contiguous, may be a column slice of a wider
-basis), ``scales`` fp32 [K], column i of P is ``scales[i] * basis[i]``.
+basis); a float basis has ``scales`` fp32 [K], column i of P being ``scales[i] * basis[i]``; an
+int8 basis has one fp32 scale per block of ``QUANT_BLOCK`` values, ``scales`` [K, ceil(D / 64)],
+applied to each chunk as it is upcast.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._layout import QMAX, QUANT_BLOCK, blockwise
 from ._params import copy_or_zero_
 
 # Elements of one upcast basis chunk. On the CPU 2^20 fp32 values (4 MiB) stay in the L2/L3 of
@@ -32,9 +35,10 @@ ROW_AMAX = 4096.0
 
 
 def chunk_columns(rows: int, device: torch.device) -> int:
-    """Columns per chunk so that a ``rows x chunk`` upcast stays within the chunk budget."""
+    """Columns per chunk so that a ``rows x chunk`` upcast stays within the chunk budget; a
+    multiple of ``QUANT_BLOCK``, so that every chunk but the last holds whole scale blocks."""
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
-    return max(256, budget // max(rows, 1))
+    return max(256, budget // max(rows, 1) // QUANT_BLOCK * QUANT_BLOCK)
 
 
 def _column_chunks(D: int, rows: int, device: torch.device):
@@ -43,25 +47,48 @@ def _column_chunks(D: int, rows: int, device: torch.device):
         yield slice(start, min(start + step, D))
 
 
-def _upcast_chunks(basis: Tensor, dtype: torch.dtype):
-    """``(cols, basis[:, cols] in dtype)`` chunk by chunk, upcast into one reused buffer.
+def _upcast_chunks(basis: Tensor, dtype: torch.dtype, block_scales: Tensor | None = None):
+    """``(cols, basis[:, cols] in dtype)`` chunk by chunk, upcast into one reused buffer; with
+    ``block_scales`` (an int8 basis's [K, ceil(D / 64)]) each chunk is multiplied by its scales.
 
     Reusing the buffer matters on the CPU: a fresh 4 MiB tensor per chunk made the fp16 step
     1.48x slower than the fp32 one at D = 2^22, K = 8 (1.18x with the reused buffer). A basis
-    already in ``dtype`` is used as is.
+    already in ``dtype`` (and without block scales) is used as is.
     """
     K, D = basis.shape
     step = chunk_columns(K, basis.device)
     buf = None
-    if basis.dtype != dtype:
+    if basis.dtype != dtype or block_scales is not None:
         buf = torch.empty(K, min(step, D), dtype=dtype, device=basis.device)
     for cols in _column_chunks(D, K, basis.device):
         if buf is None:
             yield cols, basis[:, cols]
-        else:
-            chunk = buf[:, : cols.stop - cols.start]
-            chunk.copy_(basis[:, cols])
-            yield cols, chunk
+            continue
+        chunk = buf[:, : cols.stop - cols.start]
+        chunk.copy_(basis[:, cols])
+        if block_scales is not None:
+            apply_block_scales_(chunk, block_scales[:, cols.start // QUANT_BLOCK :])
+        yield cols, chunk
+
+
+def apply_block_scales_(chunk: Tensor, scales: Tensor) -> Tensor:
+    """``chunk[:, j] *= scales[:, j // QUANT_BLOCK]`` in place: ``chunk`` [K, n] (rows contiguous),
+    ``scales`` [K, >= ceil(n / QUANT_BLOCK)]."""
+    n = chunk.shape[1]
+    whole = n // QUANT_BLOCK
+    body = chunk[:, : whole * QUANT_BLOCK].unflatten(1, (whole, QUANT_BLOCK))
+    body.mul_(scales[:, :whole, None].to(chunk.dtype))
+    if whole * QUANT_BLOCK < n:
+        chunk[:, whole * QUANT_BLOCK :].mul_(scales[:, whole : whole + 1].to(chunk.dtype))
+    return chunk
+
+
+def _dequantised_chunks(basis: Tensor, scales: Tensor, dtype: torch.dtype):
+    """``(cols, chunk, row_scales)``: chunks of P, up to the row scales ``row_scales`` still to
+    apply (a float basis: ``scales``; an int8 basis: None, its block scales are in the chunks)."""
+    if blockwise(basis.dtype):
+        return _upcast_chunks(basis, dtype, scales), None
+    return _upcast_chunks(basis, dtype), scales
 
 
 def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
@@ -69,16 +96,19 @@ def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     K, D = basis.shape
     xb = x if x.dim() == 2 else x.unsqueeze(0)
     out = torch.zeros(xb.shape[0], K, dtype=torch.float32, device=x.device)
-    for cols, P in _upcast_chunks(basis, torch.float32):
+    chunks, row_scales = _dequantised_chunks(basis, scales, torch.float32)
+    for cols, P in chunks:
         out.addmm_(xb[:, cols].float(), P.T)
-    out.mul_(scales)
+    if row_scales is not None:
+        out.mul_(row_scales)
     return out if x.dim() == 2 else out.squeeze(0)
 
 
 def reconstruct_(out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
     """``out = w0 + P alpha`` (fp32 arithmetic, then rounded once to out's dtype)."""
-    coef = (alpha * scales).unsqueeze(0)
-    for cols, P in _upcast_chunks(basis, torch.float32):
+    chunks, row_scales = _dequantised_chunks(basis, scales, torch.float32)
+    coef = (alpha if row_scales is None else alpha * row_scales).unsqueeze(0)
+    for cols, P in chunks:
         if out.dtype == torch.float32:
             torch.addmm(w0[cols].unsqueeze(0), coef, P, out=out[cols].unsqueeze(0))
         else:
@@ -99,8 +129,11 @@ def orthogonalize_(
 
     1. ``c1 = P^T v`` and ``||v||^2``;
     2. ``v1 = v - P c1`` on the fly, ``c2 = P^T v1``, ``||v1||^2`` and ``max|v1|``;
-    3. ``u = v - P (c1 + c2)``, stored as column ``rank`` (when ``rank < K``) scaled by
-       ``ROW_AMAX / max|v1|``, with ``scales[rank] = max|v1| / (ROW_AMAX ||u||)``.
+    3. ``u = v - P (c1 + c2)``, stored as column ``rank`` (when ``rank < K``). A float basis
+       stores ``u`` scaled by ``ROW_AMAX / max|v1|``, with ``scales[rank] = max|v1| / (ROW_AMAX
+       ||u||)``. An int8 basis stores each block of ``QUANT_BLOCK`` values of ``u`` as
+       ``rint(u * QMAX / a)`` with ``a`` the block's ``max|u|`` (fp64), and ``scales[rank, b] =
+       a / (QMAX ||u||)``: quantised as it is written, no other pass.
 
     ``||u||^2 = ||v1||^2 - ||c2||^2`` (exact for orthonormal P) saves a fourth pass. Dot products
     accumulate in fp64: the op is memory-bound, so the wider accumulator costs nothing on GPUs,
@@ -109,18 +142,23 @@ def orthogonalize_(
     ``all_reduce(tensor, op)`` (``op`` "sum" or "max"), when given, combines the partial sums and
     the maximum in place between the passes: the basis and sample are then one shard of the
     columns of a basis sharded along D (``twa_kernels.distributed``), and every shard stores its
-    part of the new column with the same scale.
+    part of the new column with the same row scale (a float basis) or its own block scales
+    (int8, whose blocks start at each shard's first column).
 
     Returns fp64 ``[c1 + c2 (rank values), ||u||, ||v||]``; the caller decides from ``||u||/||v||``
     whether column ``rank`` joins the basis. Nothing below row ``rank`` is written.
     """
     K, D = basis.shape
     dev = sample.device
-    P = basis[:rank]
-    s = scales[:rank].double()
+    P, Ps = basis[:rank], scales[:rank]
+    quantised = blockwise(basis.dtype)
+    s = torch.ones(rank, dtype=torch.float64, device=dev) if quantised else Ps.double()
+
+    def chunks():
+        return _dequantised_chunks(P, Ps, torch.float64)[0]
 
     sums = torch.zeros(rank + 1, dtype=torch.float64, device=dev)  # [P^T v, ||v||^2]
-    for cols, Pc in _upcast_chunks(P, torch.float64):
+    for cols, Pc in chunks():
         v = sample[cols].double()
         sums[:rank] += Pc @ v
         sums[rank] += v @ v
@@ -131,7 +169,7 @@ def orthogonalize_(
     sums = torch.zeros(rank + 1, dtype=torch.float64, device=dev)  # [P^T v1, ||v1||^2]
     amax = torch.zeros(1, dtype=torch.float64, device=dev)
     sc1 = s * c1
-    for cols, Pc in _upcast_chunks(P, torch.float64):
+    for cols, Pc in chunks():
         v1 = sample[cols].double() - sc1 @ Pc
         sums[:rank] += Pc @ v1
         sums[rank] += v1 @ v1
@@ -144,16 +182,42 @@ def orthogonalize_(
     h = c1 + c2
     norm = (ss - c2 @ c2).clamp_min(0).sqrt()
     if rank < K:
-        # A zero remainder stores a zero column with scale 0 (the caller rejects it anyway).
-        inv = torch.where(amax > 0, ROW_AMAX / amax, torch.zeros_like(amax))
-        scale = torch.where(norm > 0, amax / (ROW_AMAX * norm), torch.zeros_like(norm))
         sh = s * h
-        limit = torch.finfo(basis.dtype).max
-        for cols, Pc in _upcast_chunks(P, torch.float64):
-            u = sample[cols].double() - sh @ Pc
-            basis[rank, cols] = (u * inv).clamp_(-limit, limit).to(basis.dtype)
-        scales[rank] = scale.float()
+        if quantised:
+            for cols, Pc in chunks():
+                u = sample[cols].double() - sh @ Pc
+                q, block_amax = quantise_blocks(u)
+                basis[rank, cols] = q
+                b0 = cols.start // QUANT_BLOCK
+                scale = torch.where(norm > 0, block_amax / (QMAX * norm), torch.zeros_like(block_amax))
+                scales[rank, b0 : b0 + block_amax.numel()] = scale.float()
+        else:
+            # A zero remainder stores a zero column with scale 0 (the caller rejects it anyway).
+            inv = torch.where(amax > 0, ROW_AMAX / amax, torch.zeros_like(amax))
+            scale = torch.where(norm > 0, amax / (ROW_AMAX * norm), torch.zeros_like(norm))
+            limit = torch.finfo(basis.dtype).max
+            for cols, Pc in chunks():
+                u = sample[cols].double() - sh @ Pc
+                basis[rank, cols] = (u * inv).clamp_(-limit, limit).to(basis.dtype)
+            scales[rank] = scale.float()
     return torch.cat([h, norm.view(1), vv.sqrt().view(1)])
+
+
+def quantise_blocks(u: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, amax)``: fp64 ``u`` [n] as int8 ``q = rint(u * (QMAX / amax_b))`` per block b of
+    ``QUANT_BLOCK`` values (the last one may be shorter), with the blocks' ``max|u|`` (fp64
+    [ceil(n / QUANT_BLOCK)]). A block of zeros (or of nan) stores zeros.
+
+    ``QMAX / amax_b`` is formed first and then multiplied, as the kernels do, so that the same
+    fp64 ``u`` gives the same bytes on every backend; ``rint`` rounds half to even there too.
+    """
+    n = u.numel()
+    nb = -(-n // QUANT_BLOCK)
+    padded = torch.nn.functional.pad(u, (0, nb * QUANT_BLOCK - n)).view(nb, QUANT_BLOCK)
+    amax = padded.abs().amax(dim=1)
+    inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+    q = torch.round(padded * inv[:, None]).nan_to_num_(0.0).clamp_(-QMAX, QMAX)
+    return q.view(-1)[:n].to(torch.int8), amax
 
 
 def subspace_step_(
@@ -196,9 +260,12 @@ def gram(basis: Tensor, scales: Tensor) -> Tensor:
     """``G = P^T P`` of the stored columns in fp64: [K, K]. Not an op: built once per optimizer."""
     K, D = basis.shape
     G = torch.zeros(K, K, dtype=torch.float64, device=basis.device)
-    for _, Pc in _upcast_chunks(basis, torch.float64):
+    chunks, row_scales = _dequantised_chunks(basis, scales, torch.float64)
+    for _, Pc in chunks:
         G += Pc @ Pc.T
-    s = scales.double()
+    if row_scales is None:
+        return G
+    s = row_scales.double()
     return G * s[:, None] * s[None, :]
 
 
