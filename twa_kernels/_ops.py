@@ -52,8 +52,14 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Largest K (basis rows, coordinates) of every op and the fused step (see the module docstring).
 MAX_RANK = 8192
-# The backends with kernels for an int8 basis; "auto" takes the last of them on CUDA.
-BLOCKWISE_BACKENDS = ("torch",)
+# Per op, the backends with kernels for an int8 basis; "auto" takes the last of them on CUDA.
+BLOCKWISE_BACKENDS = {
+    "project": ("torch",),
+    "reconstruct_": ("torch",),
+    "orthogonalize_": ("torch",),
+    "project_grads": ("torch",),
+    "step_": ("torch",),
+}
 # orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
 CUDA_MAX_ORTH_RANK = 2048
 
@@ -190,13 +196,14 @@ def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
     ``rank`` (orthogonalize_): rows read, above the CUDA kernel's limit on ``"cuda"``.
     """
     concrete = _backend.resolve(backend, sized.device, op, sized.numel())
-    if blockwise(sized.dtype) and concrete not in BLOCKWISE_BACKENDS:
+    int8_backends = BLOCKWISE_BACKENDS.get(op, ())
+    if blockwise(sized.dtype) and concrete not in int8_backends:
         if backend != "auto":
             raise ValueError(
                 f"twa::{op}: backend={backend!r} has no kernels for an int8 basis yet "
-                f"(backends that have: {', '.join(map(repr, BLOCKWISE_BACKENDS))})"
+                f"(backends that have: {', '.join(map(repr, int8_backends))})"
             )
-        concrete = BLOCKWISE_BACKENDS[-1] if sized.device.type == "cuda" else "torch"
+        concrete = int8_backends[-1] if sized.device.type == "cuda" else "torch"
     if concrete == "cuda" and rank is not None and rank > CUDA_MAX_ORTH_RANK:
         if backend != "auto":
             raise ValueError(
