@@ -39,6 +39,7 @@ backend, checked with the other arguments (``ValueError`` above it). What sets i
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -190,8 +191,9 @@ def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     return torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
-def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
-    """The implementation of ``op``; ``sized`` (the basis, or the Gram matrix) keys "auto".
+def choose(op: str, backend: str, sized: Tensor, rank: int | None = None) -> str:
+    """The concrete backend that runs ``op``; ``sized`` (the basis, or the Gram matrix) keys
+    "auto" and tells an int8 basis (for which "auto" takes a backend with int8 kernels).
 
     ``rank`` (orthogonalize_): rows read, above the CUDA kernel's limit on ``"cuda"``.
     """
@@ -204,6 +206,8 @@ def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
                 f"(backends that have: {', '.join(map(repr, int8_backends))})"
             )
         concrete = int8_backends[-1] if sized.device.type == "cuda" else "torch"
+        if concrete == "torch" and sized.device.type == "cuda":
+            _warn_int8_reference(op)
     if concrete == "cuda" and rank is not None and rank > CUDA_MAX_ORTH_RANK:
         if backend != "auto":
             raise ValueError(
@@ -212,6 +216,26 @@ def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
                 f"to MAX_RANK = {MAX_RANK})"
             )
         concrete = _backend.resolve("triton" if _backend.triton_available() else "torch", sized.device)
+    return concrete
+
+
+_warned_int8: set[str] = set()
+
+
+def _warn_int8_reference(op: str) -> None:
+    """Warn once per op: an int8 basis on CUDA runs the plain-PyTorch reference of ``op``."""
+    if op not in _warned_int8:
+        _warned_int8.add(op)
+        warnings.warn(
+            f"twa_kernels: twa::{op} has no GPU kernel for an int8 basis yet; it runs the "
+            "plain-PyTorch reference (chunked dequantisation, several times slower)",
+            stacklevel=4,
+        )
+
+
+def route(op: str, backend: str, sized: Tensor, rank: int | None = None):
+    """The implementation of ``op`` on the backend ``choose`` picks."""
+    concrete = choose(op, backend, sized, rank)
     return _backend.implementation(op, concrete)
 
 

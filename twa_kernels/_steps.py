@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import _backend, _collectives, _ops, _params
+from . import _collectives, _ops, _params
 
 if TYPE_CHECKING:
     from .subspace import Subspace
@@ -225,7 +225,7 @@ class ShardedStep:
         fused step's first kernel on Triton under DDP), the all-reduce of the K coordinates, the
         K-dimensional update (the same on every rank), the weights of the shard.
         """
-        concrete = _backend.resolve(backend, self.flat.device)
+        concrete = _ops.choose("step_", backend, basis)
         coord_grad = self.project_grads(params, basis, scales, concrete)
         _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
         self.write_weights(params, w0, basis, scales, alpha, concrete)

@@ -196,7 +196,7 @@ class TWA(torch.optim.Optimizer):
 
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
-        backend = _backend.resolve(self.backend, self.subspace.device)
+        backend = _ops.choose("reconstruct_", self.backend, basis)
         self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
         self._remember_weights()
 
