@@ -15,6 +15,13 @@
 //                        shared memory, one fp32 accumulator per column per thread, rounded once
 //                        to the parameter's dtype and stored at its address.
 //
+// Both kernels walk a warp's blocks one table read ahead: a block's fields come out of the
+// warp's window of the tables (twa_step.h: one 32-bit table word per lane, read with warp
+// shuffles), and the loads of the next block's window (its block row and its parameter's row)
+// are issued right then, before the block's basis loads and FMAs, so no block waits on its
+// chain of dependent table loads. Only loads move: every sum still runs over the warp's blocks
+// in order.
+//
 // A block takes 16-byte loads (and stores) when the table marks its parameter aligned, the
 // block is whole and the basis rows (and w0) start 16-byte aligned; otherwise masked scalar
 // ones. Every address is formed in 64 bits. Grids come from the occupancy of the kernels
@@ -62,19 +69,50 @@ struct Block {
   bool aligned;
 };
 
-__device__ __forceinline__ Block read_block(const int64_t* __restrict__ ptab,
-                                            const int64_t* __restrict__ btab, int64_t blk) {
-  const int64_t* b = btab + blk * step::kBlockFields;
-  const int64_t* p = ptab + b[step::kBlkParam] * step::kParamFields;
+// The tables' look-ahead (step::window_load_of): both kernels read block i's fields out of its
+// window and at once issue the loads of block i + 1's window (its parameter row, whose index
+// block i's window already holds, and block rows i + 1 and i + 2), one 4-byte load per lane,
+// before block i's basis loads and FMAs: they are in flight while block i is reduced.
+__device__ __forceinline__ uint32_t window_load(const int64_t* __restrict__ ptab,
+                                                const int64_t* __restrict__ btab, int64_t blk,
+                                                int64_t end, int64_t param, int lane) {
+  const step::WindowLoad w = step::window_load_of(blk, end, param, lane);
+  if (!w.load) return 0u;
+  return __ldg(reinterpret_cast<const uint32_t*>((w.ptab ? ptab : btab) + w.index) + w.half);
+}
+
+// The window of the warp's first block (0 for an empty range).
+__device__ __forceinline__ uint32_t window_first(const int64_t* __restrict__ ptab,
+                                                 const int64_t* __restrict__ btab, int64_t blk,
+                                                 int64_t end, int lane) {
+  if (blk >= end) return 0u;
+  const int64_t param = __ldg(btab + blk * step::kBlockFields + step::kBlkParam);
+  return window_load(ptab, btab, blk, end, param, lane);
+}
+
+// Table value v of the window (the same in every lane).
+__device__ __forceinline__ int64_t window_value(uint32_t win, int v) {
+  const uint32_t lo = __shfl_sync(0xffffffffu, win, v);
+  const uint32_t hi = __shfl_sync(0xffffffffu, win, v + step::kWinValues);
+  return static_cast<int64_t>((static_cast<uint64_t>(hi) << 32) | lo);
+}
+
+// Block blk's fields out of its window, and the window of block blk + 1 (its loads issued).
+__device__ __forceinline__ Block window_advance(const int64_t* __restrict__ ptab,
+                                                const int64_t* __restrict__ btab, int64_t blk,
+                                                int64_t end, int lane, uint32_t& win) {
+  constexpr int P = step::kWinParam, B = step::kWinBlock, N = step::kWinNextBlock;
   Block r;
-  r.first = b[step::kBlkFirst];
-  r.col0 = b[step::kBlkCol];
-  r.values = b[step::kBlkValues];
-  r.param_dtype = p[step::kParDType];
-  r.grad_dtype = p[step::kParGradDType];
-  r.param_addr = static_cast<uint64_t>(p[step::kParAddr]);
-  r.grad_addr = static_cast<uint64_t>(p[step::kParGradAddr]);
-  r.aligned = p[step::kParAligned] != 0;
+  r.first = window_value(win, B + step::kBlkFirst);
+  r.col0 = window_value(win, B + step::kBlkCol);
+  r.values = window_value(win, B + step::kBlkValues);
+  r.param_dtype = window_value(win, P + step::kParDType);
+  r.grad_dtype = window_value(win, P + step::kParGradDType);
+  r.param_addr = static_cast<uint64_t>(window_value(win, P + step::kParAddr));
+  r.grad_addr = static_cast<uint64_t>(window_value(win, P + step::kParGradAddr));
+  r.aligned = window_value(win, P + step::kParAligned) != 0;
+  const int64_t next_param = window_value(win, N + step::kBlkParam);
+  win = window_load(ptab, btab, blk + 1, end, next_param, lane);
   return r;
 }
 
@@ -165,6 +203,24 @@ __device__ __forceinline__ const G* as_ptr(uint64_t addr) {
   return reinterpret_cast<const G*>(addr);
 }
 
+// Masked path: the thread's columns lane + 32 j of N basis rows from `row` (rows past `last`
+// repeat row `last`), widened to fp32, zero past the block's values; all loads issued before any
+// value is used.
+template <typename T, int N>
+__device__ __forceinline__ void load_rows_masked(const T* __restrict__ cols, int64_t ld, int64_t row,
+                                                 int64_t last, int64_t values, int lane,
+                                                 float (&w)[N][kSlowCols]) {
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    const T* p = cols + min64(row + r, last) * ld;
+#pragma unroll
+    for (int j = 0; j < kSlowCols; ++j) {
+      const int64_t c = lane + j * kWarp;
+      w[r][j] = c < values ? Storage<T>::to_float(p[c]) : 0.f;
+    }
+  }
+}
+
 // ---- projection ----------------------------------------------------------------------------
 
 // Whole aligned block: thread `lane` owns groups u * 32 + lane (V columns each) of the block,
@@ -211,7 +267,7 @@ __device__ __forceinline__ void project_fast(const T* __restrict__ cols, int64_t
 }
 
 // Any block: thread `lane` owns columns lane + 32 j, masked to the block's values; scalar loads
-// of kSlowRows rows are issued, then used.
+// of kSlowRows rows are issued, then used (load_rows_masked).
 template <typename T, typename G>
 __device__ __forceinline__ void project_slow(const T* __restrict__ cols, int64_t ld, int64_t row0,
                                              int64_t K, const Block& b, int lane,
@@ -227,15 +283,7 @@ __device__ __forceinline__ void project_slow(const T* __restrict__ cols, int64_t
   for (int rg = 0; rg < kTileRows / kSlowRows; ++rg) {
     if (row0 + rg * kSlowRows < K) {
       float w[kSlowRows][kSlowCols];
-#pragma unroll
-      for (int r = 0; r < kSlowRows; ++r) {
-        const T* p = cols + min64(row0 + rg * kSlowRows + r, K - 1) * ld;
-#pragma unroll
-        for (int j = 0; j < kSlowCols; ++j) {
-          const int64_t c = lane + j * kWarp;
-          w[r][j] = c < b.values ? Storage<T>::to_float(p[c]) : 0.f;
-        }
-      }
+      load_rows_masked<T, kSlowRows>(cols, ld, row0 + rg * kSlowRows, K - 1, b.values, lane, w);
 #pragma unroll
       for (int r = 0; r < kSlowRows; ++r) {
         float s = acc[rg * kSlowRows + r];
@@ -268,9 +316,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   float acc[kTileRows];
 #pragma unroll
   for (int r = 0; r < kTileRows; ++r) acc[r] = 0.f;
+  const int64_t b_begin = step::warp_begin(split, nblk, gw);
   const int64_t b_end = step::warp_end(split, nblk, gw);
-  for (int64_t blk = step::warp_begin(split, nblk, gw); blk < b_end; ++blk) {
-    const Block b = read_block(ptab, btab, blk);
+  uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
+  for (int64_t blk = b_begin; blk < b_end; ++blk) {
+    const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
     if (b.values <= 0) continue;
     const T* cols = basis + b.col0;
     if (vec && b.aligned && b.values == kBlockCols) {
@@ -397,15 +447,7 @@ __device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t l
   int64_t k = 0;
   for (; k + kSlowRows <= K; k += kSlowRows) {
     float w[kSlowRows][kSlowCols];
-#pragma unroll
-    for (int r = 0; r < kSlowRows; ++r) {
-      const T* p = cols + (k + r) * ld;
-#pragma unroll
-      for (int j = 0; j < kSlowCols; ++j) {
-        const int64_t c = lane + j * kWarp;
-        w[r][j] = c < b.values ? Storage<T>::to_float(p[c]) : 0.f;
-      }
-    }
+    load_rows_masked<T, kSlowRows>(cols, ld, k, K - 1, b.values, lane, w);
 #pragma unroll
     for (int r = 0; r < kSlowRows; ++r) {
       const float c = coef_s[k + r];
@@ -414,14 +456,11 @@ __device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t l
     }
   }
   for (; k < K; ++k) {
-    const T* p = cols + k * ld;
+    float w[1][kSlowCols];
+    load_rows_masked<T, 1>(cols, ld, k, K - 1, b.values, lane, w);
     const float c = coef_s[k];
 #pragma unroll
-    for (int j = 0; j < kSlowCols; ++j) {
-      const int64_t col = lane + j * kWarp;
-      const float v = col < b.values ? Storage<T>::to_float(p[col]) : 0.f;
-      acc[j] = fmaf(c, v, acc[j]);
-    }
+    for (int j = 0; j < kSlowCols; ++j) acc[j] = fmaf(c, w[0][j], acc[j]);
   }
   TWA_TABLE_DISPATCH(b.param_dtype, P, store_masked<P>(b, lane, acc));
 }
@@ -437,9 +476,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const int lane = threadIdx.x % kWarp;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int64_t b_begin = step::warp_begin(split, nblk, gw);
   const int64_t b_end = step::warp_end(split, nblk, gw);
-  for (int64_t blk = step::warp_begin(split, nblk, gw); blk < b_end; ++blk) {
-    const Block b = read_block(ptab, btab, blk);
+  uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
+  for (int64_t blk = b_begin; blk < b_end; ++blk) {
+    const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
     if (b.values <= 0) continue;
     if (vec && b.aligned && b.values == kBlockCols) {
       write_fast<T>(basis + b.col0, ld, K, coef_s, w0 + b.col0, b, lane);

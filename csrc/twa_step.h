@@ -1,6 +1,6 @@
-// The fused step's tables (twa_kernels/_param_table.py) and its split of the table's blocks over
-// warps and blocks of threads. Plain C++ outside nvcc, shared by step.cu, the torch glue and the
-// host test (csrc/tests/step_host_test.cu).
+// The fused step's tables (twa_kernels/_param_table.py), its split of the table's blocks over
+// warps and blocks of threads, and a warp's look-ahead window into the tables. Plain C++ outside
+// nvcc, shared by step.cu, the torch glue and the host test (csrc/tests/step_host_test.cu).
 #pragma once
 
 #include <cstdint>
@@ -25,6 +25,43 @@ constexpr int64_t kParamFields = 8;
 constexpr int kParDType = 2, kParGradDType = 3, kParAddr = 4, kParGradAddr = 5, kParAligned = 6;
 // Dtype codes of the parameter table (_param_table.DTYPE_CODES, NO_GRAD).
 constexpr int64_t kTabF32 = 0, kTabBF16 = 1, kTabF16 = 2, kTabNoGrad = 3;
+
+// A warp's look-ahead into the tables (step.cu), so that no block waits on its chain of dependent
+// table loads (block row, then its parameter's row). The window of block i is 16 table values,
+// the low 32 bits of value v in lane v and its high 32 bits in lane v + 16 (one register per
+// thread): values [0, 8) are the parameter row of block i, values [8, 16) the block rows of
+// blocks i and i + 1 (0 past the warp's range).
+constexpr int kWinValues = 16;
+constexpr int kWinParam = 0;                                             // + parameter field
+constexpr int kWinBlock = kWinParam + static_cast<int>(kParamFields);    // + field of block i
+constexpr int kWinNextBlock = kWinBlock + static_cast<int>(kBlockFields);  // + field of block i + 1
+static_assert(kWinNextBlock + kBlockFields == kWinValues && 2 * kWinValues == 32,
+              "the window's 16 values, two halves each, fill a warp");
+
+// What lane `lane` loads for the window of block blk of a warp's range [., end), param being the
+// block's parameter index: 32 bits (half 0: low, 1: high) of element `index` of the parameter
+// table (ptab) or of the block table; nothing (load false) past the range.
+struct WindowLoad {
+  bool load;
+  bool ptab;
+  int64_t index;
+  int half;
+};
+
+TWA_STEP_HD WindowLoad window_load_of(int64_t blk, int64_t end, int64_t param, int lane) {
+  WindowLoad w;
+  const int v = lane % kWinValues;
+  w.half = lane / kWinValues;
+  w.ptab = v < kWinBlock;
+  if (w.ptab) {
+    w.index = param * kParamFields + (v - kWinParam);
+    w.load = blk < end;
+  } else {
+    w.index = blk * kBlockFields + (v - kWinBlock);
+    w.load = w.index < end * kBlockFields;
+  }
+  return w;
+}
 
 // Projection: basis rows per block of threads, one fp32 accumulator per row in every thread.
 constexpr int64_t kTileRows = 32;

@@ -12,25 +12,11 @@
 #include <vector>
 
 #include "../twa_common.h"
+#include "check.h"
 
 using namespace twa;
 
 namespace {
-
-int failures = 0;
-int checks = 0;
-
-#define CHECK(cond, ...)                                                 \
-  do {                                                                   \
-    ++checks;                                                            \
-    if (!(cond)) {                                                       \
-      ++failures;                                                        \
-      std::printf("FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond);       \
-      std::printf(__VA_ARGS__);                                          \
-      std::printf("\n");                                                 \
-      if (failures > 25) std::exit(1);                                   \
-    }                                                                    \
-  } while (0)
 
 const float kNaN = std::nanf("");
 
@@ -478,6 +464,5 @@ int main() {
   test_orth_tiles();
   test_reduction_order();
   test_64bit();
-  std::printf("host_test: %d checks, %d failures\n", checks, failures);
-  return failures == 0 ? 0 : 1;
+  return twa_check::summary("host_test");
 }

@@ -1,32 +1,22 @@
 // CPU test of the fused step's split of table blocks over warps and blocks of threads
 // (csrc/twa_step.h), built by nvcc as a host program and run without a GPU: every block is
 // taken by exactly one warp, in contiguous ranges, within the grid the plan asks for, and the
-// projection's grid respects the y-dimension limit and covers every basis row.
+// projection's grid respects the y-dimension limit and covers every basis row. The warps' table
+// look-ahead (window_load_of), walked the way step.cu's kernels walk it, gives every block's
+// fields and reads nothing outside the warp's range.
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <vector>
 
 #include "../twa_step.h"
+#include "check.h"
 
 using namespace twa::step;
 
 namespace {
-
-int failures = 0;
-int checks = 0;
-
-#define CHECK(cond, ...)                                           \
-  do {                                                             \
-    ++checks;                                                      \
-    if (!(cond)) {                                                 \
-      ++failures;                                                  \
-      std::printf("FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                    \
-      std::printf("\n");                                           \
-      if (failures > 25) std::exit(1);                             \
-    }                                                              \
-  } while (0)
 
 constexpr int64_t kWarpsPerCta = 8;
 
@@ -55,6 +45,92 @@ void check_split(const BlockSplit& s, int64_t nblk, int64_t max_ctas) {
     CHECK(warp_end(s, nblk, s.warps - 1) == nblk, "nblk=%lld", (long long)nblk);
     CHECK(warp_begin(s, nblk, s.warps - 1) < nblk, "nblk=%lld", (long long)nblk);
     CHECK(warp_begin(s, nblk, s.warps) == nblk, "nblk=%lld", (long long)nblk);
+  }
+}
+
+// One warp's lanes: the window, 32 bits per lane.
+using Lanes = std::array<uint32_t, 32>;
+
+struct Tables {
+  std::vector<int64_t> ptab, btab;
+};
+
+// Random tables: every field a full 64-bit value (both halves non-zero, some negative), the
+// block rows' parameter indices valid.
+Tables random_tables(int64_t nparams, int64_t nblk, std::mt19937_64& rng) {
+  Tables t;
+  t.ptab.resize(static_cast<size_t>(nparams * kParamFields));
+  t.btab.resize(static_cast<size_t>(nblk * kBlockFields));
+  for (auto& v : t.ptab) v = static_cast<int64_t>(rng());
+  for (auto& v : t.btab) v = static_cast<int64_t>(rng());
+  for (int64_t b = 0; b < nblk; ++b) {
+    t.btab[static_cast<size_t>(b * kBlockFields + kBlkParam)] = static_cast<int64_t>(rng() % nparams);
+  }
+  return t;
+}
+
+// The lanes' loads of the window of block blk of the range [begin, end): each inside the table
+// and the range (block rows < end, a parameter row only for a block < end).
+Lanes window_loads(const Tables& t, int64_t begin, int64_t end, int64_t blk, int64_t param) {
+  Lanes w{};
+  for (int lane = 0; lane < 32; ++lane) {
+    const WindowLoad l = window_load_of(blk, end, param, lane);
+    if (!l.load) continue;
+    const std::vector<int64_t>& tab = l.ptab ? t.ptab : t.btab;
+    const bool inside = l.index >= 0 && l.index < static_cast<int64_t>(tab.size()) &&
+                        (l.ptab ? blk < end
+                                : l.index >= begin * kBlockFields && l.index < end * kBlockFields);
+    CHECK(inside && (l.half == 0 || l.half == 1), "blk=%lld lane=%d index=%lld", (long long)blk,
+          lane, (long long)l.index);
+    if (!inside) continue;
+    const uint64_t v = static_cast<uint64_t>(tab[static_cast<size_t>(l.index)]);
+    w[static_cast<size_t>(lane)] = static_cast<uint32_t>(v >> (32 * l.half));
+  }
+  return w;
+}
+
+// Value v of the window, as step.cu's window_value shuffles it out.
+int64_t window_value(const Lanes& w, int v) {
+  const uint64_t lo = w[static_cast<size_t>(v)], hi = w[static_cast<size_t>(v + kWinValues)];
+  return static_cast<int64_t>((hi << 32) | lo);
+}
+
+// The kernels' walk of [begin, end): window of the first block, then per block its fields out
+// of its window and the next block's window from the parameter index the window holds.
+void check_window_walk(const Tables& t, int64_t begin, int64_t end) {
+  Lanes win{};
+  if (begin < end) {
+    win = window_loads(t, begin, end, begin, t.btab[static_cast<size_t>(begin * kBlockFields + kBlkParam)]);
+  }
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t* b = &t.btab[static_cast<size_t>(blk * kBlockFields)];
+    const int64_t* p = &t.ptab[static_cast<size_t>(b[kBlkParam] * kParamFields)];
+    for (int f = 0; f < kBlockFields; ++f) {
+      CHECK(window_value(win, kWinBlock + f) == b[f], "blk=%lld block field %d", (long long)blk, f);
+    }
+    for (int f = 0; f < kParamFields; ++f) {
+      CHECK(window_value(win, kWinParam + f) == p[f], "blk=%lld param field %d", (long long)blk, f);
+    }
+    for (int f = 0; f < kBlockFields; ++f) {
+      const int64_t next = blk + 1 < end ? b[kBlockFields + f] : 0;  // 0 past the range
+      CHECK(window_value(win, kWinNextBlock + f) == next, "blk=%lld next field %d", (long long)blk, f);
+    }
+    win = window_loads(t, begin, end, blk + 1, window_value(win, kWinNextBlock + kBlkParam));
+  }
+}
+
+void check_windows() {
+  std::mt19937_64 rng(7);
+  for (int64_t nblk : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{9}, int64_t{64}, int64_t{301}}) {
+    for (int64_t nparams : {int64_t{1}, int64_t{5}, int64_t{40}}) {
+      const Tables t = random_tables(nparams, nblk, rng);
+      for (int64_t max_ctas : {int64_t{1}, int64_t{3}, int64_t{132}}) {
+        const BlockSplit s = split_blocks(nblk, max_ctas, kWarpsPerCta);
+        for (int64_t w = 0; w < s.ctas * kWarpsPerCta; ++w) {
+          check_window_walk(t, warp_begin(s, nblk, w), warp_end(s, nblk, w));
+        }
+      }
+    }
   }
 }
 
@@ -88,6 +164,7 @@ int main() {
   const ProjectSplit big = plan_project(1, int64_t{1} << 40, int64_t{1} << 20, 64, kWarpsPerCta);
   CHECK(big.split.ctas <= kMaxSplits, "splits=%lld", (long long)big.split.ctas);
 
-  std::printf("step_host_test: %d checks, %d failures\n", checks, failures);
-  return failures == 0 ? 0 : 1;
+  check_windows();
+
+  return twa_check::summary("step_host_test");
 }
