@@ -133,6 +133,19 @@ def test_project_strided_rows_and_batch_above_16(backend, device, dtype):
     check_project(_ops.project(basis, scales, x, backend), basis, scales, x)
 
 
+@pytest.mark.parametrize("layout", ["padded", "aligned-slice", "odd-slice"])
+@pytest.mark.parametrize("batch", [None, 5])
+@pytest.mark.parametrize("dtype", dtypes([torch.int8]))
+def test_project_int8_whole_tiles(backend, device, dtype, batch, layout):
+    """int8 rows over whole column tiles and a masked one: Triton's single-vector kernel reads
+    2048 columns per tile, more than any shape above has under the interpreter. D = 4099: two
+    whole tiles and 3 columns (a partial scale block); K = 19: a partial K tile."""
+    K, D = 19, 4099
+    basis, scales = random_basis(K, D, dtype, device, layout)
+    x = torch.randn((D,) if batch is None else (batch, D), device=device)
+    check_project(_ops.project(basis, scales, x, backend), basis, scales, x, layout)
+
+
 @pytest.mark.parametrize("B", [0, 16, 17, 40])
 def test_project_batch_sizes(backend, device, B):
     K, D = 7, 3001
@@ -256,14 +269,19 @@ def test_project_and_reconstruct_never_upcast_the_whole_basis(monkeypatch):
 @pytest.mark.parametrize("layout", ["padded", "odd-slice"])
 @pytest.mark.parametrize(
     "kernel,config",
-    all_configs("project", "_project_kernel") + all_configs("project", "_project_batched_kernel"),
+    all_configs("project", "_project_kernel")
+    + all_configs("project", "_project_batched_kernel")
+    + all_configs("project", "_project_int8_kernel")
+    + all_configs("project", "_project_batched_int8_kernel"),
 )
 def test_every_project_config_matches_fp64_oracle(kernel, config, layout):
     """Triton only: each autotune candidate (tile shape, warps, programs per SM) on its own, over
-    several K tiles and chunks, with whole tiles (16-byte loads) and masked ones."""
+    several K tiles and chunks, with whole tiles (16-byte loads) and masked ones; an fp16 basis,
+    or int8 for the int8 kernels."""
     K, D = 37, 100_003
-    basis, scales = random_basis(K, D, torch.float16, "cuda", layout)
-    x = torch.randn(1 if kernel.base_fn.__name__ == "_project_kernel" else 5, D, device="cuda")
+    name = kernel.base_fn.__name__
+    basis, scales = random_basis(K, D, torch.int8 if "int8" in name else torch.float16, "cuda", layout)
+    x = torch.randn(1 if name in ("_project_kernel", "_project_int8_kernel") else 5, D, device="cuda")
     with only_config(kernel, config):
         c = _ops.project(basis, scales, x, "triton")
     P = columns(basis, scales)

@@ -55,7 +55,7 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 8192
 # Per op, the backends with kernels for an int8 basis; "auto" takes the last of them on CUDA.
 BLOCKWISE_BACKENDS = {
-    "project": ("torch",),
+    "project": ("torch", "triton"),
     "reconstruct_": ("torch",),
     "orthogonalize_": ("torch",),
     "project_grads": ("torch",),

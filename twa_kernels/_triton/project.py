@@ -8,6 +8,10 @@ comes from DRAM about once and from L2 for the other K tiles. ``_project_batched
 to 16 vectors, through ``tl.dot``) walks K tiles outside and column tiles inside. Stage 2
 (``_project_reduce_kernel``) adds the S partials in a fixed order and applies the row scales.
 No atomics.
+
+An int8 basis has kernels of its own for stage 1 (``_project_int8_kernel``: the same grid, each
+K tile walked row by row; ``_project_batched_int8_kernel``): they apply the block scales as they
+sum, so their partials are sums of P's values and stage 2 applies no row scales.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._layout import warn_if_narrow
+from .._layout import QUANT_BLOCK, blockwise, warn_if_narrow
 from ._common import (
     column_mask,
     configs,
     fold_partials,
     group_dot,
+    int8_to_float,
     launched_config,
     most_wave_splits,
     pow2,
@@ -45,6 +50,19 @@ _CONFIGS_1 = [
 # Split boundaries are multiples of this many columns (every BLOCK_D divides it), so only a
 # split's last tile can be partial.
 SPLIT_ALIGN = tl.constexpr(1024)
+# Single vector, int8 basis: the tile is walked row by row, each row [BLOCK_D] one 16-byte load
+# per thread (BLOCK_D = 16 x 32 lanes x warps), so that a thread's 16 values lie in one scale
+# block and its block scale is a [BLOCK_D // 16] vector in the row's layout (a [BLOCK_K, blocks]
+# scale tile broadcast to the basis tile went through shared memory: 2 BAR per tile). BLOCK_K
+# loads per thread and tile; PROGRAMS_PER_SM as above. Splits start at multiples of BLOCK_D.
+_CONFIGS_Q = [
+    triton.Config({"BLOCK_K": 8, "BLOCK_D": 2048, "PROGRAMS_PER_SM": 4}, num_warps=4),
+    triton.Config({"BLOCK_K": 16, "BLOCK_D": 2048, "PROGRAMS_PER_SM": 2}, num_warps=4),
+    triton.Config({"BLOCK_K": 8, "BLOCK_D": 4096, "PROGRAMS_PER_SM": 2}, num_warps=8),
+]
+# Values of an int8 basis per scale, and per 16-byte load.
+_QBLOCK = tl.constexpr(QUANT_BLOCK)
+_QLOAD = tl.constexpr(16)
 # Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
 # The compiler pipelines these loads (16-byte asynchronous copies). A [16, 128] tile at 4 warps
 # was replaced: with an fp16 basis its sm_90 code spilled 528 bytes (255 registers).
@@ -84,6 +102,19 @@ def _column_tile(
     return p, x
 
 
+@triton.jit
+def _split_range(D, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(s, start, end, full_end)`` of program (t, s) of a [K tiles, S] grid: split s covers
+    columns ``[start, end)`` (S chunks of a multiple of ALIGN columns), whole BLOCK_D tiles up to
+    ``full_end``, then at most one masked tile."""
+    s = tl.program_id(1).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(D, tl.num_programs(1)), ALIGN).to(tl.int64) * ALIGN
+    start = s * chunk
+    end = tl.minimum(start + chunk, D)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_D * BLOCK_D
+    return s, start, end, full_end
+
+
 @triton.autotune(configs=configs(_CONFIGS_1), key=["K", "D"])
 @triton.heuristics(_TILE_COLUMNS)
 @triton.jit
@@ -94,12 +125,8 @@ def _project_kernel(
 ):  # fmt: skip
     """Stage 1 for one vector: program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
     t = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
-    chunk = tl.cdiv(tl.cdiv(D, tl.num_programs(1)), SPLIT_ALIGN).to(tl.int64) * SPLIT_ALIGN
-    start = s * chunk
-    end = tl.minimum(start + chunk, D)
     # Whole tiles without a column mask, then at most one masked tile.
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_D * BLOCK_D
+    s, start, end, full_end = _split_range(D, SPLIT_ALIGN, BLOCK_D)
     offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     mask_k = offs_k < K
     rows = basis_ptr + offs_k[:, None] * row_stride
@@ -119,28 +146,123 @@ def _project_kernel(
 
 
 @triton.jit
-def _batch_tile(
-    acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
+def int8_row(
+    basis_ptr, row_stride, scales_ptr, scale_stride, k, ok, d0, end,
     BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """``acc`` [16, BLOCK_K] plus one [BLOCK_K, BLOCK_D] tile's products with 16 rows of x."""
+    """Row ``k`` (int64; zeros unless ``ok``) of an int8 basis at columns ``[d0, d0 + BLOCK_D)``,
+    ``d0`` a multiple of 64 (only a MASKED call checks ``end``): its values as fp32
+    [BLOCK_D // 16, 16] (a run of 16: one thread's 16-byte load) and each run's block scale,
+    [BLOCK_D // 16].
+
+    The scales are loaded as a vector of one per 16 values (4 threads read each): small enough
+    for the compiler to load it in the values' layout, where a [BLOCK_D // 64] vector or a tile
+    of them was moved there through shared memory."""
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = column_mask(cols, end - d0, MASKED)
+    row = basis_ptr + k * row_stride + d0
+    q = tl.load(row + cols, mask=ok & mask_d, other=0, eviction_policy="evict_first")
+    groups = tl.arange(0, BLOCK_D // _QLOAD)
+    mask_g = column_mask(groups * _QLOAD, end - d0, MASKED)
+    blocks = scales_ptr + k * scale_stride + d0 // _QBLOCK
+    scale = tl.load(blocks + groups // (_QBLOCK // _QLOAD), mask=ok & mask_g, other=0.0)
+    return tl.reshape(int8_to_float(q), (BLOCK_D // _QLOAD, _QLOAD)), scale
+
+
+@triton.jit
+def _int8_tile_row(
+    tile, x, basis_ptr, row_stride, scales_ptr, scale_stride, t, r, K, d0, end,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``tile`` with row r of the K tile plus that basis row times ``x`` ([BLOCK_D // 16, 16]),
+    each run of 16 columns summed in its thread and scaled. For a compile-time r the select is
+    resolved there: each row adds to its own registers."""
+    k = t * BLOCK_K + r
+    q, scale = int8_row(basis_ptr, row_stride, scales_ptr, scale_stride, k, k < K, d0, end, BLOCK_D, MASKED)
+    sums = tl.sum(q * x, axis=1) * scale
+    return tl.where(tl.arange(0, BLOCK_K)[:, None] == r, tile + sums[None, :], tile)
+
+
+@triton.jit
+def _int8_tile(
+    tile, basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, t, K, d0, end,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``tile`` [BLOCK_K, BLOCK_D // 16] plus the K tile's rows times x at columns
+    ``[d0, d0 + BLOCK_D)``: whole tiles row after row in one unrolled block (BLOCK_K 16-byte
+    loads in flight), a masked tile one row at a time (a masked row is 16 one-byte loads per
+    thread, a register each: all its rows in flight took every register and spilled)."""
+    cols = tl.arange(0, BLOCK_D)
+    x = tl.load(x_ptr + d0 + cols, mask=column_mask(cols, end - d0, MASKED), other=0.0).to(tl.float32)
+    x = tl.reshape(x, (BLOCK_D // _QLOAD, _QLOAD))
+    if MASKED:
+        for r in tl.range(0, BLOCK_K, loop_unroll_factor=1):
+            tile = _int8_tile_row(
+                tile, x, basis_ptr, row_stride, scales_ptr, scale_stride, t, r, K, d0, end,
+                BLOCK_K, BLOCK_D, MASKED,
+            )  # fmt: skip
+    else:
+        for r in tl.static_range(BLOCK_K):
+            tile = _int8_tile_row(
+                tile, x, basis_ptr, row_stride, scales_ptr, scale_stride, t, r, K, d0, end,
+                BLOCK_K, BLOCK_D, MASKED,
+            )  # fmt: skip
+    return tile
+
+
+@triton.autotune(configs=configs(_CONFIGS_Q), key=["K", "D"])
+@triton.jit
+def _project_int8_kernel(
+    basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, part_ptr, K, D,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):  # fmt: skip
+    """Stage 1 for one vector and an int8 basis (``_project_kernel``'s grid and partials, the
+    block scales applied): program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
+    t = tl.program_id(0).to(tl.int64)
+    s, start, end, full_end = _split_range(D, BLOCK_D, BLOCK_D)
+    tile = tl.zeros([BLOCK_K, BLOCK_D // _QLOAD], dtype=tl.float32)
+    for d0 in range(start, full_end, BLOCK_D):
+        tile = _int8_tile(
+            tile, basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, t, K, d0, end,
+            BLOCK_K, BLOCK_D, MASKED=False,
+        )  # fmt: skip
+    for d0 in range(full_end, end, BLOCK_D):
+        tile = _int8_tile(
+            tile, basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, t, K, d0, end,
+            BLOCK_K, BLOCK_D, MASKED=True,
+        )  # fmt: skip
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    tl.store(part_ptr + s * K + offs_k, tl.sum(tile, axis=1), mask=offs_k < K)
+
+
+@triton.jit
+def _batch_tile(
+    acc, row, scales_ptr, scale_stride, offs_k, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end,
+    BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``acc`` [16, BLOCK_K] plus one [BLOCK_K, BLOCK_D] tile's products with 16 rows of x; an
+    int8 tile (``scales_ptr`` not None) times its block scales, one loaded per value."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = column_mask(offs_d, end, MASKED)
-    p = tl.load(row + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+    mask = mask_k[:, None] & mask_d[None, :]
+    p = tl.load(row + offs_d[None, :], mask=mask, other=0.0)
+    if scales_ptr is not None:
+        blocks = offs_k[:, None] * scale_stride + offs_d[None, :] // _QBLOCK
+        p = int8_to_float(p) * tl.load(scales_ptr + blocks, mask=mask, other=0.0)
     xp = x_ptr + offs_b[:, None] * x_stride + offs_d[None, :]
     x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
     return tl.dot(x.to(tl.float32), tl.trans(p.to(tl.float32)), acc, input_precision="ieee")
 
 
-@triton.autotune(configs=configs(_CONFIGS_B), key=["K", "D", "B"])
 @triton.jit
-def _project_batched_kernel(
-    basis_ptr, row_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
+def _batched_partials(
+    basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Stage 1 for up to 16 vectors: K tiles outside (the [16, BLOCK_K] accumulator of tl.dot
     cannot take the select trick cheaply), column tiles inside; the compiler pipelines this
-    loop's loads itself (it feeds a dot)."""
+    loop's loads itself (it feeds a dot). ``scales_ptr``: None (a float basis) or an int8
+    basis's block scales."""
     pid = tl.program_id(0).to(tl.int64)
     start = pid * CHUNK
     end = tl.minimum(start + CHUNK, D)
@@ -154,14 +276,41 @@ def _project_batched_kernel(
         acc = tl.zeros([16, BLOCK_K], dtype=tl.float32)
         for d0 in range(start, full_end, BLOCK_D):
             acc = _batch_tile(
-                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end, BLOCK_D, MASKED=False
-            )
+                acc, row, scales_ptr, scale_stride, offs_k, x_ptr, x_stride, offs_b, mask_b, mask_k,
+                d0, end, BLOCK_D, MASKED=False,
+            )  # fmt: skip
         for d0 in range(full_end, end, BLOCK_D):
             acc = _batch_tile(
-                acc, row, x_ptr, x_stride, offs_b, mask_b, mask_k, d0, end, BLOCK_D, MASKED=True
-            )
+                acc, row, scales_ptr, scale_stride, offs_k, x_ptr, x_stride, offs_b, mask_b, mask_k,
+                d0, end, BLOCK_D, MASKED=True,
+            )  # fmt: skip
         out = part_ptr + pid * B * K + offs_b[:, None] * K + offs_k[None, :]
         tl.store(out, acc, mask=mask_b[:, None] & mask_k[None, :])
+
+
+@triton.autotune(configs=configs(_CONFIGS_B), key=["K", "D", "B"])
+@triton.jit
+def _project_batched_kernel(
+    basis_ptr, row_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Stage 1 for up to 16 vectors and a float basis (``_batched_partials``)."""
+    _batched_partials(
+        basis_ptr, row_stride, None, None, x_ptr, x_stride, part_ptr, K, D, B, CHUNK, BLOCK_K, BLOCK_D
+    )
+
+
+@triton.autotune(configs=configs(_CONFIGS_B), key=["K", "D", "B"])
+@triton.jit
+def _project_batched_int8_kernel(
+    basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Stage 1 for up to 16 vectors and an int8 basis (``_batched_partials``)."""
+    _batched_partials(
+        basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, x_stride, part_ptr, K, D, B, CHUNK,
+        BLOCK_K, BLOCK_D,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -172,29 +321,36 @@ def _project_reduce_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_n = offs_n < N
     acc = fold_partials(part_ptr, S, N, offs_n, mask_n, BLOCK_S, False)
-    scale = tl.load(scales_ptr + offs_n % K, mask=mask_n, other=0.0)
-    tl.store(out_ptr + offs_n, acc * scale, mask=mask_n)
+    if scales_ptr is not None:
+        acc = acc * tl.load(scales_ptr + offs_n % K, mask=mask_n, other=0.0)
+    tl.store(out_ptr + offs_n, acc, mask=mask_n)
 
 
-def project_partials(basis: Tensor, x2: Tensor) -> Tensor:
-    """Stage 1 only: fp32 partial sums [S, B, K] of ``basis @ x2.T`` (no scales)."""
+def project_partials(basis: Tensor, scales: Tensor, x2: Tensor) -> Tensor:
+    """Stage 1 only: fp32 partial sums [S, B, K] of ``basis @ x2.T`` without the row scales of a
+    float basis (``scales`` is read for an int8 basis only: its block scales are in the sums)."""
     K, D = basis.shape
     B = x2.shape[0]
     dev = x2.device
+    quantised = blockwise(basis.dtype)
+    blocks = (scales, scales.stride(0)) if quantised else ()
     if B == 1:
         # The partials of the config that ran are returned.
-        part = torch.empty(most_wave_splits(_project_kernel, K, dev), 1, K, dtype=torch.float32, device=dev)
-        kernel = tuned(_project_kernel)
-        kernel[wave_grid(K, dev)](basis, basis.stride(0), x2, part, K, D)
+        kernel = _project_int8_kernel if quantised else _project_kernel
+        part = torch.empty(most_wave_splits(kernel, K, dev), 1, K, dtype=torch.float32, device=dev)
+        kernel = tuned(kernel)
+        kernel[wave_grid(K, dev)](basis, basis.stride(0), *blocks, x2, part, K, D)
         return part[: wave_splits(K, launched_config(kernel).kwargs, dev)]
     S, chunk = split_columns(D, dev)
     part = torch.empty(S, B, K, dtype=torch.float32, device=dev)
-    tuned(_project_batched_kernel)[(S,)](basis, basis.stride(0), x2, x2.stride(0), part, K, D, B, chunk)
+    kernel = tuned(_project_batched_int8_kernel if quantised else _project_batched_kernel)
+    kernel[(S,)](basis, basis.stride(0), *blocks, x2, x2.stride(0), part, K, D, B, chunk)
     return part
 
 
-def reduce_partials(part: Tensor, scales: Tensor) -> Tensor:
-    """Stage 2: ``scales * sum_s part[s]`` as fp32 [B, K], summed in a fixed order."""
+def reduce_partials(part: Tensor, scales: Tensor | None) -> Tensor:
+    """Stage 2: ``scales * sum_s part[s]`` (``sum_s part[s]`` for None) as fp32 [B, K], summed in
+    a fixed order."""
     S, B, K = part.shape
     out = torch.empty(B, K, dtype=torch.float32, device=part.device)
     block_n = min(_REDUCE_BLOCK_N, pow2(B * K))
@@ -215,6 +371,7 @@ def project(basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
     # The batched tile holds 16 rows of x; larger batches run in groups of 16.
     for b0 in range(0, x2.shape[0], 16):
         xb = x2[b0 : b0 + 16]
-        outs.append(reduce_partials(project_partials(basis, xb), scales))
+        row_scales = None if blockwise(basis.dtype) else scales
+        outs.append(reduce_partials(project_partials(basis, scales, xb), row_scales))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if x.dim() == 2 else out.squeeze(0)
