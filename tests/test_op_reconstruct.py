@@ -93,6 +93,20 @@ def test_reconstruct_rounds_to_nearest_even(backend, device, out_dtype, K, D, ti
     assert torch.equal(narrow, wide.to(out_dtype))
 
 
+@pytest.mark.parametrize("layout", ["padded", *LAYOUTS])
+@pytest.mark.parametrize("dtype", dtypes([torch.int8]))
+def test_reconstruct_int8_whole_tiles(backend, device, dtype, layout):
+    """int8 rows over whole column tiles and a masked one: Triton's int8 kernel writes 2048
+    columns per program, more than any shape above has under the interpreter. D = 4099: two
+    whole tiles and 3 columns (a partial scale block); K = 19: a partial K tile."""
+    K, D = 19, 4099
+    basis, scales = random_basis(K, D, dtype, device, layout)
+    w0, alpha = torch.randn(D, device=device), torch.randn(K, device=device)
+    out = torch.full((D,), float("nan"), device=device)
+    _ops.reconstruct_(out, w0, basis, scales, alpha, backend)
+    check_reconstruct(out, w0, basis, scales, alpha, layout)
+
+
 def test_reconstruct_writes_only_out(backend, device):
     # out is a slice of a larger buffer: the values around it must survive.
     K, D = 5, 2053
@@ -215,11 +229,16 @@ def test_reconstruct_bad_arguments_name_the_argument(backend, device):
 
 @needs_gpu
 @pytest.mark.parametrize("layout", ["padded", "odd-slice"])
-@pytest.mark.parametrize("kernel,config", all_configs("reconstruct", "_reconstruct_kernel"))
+@pytest.mark.parametrize(
+    "kernel,config",
+    all_configs("reconstruct", "_reconstruct_kernel")
+    + all_configs("reconstruct", "_reconstruct_int8_kernel"),
+)
 def test_every_reconstruct_config_matches_fp64_oracle(kernel, config, layout):
     """Triton only: each autotune candidate on its own (see test_every_project_config_...)."""
     K, D = 37, 100_003
-    basis, scales = random_basis(K, D, torch.float16, "cuda", layout)
+    dtype = torch.int8 if "int8" in kernel.base_fn.__name__ else torch.float16
+    basis, scales = random_basis(K, D, dtype, "cuda", layout)
     w0, alpha = torch.randn(D, device="cuda"), torch.randn(K, device="cuda")
     out = torch.full((D,), float("nan"), device="cuda")
     with only_config(kernel, config):

@@ -56,7 +56,7 @@ MAX_RANK = 8192
 # Per op, the backends with kernels for an int8 basis; "auto" takes the last of them on CUDA.
 BLOCKWISE_BACKENDS = {
     "project": ("torch", "triton"),
-    "reconstruct_": ("torch",),
+    "reconstruct_": ("torch", "triton"),
     "orthogonalize_": ("torch",),
     "project_grads": ("torch",),
     "step_": ("torch",),
