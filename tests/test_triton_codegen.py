@@ -55,7 +55,8 @@ def test_every_config_of_every_hot_kernel_was_compiled(report):
             for K in (8, 64, 512)
         ),
     }  # fmt: skip
-    assert {d for _, d in kernels} == {"float16", "bfloat16", "float32"}
+    assert {d for _, d in kernels} == {"float16", "bfloat16", "float32", "int8"}
+    assert {k for k, d in kernels if d == "int8"} >= {"project", "project_batched", "reconstruct"}
 
 
 def test_basis_tiles_are_read_in_16_byte_loads(report):
@@ -167,3 +168,19 @@ def test_the_address_check_finds_the_products_of_its_canaries(output):
     for c in canaries:
         for ir in ("ttir", "ttgir"):
             assert len(c[ir]) == c["expected"], (c["canary"], ir, c[ir])
+
+
+def test_int8_values_are_dequantised_by_byte_permutes(report):
+    """An int8 basis (project, reconstruct): no ``I2F`` in the hot loop (a quarter-rate
+    conversion per value would cap the read below the memory bandwidth) and a byte permute
+    (``PRMT``, ``_common.int8_to_float``) per value read: 16 per 16-byte basis load."""
+    rows = [r for r in _streaming(report) if r["dtype"] == "int8"]
+    assert {r["kernel"] for r in rows} >= {"project", "reconstruct"}
+    bad = [
+        f"{_name(r)}: {r['hot_loop']['i2f']} I2F, {r['hot_loop']['prmt']} PRMT for "
+        f"{r['hot_loop']['basis_ldg128']} basis loads"
+        for r in rows
+        if r["hot_loop"]
+        and (r["hot_loop"]["i2f"] or r["hot_loop"]["prmt"] < 16 * r["hot_loop"]["basis_ldg128"])
+    ]
+    assert not bad, "\n".join(bad)

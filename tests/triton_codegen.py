@@ -137,6 +137,9 @@ def hot_loop(code: list[sass.Instr]) -> dict | None:
                 "basis_ldg128": n,
                 "basis_before_use": sass.loads_before_first_use(only_basis),
                 "bar": sum(i.is_bar for i in body),
+                # The instruction mix of int8 dequantisation: byte permutes, or conversions.
+                "prmt": sum(i.opcode.split(".")[0] == "PRMT" for i in body),
+                "i2f": sum(i.opcode.split(".")[0] == "I2F" for i in body),
             }
     return best
 
@@ -463,6 +466,7 @@ def cases():
         aligned = ("basis_ptr", "row_stride", "sample_ptr", "sh_ptr", "inv_ptr")
         warps = orth._STORE_WARPS
         yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, warps, dtype, tile
+    yield from int8_cases()
     # Stage 2 of the projection, the fused step's K-dimensional step and orthogonalize_'s
     # reduces read no basis (tile (0, 0)): their entries check registers, local memory and
     # addresses only, at small and large K.
@@ -508,6 +512,34 @@ def cases():
                "sh_ptr": "*fp64", "inv_ptr": "*fp64", "S": "i32", "R": "i32", "rank": "i32"}  # fmt: skip
         kernel = orth._orthogonalize_reduce2_kernel
         yield f"orthogonalize_reduce2_K{K}", kernel, sig, kw, (), warps, torch.float32, (0, 0)
+
+
+def int8_cases():
+    """The int8 kernels of ``cases``: project (one vector and batched) and reconstruct, with the
+    [K, ceil(D / 64)] fp32 scales (their row stride ceil(D / 64), not a multiple of 16)."""
+    dtype, ptr = torch.int8, "*i8"
+    sig = {"basis_ptr": ptr, "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32",
+           "x_ptr": "*fp32", "part_ptr": "*fp32", "K": "i32", "D": "i32"}  # fmt: skip
+    aligned = ("basis_ptr", "row_stride", "scales_ptr", "x_ptr", "part_ptr")
+    for cfg in project._CONFIGS_Q:
+        tile = (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_D"])
+        yield "project", project._project_int8_kernel, sig, cfg.kwargs, aligned, cfg.num_warps, dtype, tile
+    sig = {"basis_ptr": ptr, "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32",
+           "x_ptr": "*fp32", "x_stride": "i32", "part_ptr": "*fp32", "K": "i32", "D": "i32", "B": "i32",
+           "CHUNK": "i32"}  # fmt: skip
+    aligned = ("basis_ptr", "row_stride", "scales_ptr", "x_ptr", "x_stride", "part_ptr", "CHUNK")
+    for cfg in project._CONFIGS_B:
+        kernel = project._project_batched_int8_kernel
+        tile = (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_D"])
+        yield "project_batched", kernel, sig, cfg.kwargs, aligned, cfg.num_warps, dtype, tile
+    sig = {"out_ptr": "*fp32", "w0_ptr": "*fp32", "basis_ptr": ptr, "row_stride": "i32",
+           "scales_ptr": "*fp32", "scale_stride": "i32", "alpha_ptr": "*fp32", "K": "i32",
+           "D": "i32"}  # fmt: skip
+    aligned = ("out_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
+    for cfg in reconstruct._CONFIGS_Q:
+        kernel = reconstruct._reconstruct_int8_kernel
+        tile = (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_D"])
+        yield "reconstruct", kernel, sig, cfg.kwargs, aligned, cfg.num_warps, dtype, tile
 
 
 # ---- canaries: kernels the address check must refuse (and one it must pass) -----------------
