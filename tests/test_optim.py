@@ -256,7 +256,8 @@ def test_twa_mixed_parameter_dtypes():
     assert torch.equal(w16.detach(), w[7:].to(torch.bfloat16))
 
 
-def test_twa_state_dict_resume_is_bit_identical(sampled, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=["fp16", "int8"])
+def test_twa_state_dict_resume_is_bit_identical(sampled, tmp_path, dtype):
     model, samples = sampled
     batches = make_data(12, generator=torch.Generator().manual_seed(14))
     schedule = lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, [8], 0.1)  # noqa: E731
@@ -269,7 +270,7 @@ def test_twa_state_dict_resume_is_bit_identical(sampled, tmp_path):
             sched.step()
 
     straight = copy.deepcopy(model)
-    space = Subspace(straight, max_rank=8)
+    space = Subspace(straight, max_rank=8, dtype=dtype)
     for s in samples:
         space.add(s)
     opt = TWA(straight, space, lr=0.3, momentum=0.9, weight_decay=1e-3)
@@ -285,7 +286,7 @@ def test_twa_state_dict_resume_is_bit_identical(sampled, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     resumed = small_cnn()  # fresh weights, overwritten by the checkpoint
     resumed.load_state_dict(ckpt["model"])
-    space2 = Subspace(resumed, max_rank=8)
+    space2 = Subspace(resumed, max_rank=8, dtype=dtype)
     space2.load_state_dict(ckpt["space"])
     opt2 = TWA(resumed, space2, lr=0.3, momentum=0.9, weight_decay=1e-3)
     opt2.load_state_dict(ckpt["opt"])

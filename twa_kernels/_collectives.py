@@ -125,9 +125,11 @@ def check_same_state(state, group, device: torch.device) -> None:
     The replicated part (rank, sample count, scales, sample coordinates) must be equal; files
     saved at different times would otherwise leave the ranks with different ranks K.
     """
+    scales = torch.as_tensor(state["scales"])
+    # An int8 basis's block scales belong to each rank's columns: only row scales are replicated.
+    row_scales = [scales.double().cpu().reshape(-1)] if scales.dim() == 1 else []
     replicated = torch.cat(
-        [torch.as_tensor(state["scales"]).double().cpu().reshape(-1)]
-        + [torch.as_tensor(c).double().cpu().reshape(-1) for c in state["coords"]]
+        row_scales + [torch.as_tensor(c).double().cpu().reshape(-1) for c in state["coords"]]
     )
     values = [int(state["rank"]), int(state["num_samples"]), zlib.crc32(replicated.numpy().tobytes())]
     found = _first_disagreement(values, group, device)

@@ -25,19 +25,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _backend, _collectives, _ops, _params, _state, distributed, ops, reference
+from . import _backend, _collectives, _layout, _ops, _params, _state, distributed, ops, reference
 from ._params import ParamLayout, trainable
 
 STORAGE_DTYPES = _ops.STORAGE_DTYPES
 
 
+# int8 with one scale per 64 values: a step of 1/127 of each block's largest entry.
+INT8_TOL = 2.0**-6
+
+
 def default_tol(dtype: torch.dtype) -> float:
-    """Relative residual below which a sample adds no column: the storage dtype's epsilon.
+    """Relative residual below which a sample adds no column: the storage dtype's epsilon
+    (int8: ``INT8_TOL``, 1/64).
 
     A sample inside the span still shows a residual of the order of the columns' rounding
-    (fp16: 2.8e-4 rms relative), so a smaller threshold would add columns of rounding noise.
+    (fp16: 2.8e-4 rms relative; int8: about 6e-3), so a smaller threshold would add columns of
+    rounding noise.
     """
-    return torch.finfo(dtype).eps
+    return INT8_TOL if dtype == torch.int8 else torch.finfo(dtype).eps
 
 
 class Subspace:
@@ -49,8 +55,11 @@ class Subspace:
             on one device.
         max_rank: the most columns the basis can hold (storage is allocated up front:
             ``max_rank * D`` values of ``dtype``).
-        dtype: storage of the basis: ``torch.float16`` (default), ``torch.bfloat16`` or
-            ``torch.float32``. Arithmetic is always fp32 or wider.
+        dtype: storage of the basis: ``torch.float16`` (default), ``torch.bfloat16``,
+            ``torch.float32`` (one fp32 scale per column), or ``torch.int8`` (one fp32 scale per
+            64 values of a column: 1.06 bytes per value, half of fp16; samples reproduced to
+            about 1e-2 of their distance from the mean instead of 2e-4). Arithmetic is always
+            fp32 or wider.
         tol: relative residual (``||remainder|| / ||w_i - w_1||``) at or below which a sample
             adds no column (it still counts in the mean). Default: ``finfo(dtype).eps``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` for ``orthogonalize_``.
@@ -63,7 +72,8 @@ class Subspace:
 
     Attributes:
         basis: [max_rank, n] (rows 128-byte aligned, see ``ops.empty_basis``); columns [0, rank)
-            are valid. scales: fp32 [max_rank].
+            are valid. scales: fp32 [max_rank], or [max_rank, ceil(n / 64)] for int8 (its
+            blocks start at the shard's first value, so each rank keeps its own).
         anchor: fp32 [n], the first sample. mean: fp32 [n], the running mean of the samples.
         rank: number of basis columns. num_samples: number of samples added.
         shard: ``(start, stop)``, the range of the D flat values held here (n = stop - start):
@@ -103,7 +113,7 @@ class Subspace:
                 f"max_rank={max_rank} is above the largest supported rank, MAX_RANK = {_ops.MAX_RANK}"
             )
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+            raise ValueError(f"dtype must be float16, bfloat16, float32 or int8, got {dtype}")
         if tol is not None and not (0 <= tol < 1):
             raise ValueError(f"tol must be in [0, 1), got {tol!r}")
         _backend.check_backend_name(backend)
@@ -125,7 +135,7 @@ class Subspace:
             self.shard = _collectives.shard_range(D, self.world_size, group_rank)
         n = self.shard[1] - self.shard[0]
         self.basis = ops.empty_basis(max_rank, n, dtype, self.device)
-        self.scales = torch.zeros(max_rank, dtype=torch.float32, device=self.device)
+        self.scales = ops.empty_scales(max_rank, n, dtype, self.device)
         self.anchor = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.mean = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.rank = 0
@@ -426,7 +436,8 @@ class Subspace:
         self._check_shard(state)
         n = self.shard[1] - self.shard[0]
         _state.tensor_entry(state["basis"], "basis", (rank, n), self.dtype, what)
-        _state.tensor_entry(state["scales"], "scales", (rank,), torch.float32, what)
+        scales_shape = _layout.scales_shape(rank, n, self.dtype)
+        _state.tensor_entry(state["scales"], "scales", scales_shape, torch.float32, what)
         _state.tensor_entry(state["anchor"], "anchor", (n,), torch.float32, what)
         _state.tensor_entry(state["mean"], "mean", (n,), torch.float32, what)
         coords = state["coords"]
