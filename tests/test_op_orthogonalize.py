@@ -243,17 +243,22 @@ def test_orthogonalize_bad_arguments_name_the_argument(backend, device):
 # A basis sharded along D: the all_reduce hook between the passes (twa_kernels.distributed)
 
 
-def sharded_orthogonalize(backend, basis, scales, sample, rank, world):
+def shard_cuts(D, world):
+    """The column ranges ``[a, b)`` of ``world`` shards of D columns (``sharded_orthogonalize``)."""
+    S = -(-D // world)
+    return [(r * S, min(D, (r + 1) * S)) for r in range(world)]
+
+
+def sharded_orthogonalize(backend, basis, scales, sample, rank, world, shard_scales=None):
     """``orthogonalize_`` over ``world`` column shards, one thread per shard, their ``all_reduce``
     hooks meeting at a barrier (sum or max over the shards in shard order). Returns the
-    per-shard results, the shards' rows side by side, and each shard's scales."""
+    per-shard results, the shards' rows side by side, and each shard's scales (``scales`` for
+    each, or ``shard_scales``: an int8 basis's block scales, which are per shard)."""
     import threading
 
-    D = basis.shape[1]
-    S = -(-D // world)
-    cuts = [(r * S, min(D, (r + 1) * S)) for r in range(world)]
+    cuts = shard_cuts(basis.shape[1], world)
     bases = [basis[:, a:b].contiguous() for a, b in cuts]
-    shard_scales = [scales.clone() for _ in cuts]
+    shard_scales = [scales.clone() for _ in cuts] if shard_scales is None else shard_scales
     barrier = threading.Barrier(world, timeout=60)
     slots, outs, calls, errors = [None] * world, [None] * world, [[] for _ in cuts], []
 
@@ -315,6 +320,53 @@ def test_orthogonalize_sharded_matches_one_process(backend, device, dtype, K, D,
     torch.testing.assert_close(sharded.double(), whole.double(), atol=0.0, rtol=eps)
 
 
+@pytest.mark.parametrize("K,D,rank", [(4, 1009, 3), (3, 300, 0), (6, 2000, 6)], ids=["r3", "r0", "full"])
+@pytest.mark.parametrize("dtype", dtypes([torch.int8]))
+def test_orthogonalize_sharded_int8_matches_the_oracle_per_shard(backend, device, dtype, K, D, rank):
+    """Three shards of an int8 basis, each row stored in the shard's own 64-blocks (they start at
+    the shard's first column, 337 and 674 of D = 1009 are not multiples of 64), combined only
+    through the hook: every shard returns the CGS2 oracle's coefficients and norms on the
+    concatenated P, and stores its columns of u quantised in its blocks with scales
+    ``max|u| / (127 ||u||)`` (||u|| of the whole). So not bit-equal to one unsharded call, whose
+    blocks fall elsewhere."""
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip(
+            "Triton's interpreter is not thread-safe; test_distributed runs it sharded over processes"
+        )
+    cuts = shard_cuts(D, 3)
+    Q = torch.linalg.qr(torch.randn(D, max(rank, 1), dtype=torch.float64)).Q.T[:rank]
+    parts, shard_scales = [], []
+    for a, b in cuts:
+        part, part_scales = orthonormal_basis(K, b - a, 0, dtype, device)
+        for i in range(rank):
+            q, amax = oracle.quantise_row(Q[i, a:b].to(device))
+            part[i], part_scales[i] = q, (amax / oracle.QMAX).float()
+        parts.append(part)
+        shard_scales.append(part_scales)
+    basis = torch.cat(parts, 1)
+    before = [s.clone() for s in shard_scales]
+    # The oracle on the shards' dequantised columns side by side (fp64 rows, scales 1).
+    P = torch.cat([columns(p, s) for p, s in zip(parts, shard_scales, strict=True)], 1)
+    sample = torch.randn(D, device=device) + 0.5
+    ref, _, _ = cgs2_oracle(P, torch.ones(K, device=device), sample, rank)
+    u = sample.double() - P[:rank].T @ ref[:rank]
+    outs, sharded, shard_scales, calls = sharded_orthogonalize(
+        backend, basis, None, sample, rank, world=3, shard_scales=shard_scales
+    )
+    vnorm = sample.double().norm().item()
+    assert torch.equal(sharded[:rank], basis[:rank]) and torch.equal(sharded[rank + 1 :], basis[rank + 1 :])
+    for out, s, s0, seen, (a, b) in zip(outs, shard_scales, before, calls, cuts, strict=True):
+        assert seen == [("sum", rank + 1), ("sum", rank + 1), ("max", 1)]
+        torch.testing.assert_close(out, ref, atol=TOL[torch.float64][0] * vnorm, rtol=1e-10)
+        if rank == K:
+            assert torch.equal(s, s0)
+            continue
+        assert torch.equal(s[:rank], s0[:rank]) and torch.equal(s[rank + 1 :], s0[rank + 1 :])
+        row, amax = oracle.quantise_row(u[a:b])
+        assert (sharded[rank, a:b].int() - row.int()).abs().max().item() <= 1
+        torch.testing.assert_close(s[rank], (amax / (oracle.QMAX * ref[rank])).float(), atol=0.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", dtypes(FLOAT_STORAGE_DTYPES))
 def test_orthogonalize_identity_hook_changes_no_bit(backend, device, dtype):
     """With one shard the hook is the identity: results bit-identical to the op without it
@@ -346,10 +398,13 @@ def test_orthogonalize_remainder_tiles_bounded():
     pytest.importorskip("triton")
     from twa_kernels._triton.orthogonalize import _remainder_blocks
 
-    for size in (2, 4):
+    for size in (1, 2, 4):
         for R in range(1, 513):
             nt, block_k, block_d = _remainder_blocks(R, size)
-            assert block_k * block_d <= 4096, (R, size)
+            # int8: 64 bytes of a tile per thread too ([64, 128] at 4 warps), two whole scale
+            # blocks per slab row.
+            assert block_k * block_d * size <= 8192 if size == 1 else block_k * block_d <= 4096, (R, size)
+            assert size != 1 or block_d == 128, R
             assert R <= nt * block_k < max(R, 16) * 2, (R, size)
             assert block_d == 32 or R * block_d * size <= 64 * 1024, (R, size)
             assert block_d & (block_d - 1) == 0 and nt & (nt - 1) == 0, (R, size)

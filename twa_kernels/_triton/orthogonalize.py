@@ -41,10 +41,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
-from .._layout import warn_if_narrow
+from .._layout import QMAX, QUANT_BLOCK, blockwise, warn_if_narrow
 from ..reference import ROW_AMAX
-from ._common import column_mask, fold_partials, pow2, split_columns, to_storage
+from ._common import _INTERPRETED, column_mask, fold_partials, int8_to_float, pow2, split_columns, to_storage
 
 _BLOCK_S = 16
 # Passes 1 and 2 split the columns over one wave of this many programs per SM: their sm_90 code
@@ -70,6 +71,17 @@ _MIN_BLOCK_D = 32
 _MAX_BLOCK_D = 256
 # A pass-2 tile row is read by at most 32 threads, 16 bytes each.
 _MAX_ROW_BYTES = 512
+# An int8 basis: passes 1 and 3 walk [BLOCK_K, 2048] tiles row by row, each row one 16-byte load
+# per thread of 4 warps (a run of 16 values, inside one scale block); pass 2 reads [R, 128] slabs
+# (two scale blocks per row: 8 threads across a row, as for fp16 at K > 32).
+_INT8_SLAB_D = 128
+_INT8_BLOCK_D = 16 * 32 * 4
+_INT8_PASS1_BLOCK_K = 8
+_INT8_STORE_BLOCK_K = 8
+# Values of an int8 basis per 16-byte load; per scale; the largest stored magnitude.
+_RUN = tl.constexpr(16)
+_QBLOCK = tl.constexpr(QUANT_BLOCK)
+_QMAX = tl.constexpr(float(QMAX))
 
 
 def pass1_blocks(element_size: int) -> tuple[int, int, int]:
@@ -83,8 +95,10 @@ def store_blocks(element_size: int) -> tuple[int, int]:
 
 
 def _remainder_blocks(R: int, element_size: int) -> tuple[int, int, int]:
-    """``(NT, BLOCK_K, BLOCK_D)`` of pass 2 for R rows of ``element_size`` bytes."""
+    """``(NT, BLOCK_K, BLOCK_D)`` of pass 2 for R rows of ``element_size`` bytes (1: int8)."""
     block_k = 16 if R <= 16 else 32 if R <= 32 else 64
+    if element_size == 1:
+        return max(pow2(R), block_k) // block_k, block_k, _INT8_SLAB_D
     fit = max(_SLAB_BYTES // (R * element_size), 1)
     block_d = 1 << (fit.bit_length() - 1)  # largest power of two <= fit
     cap = min(_MAX_BLOCK_D, _TILE_ELEMENTS // block_k, _MAX_ROW_BYTES // element_size)
@@ -155,12 +169,94 @@ def _orthogonalize_kernel(
             p, v = _pass1_tile(rows, sample_ptr, mask_k, d0, end, BLOCK_K, BLOCK_D, MASKED=True)
             tile = _group_dot64(tile, p, v, BLOCK_K, BLOCK_D, GROUP)
         tl.store(part_ptr + pid * R + offs_k, tl.sum(tile, axis=1), mask=mask_k)
+    tl.store(vv_ptr + pid, _sum_squares(sample_ptr, start, end, BLOCK_D))
+
+
+@triton.jit
+def _sum_squares(sample_ptr, start, end, BLOCK_D: tl.constexpr):
+    """``||v||^2`` over columns ``[start, end)`` (fp64)."""
     vv = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(start, end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         v = tl.load(sample_ptr + offs_d, mask=offs_d < end, other=0.0).to(tl.float64)
         vv += v * v
-    tl.store(vv_ptr + pid, tl.sum(vv, axis=0))
+    return tl.sum(vv, axis=0)
+
+
+@triton.jit
+def _int8_row(basis_ptr, row_stride, scales_ptr, scale_stride, k, R, d0, end, BLOCK_D: tl.constexpr,
+              MASKED: tl.constexpr):  # fmt: skip
+    """Row ``k`` of an int8 basis (zeros from R on) at columns ``[d0, d0 + BLOCK_D)``, ``d0`` a
+    multiple of 64 (only a MASKED call checks ``end``): fp64 values [BLOCK_D // 16, 16], one
+    16-byte load per thread, and each run's block scale, [BLOCK_D // 16] (4 threads read each).
+
+    Walking a tile row by row keeps the scales a vector the compiler loads in the values' layout;
+    a [rows, blocks] scale tile broadcast onto a 2-D basis tile went through shared memory."""
+    k = tl.cast(k, tl.int64)
+    ok = k < R
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    q = tl.load(basis_ptr + k * row_stride + offs_d, mask=ok & column_mask(offs_d, end, MASKED), other=0,
+                eviction_policy="evict_first")  # fmt: skip
+    runs = tl.arange(0, BLOCK_D // _RUN).to(tl.int64)
+    blocks = d0 // _QBLOCK + runs // (_QBLOCK // _RUN)
+    mask_r = ok & column_mask(d0 + runs * _RUN, end, MASKED)
+    scale = tl.load(scales_ptr + k * scale_stride + blocks, mask=mask_r, other=0.0).to(tl.float64)
+    return tl.reshape(int8_to_float(q), (BLOCK_D // _RUN, _RUN)).to(tl.float64), scale
+
+
+@triton.jit
+def _sample_runs(sample_ptr, d0, end, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """The sample at columns ``[d0, d0 + BLOCK_D)`` in fp64 as [BLOCK_D // 16, 16] (an int8 row's
+    layout)."""
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    v = tl.load(sample_ptr + offs_d, mask=column_mask(offs_d, end, MASKED), other=0.0)
+    return tl.reshape(v, (BLOCK_D // _RUN, _RUN)).to(tl.float64)
+
+
+@triton.jit
+def _pass1_int8_tile(
+    tile, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, R, k0, d0, end,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """``tile`` [BLOCK_K, BLOCK_D // 16] plus rows ``k0 + r`` times v at columns ``[d0, d0 +
+    BLOCK_D)``, each 16-value run summed in its thread and scaled. The select of row r is
+    resolved at compile time, so each row adds to its own registers."""
+    v = _sample_runs(sample_ptr, d0, end, BLOCK_D, MASKED)
+    for r in tl.static_range(BLOCK_K):
+        q, scale = _int8_row(
+            basis_ptr, row_stride, scales_ptr, scale_stride, k0 + r, R, d0, end, BLOCK_D, MASKED
+        )
+        sums = tl.sum(q * v, axis=1) * scale
+        tile = tl.where(tl.arange(0, BLOCK_K)[:, None] == r, tile + sums[None, :], tile)
+    return tile
+
+
+@triton.jit
+def _orthogonalize_int8_kernel(
+    basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, part_ptr, vv_ptr, R, D, CHUNK,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Pass 1, an int8 basis: ``_orthogonalize_kernel``'s partials, each K tile's rows walked
+    one by one over the chunk (chunks start at multiples of 64)."""
+    pid = tl.program_id(0).to(tl.int64)
+    start = pid * CHUNK
+    end = tl.minimum(start + CHUNK, D)
+    full_end = start + (end - start) // BLOCK_D * BLOCK_D
+    for k0 in range(0, R, BLOCK_K):
+        tile = tl.zeros([BLOCK_K, BLOCK_D // _RUN], dtype=tl.float64)
+        for d0 in range(start, full_end, BLOCK_D):
+            tile = _pass1_int8_tile(
+                tile, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, R, k0, d0, end,
+                BLOCK_K, BLOCK_D, MASKED=False,
+            )  # fmt: skip
+        for d0 in range(full_end, end, BLOCK_D):
+            tile = _pass1_int8_tile(
+                tile, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, R, k0, d0, end,
+                BLOCK_K, BLOCK_D, MASKED=True,
+            )  # fmt: skip
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        tl.store(part_ptr + pid * R + offs_k, tl.sum(tile, axis=1), mask=offs_k < R)
+    tl.store(vv_ptr + pid, _sum_squares(sample_ptr, start, end, BLOCK_D))
 
 
 @triton.jit
@@ -214,40 +310,87 @@ def _slab_rows(basis_ptr, row_stride, R, k0, cols, mask_c, ROWS: tl.constexpr, R
 
 
 @triton.jit
-def _sc1_rows(sc1_ptr, R, k0, ROWS: tl.constexpr, REP: tl.constexpr):
-    rows = _tile_rows(k0, ROWS, REP)
-    return tl.load(sc1_ptr + rows, mask=rows < R, other=0.0)
+def _to_f64(p):
+    """Basis values as fp64: int8 through ``int8_to_float``, fp16/bf16/fp32 through fp32."""
+    if p.dtype == tl.int8:
+        return int8_to_float(p).to(tl.float64)
+    else:
+        return p.to(tl.float32).to(tl.float64)
 
 
 @triton.jit
-def _add_tile_sums(acc, p, v1, t, C: tl.constexpr, NJ: tl.constexpr):
-    """``acc`` [C, ROWS, REP, NJ] plus tile t's row sums ``p . v1``: the sum over a row's C
-    threads (shuffles within a warp, no barrier) lands in thread ``t % C``'s slot ``t // C``."""
-    s = tl.sum(tl.sum(p.to(tl.float32).to(tl.float64) * v1[:, None, None, :], axis=3), axis=0)
+def _block_scales(scales_ptr, scale_stride, blocks, mask_b, R, k0, ROWS: tl.constexpr, REP: tl.constexpr):
+    """fp64 ``scales[rows, blocks]`` of an int8 basis for the rows of a pass-2 tile and the scale
+    block of each of a row's C threads (``blocks`` [C, 1, 1]): [C, ROWS, REP], in the layout of
+    the tile's sums over GROUP."""
+    rows = _tile_rows(k0, ROWS, REP)[None, :, :]
+    ptrs = scales_ptr + rows * scale_stride + blocks
+    return tl.load(ptrs, mask=(rows < R) & mask_b, other=0.0).to(tl.float64)
+
+
+@triton.jit
+def _sc1_rows(sc1_ptr, scales_ptr, scale_stride, blocks, mask_b, R, k0, ROWS: tl.constexpr, REP: tl.constexpr,
+              QUANT: tl.constexpr):  # fmt: skip
+    """The coefficients of a pass-2 tile's rows in ``P c1``: ``s * c1`` [ROWS, REP], or for an
+    int8 basis (QUANT) ``c1`` times the block scales, [C, ROWS, REP]."""
+    rows = _tile_rows(k0, ROWS, REP)
+    sc1 = tl.load(sc1_ptr + rows, mask=rows < R, other=0.0)
+    if QUANT:
+        sc1 = sc1[None, :, :] * _block_scales(scales_ptr, scale_stride, blocks, mask_b, R, k0, ROWS, REP)
+    return sc1
+
+
+@triton.jit
+def _weighted(sc1, p):
+    """The tile ``p`` [C, ROWS, REP, GROUP] in fp64 times its coefficients (``_sc1_rows``)."""
+    if len(sc1.shape) == 2:
+        return sc1[None, :, :, None] * _to_f64(p)
+    else:
+        return sc1[:, :, :, None] * _to_f64(p)
+
+
+@triton.jit
+def _add_tile_sums(acc, p, v1, t, scales_ptr, scale_stride, blocks, mask_b, R, C: tl.constexpr,
+                   NJ: tl.constexpr, QUANT: tl.constexpr):  # fmt: skip
+    """``acc`` [C, ROWS, REP, NJ] plus tile t's row sums ``p . v1`` (times the rows' block
+    scales with QUANT): the sum over a row's C threads (shuffles within a warp, no barrier)
+    lands in thread ``t % C``'s slot ``t // C``."""
+    if QUANT:
+        s = tl.sum(_to_f64(p) * v1[:, None, None, :], axis=3)
+        ROWS: tl.constexpr = s.shape[1]
+        REP: tl.constexpr = s.shape[2]
+        k0 = tl.cast(t, tl.int64) * (ROWS * REP)
+        s = tl.sum(s * _block_scales(scales_ptr, scale_stride, blocks, mask_b, R, k0, ROWS, REP), axis=0)
+    else:
+        s = tl.sum(tl.sum(_to_f64(p) * v1[:, None, None, :], axis=3), axis=0)
     tiles = tl.arange(0, C)[:, None] + tl.arange(0, NJ)[None, :] * C
     return tl.where((tiles == t)[:, None, None, :], acc + s[None, :, :, None], acc)
 
 
 @triton.jit
 def _remainder_slab(
-    acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
+    acc, ss, amax, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, R, d0, end,
     BLOCK_K: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr, ROWS: tl.constexpr,
-    REP: tl.constexpr, NJ: tl.constexpr, MASKED: tl.constexpr,
+    REP: tl.constexpr, NJ: tl.constexpr, QUANT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One [R, C * GROUP] slab of pass 2: ``v1 = v - P c1``, then ``P^T v1`` into ``acc``."""
+    """One [R, C * GROUP] slab of pass 2: ``v1 = v - P c1``, then ``P^T v1`` into ``acc``. With
+    an int8 basis (QUANT, ``d0`` a multiple of 64) each thread's run lies in one scale block:
+    its scale multiplies the run's coefficient in ``P c1`` and its part of ``p . v1``."""
     cols = d0 + (tl.arange(0, C)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]).to(tl.int64)
     mask_c = column_mask(cols, end, MASKED)
+    blocks = d0 // _QBLOCK + (tl.arange(0, C) // (_QBLOCK // GROUP))[:, None, None].to(tl.int64)
+    mask_b = column_mask(blocks * _QBLOCK, end, MASKED)
     # v1 = v - P c1 over the slab's columns, K in BLOCK_K tiles (the next one prefetched while
     # one is summed); each thread adds its REP rows, the threads of a column once per slab.
     corr = tl.zeros([C, ROWS, GROUP], dtype=tl.float64)
     p = _slab_rows(basis_ptr, row_stride, R, 0, cols, mask_c, ROWS, REP)
-    sc1 = _sc1_rows(sc1_ptr, R, 0, ROWS, REP)
+    sc1 = _sc1_rows(sc1_ptr, scales_ptr, scale_stride, blocks, mask_b, R, 0, ROWS, REP, QUANT)
     for k0 in range(BLOCK_K, R, BLOCK_K):
         p_next = _slab_rows(basis_ptr, row_stride, R, k0, cols, mask_c, ROWS, REP)
-        sc1_next = _sc1_rows(sc1_ptr, R, k0, ROWS, REP)
-        corr += tl.sum(sc1[None, :, :, None] * p.to(tl.float32).to(tl.float64), axis=2)
+        sc1_next = _sc1_rows(sc1_ptr, scales_ptr, scale_stride, blocks, mask_b, R, k0, ROWS, REP, QUANT)
+        corr += tl.sum(_weighted(sc1, p), axis=2)
         p, sc1 = p_next, sc1_next
-    corr += tl.sum(sc1[None, :, :, None] * p.to(tl.float32).to(tl.float64), axis=2)
+    corr += tl.sum(_weighted(sc1, p), axis=2)
     v = tl.load(sample_ptr + cols, mask=mask_c, other=0.0).to(tl.float64)
     v1 = v - tl.sum(corr, axis=1)
     ss += v1 * v1
@@ -258,17 +401,21 @@ def _remainder_slab(
     p = _slab_rows(basis_ptr, row_stride, R, 0, cols, mask_c, ROWS, REP)
     for k0 in range(BLOCK_K, R, BLOCK_K):
         p_next = _slab_rows(basis_ptr, row_stride, R, k0, cols, mask_c, ROWS, REP)
-        acc = _add_tile_sums(acc, p, v1, k0 // BLOCK_K - 1, C, NJ)
+        acc = _add_tile_sums(
+            acc, p, v1, k0 // BLOCK_K - 1, scales_ptr, scale_stride, blocks, mask_b, R, C, NJ, QUANT
+        )
         p = p_next
-    acc = _add_tile_sums(acc, p, v1, tl.cdiv(R, BLOCK_K) - 1, C, NJ)
+    acc = _add_tile_sums(
+        acc, p, v1, tl.cdiv(R, BLOCK_K) - 1, scales_ptr, scale_stride, blocks, mask_b, R, C, NJ, QUANT
+    )  # fmt: skip
     return acc, ss, amax
 
 
 @triton.jit
-def _orthogonalize_remainder_kernel(
-    basis_ptr, row_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr, R, D, CHUNK,
-    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-    ROWS: tl.constexpr,
+def _remainder_program(
+    basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr,
+    R, D, CHUNK, NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    ROWS: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Pass 2 over the program's chunk, [R, BLOCK_D] slab by slab. Basis tiles are
     [C, ROWS, REP, GROUP]: C threads of a warp across a row, 16 bytes (GROUP values) each, the
@@ -289,19 +436,46 @@ def _orthogonalize_remainder_kernel(
     amax = tl.zeros([C, GROUP], dtype=tl.float64)
     for d0 in range(start, full_end, BLOCK_D):
         acc, ss, amax = _remainder_slab(
-            acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
-            BLOCK_K, GROUP, C, ROWS, REP, NJ, MASKED=False,
+            acc, ss, amax, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, R, d0,
+            end, BLOCK_K, GROUP, C, ROWS, REP, NJ, QUANT, MASKED=False,
         )  # fmt: skip
     for d0 in range(full_end, end, BLOCK_D):
         acc, ss, amax = _remainder_slab(
-            acc, ss, amax, basis_ptr, row_stride, sample_ptr, sc1_ptr, R, d0, end,
-            BLOCK_K, GROUP, C, ROWS, REP, NJ, MASKED=True,
+            acc, ss, amax, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, R, d0,
+            end, BLOCK_K, GROUP, C, ROWS, REP, NJ, QUANT, MASKED=True,
         )  # fmt: skip
     tiles = (tl.arange(0, C)[:, None] + tl.arange(0, NJ)[None, :] * C).to(tl.int64)
     offs = tiles[:, None, None, :] * BLOCK_K + _tile_rows(0, ROWS, REP)[None, :, :, None]
     tl.store(part_ptr + pid * R + offs, acc, mask=offs < R)
     tl.store(ss_ptr + pid, tl.sum(tl.sum(ss, axis=1), axis=0))
     tl.store(amax_ptr + pid, tl.max(tl.max(amax, axis=1), axis=0))
+
+
+@triton.jit
+def _orthogonalize_remainder_kernel(
+    basis_ptr, row_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr, R, D, CHUNK,
+    NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    """Pass 2, a float basis (its row scales are in ``sc1``)."""
+    _remainder_program(
+        basis_ptr, row_stride, sc1_ptr, 0, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr, R, D, CHUNK,
+        NT, BLOCK_K, BLOCK_D, GROUP, ROWS, QUANT=False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _orthogonalize_remainder_int8_kernel(
+    basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr,
+    R, D, CHUNK, NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    """Pass 2, an int8 basis: slabs of one scale block (BLOCK_D = 64, chunks start at multiples
+    of 64), ``sc1 = c1``."""
+    _remainder_program(
+        basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr,
+        R, D, CHUNK, NT, BLOCK_K, BLOCK_D, GROUP, ROWS, QUANT=True,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -400,6 +574,73 @@ def _orthogonalize_store_kernel(
         )  # fmt: skip
 
 
+@triton.jit
+def _rint(x):
+    """fp64 ``x`` rounded to the nearest integer, ties to even (``torch.round``); the
+    interpreter has no libdevice: there ``(|x| + 2^52) - 2^52``, exact for |x| < 2^52."""
+    if _INTERPRETED:
+        r = (tl.abs(x) + 4503599627370496.0) - 4503599627370496.0
+        return tl.where(x < 0, -r, r)
+    else:
+        return libdevice.rint(x)
+
+
+@triton.jit
+def _store_int8_columns(
+    basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sh_ptr, norm_ptr, rank, R, D, d0,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Columns ``[d0, d0 + BLOCK_D)`` of row ``rank`` of an int8 basis: ``u = v - P h`` (rows
+    walked one by one in BLOCK_K-row tiles), each 64-block's ``max|u|`` (a thread's run of 16,
+    then the 4 threads of a block), ``rint(u * (QMAX / max))`` and the block scales."""
+    NRUNS: tl.constexpr = BLOCK_D // _RUN
+    acc = tl.zeros([NRUNS, _RUN], dtype=tl.float64)
+    for k0 in range(0, R, BLOCK_K):
+        for r in tl.static_range(BLOCK_K):
+            k = k0 + r
+            q, scale = _int8_row(
+                basis_ptr, row_stride, scales_ptr, scale_stride, k, R, d0, D, BLOCK_D, MASKED
+            )
+            coef = tl.load(sh_ptr + k, mask=k < R, other=0.0) * scale
+            acc += coef[:, None] * q
+    u = _sample_runs(sample_ptr, d0, D, BLOCK_D, MASKED) - acc
+    block_amax = tl.max(tl.reshape(tl.max(tl.abs(u), axis=1), (NRUNS // 4, 4)), axis=1)
+    amax = tl.reshape(tl.broadcast_to(block_amax[:, None], (NRUNS // 4, 4)), (NRUNS,))
+    # (a zero block stores zeros; the division by 1 there only keeps 0 / 0 out of the code)
+    inv = tl.where(amax > 0, _QMAX / tl.where(amax > 0, amax, 1.0), 0.0)
+    q = _rint(u * inv[:, None]).to(tl.int8)
+    # rank and row_stride are 32-bit arguments: their product is formed in 64 bits.
+    row = tl.cast(rank, tl.int64)
+    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_d = column_mask(offs_d, D, MASKED)
+    tl.store(basis_ptr + row * row_stride + offs_d, tl.reshape(q, (BLOCK_D,)), mask=mask_d)
+    norm = tl.load(norm_ptr)
+    scale = tl.where(norm > 0, block_amax / (_QMAX * tl.where(norm > 0, norm, 1.0)), 0.0)
+    blocks = d0 // _QBLOCK + tl.arange(0, NRUNS // 4).to(tl.int64)
+    mask_b = column_mask(blocks * _QBLOCK, D, MASKED)
+    tl.store(scales_ptr + row * scale_stride + blocks, scale.to(tl.float32), mask=mask_b)
+
+
+@triton.jit
+def _orthogonalize_store_int8_kernel(
+    basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sh_ptr, norm_ptr, rank, R, D,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Pass 3, an int8 basis: quantised as it is stored (no other pass over the row); ``norm``
+    is ``||u||``, ``sh`` is ``h``."""
+    d0 = tl.program_id(0).to(tl.int64) * BLOCK_D
+    if d0 + BLOCK_D <= D:
+        _store_int8_columns(
+            basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sh_ptr, norm_ptr, rank, R, D, d0,
+            BLOCK_K, BLOCK_D, MASKED=False,
+        )  # fmt: skip
+    else:
+        _store_int8_columns(
+            basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sh_ptr, norm_ptr, rank, R, D, d0,
+            BLOCK_K, BLOCK_D, MASKED=True,
+        )  # fmt: skip
+
+
 def orthogonalize_(
     basis: Tensor,
     scales: Tensor,
@@ -415,11 +656,19 @@ def orthogonalize_(
     ("sum") after pass 1, ``[P^T v1, ||v1||^2]`` [rank + 1] ("sum") and ``max|v1|`` [1] ("max")
     after pass 2, and combines them in place. The reduce kernels then run twice per pass (fold,
     then finish); without the hook, once.
+
+    An int8 basis (``scales`` [K, ceil(D / 64)]): passes 1 and 2 apply the block scales as they
+    read P (the reduce kernels get row scales of 1), and pass 3 quantises each 64-block of the new
+    row as it stores it, with its block scale (the blocks start at this basis's column 0, one
+    shard's under the hook).
     """
     warn_if_narrow(basis, "triton")
     K, D = basis.shape
     dev = sample.device
     R = max(rank, 1)  # row count of the workspaces; rank = 0 runs the loops zero times
+    quant = blockwise(basis.dtype)
+    # The row scales the reduce kernels apply: an int8 basis's are inside the values read.
+    row_scales = torch.ones(R, dtype=torch.float32, device=dev) if quant else scales
     KP = pow2(rank)
     S, chunk = split_columns(D, dev, PROGRAMS_PER_SM)
     f64 = dict(dtype=torch.float64, device=dev)
@@ -438,36 +687,55 @@ def orthogonalize_(
     # One launch that folds and finishes, or (with the hook) a fold, the hook, a finish.
     phases = [(True, True)] if all_reduce is None else [(True, False), (False, True)]
 
-    block_k, block_d, group = pass1_blocks(basis.element_size())
-    _orthogonalize_kernel[(S,)](
-        basis, stride, sample, part, vv_part, rank, D, chunk,
-        BLOCK_K=block_k, BLOCK_D=block_d, GROUP=group, num_warps=4,
-    )  # fmt: skip
+    if quant:
+        _orthogonalize_int8_kernel[(S,)](
+            basis, stride, scales, scales.stride(0), sample, part, vv_part, rank, D, chunk,
+            BLOCK_K=_INT8_PASS1_BLOCK_K, BLOCK_D=_INT8_BLOCK_D, num_warps=4,
+        )  # fmt: skip
+    else:
+        block_k, block_d, group = pass1_blocks(basis.element_size())
+        _orthogonalize_kernel[(S,)](
+            basis, stride, sample, part, vv_part, rank, D, chunk,
+            BLOCK_K=block_k, BLOCK_D=block_d, GROUP=group, num_warps=4,
+        )  # fmt: skip
     for fold, finish in phases:
         if finish and not fold:
             all_reduce(sums1, "sum")
         _orthogonalize_reduce1_kernel[(1,)](
-            part, vv_part, scales, sums1, c1, sc1, S, rank,
+            part, vv_part, row_scales, sums1, c1, sc1, S, rank,
             FOLD=fold, FINISH=finish, KP=KP, BLOCK_S=_BLOCK_S, num_warps=warps,
         )  # fmt: skip
     size = basis.element_size()
     nt, block_k, block_d = _remainder_blocks(R, size)
-    _orthogonalize_remainder_kernel[(S,)](
-        basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk,
+    tiles = dict(
         NT=nt, BLOCK_K=block_k, BLOCK_D=block_d, GROUP=16 // size,
         ROWS=remainder_rows(block_k, block_d, size), num_warps=remainder_warps(block_k, block_d, size),
     )  # fmt: skip
+    if quant:
+        _orthogonalize_remainder_int8_kernel[(S,)](
+            basis, stride, scales, scales.stride(0), sample, sc1, part, ss_part, amax_part, rank, D, chunk,
+            **tiles,
+        )  # fmt: skip
+    else:
+        _orthogonalize_remainder_kernel[(S,)](
+            basis, stride, sample, sc1, part, ss_part, amax_part, rank, D, chunk, **tiles
+        )  # fmt: skip
     write_row = rank < K
     for fold, finish in phases:
         if finish and not fold:
             all_reduce(sums2[: rank + 1], "sum")
             all_reduce(sums2[rank + 1 :], "max")
         _orthogonalize_reduce2_kernel[(1,)](
-            part, ss_part, amax_part, scales, sums1, sums2, c1, out, sc1, inv, S, rank, rank,
-            ROW_AMAX=ROW_AMAX, WRITE_ROW=write_row, FOLD=fold, FINISH=finish, KP=KP,
+            part, ss_part, amax_part, row_scales, sums1, sums2, c1, out, sc1, inv, S, rank, rank,
+            ROW_AMAX=ROW_AMAX, WRITE_ROW=write_row and not quant, FOLD=fold, FINISH=finish, KP=KP,
             BLOCK_S=_BLOCK_S, num_warps=warps,
         )  # fmt: skip
-    if write_row:
+    if write_row and quant:
+        _orthogonalize_store_int8_kernel[(triton.cdiv(D, _INT8_BLOCK_D),)](
+            basis, stride, scales, scales.stride(0), sample, sc1, out[rank:], rank, rank, D,
+            BLOCK_K=_INT8_STORE_BLOCK_K, BLOCK_D=_INT8_BLOCK_D, num_warps=4,
+        )  # fmt: skip
+    elif write_row:
         limit = torch.finfo(basis.dtype).max
         block_k, block_d = store_blocks(basis.element_size())
         _orthogonalize_store_kernel[(triton.cdiv(D, block_d),)](
