@@ -57,7 +57,7 @@ MAX_RANK = 8192
 BLOCKWISE_BACKENDS = {
     "project": ("torch", "triton"),
     "reconstruct_": ("torch", "triton"),
-    "orthogonalize_": ("torch",),
+    "orthogonalize_": ("torch", "triton"),
     "project_grads": ("torch",),
     "step_": ("torch",),
 }
