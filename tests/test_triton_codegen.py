@@ -184,3 +184,12 @@ def test_int8_values_are_dequantised_by_byte_permutes(report):
         and (r["hot_loop"]["i2f"] or r["hot_loop"]["prmt"] < 16 * r["hot_loop"]["basis_ldg128"])
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_int8_orthogonalize_passes_are_compiled_without_i2f(report):
+    """orthogonalize_'s three passes over an int8 basis are among the streaming cases (checked
+    like the float ones above) and dequantise with byte permutes, no ``I2F`` in their hot loops."""
+    rows = [r for r in _streaming(report) if r["dtype"] == "int8" and r["kernel"].startswith("orthogonalize")]
+    assert {r["kernel"] for r in rows} == {f"orthogonalize_pass{i}" for i in (1, 2, 3)}
+    bad = [f"{_name(r)}: {r['hot_loop']['i2f']} I2F" for r in rows if r["hot_loop"] and r["hot_loop"]["i2f"]]
+    assert not bad, "\n".join(bad)

@@ -467,6 +467,7 @@ def cases():
         warps = orth._STORE_WARPS
         yield "orthogonalize_pass3", orth._orthogonalize_store_kernel, sig, kw, aligned, warps, dtype, tile
     yield from int8_cases()
+    yield from orthogonalize_int8_cases()
     # Stage 2 of the projection, the fused step's K-dimensional step and orthogonalize_'s
     # reduces read no basis (tile (0, 0)): their entries check registers, local memory and
     # addresses only, at small and large K.
@@ -540,6 +541,36 @@ def int8_cases():
         kernel = reconstruct._reconstruct_int8_kernel
         tile = (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_D"])
         yield "reconstruct", kernel, sig, cfg.kwargs, aligned, cfg.num_warps, dtype, tile
+
+
+def orthogonalize_int8_cases():
+    """orthogonalize_'s three passes over an int8 basis with its [K, ceil(D / 64)] fp32 scales
+    (their row stride ceil(D / 64), not a multiple of 16): passes 1 and 3 walk [BLOCK_K, 2048]
+    tiles row by row, pass 2 reads [K, 128] slabs at the rank of the float cases."""
+    dtype, ptr = torch.int8, "*i8"
+    tile = (orth._INT8_PASS1_BLOCK_K, orth._INT8_BLOCK_D)
+    kw = {"BLOCK_K": tile[0], "BLOCK_D": tile[1]}
+    sig = {"basis_ptr": ptr, "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32",
+           "sample_ptr": "*fp32", "part_ptr": "*fp64", "vv_ptr": "*fp64", "R": "i32", "D": "i32",
+           "CHUNK": "i32"}  # fmt: skip
+    aligned = ("basis_ptr", "row_stride", "scales_ptr", "sample_ptr", "part_ptr", "vv_ptr", "CHUNK")
+    yield "orthogonalize_pass1", orth._orthogonalize_int8_kernel, sig, kw, aligned, 4, dtype, tile
+    nt, bk, bd = orth._remainder_blocks(ORTH_RANK, 1)
+    kw = {"NT": nt, "BLOCK_K": bk, "BLOCK_D": bd, "GROUP": 16, "ROWS": orth.remainder_rows(bk, bd, 1)}
+    sig = {"basis_ptr": ptr, "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32",
+           "sample_ptr": "*fp32", "sc1_ptr": "*fp64", "part_ptr": "*fp64", "ss_ptr": "*fp64",
+           "amax_ptr": "*fp64", "R": "i32", "D": "i32", "CHUNK": "i32"}  # fmt: skip
+    aligned = ("basis_ptr", "row_stride", "scales_ptr", "sample_ptr", "sc1_ptr", "part_ptr", "CHUNK")
+    warps = orth.remainder_warps(bk, bd, 1)
+    kernel = orth._orthogonalize_remainder_int8_kernel
+    yield "orthogonalize_pass2", kernel, sig, kw, aligned, warps, dtype, (bk, bd)
+    tile = (orth._INT8_STORE_BLOCK_K, orth._INT8_BLOCK_D)
+    kw = {"BLOCK_K": tile[0], "BLOCK_D": tile[1]}
+    sig = {"basis_ptr": ptr, "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32",
+           "sample_ptr": "*fp32", "sh_ptr": "*fp64", "norm_ptr": "*fp64", "rank": "i32", "R": "i32",
+           "D": "i32"}  # fmt: skip
+    aligned = ("basis_ptr", "row_stride", "scales_ptr", "sample_ptr", "sh_ptr")
+    yield "orthogonalize_pass3", orth._orthogonalize_store_int8_kernel, sig, kw, aligned, 4, dtype, tile
 
 
 # ---- canaries: kernels the address check must refuse (and one it must pass) -----------------
