@@ -470,8 +470,8 @@ def _orthogonalize_remainder_int8_kernel(
     R, D, CHUNK, NT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2, an int8 basis: slabs of one scale block (BLOCK_D = 64, chunks start at multiples
-    of 64), ``sc1 = c1``."""
+    """Pass 2, an int8 basis: [R, 128] slabs, two scale blocks to a row (chunks start at
+    multiples of 64), ``sc1 = c1``."""
     _remainder_program(
         basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, sc1_ptr, part_ptr, ss_ptr, amax_ptr,
         R, D, CHUNK, NT, BLOCK_K, BLOCK_D, GROUP, ROWS, QUANT=True,
