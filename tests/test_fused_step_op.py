@@ -4,7 +4,8 @@ backend, their contract (opcheck), torch.compile, and the checks of their argume
 
 import pytest
 import torch
-from conftest import STORAGE_DTYPES, TOL
+from conftest import FLOAT_STORAGE_DTYPES as STORAGE_DTYPES
+from conftest import TOL
 from oracle import assert_within
 
 from twa_kernels import _backend, _ops, ops

@@ -10,7 +10,8 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES, STORAGE_DTYPES, TOL, only_config
+from conftest import DEVICES, TOL, only_config
+from conftest import FLOAT_STORAGE_DTYPES as STORAGE_DTYPES
 
 triton = pytest.importorskip("triton")
 
