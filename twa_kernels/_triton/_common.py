@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import QUANT_BLOCK
+
 # Chunk boundaries are multiples of this many columns, so every chunk starts 512-byte aligned
 # for fp16 rows (given aligned row starts) and its whole BLOCK_D tiles can be read in 16-byte
 # loads; only a chunk's last, partial tile (if any) is masked.
@@ -234,6 +236,36 @@ def int8_to_float(q):
             is_pure=True,
             pack=4,
         )
+
+
+# Values of an int8 basis per scale, and per 16-byte load (a run: one thread's values).
+QBLOCK = tl.constexpr(QUANT_BLOCK)
+QRUN = tl.constexpr(16)
+
+
+@triton.jit
+def int8_row(
+    basis_ptr, row_stride, scales_ptr, scale_stride, k, ok, d0, end,
+    BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Row ``k`` (zeros unless ``ok``) of an int8 basis at columns ``[d0, d0 + BLOCK_D)``, ``d0``
+    a multiple of 64 (only a MASKED call checks ``end``): its values as fp32 [BLOCK_D // 16, 16]
+    (a run of 16: one thread's 16-byte load) and each run's block scale, [BLOCK_D // 16].
+
+    The scales are loaded as a vector of one per 16 values (4 threads read each): small enough
+    for the compiler to load it in the values' layout, where a [BLOCK_D // 64] vector or a tile
+    of them was moved there through shared memory. Walking a K tile row by row with this keeps
+    the hot loops of project, reconstruct_ and orthogonalize_ free of barriers."""
+    k = tl.cast(k, tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask_d = column_mask(cols, end - d0, MASKED)
+    row = basis_ptr + k * row_stride + d0
+    q = tl.load(row + cols, mask=ok & mask_d, other=0, eviction_policy="evict_first")
+    groups = tl.arange(0, BLOCK_D // QRUN)
+    mask_g = column_mask(groups * QRUN, end - d0, MASKED)
+    blocks = scales_ptr + k * scale_stride + d0 // QBLOCK
+    scale = tl.load(blocks + groups // (QBLOCK // QRUN), mask=ok & mask_g, other=0.0)
+    return tl.reshape(int8_to_float(q), (BLOCK_D // QRUN, QRUN)), scale
 
 
 @triton.jit

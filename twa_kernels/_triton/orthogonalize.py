@@ -43,9 +43,20 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from .._layout import QMAX, QUANT_BLOCK, blockwise, warn_if_narrow
+from .._layout import QMAX, blockwise, warn_if_narrow
 from ..reference import ROW_AMAX
-from ._common import _INTERPRETED, column_mask, fold_partials, int8_to_float, pow2, split_columns, to_storage
+from ._common import (
+    _INTERPRETED,
+    QBLOCK,
+    QRUN,
+    column_mask,
+    fold_partials,
+    int8_row,
+    int8_to_float,
+    pow2,
+    split_columns,
+    to_storage,
+)
 
 _BLOCK_S = 16
 # Passes 1 and 2 split the columns over one wave of this many programs per SM: their sm_90 code
@@ -78,9 +89,7 @@ _INT8_SLAB_D = 128
 _INT8_BLOCK_D = 16 * 32 * 4
 _INT8_PASS1_BLOCK_K = 8
 _INT8_STORE_BLOCK_K = 8
-# Values of an int8 basis per 16-byte load; per scale; the largest stored magnitude.
-_RUN = tl.constexpr(16)
-_QBLOCK = tl.constexpr(QUANT_BLOCK)
+# The largest stored magnitude of an int8 basis.
 _QMAX = tl.constexpr(float(QMAX))
 
 
@@ -186,22 +195,9 @@ def _sum_squares(sample_ptr, start, end, BLOCK_D: tl.constexpr):
 @triton.jit
 def _int8_row(basis_ptr, row_stride, scales_ptr, scale_stride, k, R, d0, end, BLOCK_D: tl.constexpr,
               MASKED: tl.constexpr):  # fmt: skip
-    """Row ``k`` of an int8 basis (zeros from R on) at columns ``[d0, d0 + BLOCK_D)``, ``d0`` a
-    multiple of 64 (only a MASKED call checks ``end``): fp64 values [BLOCK_D // 16, 16], one
-    16-byte load per thread, and each run's block scale, [BLOCK_D // 16] (4 threads read each).
-
-    Walking a tile row by row keeps the scales a vector the compiler loads in the values' layout;
-    a [rows, blocks] scale tile broadcast onto a 2-D basis tile went through shared memory."""
-    k = tl.cast(k, tl.int64)
-    ok = k < R
-    offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-    q = tl.load(basis_ptr + k * row_stride + offs_d, mask=ok & column_mask(offs_d, end, MASKED), other=0,
-                eviction_policy="evict_first")  # fmt: skip
-    runs = tl.arange(0, BLOCK_D // _RUN).to(tl.int64)
-    blocks = d0 // _QBLOCK + runs // (_QBLOCK // _RUN)
-    mask_r = ok & column_mask(d0 + runs * _RUN, end, MASKED)
-    scale = tl.load(scales_ptr + k * scale_stride + blocks, mask=mask_r, other=0.0).to(tl.float64)
-    return tl.reshape(int8_to_float(q), (BLOCK_D // _RUN, _RUN)).to(tl.float64), scale
+    """``int8_row`` (zeros from row R on) in fp64: values [BLOCK_D // 16, 16], scales [BLOCK_D // 16]."""
+    q, scale = int8_row(basis_ptr, row_stride, scales_ptr, scale_stride, k, k < R, d0, end, BLOCK_D, MASKED)
+    return q.to(tl.float64), scale.to(tl.float64)
 
 
 @triton.jit
@@ -210,7 +206,7 @@ def _sample_runs(sample_ptr, d0, end, BLOCK_D: tl.constexpr, MASKED: tl.constexp
     layout)."""
     offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
     v = tl.load(sample_ptr + offs_d, mask=column_mask(offs_d, end, MASKED), other=0.0)
-    return tl.reshape(v, (BLOCK_D // _RUN, _RUN)).to(tl.float64)
+    return tl.reshape(v, (BLOCK_D // QRUN, QRUN)).to(tl.float64)
 
 
 @triton.jit
@@ -243,7 +239,7 @@ def _orthogonalize_int8_kernel(
     end = tl.minimum(start + CHUNK, D)
     full_end = start + (end - start) // BLOCK_D * BLOCK_D
     for k0 in range(0, R, BLOCK_K):
-        tile = tl.zeros([BLOCK_K, BLOCK_D // _RUN], dtype=tl.float64)
+        tile = tl.zeros([BLOCK_K, BLOCK_D // QRUN], dtype=tl.float64)
         for d0 in range(start, full_end, BLOCK_D):
             tile = _pass1_int8_tile(
                 tile, basis_ptr, row_stride, scales_ptr, scale_stride, sample_ptr, R, k0, d0, end,
@@ -378,8 +374,8 @@ def _remainder_slab(
     its scale multiplies the run's coefficient in ``P c1`` and its part of ``p . v1``."""
     cols = d0 + (tl.arange(0, C)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]).to(tl.int64)
     mask_c = column_mask(cols, end, MASKED)
-    blocks = d0 // _QBLOCK + (tl.arange(0, C) // (_QBLOCK // GROUP))[:, None, None].to(tl.int64)
-    mask_b = column_mask(blocks * _QBLOCK, end, MASKED)
+    blocks = d0 // QBLOCK + (tl.arange(0, C) // (QBLOCK // GROUP))[:, None, None].to(tl.int64)
+    mask_b = column_mask(blocks * QBLOCK, end, MASKED)
     # v1 = v - P c1 over the slab's columns, K in BLOCK_K tiles (the next one prefetched while
     # one is summed); each thread adds its REP rows, the threads of a column once per slab.
     corr = tl.zeros([C, ROWS, GROUP], dtype=tl.float64)
@@ -593,8 +589,8 @@ def _store_int8_columns(
     """Columns ``[d0, d0 + BLOCK_D)`` of row ``rank`` of an int8 basis: ``u = v - P h`` (rows
     walked one by one in BLOCK_K-row tiles), each 64-block's ``max|u|`` (a thread's run of 16,
     then the 4 threads of a block), ``rint(u * (QMAX / max))`` and the block scales."""
-    NRUNS: tl.constexpr = BLOCK_D // _RUN
-    acc = tl.zeros([NRUNS, _RUN], dtype=tl.float64)
+    NRUNS: tl.constexpr = BLOCK_D // QRUN
+    acc = tl.zeros([NRUNS, QRUN], dtype=tl.float64)
     for k0 in range(0, R, BLOCK_K):
         for r in tl.static_range(BLOCK_K):
             k = k0 + r
@@ -616,8 +612,8 @@ def _store_int8_columns(
     tl.store(basis_ptr + row * row_stride + offs_d, tl.reshape(q, (BLOCK_D,)), mask=mask_d)
     norm = tl.load(norm_ptr)
     scale = tl.where(norm > 0, block_amax / (_QMAX * tl.where(norm > 0, norm, 1.0)), 0.0)
-    blocks = d0 // _QBLOCK + tl.arange(0, NRUNS // 4).to(tl.int64)
-    mask_b = column_mask(blocks * _QBLOCK, D, MASKED)
+    blocks = d0 // QBLOCK + tl.arange(0, NRUNS // 4).to(tl.int64)
+    mask_b = column_mask(blocks * QBLOCK, D, MASKED)
     tl.store(scales_ptr + row * scale_stride + blocks, scale.to(tl.float32), mask=mask_b)
 
 

@@ -21,12 +21,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._layout import QUANT_BLOCK, blockwise, warn_if_narrow
+from .._layout import blockwise, warn_if_narrow
 from ._common import (
+    QBLOCK,
+    QRUN,
     column_mask,
     configs,
     fold_partials,
     group_dot,
+    int8_row,
     int8_to_float,
     launched_config,
     most_wave_splits,
@@ -60,9 +63,6 @@ _CONFIGS_Q = [
     triton.Config({"BLOCK_K": 16, "BLOCK_D": 2048, "PROGRAMS_PER_SM": 2}, num_warps=4),
     triton.Config({"BLOCK_K": 8, "BLOCK_D": 4096, "PROGRAMS_PER_SM": 2}, num_warps=8),
 ]
-# Values of an int8 basis per scale, and per 16-byte load.
-_QBLOCK = tl.constexpr(QUANT_BLOCK)
-_QLOAD = tl.constexpr(16)
 # Batch (B <= 16 padded to 16): tl.dot needs every tile dim >= 16; ieee fp32 keeps full fp32.
 # The compiler pipelines these loads (16-byte asynchronous copies). A [16, 128] tile at 4 warps
 # was replaced: with an fp16 basis its sm_90 code spilled 528 bytes (255 registers).
@@ -146,30 +146,6 @@ def _project_kernel(
 
 
 @triton.jit
-def int8_row(
-    basis_ptr, row_stride, scales_ptr, scale_stride, k, ok, d0, end,
-    BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """Row ``k`` (int64; zeros unless ``ok``) of an int8 basis at columns ``[d0, d0 + BLOCK_D)``,
-    ``d0`` a multiple of 64 (only a MASKED call checks ``end``): its values as fp32
-    [BLOCK_D // 16, 16] (a run of 16: one thread's 16-byte load) and each run's block scale,
-    [BLOCK_D // 16].
-
-    The scales are loaded as a vector of one per 16 values (4 threads read each): small enough
-    for the compiler to load it in the values' layout, where a [BLOCK_D // 64] vector or a tile
-    of them was moved there through shared memory."""
-    cols = tl.arange(0, BLOCK_D)
-    mask_d = column_mask(cols, end - d0, MASKED)
-    row = basis_ptr + k * row_stride + d0
-    q = tl.load(row + cols, mask=ok & mask_d, other=0, eviction_policy="evict_first")
-    groups = tl.arange(0, BLOCK_D // _QLOAD)
-    mask_g = column_mask(groups * _QLOAD, end - d0, MASKED)
-    blocks = scales_ptr + k * scale_stride + d0 // _QBLOCK
-    scale = tl.load(blocks + groups // (_QBLOCK // _QLOAD), mask=ok & mask_g, other=0.0)
-    return tl.reshape(int8_to_float(q), (BLOCK_D // _QLOAD, _QLOAD)), scale
-
-
-@triton.jit
 def _int8_tile_row(
     tile, x, basis_ptr, row_stride, scales_ptr, scale_stride, t, r, K, d0, end,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
@@ -194,7 +170,7 @@ def _int8_tile(
     thread, a register each: all its rows in flight took every register and spilled)."""
     cols = tl.arange(0, BLOCK_D)
     x = tl.load(x_ptr + d0 + cols, mask=column_mask(cols, end - d0, MASKED), other=0.0).to(tl.float32)
-    x = tl.reshape(x, (BLOCK_D // _QLOAD, _QLOAD))
+    x = tl.reshape(x, (BLOCK_D // QRUN, QRUN))
     if MASKED:
         for r in tl.range(0, BLOCK_K, loop_unroll_factor=1):
             tile = _int8_tile_row(
@@ -220,7 +196,7 @@ def _project_int8_kernel(
     block scales applied): program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
     t = tl.program_id(0).to(tl.int64)
     s, start, end, full_end = _split_range(D, BLOCK_D, BLOCK_D)
-    tile = tl.zeros([BLOCK_K, BLOCK_D // _QLOAD], dtype=tl.float32)
+    tile = tl.zeros([BLOCK_K, BLOCK_D // QRUN], dtype=tl.float32)
     for d0 in range(start, full_end, BLOCK_D):
         tile = _int8_tile(
             tile, basis_ptr, row_stride, scales_ptr, scale_stride, x_ptr, t, K, d0, end,
@@ -247,7 +223,7 @@ def _batch_tile(
     mask = mask_k[:, None] & mask_d[None, :]
     p = tl.load(row + offs_d[None, :], mask=mask, other=0.0)
     if scales_ptr is not None:
-        blocks = offs_k[:, None] * scale_stride + offs_d[None, :] // _QBLOCK
+        blocks = offs_k[:, None] * scale_stride + offs_d[None, :] // QBLOCK
         p = int8_to_float(p) * tl.load(scales_ptr + blocks, mask=mask, other=0.0)
     xp = x_ptr + offs_b[:, None] * x_stride + offs_d[None, :]
     x = tl.load(xp, mask=mask_b[:, None] & mask_d[None, :], other=0.0)

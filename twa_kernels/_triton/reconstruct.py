@@ -11,8 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._layout import blockwise, warn_if_narrow
-from ._common import add_combination, column_mask, configs, to_storage, tuned
-from .project import int8_row
+from ._common import add_combination, column_mask, configs, int8_row, to_storage, tuned
 
 # [BLOCK_K, BLOCK_D] basis tiles of ROW_BYTES per row: BLOCK_D = ROW_BYTES / value size columns,
 # 16 bytes per thread and row across all the program's threads (4 warps x 32 lanes x 16 bytes =
@@ -25,7 +24,7 @@ _CONFIGS = [
     triton.Config({"BLOCK_K": 8, "ROW_BYTES": 2048}, num_warps=4),
 ]
 # int8 basis: the same tiles (2048 columns, BLOCK_K 16-byte loads per thread), walked row by
-# row so that each thread's 16 values take their block's scale (``project.int8_row``).
+# row so that each thread's 16 values take their block's scale (``_common.int8_row``).
 _CONFIGS_Q = [
     triton.Config({"BLOCK_K": 4, "BLOCK_D": 2048}, num_warps=4),
     triton.Config({"BLOCK_K": 8, "BLOCK_D": 2048}, num_warps=4),
