@@ -4,9 +4,8 @@ backend, their contract (opcheck), torch.compile, and the checks of their argume
 
 import pytest
 import torch
-from conftest import FLOAT_STORAGE_DTYPES as STORAGE_DTYPES
-from conftest import TOL
-from oracle import assert_within
+from conftest import STORAGE_DTYPES, TOL
+from oracle import QMAX, assert_within, columns, quantise_row
 
 from twa_kernels import _backend, _ops, ops
 
@@ -40,13 +39,12 @@ def problem(device, K, dtype, seed=0):
     grads[1] = None  # a parameter without gradient: zero
     D = sum(p.numel() for p in params)
     Q, _ = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64))
-    scales = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
-    basis = (Q.T / scales[:, None]).to(dtype)
-    P = basis.double() * scales[:, None]
+    basis, scales = stored(Q.T, dtype, g)
+    P = columns(basis, scales)
     state = dict(
         w0=torch.randn(D, generator=g).to(device),
         basis=basis.to(device),
-        scales=scales.float().to(device),
+        scales=scales.to(device),
         alpha=torch.zeros(K, device=device),
         momentum_buffer=torch.zeros(K, device=device),
         counters=torch.zeros(2, dtype=torch.int64, device=device),
@@ -54,6 +52,17 @@ def problem(device, K, dtype, seed=0):
         pw0=torch.zeros(K, device=device),
     )
     return params, grads, state, P
+
+
+def stored(rows, dtype, g):
+    """fp64 ``rows`` [K, D] as a stored basis and its fp32 scales: float rows divided by random
+    row scales in [0.5, 1.5); int8 rows quantised per block of 64 values (as orthogonalize_
+    stores them)."""
+    if dtype == torch.int8:
+        blocks = [quantise_row(r) for r in rows]
+        return torch.stack([q for q, _ in blocks]), torch.stack([a / QMAX for _, a in blocks]).float()
+    scales = torch.rand(rows.shape[0], generator=g, dtype=torch.float64) + 0.5
+    return (rows / scales[:, None]).to(dtype), scales.float()
 
 
 def flat_grads(params, grads):
@@ -91,13 +100,14 @@ def test_one_step_matches_the_fp64_oracle(backend, dtype, device):
         offset += n
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_every_backend_takes_the_reference_steps(backend, device):
+def test_every_backend_takes_the_reference_steps(backend, dtype, device):
     """Five steps with momentum, decay and a skipped non-finite one, against the reference."""
     runs_here(backend, device)
     results = {}
     for b in ("torch", backend):
-        params, grads, s, _ = problem(device, 4, torch.float16, seed=1)
+        params, grads, s, _ = problem(device, 4, dtype, seed=1)
         workspace = torch.empty(s["w0"].numel(), device=device)
         for k in range(5):
             if k == 2:
@@ -115,10 +125,11 @@ def test_every_backend_takes_the_reference_steps(backend, device):
         torch.testing.assert_close(x, y, atol=TOL[x.dtype][0], rtol=TOL[x.dtype][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend, device):
+def test_opcheck(backend, dtype, device):
     runs_here(backend, device)
-    params, grads, s, _ = problem(device, 3, torch.float16)
+    params, grads, s, _ = problem(device, 3, dtype)
     workspace = torch.empty(s["w0"].numel(), device=device)
     args = (params, grads, workspace, *s.values(), torch.tensor(0.1, device=device), 0.9, 0.0, 1e-3, False)
     torch.library.opcheck(torch.ops.twa.step_.default, args, {"backend": backend})
@@ -180,10 +191,11 @@ def test_project_grads_matches_the_fp64_oracle(backend, dtype, device):
         assert torch.equal(p, b)  # the parameters give the layout and are not written
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_project_grads_opcheck(backend, device):
+def test_project_grads_opcheck(backend, dtype, device):
     runs_here(backend, device)
-    params, grads, s, _ = problem(device, 3, torch.float16)
+    params, grads, s, _ = problem(device, 3, dtype)
     workspace = torch.empty(s["w0"].numel(), device=device)
     args = (params, grads, workspace, s["basis"], s["scales"])
     torch.library.opcheck(torch.ops.twa.project_grads.default, args, {"backend": backend})
@@ -240,14 +252,14 @@ def awkward_problem(device, K, dtype, layout="padded", seed=0):
             grads.append(torch.randn(shape, generator=g).to(device=device, dtype=pdtype))
     D = sum(p.numel() for p in params)
     Q, _ = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64))
-    scales = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
+    rows, scales = stored(Q.T, dtype, g)
     basis, _ = basis_in_layout(K, D, dtype, device, layout)
-    basis.copy_((Q.T / scales[:, None]).to(dtype))
-    P = basis.double().cpu() * scales[:, None]
+    basis.copy_(rows)
+    P = columns(rows, scales)
     state = dict(
         w0=torch.randn(D, generator=g).to(device),
         basis=basis,
-        scales=scales.float().to(device),
+        scales=scales.to(device),
         alpha=torch.zeros(K, device=device),
         momentum_buffer=torch.zeros(K, device=device),
         counters=torch.zeros(2, dtype=torch.int64, device=device),
@@ -309,15 +321,16 @@ def test_fused_step_at_awkward_sizes_matches_the_fp64_oracle(backend, K, dtype, 
         offset += n
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("K", [1, 8, 301])
 @pytest.mark.parametrize("backend", FUSED)
-def test_fused_step_at_awkward_sizes_takes_the_reference_steps(backend, K, device):
+def test_fused_step_at_awkward_sizes_takes_the_reference_steps(backend, K, dtype, device):
     """Four steps with momentum, decay and nesterov (one skipped: a NaN gradient) against the
     torch backend, in every parameter dtype."""
     fused_here(backend, device, K)
     hyper = (0.1, 0.9, 0.0, 1e-2, True)
-    p_ref, s_ref = run_steps("torch", device, K, torch.float16, "padded", 4, hyper)
-    p, s = run_steps(backend, device, K, torch.float16, "padded", 4, hyper)
+    p_ref, s_ref = run_steps("torch", device, K, dtype, "padded", 4, hyper)
+    p, s = run_steps(backend, device, K, dtype, "padded", 4, hyper)
     assert s["counters"].tolist() == s_ref["counters"].tolist() == [3, 1]
     torch.testing.assert_close(s["alpha"], s_ref["alpha"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(s["momentum_buffer"], s_ref["momentum_buffer"], atol=1e-6, rtol=1e-5)

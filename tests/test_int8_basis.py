@@ -15,7 +15,7 @@ import torch
 from oracle import columns
 from test_optim import HYPER, make_data, run_twa, sampled  # noqa: F401  (fixture)
 
-from twa_kernels import Subspace, _layout, ops, reference
+from twa_kernels import Subspace, _layout, _ops, ops, reference
 
 
 def heavy_tailed_trajectory(D, n, seed=2):
@@ -117,3 +117,12 @@ def test_twa_loss_with_int8_basis_tracks_the_fp32_basis(sampled):
     rel = (torch.tensor(loss_int8) - torch.tensor(loss_fp32)).abs() / torch.tensor(loss_fp32)
     assert rel.max() <= 5e-3, f"relative loss difference {rel.max():.3g}"
     assert rel.max() > 0, "the int8 run must differ from the fp32 one (else this compares nothing)"
+
+
+@pytest.mark.parametrize("op", sorted(_ops.BLOCKWISE_BACKENDS))
+def test_every_op_and_the_fused_step_have_triton_int8_kernels(op):
+    """An int8 basis is routed to Triton for all four ops and the fused step (their results are
+    checked in each op's tests, which skip the int8 cases of a backend without kernels)."""
+    pytest.importorskip("triton")
+    basis = ops.empty_basis(3, 100, torch.int8)
+    assert _ops.choose(op, "triton", basis) == "triton"

@@ -10,12 +10,11 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES, TOL, only_config
-from conftest import FLOAT_STORAGE_DTYPES as STORAGE_DTYPES
+from conftest import DEVICES, STORAGE_DTYPES, TOL, only_config
 
 triton = pytest.importorskip("triton")
 
-from oracle import assert_within  # noqa: E402
+from oracle import assert_within, columns, make_basis  # noqa: E402
 
 from twa_kernels import _param_table as param_table  # noqa: E402
 from twa_kernels import _steps, ops, reference  # noqa: E402
@@ -58,8 +57,13 @@ def make_params(device, shapes=SHAPES, dtypes=DTYPES, seed=1):
 
 def subspace(D, K, dtype, device):
     basis = ops.empty_basis(K, D, dtype, device)  # rows 128-byte aligned, as Subspace keeps them
-    basis.copy_((torch.randn(K, D, device=device) * 1000).to(dtype))
-    scales = torch.rand(K, device=device) * 1e-4
+    if dtype == torch.int8:
+        rows, scales = make_basis(K, D, dtype)  # unit rows, one scale per 64 values
+        basis.copy_(rows)
+        scales = scales.to(device)
+    else:
+        basis.copy_((torch.randn(K, D, device=device) * 1000).to(dtype))
+        scales = torch.rand(K, device=device) * 1e-4
     w0 = torch.randn(D, device=device)
     gram = reference.gram(basis, scales).float()
     pw0 = reference.project(basis, scales, w0)
@@ -106,15 +110,24 @@ STEP_KERNEL_CONFIGS = [
     *((fused._step_project_kernel, c) for c in fused._PROJECT_CONFIGS),
     *((fused._step_write_kernel, c) for c in fused._WRITE_CONFIGS),
 ]
+STEP_INT8_KERNEL_CONFIGS = [
+    *((fused._step_project_int8_kernel, c) for c in fused._PROJECT_CONFIGS_Q),
+    *((fused._step_write_int8_kernel, c) for c in fused._WRITE_CONFIGS_Q),
+]
+CONFIG_CASES = [
+    *((i, d) for i in range(len(STEP_KERNEL_CONFIGS)) for d in STORAGE_DTYPES if d != torch.int8),
+    *((i, torch.int8) for i in range(len(STEP_INT8_KERNEL_CONFIGS))),
+]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotune candidates run on a GPU only")
-@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
-@pytest.mark.parametrize("index", range(len(STEP_KERNEL_CONFIGS)))
+@pytest.mark.parametrize(("index", "dtype"), CONFIG_CASES)
 def test_every_fused_step_config_matches_fp64_oracle(index, dtype):
     """Each candidate of the two step kernels (tile height, warps, programs per SM) on its own,
-    with K tiles of 4-32 rows over K = 37, aligned and masked blocks, in every parameter dtype."""
-    kernel, config = STEP_KERNEL_CONFIGS[index]
+    with K tiles of 4-32 rows over K = 37, aligned and masked blocks, in every parameter dtype;
+    the int8 kernels' candidates with an int8 basis."""
+    configs = STEP_INT8_KERNEL_CONFIGS if dtype == torch.int8 else STEP_KERNEL_CONFIGS
+    kernel, config = configs[index]
     with only_config(kernel, config):
         assert_one_step_matches_fp64(torch.device("cuda"), dtype, ALIGNED_SHAPES, DTYPES, K=37)
 
@@ -184,7 +197,7 @@ def assert_one_step_matches_fp64(device, dtype, shapes, dtypes, K):
         params, w0, basis, scales, alpha, buf, counters, gram,
         pw0, _steps.Hyper(torch.tensor(lr, device=device), 0.0, 0.0, 0.0, False),
     )  # fmt: skip
-    P = basis.double() * scales.double()[:, None]
+    P = columns(basis, scales)
     # fp32 accumulation of exact products, relative to sum_d |P_kd g_d| (the terms cancel).
     assert_within(alpha, -lr * (P @ g), lr * (P.abs() @ g.abs()), TOL[torch.float32], "alpha")
     w_ref = w0.double() + P.T @ alpha.double()

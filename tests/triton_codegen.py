@@ -541,6 +541,33 @@ def int8_cases():
         kernel = reconstruct._reconstruct_int8_kernel
         tile = (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_D"])
         yield "reconstruct", kernel, sig, cfg.kwargs, aligned, cfg.num_warps, dtype, tile
+    yield from step_int8_cases()
+
+
+def step_int8_cases():
+    """The fused step's two int8 kernels, with grads of one dtype (fp32) and of mixed dtypes."""
+    dtype, ptr = torch.int8, "*i8"
+    common = {
+        "FIELDS": param_table.FIELDS,
+        "BLOCK_FIELDS": param_table.BLOCK_FIELDS,
+        "BLOCK_D": param_table.BLOCK,
+    }
+    sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "basis_ptr": ptr, "row_stride": "i32",
+           "scales_ptr": "*fp32", "scale_stride": "i32", "part_ptr": "*fp32", "K": "i32",
+           "NBLK": "i32"}  # fmt: skip
+    aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "scales_ptr", "part_ptr")
+    for cfg, grad_code in itertools.product(step._PROJECT_CONFIGS_Q, (0, -1)):
+        kw = dict(cfg.kwargs, GRAD_CODE=grad_code, **common)
+        tile = (kw["BLOCK_K"], param_table.BLOCK)
+        yield "step_project", step._step_project_int8_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
+    sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
+           "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32", "alpha_ptr": "*fp32",
+           "K": "i32", "NBLK": "i32"}  # fmt: skip
+    aligned = ("ptab_ptr", "btab_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
+    for cfg in step._WRITE_CONFIGS_Q:
+        kw = dict(cfg.kwargs, **common)
+        tile = (kw["BLOCK_K"], param_table.BLOCK)
+        yield "step_write", step._step_write_int8_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
 
 
 def orthogonalize_int8_cases():

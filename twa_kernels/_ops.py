@@ -58,8 +58,8 @@ BLOCKWISE_BACKENDS = {
     "project": ("torch", "triton"),
     "reconstruct_": ("torch", "triton"),
     "orthogonalize_": ("torch", "triton"),
-    "project_grads": ("torch",),
-    "step_": ("torch",),
+    "project_grads": ("torch", "triton"),
+    "step_": ("torch", "triton"),
 }
 # orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
 CUDA_MAX_ORTH_RANK = 2048

@@ -6,6 +6,10 @@
    the coordinate gradient is not finite);
 3. ``_step_write_kernel``: ``w = w0 + P alpha`` written into every parameter in its dtype.
 
+An int8 basis has kernels of its own for stages 1 and 3 (``_step_project_int8_kernel``,
+``_step_write_int8_kernel``): single-warp programs walk each K tile row by row, every lane's
+16 values taking their block scale, so the partials come out scaled and stage 2 applies none.
+
 The parameters are cut into blocks of ``BLOCK`` columns that never straddle two parameters;
 the block and parameter tables (``twa_kernels._param_table``, shared with the CUDA step) tell
 each block where its basis columns, its grad and its parameter are. CUDA graphs: the step can
@@ -21,14 +25,17 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _param_table as table
-from .._layout import warn_if_narrow
+from .._layout import blockwise, warn_if_narrow
 from .._ops import check_rank
 from .._param_table import BLOCK, BLOCK_FIELDS, FIELDS, Plan, plan_for
 from . import subspace_step
 from ._common import (
+    QBLOCK,
+    QRUN,
     add_combination,
     configs,
     group_dot,
+    int8_to_float,
     launched_config,
     most_wave_splits,
     to_storage,
@@ -62,6 +69,21 @@ _PROJECT_CONFIGS = [
 _WRITE_CONFIGS = [
     triton.Config({"BLOCK_K": 8}, num_warps=2),
     triton.Config({"BLOCK_K": 4}, num_warps=2),
+]
+
+# int8 basis: a block row of 512 values is one 16-byte load for each lane of one warp, so the
+# programs are single warps that walk their K tile row by row (each lane's 16 values share one
+# block scale, ``_int8_row``), BLOCK_K loads in flight per lane; many programs share an SM. The
+# projection's sm_90 code takes 156-168 registers: 12 programs per SM fit (4-6 KB of basis
+# loads in flight each).
+_PROJECT_CONFIGS_Q = [
+    triton.Config({"BLOCK_K": 8, "PROGRAMS_PER_SM": 12}, num_warps=1),
+    triton.Config({"BLOCK_K": 16, "PROGRAMS_PER_SM": 8}, num_warps=1),
+]
+# Write pass: 210 (BLOCK_K 8) and 239 (16) registers, 8-9 single-warp programs per SM.
+_WRITE_CONFIGS_Q = [
+    triton.Config({"BLOCK_K": 8}, num_warps=1),
+    triton.Config({"BLOCK_K": 16}, num_warps=1),
 ]
 
 
@@ -239,6 +261,163 @@ def _step_write_kernel(
         )  # fmt: skip
 
 
+# ---- int8 basis: block scales per 64 columns, K tiles walked row by row ---------------------
+
+
+@triton.jit
+def _int8_start(entry, FAST: tl.constexpr):
+    """The block's first basis column; a FAST block's is a multiple of 16 (its parameter's flat
+    offset is, and blocks start every 512 values), so each lane's 16 values share one scale."""
+    col0 = tl.load(entry + 2)
+    if FAST:
+        col0 = tl.multiple_of(col0, 16)
+    return col0
+
+
+@triton.jit
+def _int8_row(
+    basis_ptr, row_stride, scales_ptr, scale_stride, k, ok, col0, mask_d,
+    BLOCK_D: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """Row ``k`` (zeros unless ``ok``) of the int8 basis at the block's columns ``col0 + [0,
+    BLOCK_D)``: the values as fp32 [BLOCK_D // 16, 16] and their block scales, one per run of 16
+    [BLOCK_D // 16] (FAST) or one per value [BLOCK_D // 16, 16] (a masked block, whose columns
+    may start anywhere in a scale block)."""
+    k = tl.cast(k, tl.int64)
+    if FAST:
+        col0 = tl.multiple_of(col0, 16)
+    cols = col0 + tl.arange(0, BLOCK_D)
+    q = tl.load(basis_ptr + k * row_stride + cols, mask=ok & mask_d, other=0, eviction_policy="evict_first")
+    q = tl.reshape(int8_to_float(q), (BLOCK_D // QRUN, QRUN))
+    scales_row = scales_ptr + k * scale_stride
+    if FAST:
+        runs = col0 // QRUN + tl.arange(0, BLOCK_D // QRUN)
+        scale = tl.load(scales_row + runs // (QBLOCK // QRUN), mask=ok, other=0.0)
+    else:
+        scale = tl.load(scales_row + cols // QBLOCK, mask=ok & mask_d, other=0.0)
+        scale = tl.reshape(scale, (BLOCK_D // QRUN, QRUN))
+    return q, scale
+
+
+@triton.jit
+def _int8_block_dot(
+    tile, entry, row, basis_ptr, row_stride, scales_ptr, scale_stride, t, K,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GRAD_CODE: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """``tile`` [BLOCK_K, BLOCK_D // 16] plus rows ``t * BLOCK_K + r`` of the basis times the
+    block's grad, each run of 16 columns summed in its lane. A FAST block's rows are unrolled
+    (BLOCK_K 16-byte loads in flight); a masked block's are walked one at a time (16 one-byte
+    loads per lane and row)."""
+    local, mask_d, _ = _block(entry, row, BLOCK_D, FAST)
+    col0 = _int8_start(entry, FAST)
+    addr, code = _address(row, GRAD_ADDR, FAST), tl.load(row + GRAD_DTYPE)
+    g = _load_as_f32(addr, code, local, mask_d, GRAD_CODE)
+    g = tl.reshape(g, (BLOCK_D // QRUN, QRUN))
+    if FAST:
+        for r in tl.static_range(BLOCK_K):
+            k = t * BLOCK_K + r
+            q, scale = _int8_row(
+                basis_ptr, row_stride, scales_ptr, scale_stride, k, k < K, col0, mask_d, BLOCK_D, FAST
+            )
+            sums = tl.sum(q * g, axis=1) * scale
+            # r is known when compiled: the select picks row r's registers there.
+            tile = tl.where(tl.arange(0, BLOCK_K)[:, None] == r, tile + sums[None, :], tile)
+    else:
+        for r in tl.range(0, BLOCK_K, loop_unroll_factor=1):
+            k = t * BLOCK_K + r
+            q, scale = _int8_row(
+                basis_ptr, row_stride, scales_ptr, scale_stride, k, k < K, col0, mask_d, BLOCK_D, FAST
+            )
+            sums = tl.sum(q * scale * g, axis=1)
+            tile = tl.where(tl.arange(0, BLOCK_K)[:, None] == r, tile + sums[None, :], tile)
+    return tile
+
+
+@triton.autotune(configs=configs(_PROJECT_CONFIGS_Q), key=["K", "NBLK"])
+@triton.jit
+def _step_project_int8_kernel(
+    ptab_ptr, btab_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, part_ptr, K, NBLK,
+    FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, GRAD_CODE: tl.constexpr,
+):  # fmt: skip
+    """``_step_project_kernel``'s grid and partials for an int8 basis, block scales applied:
+    program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    per = tl.cdiv(NBLK, tl.num_programs(1)).to(tl.int64)
+    b_lo = s * per
+    b_hi = tl.minimum(b_lo + per, NBLK)
+    tile = tl.zeros([BLOCK_K, BLOCK_D // QRUN], dtype=tl.float32)
+    # Whole aligned blocks first, in a loop of their own: a masked block's row loop nested in
+    # it would make this loop an outer one, whose unrolled rows the compiler schedules apart.
+    for blk in range(b_lo, b_hi):
+        entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+        if fast:
+            tile = _int8_block_dot(
+                tile, entry, row, basis_ptr, row_stride, scales_ptr, scale_stride, t, K,
+                BLOCK_K, BLOCK_D, GRAD_CODE, FAST=True,
+            )  # fmt: skip
+    for blk in range(b_lo, b_hi):
+        entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+        if not fast:
+            tile = _int8_block_dot(
+                tile, entry, row, basis_ptr, row_stride, scales_ptr, scale_stride, t, K,
+                BLOCK_K, BLOCK_D, GRAD_CODE, FAST=False,
+            )  # fmt: skip
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    tl.store(part_ptr + s * K + offs_k, tl.sum(tile, axis=1), mask=offs_k < K)
+
+
+@triton.jit
+def _int8_block_write(
+    entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, K,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """The block's parameter values ``w0 + P alpha`` for an int8 basis, summed over K in the
+    lanes' registers (FAST: BLOCK_K rows unrolled; masked: one row at a time)."""
+    local, mask_d, cols = _block(entry, row, BLOCK_D, FAST)
+    col0 = _int8_start(entry, FAST)
+    acc = tl.zeros([BLOCK_D // QRUN, QRUN], dtype=tl.float32)
+    if FAST:
+        for k0 in range(0, K, BLOCK_K):
+            for r in tl.static_range(BLOCK_K):
+                k = k0 + r
+                q, scale = _int8_row(
+                    basis_ptr, row_stride, scales_ptr, scale_stride, k, k < K, col0, mask_d, BLOCK_D, FAST
+                )
+                coef = tl.load(alpha_ptr + k, mask=k < K, other=0.0)
+                acc += q * (scale * coef)[:, None]
+    else:
+        for k in tl.range(0, K, loop_unroll_factor=1):
+            q, scale = _int8_row(
+                basis_ptr, row_stride, scales_ptr, scale_stride, k, k < K, col0, mask_d, BLOCK_D, FAST
+            )
+            acc += q * scale * tl.load(alpha_ptr + k)
+    w = tl.load(w0_ptr + cols, mask=mask_d, other=0.0) + tl.reshape(acc, (BLOCK_D,))
+    _store_from_f32(_address(row, PARAM_ADDR, FAST), tl.load(row + PARAM_DTYPE), local, w, mask_d)
+
+
+@triton.autotune(configs=configs(_WRITE_CONFIGS_Q), key=["K", "NBLK"])
+@triton.jit
+def _step_write_int8_kernel(
+    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, K, NBLK,
+    FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``_step_write_kernel`` for an int8 basis: one single-warp program per block."""
+    blk = tl.program_id(0).to(tl.int64)
+    entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+    if fast:
+        _int8_block_write(
+            entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, K,
+            BLOCK_K, BLOCK_D, FAST=True,
+        )  # fmt: skip
+    else:
+        _int8_block_write(
+            entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, K,
+            BLOCK_K, BLOCK_D, FAST=False,
+        )  # fmt: skip
+
+
 def fused_twa_step(
     params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor,
     alpha: Tensor, momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
@@ -271,17 +450,30 @@ def _grad_code(grads: list[Tensor | None]) -> int:
     return codes.pop() if len(codes) == 1 else -1
 
 
-def _project_partials(plan: Plan, ptab: Tensor, basis: Tensor, grads: list[Tensor | None]) -> Tensor:
-    """Stage 1 of ``P^T g`` straight from the grads the table points at: partials [S, K]."""
+def _project_partials(
+    plan: Plan, ptab: Tensor, basis: Tensor, scales: Tensor, grads: list[Tensor | None]
+) -> Tensor:
+    """Stage 1 of ``P^T g`` straight from the grads the table points at: partials [S, K]
+    (an int8 basis's block scales applied, a float basis's row scales not)."""
     K, dev = basis.shape[0], plan.device
+    if blockwise(basis.dtype):
+        kernel, blocks = _step_project_int8_kernel, (scales, scales.stride(0))
+    else:
+        kernel, blocks = _step_project_kernel, ()
     # The partials of the config that ran are returned.
-    part = plan.workspace("part", (most_wave_splits(_step_project_kernel, K, dev), K))
-    kernel = tuned(_step_project_kernel)
+    part = plan.workspace("part", (most_wave_splits(kernel, K, dev), K))
+    kernel = tuned(kernel)
     kernel[wave_grid(K, dev)](
-        ptab, plan.btab, basis, basis.stride(0), part, K, plan.nblk,
+        ptab, plan.btab, basis, basis.stride(0), *blocks, part, K, plan.nblk,
         FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK, GRAD_CODE=_grad_code(grads),
     )  # fmt: skip
     return part[: wave_splits(K, launched_config(kernel).kwargs, dev)]
+
+
+def _row_scales(basis: Tensor, scales: Tensor) -> Tensor | None:
+    """The scales stage 2 applies: a float basis's row scales; None for an int8 basis (its
+    block scales are in the partials)."""
+    return None if blockwise(basis.dtype) else scales
 
 
 def project_grads(
@@ -293,9 +485,9 @@ def project_grads(
     warn_if_narrow(basis, "triton")
     plan = plan_for(params, basis.device)
     ptab, keep = plan.table(params, grads)
-    part = _project_partials(plan, ptab, basis, grads)
+    part = _project_partials(plan, ptab, basis, scales, grads)
     del keep  # contiguous copies of strided grads live until the launch is queued
-    return reduce_partials(part.unsqueeze(1), scales).squeeze(0)
+    return reduce_partials(part.unsqueeze(1), _row_scales(basis, scales)).squeeze(0)
 
 
 def step_(
@@ -312,14 +504,18 @@ def step_(
     plan = plan_for(params, basis.device)
     torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
     ptab, keep = plan.table(params, grads)
-    part = _project_partials(plan, ptab, basis, grads)
+    part = _project_partials(plan, ptab, basis, scales, grads)
     coord = plan.workspace("coord", (K,))
     subspace_step.launch(
         alpha, momentum_buffer, counters, coord, gram, pw0, lr, momentum, dampening, weight_decay,
-        nesterov, part=part, scales=scales,
+        nesterov, part=part, scales=_row_scales(basis, scales),
     )  # fmt: skip
-    tuned(_step_write_kernel)[(max(plan.nblk, 1),)](
-        ptab, plan.btab, w0, basis, basis.stride(0), scales, alpha, K, plan.nblk,
+    if blockwise(basis.dtype):
+        kernel, blocks = _step_write_int8_kernel, (scales, scales.stride(0))
+    else:
+        kernel, blocks = _step_write_kernel, (scales,)
+    tuned(kernel)[(max(plan.nblk, 1),)](
+        ptab, plan.btab, w0, basis, basis.stride(0), *blocks, alpha, K, plan.nblk,
         FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK,
     )  # fmt: skip
     del keep  # contiguous copies of strided grads live until all launches are queued

@@ -31,7 +31,8 @@ def _subspace_step_kernel(
     mask = offs < K
     if FROM_PARTIALS:
         c = fold_partials(part_ptr, S, K, offs, mask, BLOCK_S, False)
-        c = c * tl.load(scales_ptr + offs, mask=mask, other=0.0)
+        if scales_ptr is not None:  # None: an int8 basis, whose block scales are in the partials
+            c = c * tl.load(scales_ptr + offs, mask=mask, other=0.0)
         tl.store(grad_ptr + offs, c, mask=mask)
     else:
         c = tl.load(grad_ptr + offs, mask=mask, other=0.0)
@@ -88,12 +89,13 @@ def launch(
     pw0: Tensor, lr: Tensor, momentum: float, dampening: float, weight_decay: float,
     nesterov: bool, part: Tensor | None = None, scales: Tensor | None = None,
 ) -> None:  # fmt: skip
-    """Run the step; with ``part`` [S, K] and ``scales``, first set ``coord_grad`` from them."""
+    """Run the step; with ``part`` [S, K], first set ``coord_grad`` to their sum times
+    ``scales`` [K] (None: the partials are already scaled, as an int8 basis's are)."""
     K = alpha.shape[0]
     from_partials = part is not None
     _subspace_step_kernel[(1,)](
         alpha, momentum_buffer, counters, coord_grad,
-        part if from_partials else coord_grad, scales if from_partials else coord_grad,
+        part if from_partials else coord_grad, scales if from_partials else None,
         part.shape[0] if from_partials else 0,
         gram, pw0, K, lr, float(momentum), float(1.0 - dampening), float(weight_decay),
         FROM_PARTIALS=from_partials, HAS_WD=weight_decay != 0, HAS_MOMENTUM=momentum != 0,
