@@ -3,10 +3,11 @@
     python -m benchmarks.auto_table RESULTS.json [--margin 0.03]
 
 Prints the card's entry for ``twa_kernels._auto_table.TABLE``: per op, ``(min K * D, backend)``
-thresholds. At each measured basis size (K * D, single vector) the CUDA extension is chosen
-when its median time beats Triton's by more than ``margin`` (3 %: about the spread of two runs
-of the same kernel), else Triton, the default. A threshold is written where the choice changes,
-so sizes between two measured ones take the smaller one's choice.
+thresholds. At each measured basis size (K * D, single vector; int8 results are left out, as
+"auto" takes an int8 basis's backend from the package's list of int8 kernels) the CUDA
+extension is chosen when its median time beats Triton's by more than ``margin`` (3 %: about the
+spread of two runs of the same kernel), else Triton, the default. A threshold is written where
+the choice changes, so sizes between two measured ones take the smaller one's choice.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def entry(rows: list[dict], margin: float) -> dict[str, list[tuple[int, str]]]:
     for r in rows:
         op = OPS.get(r["op"])
         if op is None or r.get("B", 1) != 1 or r["provider"] not in ("triton", "cuda"):
+            continue
+        if r.get("basis") == "int8":  # the table is for float bases; int8 has its own backends
             continue
         times.setdefault(op, {}).setdefault(r["K"] * r["D"], {})[r["provider"]] = r["seconds"]
     table = {}

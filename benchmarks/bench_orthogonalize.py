@@ -1,7 +1,8 @@
 """``orthogonalize_``: CGS2 of a sample against K - 1 stored rows, stored as row K - 1.
 
-Floor: three passes over the K - 1 rows and the sample, one row written (``shapes``). The naive
-providers are CGS2 as a user writes it over a dense P: four passes (P v, P^T c, P v1, P^T c2).
+Floor: three passes over the K - 1 rows and the sample, one row written (``shapes``; an int8
+case's own, with the block scales read and written). The naive providers are CGS2 as a user
+writes it over a dense P: four passes (P v, P^T c, P v1, P^T c2).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twa_kernels import ops
 
 from .harness import (
     PROVIDERS,
+    floor_dtype,
     parametrize_cases,
     prepare_case,
     record,
@@ -56,10 +58,10 @@ def make_call(provider: str, inp: dict, rank: int):
     return lambda: ops.orthogonalize_(basis, scales, sample, rank, backend=provider)
 
 
-def test_orthogonalize(benchmark, device, copy_bw, shape: Shape, provider: str):
+def test_orthogonalize(benchmark, device, copy_bw, shape: Shape, provider: str, basis: str):
     rank = shape.K - 1
     need = 2 * shape.K * shape.D + 16 * shape.D
-    dtype, inp = prepare_case(benchmark, "orthogonalize_", provider, shape, device, need)
+    dtype, inp = prepare_case(benchmark, "orthogonalize_", provider, shape, device, need, basis)
     call = make_call(provider, inp, rank)
     try:
         run(benchmark, call, device)
@@ -74,5 +76,5 @@ def test_orthogonalize(benchmark, device, copy_bw, shape: Shape, provider: str):
         basis=dtype,
         copy_bw=copy_bw,
         nbytes=orthogonalize_bytes(shape, dtype),
-        floor_bytes=orthogonalize_bytes(shape, torch.float16),
+        floor_bytes=orthogonalize_bytes(shape, floor_dtype(dtype)),
     )

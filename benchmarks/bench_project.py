@@ -1,4 +1,5 @@
-"""``project``: c = P^T x for x [D] and a batch [B, D]; floor 2KD + 4BD bytes (fp16 basis)."""
+"""``project``: c = P^T x for x [D] and a batch [B, D]; floor 2KD + 4BD bytes (fp16 basis),
+1.0625KD + 4BD (int8 basis: the backend providers' ``-int8`` cases)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from twa_kernels import ops
 
 from .harness import (
     PROVIDERS,
+    floor_dtype,
     parametrize_cases,
     prepare_case,
     record,
@@ -46,10 +48,10 @@ def check_close(result: torch.Tensor, expected: torch.Tensor) -> None:
     assert err < 1e-3, f"relative error {err:.2e}"
 
 
-def test_project(benchmark, device, copy_bw, shape: Shape, provider: str):
+def test_project(benchmark, device, copy_bw, shape: Shape, provider: str, basis: str):
     # The fp16 basis, plus the fp32 one derived from it or the upcast, plus x and the result.
     need = 2 * shape.K * shape.D + 8 * shape.B * shape.D
-    dtype, inp = prepare_case(benchmark, "project", provider, shape, device, need)
+    dtype, inp = prepare_case(benchmark, "project", provider, shape, device, need, basis)
     call = make_call(provider, inp)
     run(benchmark, call, device)
     record(
@@ -60,8 +62,9 @@ def test_project(benchmark, device, copy_bw, shape: Shape, provider: str):
         basis=dtype,
         copy_bw=copy_bw,
         nbytes=project_bytes(shape, dtype),
-        floor_bytes=project_bytes(shape, torch.float16),
+        floor_bytes=project_bytes(shape, floor_dtype(dtype)),
     )
     if provider != "torch":
-        ref = make_inputs(shape, torch.float16, device)
+        # int8: against the reference over the same int8 basis (the fp16 one is another P).
+        ref = inp if dtype == torch.int8 else make_inputs(shape, torch.float16, device)
         check_close(call(), ops.project(ref["basis"], ref["scales"], ref["x"], backend="torch"))

@@ -1,10 +1,12 @@
 """The whole TWA step, ``TWA.step()`` after ``backward()``, against the published code's step.
 
 Floor: two passes over P plus the gradients in, w0 in and the weights out: 2 * 2KD + 12D bytes
-for an fp16 basis, moved at the copy bandwidth measured in the same process; ``x_floor`` is the
-step's time over that (``harness``). Providers: ``published`` (fp32 P, torch.cat, two torch.mm, grads cloned,
-torch.optim.SGD), ``torch-fp32`` (TWA over an fp32 basis, reference backend), and ``torch``,
-``triton``, ``cuda`` (TWA over an fp16 basis with that backend).
+for an fp16 basis (2 * 1.0625KD + 12D for an int8 one), moved at the copy bandwidth measured in
+the same process; ``x_floor`` is the step's time over that (``harness``). Providers:
+``published`` (fp32 P, torch.cat, two torch.mm, grads cloned, torch.optim.SGD), ``torch-fp32``
+(TWA over an fp32 basis, reference backend), and ``torch``, ``triton``, ``cuda`` (TWA over an
+fp16 basis with that backend; the ``-int8`` cases over an int8 basis, the same P quantised with
+one scale per 64 values: ``shapes``).
 
 ``test_step_fp16_vs_fp32`` measures DESIGN's CPU target (a step over an fp16 basis within 1.5x
 of the same step over an fp32 basis) with the two steps interleaved round by round, so that the
@@ -20,13 +22,15 @@ import torch
 
 from .harness import (
     BACKEND_PROVIDERS,
+    basis_dtype,
+    floor_dtype,
     parametrize_cases,
     record,
     run,
     skip_unless_backend,
     skip_unless_fits,
 )
-from .shapes import Shape, fill_basis_, free_inputs, make_params, step_bytes
+from .shapes import Shape, basis_bytes, fill_basis_, free_inputs, make_params, step_bytes
 from .steps import PublishedStep, make_twa
 
 STEP_PROVIDERS = ("published", "torch-fp32", *BACKEND_PROVIDERS)
@@ -36,23 +40,20 @@ def pytest_generate_tests(metafunc):
     parametrize_cases(metafunc, STEP_PROVIDERS)
 
 
-def step_dtype(provider: str) -> torch.dtype:
-    return torch.float32 if provider in ("published", "torch-fp32") else torch.float16
+def step_dtype(provider: str, basis: str = "fp16") -> torch.dtype:
+    return torch.float32 if provider in ("published", "torch-fp32") else basis_dtype(provider, basis)
 
 
-def test_step(benchmark, device, copy_bw, shape: Shape, provider: str):
-    dtype = step_dtype(provider)
+def test_step(benchmark, device, copy_bw, shape: Shape, provider: str, basis: str):
+    dtype = step_dtype(provider, basis)
     backend = "torch" if provider == "torch-fp32" else provider
     if provider != "published":
-        skip_unless_backend("twa_step", backend, device)
+        skip_unless_backend("twa_step", backend, device, dtype)
     # Bases, plus D-sized fp32 state: params, grads and (published) cat, gp, clones, momentum;
     # (TWA) flat, mean, anchor, w0.
     per_d = 28 if provider == "published" else 24
-    skip_unless_fits(
-        (4 if dtype == torch.float32 else 2) * shape.K * shape.D + per_d * shape.D,
-        device,
-        f"{provider} at {shape.id}",
-    )
+    need = basis_bytes(shape.K, shape.D, dtype) + per_d * shape.D
+    skip_unless_fits(need, device, f"{provider} at {shape.id}")
     free_inputs()
     benchmark.group = f"step {shape.id}"
     params = make_params(shape, device)
@@ -68,7 +69,7 @@ def test_step(benchmark, device, copy_bw, shape: Shape, provider: str):
         w0 = torch.randn(shape.D, generator=gen, device=device)
         call = make_twa(params, shape.K, dtype, backend, w0).step
     run(benchmark, call, device)
-    floor = step_bytes(shape, torch.float16)
+    floor = step_bytes(shape, floor_dtype(dtype))
     record(benchmark, op="step", provider=provider, shape=shape, basis=dtype, copy_bw=copy_bw,
            nbytes=step_bytes(shape, dtype), floor_bytes=floor)  # fmt: skip
     assert all(bool(torch.isfinite(p).all()) for p in params)

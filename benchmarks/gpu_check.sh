@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: card and versions, install, the CUDA extension build, a short
-# correctness stage, the speed measurements the targets are stated for and the training-step
-# overhead, their report, then the larger test stages with the time that is left.
+# correctness stage, the speed measurements the targets are stated for (fp16 basis, then int8)
+# and the training-step overhead, their report, then the larger test stages with the time that
+# is left.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        (run from anywhere; OUT must be set)
 #
@@ -19,7 +20,14 @@
 #     published, torch-fp32), each process measuring the copy bandwidth first:
 #       project (75, ~40: 20 cases of ~0.4 s timed, 28 Triton configs compiled and autotuned),
 #       reconstruct (50, ~25), step (75, ~45);
-#     then the training step, ResNet-50 batch 256 under bf16 autocast, K = 32 and 101,
+#   int8 (after those, or alone: TWA_GPU_STAGES=int8): the int8-basis targets, the same sizes,
+#     providers triton and cuda over an int8 basis (one fp32 scale per 64 values; ids ending
+#     -int8; a backend the package lists no int8 kernel for skips, named), each file in its own
+#     process (not yet timed on a GPU):
+#       project (50, ~30: the int8 Triton configs compiled and autotuned), reconstruct (40,
+#       ~20), step (50, ~30); the fp16 and published steps they are compared with are the
+#       bench stage's;
+#   bench, continued: the training step, ResNet-50 batch 256 under bf16 autocast, K = 32 and 101,
 #       sgd-fused, triton, cuda, published, torch (100, ~60: cuDNN autotuning on the first
 #       step, then 10 cases of a model build and >= 13 steps of ~0.1-0.2 s);
 #     the results of each file are merged into bench.json and report.md as soon as it ends;
@@ -33,14 +41,17 @@
 #     of project, reconstruct and step (40 each), then the report again.
 # Memory: the largest cases are at K = 301, D = 25.6M: the 15.4 GB fp16 basis beside its 30.8 GB
 # fp32 twin (naive-fp32) or a 30.8 GB upcast of it (naive-fp16-upcast; the twin is freed
-# first): 46 GB of the 141; filling a basis takes milliseconds on the GPU. Expected total to the
-# end of the report: ~330 s (5 + 10 + 45 + 90 + 40 + 25 + 45 + 60 + 5).
+# first): 46 GB of the 141; filling a basis takes milliseconds on the GPU (the int8 one, 7.7 GB
+# at K = 301, is quantised row by row: about a second). Expected total to the end of the
+# report: ~410 s (5 + 10 + 45 + 90 + 40 + 25 + 45 + 80 + 60 + 5).
 # The whole run stays within TWA_GPU_BUDGET seconds (default 570, for a command limit of 600):
 # a stage whose limit would pass it gets what is left (and is skipped under 20 s); benchmark
-# files keep 60 s for the training step and the report, the training step 20 s for the report.
-# TWA_GPU_STAGES (default "first bench large tests more") picks stages, e.g.
-# TWA_GPU_STAGES=bench for the measurements only. Run it with timeout_s 600 and at least 13
-# minutes of device time left. Files left in $OUT (8 at most come back): info.txt,
+# files (fp16 and int8) keep 60 s for the training step and the report, the training step 20 s
+# for the report. TWA_GPU_STAGES (default "first bench int8 large tests more") picks stages,
+# e.g. TWA_GPU_STAGES="bench int8" for the measurements only, TWA_GPU_STAGES=int8 for the int8
+# ones alone (the report then has no fp16 or published step: those int8 targets read not
+# measured). Run it with timeout_s 600 and at least 13 minutes of device time left.
+# Files left in $OUT (8 at most come back): info.txt,
 # tests_first.log, bench.log, bench.json, report.md, chart.png, tests_more.log (install.log only
 # when the install fails).
 # Without .git on the box the commit is unknown: pass TWA_GIT_COMMIT=<sha> to record it.
@@ -58,7 +69,7 @@ unset TRITON_INTERPRET
 start=$SECONDS
 stage() { echo "=== $1 ($((SECONDS - start)) s)" | tee -a "$OUT/info.txt"; }
 BUDGET=${TWA_GPU_BUDGET:-570}
-STAGES=" ${TWA_GPU_STAGES:-first bench large tests more} "
+STAGES=" ${TWA_GPU_STAGES:-first bench int8 large tests more} "
 GRACE=30  # timeout -k: seconds between SIGINT and SIGKILL
 # limit <seconds> [reserve]: the stage's limit, cut to what the budget leaves after the kill
 # grace (and `reserve` seconds kept for later stages); prints nothing (and the caller skips the
@@ -180,10 +191,22 @@ if wanted bench; then
   stage "benchmarks: speed targets (D = 25.6M, K = 8, 32, 101, 301, fp16 basis, one vector)"
   # Each file keeps 60 s for the training step and the report.
   for spec in ${TWA_GPU_BENCH_PLAN:-project:75 reconstruct:50 step:75}; do
-    bench "${spec%%:*}" "${spec##*:}" 60 "${TWA_GPU_BENCH_K:-resnet50 and not B8}"
+    bench "${spec%%:*}" "${spec##*:}" 60 "${TWA_GPU_BENCH_K:-resnet50 and not B8 and not int8}"
   done
+fi
+if wanted int8; then
+  stage "benchmarks: int8 speed targets (D = 25.6M, K = 8, 32, 101, 301, int8 basis, one vector)"
+  # The kernel backends' int8 cases (the reference's are left to CPU runs); each file keeps
+  # 60 s for the training step and the report.
+  for spec in ${TWA_GPU_INT8_PLAN:-project:50 reconstruct:40 step:50}; do
+    bench "${spec%%:*}" "${spec##*:}" 60 "${TWA_GPU_INT8_K:-resnet50 and not B8 and int8 and not torch-int8}"
+  done
+fi
+if wanted bench; then
   stage "benchmarks: training step (ResNet-50, bf16 autocast, K = 32 and 101, against SGD fused)"
   bench train_step "${TWA_GPU_TRAIN_LIMIT:-100}" 20 "${TWA_GPU_TRAIN_K:-resnet50}"
+fi
+if wanted bench || wanted int8; then
   stage "report"
   merge_results 2>&1 | tee -a "$OUT/info.txt"
 fi
@@ -221,9 +244,9 @@ fi
 if wanted more; then
   stage "benchmarks: more sizes (only with time left)"
   before=$NJSON
-  bench orthogonalize 40 20 "resnet50"
-  bench project 40 20 "resnet50 and B8"
-  for name in project reconstruct step; do bench "$name" 40 20 "gpt2"; done
+  bench orthogonalize 40 20 "resnet50 and not int8"
+  bench project 40 20 "resnet50 and B8 and not int8"
+  for name in project reconstruct step; do bench "$name" 40 20 "gpt2 and not int8"; done
   if [ "$NJSON" -gt "$before" ]; then
     stage "report (again)"
     merge_results 2>&1 | tee -a "$OUT/info.txt"

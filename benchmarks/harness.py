@@ -4,11 +4,15 @@ Providers, in the order each shape runs them:
 
 - ``naive-fp32``: what a user writes in plain PyTorch: an fp32 basis and ``torch.mv``/``mm``.
 - ``naive-fp16-upcast``: an fp16 basis upcast whole to fp32 on every call, then the same.
-- ``torch``, ``triton``, ``cuda``: the ``twa::`` ops with that ``backend`` and an fp16 basis.
+- ``torch``, ``triton``, ``cuda``: the ``twa::`` ops with that ``backend``, each over an fp16
+  basis and over an int8 one (``basis`` "int8", ids ending ``-int8``: one fp32 scale per 64
+  values, 1.0625 bytes per value).
 
 Benchmarks never run Triton's interpreter: ``triton`` and ``cuda`` need a CUDA device and skip
 with the reason otherwise; on a CUDA device a backend whose implementation of the op is missing
-or fails on a tiny input fails the case (the message names the error).
+or fails on a tiny input fails the case (the message names the error). An int8 case skips where
+the package lists no int8 kernel of the op for that backend (``_ops.BLOCKWISE_BACKENDS``: not
+written yet), and fails like any other where it lists one that does not run.
 
 Every result's ``extra_info`` holds ``RESULT_KEYS`` (``record``): what was measured (``op``,
 ``provider``, ``D``, ``K``, ``B``, ``basis``: the basis storage dtype, or None where there is no
@@ -16,10 +20,12 @@ basis) and how it compares with the card (``pct_copy_bw``, ``x_floor``; None whe
 no byte floor, as a whole training step, or where nothing was timed, under
 ``--benchmark-disable``).
 
-The floor of an op or step is the time the least bytes an implementation over an fp16 basis must
-move (each basis row read once per pass over it, each vector read or written once: ``shapes``)
-take at the copy bandwidth measured at the start of the same process (``conftest``);
-``x_floor`` = time / floor, so 1.0 is a kernel that streams as fast as a device copy.
+The floor of an op or step is the time the least bytes an implementation over the package's
+basis must move (each basis row read once per pass over it, each vector read or written once:
+``shapes``) take at the copy bandwidth measured at the start of the same process (``conftest``);
+``x_floor`` = time / floor, so 1.0 is a kernel that streams as fast as a device copy. The floor
+is that of an fp16 basis, except for the int8 cases, whose floor is their own (int8 values and
+their block scales).
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from twa_kernels import ops
+from twa_kernels import _ops, ops
 
-from .shapes import Shape, bench_device, drop_dense_basis, make_inputs, shapes
+from .shapes import BASES, Shape, bench_device, drop_dense_basis, make_inputs, shapes
 
 NAIVE = ("naive-fp32", "naive-fp16-upcast")
 BACKEND_PROVIDERS = ("torch", "triton", "cuda")
@@ -73,7 +79,9 @@ def time_budget(device: torch.device) -> float:
 
 
 def parametrize_cases(metafunc, providers, batched: bool = False) -> None:
-    """Parametrize ``shape`` x ``provider``, shape-major so that one basis serves a shape.
+    """Parametrize ``shape`` x ``provider`` (x ``basis``, where the test takes it), shape-major
+    so that one basis serves a shape: every provider over fp16 first, then the backend providers
+    over int8 (ids ending ``-int8``).
 
     ``--benchmark-disable`` (the suite run once as tests) gets the tiny smoke shapes.
     """
@@ -83,9 +91,20 @@ def parametrize_cases(metafunc, providers, batched: bool = False) -> None:
     if "provider" not in metafunc.fixturenames:
         metafunc.parametrize("shape", shapes(batched, smoke), ids=lambda s: s.id)
         return
-    cases = [(s, p) for s in shapes(batched, smoke) for p in providers]
-    ids = [f"{s.id}-{p}" for s, p in cases]
-    metafunc.parametrize("shape, provider", cases, ids=ids)
+    if "basis" not in metafunc.fixturenames:
+        cases = [(s, p) for s in shapes(batched, smoke) for p in providers]
+        ids = [f"{s.id}-{p}" for s, p in cases]
+        metafunc.parametrize("shape, provider", cases, ids=ids)
+        return
+    cases = [
+        (s, p, b)
+        for s in shapes(batched, smoke)
+        for b in BASES
+        for p in providers
+        if b == "fp16" or p in BACKEND_PROVIDERS
+    ]
+    ids = [f"{s.id}-{p}" + ("" if b == "fp16" else f"-{b}") for s, p, b in cases]
+    metafunc.parametrize("shape, provider, basis", cases, ids=ids)
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,8 +112,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def basis_dtype(provider: str) -> torch.dtype:
-    return torch.float32 if provider == "naive-fp32" else torch.float16
+def basis_dtype(provider: str, basis: str = "fp16") -> torch.dtype:
+    """The storage of ``provider``'s basis in a case of ``basis`` (fp16 or int8)."""
+    return torch.float32 if provider == "naive-fp32" else BASES[basis]
+
+
+def floor_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The storage whose bytes make a case's floor: int8 for an int8 basis, else fp16."""
+    return torch.int8 if dtype == torch.int8 else torch.float16
 
 
 def skip_unless_fits(nbytes: int, device: torch.device, what: str) -> None:
@@ -106,8 +131,20 @@ def skip_unless_fits(nbytes: int, device: torch.device, what: str) -> None:
         pytest.skip(f"{what} needs {nbytes / 1e9:.0f} GB, the card has {total / 1e9:.0f} GB")
 
 
+# The twa:: ops a one-process TWA runs (the int8 check of the step benchmarks): the fused step,
+# and at its construction P^T w0 and the start weights.
+STEP_OPS = ("step_", "project", "reconstruct_")
+
+
+def int8_kernels_missing(op: str, backend: str) -> list[str]:
+    """The twa:: ops of ``op`` (a benchmark's op, or "twa_step") that ``backend`` has no int8
+    kernel for, as the package lists them (``_ops.BLOCKWISE_BACKENDS``)."""
+    names = STEP_OPS if op == "twa_step" else (op,)
+    return [name for name in names if backend not in _ops.BLOCKWISE_BACKENDS.get(name, ())]
+
+
 @functools.cache
-def _backend_error(op: str, backend: str) -> str | None:
+def _backend_error(op: str, backend: str, dtype: torch.dtype = torch.float16) -> str | None:
     """None when ``backend`` runs ``op`` on a tiny CUDA input, else what went wrong.
 
     Deterministic mode (warnings only) has the Triton kernels run their first config instead of
@@ -115,8 +152,12 @@ def _backend_error(op: str, backend: str) -> str | None:
     an input that only checks the backend runs.
     """
     dev = torch.device("cuda")
-    basis = torch.randn(4, 1000, device=dev).half()
-    scales = torch.ones(4, device=dev)
+    if dtype == torch.int8:
+        basis = torch.randint(-127, 128, (4, 1000), dtype=torch.int8, device=dev)
+        scales = torch.full((4, 16), 0.01, device=dev)
+    else:
+        basis = torch.randn(4, 1000, device=dev).half()
+        scales = torch.ones(4, device=dev)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -146,16 +187,25 @@ def _backend_error(op: str, backend: str) -> str | None:
     return None
 
 
-def skip_unless_backend(op: str, provider: str, device: torch.device) -> None:
-    """Skip a GPU backend on a machine without CUDA; on a CUDA device, a backend that cannot run
-    ``op`` fails the case (a broken kernel must not read as a missing measurement)."""
-    if provider not in BACKEND_PROVIDERS or provider == "torch":
+def skip_unless_backend(
+    op: str, provider: str, device: torch.device, dtype: torch.dtype = torch.float16
+) -> None:
+    """Skip a GPU backend on a machine without CUDA, and an int8 case of a backend the package
+    lists no int8 kernel of ``op`` for; on a CUDA device, a backend that cannot run ``op`` fails
+    the case (a broken kernel must not read as a missing measurement)."""
+    if provider not in BACKEND_PROVIDERS:
+        return
+    if dtype == torch.int8:
+        missing = int8_kernels_missing(op, provider)
+        if missing:
+            pytest.skip(f"backend={provider!r} has no int8 kernel of {', '.join(missing)} yet")
+    if provider == "torch":
         return
     if device.type != "cuda":
         if provider == "triton":
             pytest.skip("backend='triton' needs a CUDA device; benchmarks never use Triton's interpreter")
         pytest.skip(f"backend={provider!r} needs a CUDA device")
-    error = _backend_error(op, provider)
+    error = _backend_error(op, provider, dtype)
     if error:
         pytest.fail(error)
 
@@ -164,14 +214,17 @@ def skip_unless_backend(op: str, provider: str, device: torch.device) -> None:
 # timing
 
 
-def prepare_case(benchmark, op: str, provider: str, shape: Shape, device: torch.device, need: int):
+def prepare_case(
+    benchmark, op: str, provider: str, shape: Shape, device: torch.device, need: int, basis: str = "fp16"
+):
     """Skip a case that cannot run here, name its group, and make its inputs.
 
-    ``need`` is the bytes the op's fp16 case holds; the naive providers also hold a dense fp32
-    basis (or its upcast), 4KD bytes more. Returns ``(basis dtype, inputs)``.
+    ``need`` is the bytes the op's fp16 case holds (an int8 case holds less); the naive providers
+    also hold a dense fp32 basis (or its upcast), 4KD bytes more. Returns ``(basis dtype,
+    inputs)``.
     """
-    dtype = basis_dtype(provider)
-    skip_unless_backend(op, provider, device)
+    dtype = basis_dtype(provider, basis)
+    skip_unless_backend(op, provider, device, dtype)
     if provider in NAIVE:
         need += 4 * shape.K * shape.D
     skip_unless_fits(need, device, f"{provider} at {shape.id}")

@@ -11,12 +11,16 @@ first JSON's folder) with one table per operation, then:
   D >= 25M with an fp16 basis (``target_checks``): ``project`` and ``reconstruct`` at >= 90 % of
   the copy bandwidth; the whole step within 1.2x its floor at K >= 32 and 1.35x at K < 32, and
   >= 2.5x faster than the published step at K >= 32;
+- the int8-basis targets, the same way (``int8_target_checks``): ``project`` and ``reconstruct``
+  over an int8 basis at >= 85 % of the copy bandwidth (bytes: 1 per value and 4 per 64 values);
+  the int8 step >= 1.7x faster than the fp16 step of the same backend and >= 4x faster than the
+  published step, at K >= 101;
 - the ``backend="auto"`` table entry of the card (``benchmarks/auto_table.py``) from the same
   results;
 - the TWA overhead on a whole training step over ``torch.optim.SGD(fused=True)``, in ms and % of
   that step, per K and backend (``train_overheads``);
 
-and prints these three to stdout. Then ``DIR/chart.png``, drawn with matplotlib: achieved GB/s
+and prints these four to stdout. Then ``DIR/chart.png``, drawn with matplotlib: achieved GB/s
 per operation, shape and provider against the copy bandwidth measured in the same run. Without
 matplotlib (or with ``--no-chart``) the markdown is still written; without matplotlib the
 command says what the chart needs and exits 1.
@@ -43,6 +47,8 @@ COLORS = {
     "torch-fp32": "#e69f00", "torch": "#56b4e9", "triton": "#009e73", "cuda": "#cc79a7",
 }  # fmt: skip
 COPY_COLOR = "#d55e00"
+# int8-basis results: the provider's colour, hatched.
+INT8_HATCH = "///"
 MATPLOTLIB_INSTALL = "pip install matplotlib"
 # The speed targets: at D >= 25M, fp16 basis, one vector, for each K and backend below.
 TARGET_MIN_D = 25_000_000
@@ -53,6 +59,13 @@ STEP_X_FLOOR = 1.2  # the whole step: time / floor, at most, at K >= LARGE_K
 STEP_X_FLOOR_SMALL_K = 1.35  # the same below LARGE_K (stated at K = 8)
 STEP_SPEEDUP = 2.5  # published step's time / the step's, at least, at K >= LARGE_K
 LARGE_K = 32
+# The int8-basis targets (one fp32 scale per 64 values), at the same sizes and backends.
+INT8_OP_TARGET_PCT = 85.0  # project and reconstruct over int8: % of the copy bandwidth, at least
+INT8_STEP_OVER_FP16 = 1.7  # the fp16 step's time / the int8 step's (same backend), at least
+INT8_STEP_OVER_PUBLISHED = 4.0  # the published step's time / the int8 step's, at least
+# Both step targets are stated from K = 101: below, the 12D bytes of gradients, w0 and weights
+# every step moves bound the int8 step's gain over fp16 (at most 1.75x at K = 32, 1.84x at 101).
+INT8_STEP_MIN_K = 101
 # CPU: the reference step over an fp16 basis within this factor of the same over an fp32 basis.
 CPU_FP16_OVER_FP32 = 1.5
 # The training step every other optimizer's overhead is measured against.
@@ -126,9 +139,19 @@ def _provider_rank(provider: str) -> int:
     return PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
 
 
+def _int8(row: dict) -> bool:
+    return row.get("basis") == "int8"
+
+
+def _label(row: dict) -> str:
+    """The provider, with " int8" for an int8-basis result (the same provider's fp16 one is
+    another result of the same shape)."""
+    return row["provider"] + (" int8" if _int8(row) else "")
+
+
 def _key(row: dict):
     op = OP_ORDER.index(row["op"]) if row["op"] in OP_ORDER else len(OP_ORDER)
-    return (op, row["op"], row["D"], row["K"], row.get("B", 1), _provider_rank(row["provider"]))
+    return (op, row["op"], row["D"], row["K"], row.get("B", 1), _int8(row), _provider_rank(row["provider"]))
 
 
 def _fmt(x, digits=1, suffix=""):
@@ -143,7 +166,7 @@ def _shape(row: dict) -> str:
 def _by_group(rows: list[dict]) -> dict:
     groups = defaultdict(dict)
     for r in rows:
-        groups[(r["op"], r["model"], r["D"], r["K"], r.get("B", 1))][r["provider"]] = r
+        groups[(r["op"], r["model"], r["D"], r["K"], r.get("B", 1))][_label(r)] = r
     return groups
 
 
@@ -165,8 +188,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- measured copy bandwidth: {copy} GB/s (read + write, {meta.get('copy_device', '?')})"
         f"{copy_note}; times are the {meta['stat']} over rounds",
         "- GB/s = the least bytes the provider's layout must move / time; x floor = time / "
-        "(bytes an fp16-basis op must move / copy bandwidth); a read-mostly op can pass 100 % "
-        "of a copy, which also writes what it reads",
+        "(bytes an fp16-basis op must move / copy bandwidth; an int8-basis op's own bytes for the "
+        "int8 results: 1 per value and 4 per 64 values); a read-mostly op can pass 100 % of a "
+        "copy, which also writes what it reads",
         "",
     ]
     rows = sorted(rows, key=_key)
@@ -222,6 +246,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             out.append(line)
         out.append("")
     out += targets_section(rows, meta["stat"])
+    out += int8_targets_section(rows, meta["stat"])
     out += auto_section(meta, rows)
     out += train_section(rows)
     if not str(meta.get("copy_device", "cpu")).startswith("cuda"):  # a target for CPU runs only
@@ -253,6 +278,7 @@ class Check:
     value: float | None
     limit: float
     passed: bool | None
+    basis: str = "fp16"
 
     @property
     def verdict(self) -> str:
@@ -308,17 +334,70 @@ def target_checks(rows: list[dict]) -> list[Check]:
     return checks
 
 
-def _check(target: tuple, op: str, model: str, D: int | None, K: int, backend: str) -> Check:
+def _check(
+    target: tuple, op: str, model: str, D: int | None, K: int, backend: str, basis: str = "fp16"
+) -> Check:
     """``target`` = (what, value, limit, passed); a missing value makes it not measured."""
     what, value, limit, passed = target
-    return Check(what, op, model, D, K, backend, value, limit, None if value is None else passed)
+    return Check(what, op, model, D, K, backend, value, limit, None if value is None else passed, basis)
 
 
-def summarize(checks: list[Check]) -> str:
+def _at_least(what: str, value: float | None, limit: float) -> tuple:
+    """A target ``value >= limit``, as ``_check`` takes it."""
+    return (f"{what} >= {limit:g}", value, limit, value is not None and value >= limit)
+
+
+def int8_target_checks(rows: list[dict]) -> list[Check]:
+    """The int8-basis targets at every measured D >= 25M, for K in ``TARGET_K`` and both backends:
+    project and reconstruct over int8 at >= ``INT8_OP_TARGET_PCT`` % of the copy bandwidth; at
+    K >= ``INT8_STEP_MIN_K`` the int8 step >= ``INT8_STEP_OVER_FP16``x faster than the fp16
+    step of the same backend and >= ``INT8_STEP_OVER_PUBLISHED``x faster than the published step.
+
+    A size counts as measured when any result of these ops is there (fp16, int8 or published):
+    an int8 result missing there (skipped, cut by a time limit, not run) is not measured.
+    """
+    found, sizes = {}, set()
+    for r in rows:
+        if r.get("D", 0) < TARGET_MIN_D or r.get("B", 1) != 1 or r["op"] not in _TARGET_OPS:
+            continue
+        sizes.add((r["D"], r["model"]))
+        kind = "published" if r["provider"] == "published" else r.get("basis")
+        found[(r["op"], r["D"], r["K"], r["provider"], kind)] = r
+    checks = []
+    for D, model in sorted(sizes) or [(None, f"D >= {TARGET_MIN_D:,}")]:
+        for op in _TARGET_OPS:
+            for K in TARGET_K:
+                for backend in TARGET_BACKENDS:
+                    r = found.get((op, D, K, backend, "int8"))
+                    if op != "step":
+                        pct = r.get("pct") if r else None
+                        targets = [_at_least("% of copy bandwidth", pct, INT8_OP_TARGET_PCT)]
+                    elif K >= INT8_STEP_MIN_K:
+                        over16 = _speedup(found.get((op, D, K, backend, "float16")), r)
+                        overpub = _speedup(found.get((op, D, K, "published", "published")), r)
+                        targets = [
+                            _at_least("speedup over the fp16 step", over16, INT8_STEP_OVER_FP16),
+                            _at_least("speedup over published", overpub, INT8_STEP_OVER_PUBLISHED),
+                        ]
+                    else:
+                        targets = []
+                    checks += [_check(t, op, model, D, K, backend, "int8") for t in targets]
+    return checks
+
+
+_TARGET_OPS = ("project", "reconstruct", "step")
+
+
+def _speedup(base: dict | None, row: dict | None) -> float | None:
+    """``base``'s time over ``row``'s; None when either is missing."""
+    return base["seconds"] / row["seconds"] if (base and row) else None
+
+
+def summarize(checks: list[Check], what: str = "speed targets") -> str:
     n = {v: sum(c.verdict == v for c in checks) for v in ("pass", "FAIL", "not measured")}
     verdict = "all met" if n["pass"] == len(checks) else "not all met"
     return (
-        f"speed targets: {verdict}: {n['pass']} pass, {n['FAIL']} fail, {n['not measured']} not "
+        f"{what}: {verdict}: {n['pass']} pass, {n['FAIL']} fail, {n['not measured']} not "
         f"measured, of {len(checks)}"
     )
 
@@ -341,6 +420,31 @@ def targets_section(rows: list[dict], stat: str) -> list[str]:
         f">= {STEP_SPEEDUP:g}x faster than the published step at K >= {LARGE_K}.",
         "",
         f"**{summarize(checks)}**",
+        "",
+        "| op | shape | backend | target | value | verdict |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for c in checks:
+        out.append(f"| {c.op} | {c.model} K={c.K} | {c.provider} | {c.target} | {_value(c)} | {c.verdict} |")
+    return out + [""]
+
+
+INT8_WHAT = "int8 speed targets"
+
+
+def int8_targets_section(rows: list[dict], stat: str) -> list[str]:
+    checks = int8_target_checks(rows)
+    out = [
+        "## Speed targets, int8 basis",
+        "",
+        f"At D >= {TARGET_MIN_D:,}, int8 basis (one fp32 scale per 64 values), one vector, backends "
+        f"{' and '.join(TARGET_BACKENDS)}, from the {stat} times of this run: project and reconstruct "
+        f"at >= {INT8_OP_TARGET_PCT:g} % of the copy bandwidth (K in {', '.join(map(str, TARGET_K))}; "
+        f"bytes: 1 per value and 4 per 64 values); at K >= {INT8_STEP_MIN_K} the int8 step "
+        f">= {INT8_STEP_OVER_FP16:g}x faster than the fp16 step of the same backend and "
+        f">= {INT8_STEP_OVER_PUBLISHED:g}x faster than the published step.",
+        "",
+        f"**{summarize(checks, INT8_WHAT)}**",
         "",
         "| op | shape | backend | target | value | verdict |",
         "|---|---|---|---|---:|---|",
@@ -468,15 +572,20 @@ def cpu_checks(groups: dict) -> list[str]:
 
 
 def summary_lines(meta: dict, rows: list[dict]) -> list[str]:
-    """What the command prints: the targets (failures and missing ones named), the auto entry,
-    and the training-step overheads."""
-    checks = target_checks(rows)
-    out = [summarize(checks)]
-    if all(c.D is None for c in checks):
-        out.append(f"  nothing measured at D >= {TARGET_MIN_D:,} with an fp16 basis")
-    else:
+    """What the command prints: the fp16 and the int8 targets (failures and missing ones named),
+    the auto entry, and the training-step overheads."""
+    out = []
+    for checks, what, basis in (
+        (target_checks(rows), "speed targets", "an fp16"),
+        (int8_target_checks(rows), INT8_WHAT, "any"),
+    ):
+        out.append(summarize(checks, what))
+        if all(c.D is None for c in checks):
+            out.append(f"  nothing measured at D >= {TARGET_MIN_D:,} with {basis} basis")
+            continue
         out += [
-            f"  {c.verdict}: {c.op} {c.model} K={c.K} {c.provider}: {c.target} ({_value(c)})"
+            f"  {c.verdict}: {c.op} {c.model} K={c.K} {c.provider}"
+            f"{' int8' if c.basis == 'int8' else ''}: {c.target} ({_value(c)})"
             for c in checks
             if c.verdict != "pass"
         ]
@@ -513,8 +622,10 @@ def chart(meta: dict, rows: list[dict]):
     for members in groups.values():
         first = y
         for r in members:
-            name = r["provider"]
-            bars = ax.barh(y, r["gbps"], height=0.8, color=COLORS.get(name, "black"), label=name)
+            name = _label(r)
+            hatch = INT8_HATCH if _int8(r) else None
+            bars = ax.barh(y, r["gbps"], height=0.8, color=COLORS.get(r["provider"], "black"), label=name,
+                           hatch=hatch, edgecolor="white" if hatch else None)  # fmt: skip
             legend.setdefault(name, bars)
             pct = f" ({r['pct']:.0f}%)" if r.get("pct") is not None else ""
             ax.annotate(f"{r['gbps']:.1f}{pct}", (r["gbps"], y), xytext=(3, 0),
@@ -528,7 +639,8 @@ def chart(meta: dict, rows: list[dict]):
     top = max([copy] + [r["gbps"] for r in rows])
     ax.set_xlim(0, 1.18 * top if top > 0 else 1.0)  # room for the bars' labels
     ax.set_xlabel("achieved GB/s (the least bytes the provider must move / time)")
-    handles = [legend[name] for name in sorted(legend, key=_provider_rank)]
+    order = sorted(legend, key=lambda name: (name.endswith(" int8"), _provider_rank(name.split()[0])))
+    handles = [legend[name] for name in order]
     if copy:
         for frac in (0.25, 0.5, 0.75):
             ax.axvline(frac * copy, color="0.88", linewidth=0.8, zorder=0)

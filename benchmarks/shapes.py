@@ -8,6 +8,11 @@ deterministic per (D, K) whatever its dtype: row i is ``randn(D)`` from seed ``i
 fp16, with the fp32 scale ``1/sqrt(D)``. The fp32 basis a plain-PyTorch user would keep is the
 same fp16 values times their scale (``dense_basis``), so every provider computes the same P and
 results can be compared across providers.
+
+The int8 basis (``basis="int8"`` of the backend providers) quantises those same fp16 rows as the
+package stores a row (``twa_kernels.reference.quantise_blocks``): each block of 64 values to
+``rint(v * 127 / max|v|)``, with the block's scale ``max|v| / 127 / sqrt(D)``. It is the same P
+within the rounding of int8 (about 0.6 % of each block's rms).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from twa_kernels import ops
+from twa_kernels._layout import QMAX, QUANT_BLOCK, scale_blocks
+from twa_kernels.reference import quantise_blocks
 
 RESNET18_D = 11_689_512
 RESNET50_D = 25_557_032
@@ -35,6 +42,9 @@ CPU_K = (8, 32)
 SMOKE_D = {"2^16": 1 << 16}
 SMOKE_K = (8, 32)
 BATCHES = (1, 8)
+# The storages of the package's basis the backend providers are measured with (``basis`` of a
+# case); the naive and published providers keep their own (fp32 P, or fp16 upcast).
+BASES = {"fp16": torch.float16, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -75,35 +85,45 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def basis_bytes(rows: int, D: int, dtype: torch.dtype) -> int:
+    """Bytes of ``rows`` basis rows of D values: the values, plus for int8 the fp32 scale of each
+    block of 64 (1 + 4/64 bytes per value); a float basis's one scale per row is not counted."""
+    scales = 4 * rows * scale_blocks(D) if dtype == torch.int8 else 0
+    return itemsize(dtype) * rows * D + scales
+
+
 # The least each op must read and write, in bytes (DESIGN.md section 2); P is read once per pass.
 def project_bytes(s: Shape, dtype: torch.dtype) -> int:
-    return itemsize(dtype) * s.K * s.D + 4 * s.B * s.D
+    return basis_bytes(s.K, s.D, dtype) + 4 * s.B * s.D
 
 
 def reconstruct_bytes(s: Shape, dtype: torch.dtype) -> int:
-    return itemsize(dtype) * s.K * s.D + 8 * s.D  # read w0, write out (fp32)
+    return basis_bytes(s.K, s.D, dtype) + 8 * s.D  # read w0, write out (fp32)
 
 
 def orthogonalize_bytes(s: Shape, dtype: torch.dtype) -> int:
     # Three passes over the rank = K - 1 stored rows and the sample, one row written.
     rank = s.K - 1
-    return 3 * (itemsize(dtype) * rank * s.D + 4 * s.D) + itemsize(dtype) * s.D
+    return 3 * (basis_bytes(rank, s.D, dtype) + 4 * s.D) + basis_bytes(1, s.D, dtype)
 
 
 def step_bytes(s: Shape, dtype: torch.dtype) -> int:
     # Two passes over P; read the gradients and w0, write the weights (fp32).
-    return 2 * itemsize(dtype) * s.K * s.D + 12 * s.D
+    return 2 * basis_bytes(s.K, s.D, dtype) + 12 * s.D
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs
 
 _BASIS_CACHE: dict[tuple, torch.Tensor] = {}
+# The block scales of the cached int8 bases, under the same keys.
+_SCALES_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def free_inputs() -> None:
     """Free the cached bases (before a benchmark that builds its own)."""
     _BASIS_CACHE.clear()
+    _SCALES_CACHE.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -157,10 +177,44 @@ def make_params(shape: Shape, device: torch.device) -> list[torch.Tensor]:
     return params
 
 
+def quantised_row(D: int, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i of the int8 benchmark basis: int8 [D] and its fp32 block scales [ceil(D / 64)]."""
+    q, amax = quantise_blocks(_seeded_row(D, i, device).half().double())
+    return q, (amax / QMAX * D**-0.5).float()
+
+
+def int8_basis_rows(D: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [K, D] and fp32 block scales [K, ceil(D / 64)]: the fp16 basis's rows quantised.
+
+    Built row by row (no fp16 basis alongside) and cached as ``basis_rows`` is: a new basis
+    frees the last.
+    """
+    key = (D, K, torch.int8, str(device))
+    if key not in _BASIS_CACHE:
+        free_inputs()
+        basis = ops.empty_basis(K, D, torch.int8, device)
+        scales = ops.empty_scales(K, D, torch.int8, device)
+        for i in range(K):
+            basis[i], scales[i] = quantised_row(D, i, device)
+        _BASIS_CACHE[key], _SCALES_CACHE[key] = basis, scales
+    return _BASIS_CACHE[key], _SCALES_CACHE[key]
+
+
+def fill_int8_basis_(basis: torch.Tensor, scales: torch.Tensor) -> None:
+    """Write the int8 benchmark basis into ``basis`` [K, D] (int8) and ``scales`` [K, ceil(D / 64)]."""
+    K, D = basis.shape
+    assert scales.shape == (K, scale_blocks(D)), (scales.shape, K, D, QUANT_BLOCK)
+    for i in range(K):
+        basis[i], scales[i] = quantised_row(D, i, basis.device)
+
+
 def restore_row(D: int, K: int, i: int, device: torch.device) -> None:
     """Rewrite row ``i`` of the cached bases of (D, K) after a benchmark that overwrote it."""
     for (d, k, dtype, dev), basis in _BASIS_CACHE.items():
         if (d, k, dev) == (D, K, str(device)):
+            if dtype == torch.int8:
+                basis[i], _SCALES_CACHE[(d, k, dtype, dev)][i] = quantised_row(D, i, device)
+                continue
             row = _seeded_row(D, i, device).half()
             basis[i] = row if dtype == torch.float16 else row.float() * D**-0.5
 
@@ -189,7 +243,8 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
     """Every tensor the ops and the step take, for ``shape``, with the basis stored in ``dtype``.
 
     ``dtype`` float16 gives the package's layout (fp16 rows, fp32 scales ``1/sqrt(D)``);
-    float32 gives the same P as fp32 rows with unit scales (the scale folded in).
+    float32 gives the same P as fp32 rows with unit scales (the scale folded in); int8 the fp16
+    rows quantised, with fp32 block scales [K, ceil(D / 64)] (``int8_basis_rows``).
     """
     D, K, B = shape.D, shape.K, shape.B
     if dtype == torch.float16:
@@ -198,8 +253,10 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
     elif dtype == torch.float32:
         basis = dense_basis(D, K, device)
         scales = torch.ones(K, dtype=torch.float32, device=device)
+    elif dtype == torch.int8:
+        basis, scales = int8_basis_rows(D, K, device)
     else:
-        raise ValueError(f"benchmarks store the basis in float16 or float32, not {dtype}")
+        raise ValueError(f"benchmarks store the basis in float16, float32 or int8, not {dtype}")
     gen = torch.Generator(device=device)
     gen.manual_seed(1 << 20)
     x = torch.randn(B, D, generator=gen, device=device)
@@ -216,4 +273,4 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
 
 def basis_bytes_needed(shape: Shape, dtypes: tuple[torch.dtype, ...]) -> int:
     """Device bytes the bases of ``dtypes`` take together, for the fit check."""
-    return sum(itemsize(d) * shape.K * shape.D for d in dtypes)
+    return sum(basis_bytes(shape.K, shape.D, d) for d in dtypes)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 import twa_kernels
 
-from .shapes import fill_basis_
+from .shapes import fill_basis_, fill_int8_basis_
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -50,8 +50,11 @@ def make_subspace(params, K: int, dtype: torch.dtype, w0: Tensor) -> twa_kernels
     allocate a second basis.
     """
     space = twa_kernels.Subspace(params, max_rank=K, dtype=dtype, backend="torch")
-    scales = torch.empty(K, device=space.device)
-    fill_basis_(space.basis, scales)
+    scales = torch.empty_like(space.scales)  # [K], or [K, ceil(D / 64)] for int8
+    if dtype == torch.int8:
+        fill_int8_basis_(space.basis, scales)
+    else:
+        fill_basis_(space.basis, scales)
     state = {
         "layout": space.layout.signature(),
         "dtype": str(dtype).removeprefix("torch."),

@@ -38,6 +38,13 @@ def test_cuda_is_chosen_only_where_it_is_faster_by_the_margin():
         del _auto_table.TABLE["test card"]
 
 
+def test_int8_results_do_not_enter_the_float_table():
+    rows = [_row("project", "triton", 8, 1000, 1.0), _row("project", "cuda", 8, 1000, 2.0)]
+    int8 = [dict(_row("project", p, 8, 1000, t), basis="int8") for p, t in (("triton", 5.0), ("cuda", 0.1))]
+    assert entry(rows + int8, margin=0.03) == {}  # Triton, from the fp16 times alone
+    assert entry(int8, margin=0.03) == {}
+
+
 def test_command_prints_a_table_entry(tmp_path, capsys):
     bench = [
         {"name": f"test_project[{p}]", "group": "g", "stats": {"median": s, "min": s, "rounds": 3},

@@ -47,6 +47,8 @@ def test_every_result_records_its_keys(bench_json):
             expected = None  # no basis at all
         elif provider in FP32_BASIS:
             expected = "float32"
+        elif r["name"].endswith("-int8]"):
+            expected = "int8"
         else:
             expected = "float16"
         assert info["basis"] == expected, r["name"]
@@ -56,6 +58,34 @@ def test_every_result_records_its_keys(bench_json):
             assert info["pct_copy_bw"] is None and info["x_floor"] is None, r["name"]
         for key in ("card", "torch", "triton", "commit", "copy_gbps"):
             assert info[key], f"{r['name']}: no {key}"
+
+
+@pytest.mark.slow
+def test_int8_results_beside_fp16(bench_json):
+    """The backend providers' int8 cases (only the reference runs on the CPU): one per fp16 case
+    of the same op and shape, their bytes counted at 1 byte per value and 4 per 64 values, and
+    measured against their own floor."""
+    results = [r["extra_info"] for r in json.loads(bench_json.read_text())["benchmarks"]]
+    ops = ("project", "reconstruct", "orthogonalize", "step")
+
+    def key(i):
+        return (i["op"], i["D"], i["K"], i["B"])
+
+    int8 = {key(i): i for i in results if i["basis"] == "int8"}
+    fp16 = {key(i): i for i in results if i["provider"] == "torch" and i["basis"] == "float16"}
+    assert {k[0] for k in int8} == set(ops)
+    assert set(int8) == {k for k in fp16 if k[0] in ops}
+    for (op, D, K, B), info in int8.items():
+        assert info["provider"] == "torch"
+        basis = K * D + 4 * K * -(-D // 64)  # int8 values and fp32 block scales
+        expected = {
+            "project": basis + 4 * B * D,
+            "reconstruct": basis + 8 * D,
+            "orthogonalize": 3 * ((K - 1) * D + 4 * (K - 1) * -(-D // 64) + 4 * D) + D + 4 * -(-D // 64),
+            "step": 2 * basis + 12 * D,
+        }[op]
+        assert info["bytes_moved"] == info["floor_bytes"] == expected, (op, K)
+        assert fp16[(op, D, K, B)]["bytes_moved"] > info["bytes_moved"]
 
 
 @pytest.mark.slow

@@ -14,8 +14,10 @@ from .report import (
     TARGET_BACKENDS,
     TARGET_K,
     chart,
+    int8_target_checks,
     load,
     main,
+    markdown,
     summarize,
     target_checks,
     train_overheads,
@@ -313,3 +315,181 @@ def test_several_jsons_are_merged_and_checked(tmp_path, capsys):
     assert "| step | resnet50 K=32 | cuda | x floor <= 1.2 | - | not measured |" in md
     assert "  not measured: step resnet50 K=32 cuda: x floor <= 1.2 (-)" in captured.out
     assert "  pass:" not in captured.out  # only what is not met is named
+
+
+# ---------------------------------------------------------------------------------------------
+# the int8-basis targets
+
+
+def _passing_int8_rows():
+    """fp16, int8 and published rows that meet every int8 target by a margin: int8 project and
+    reconstruct at 90 / 88 % of the copy bandwidth; the int8 step 1.0 s against 2.5 s (fp16,
+    2.5x) and 5.0 s (published, 5x)."""
+    rows = []
+    for K in TARGET_K:
+        rows.append(_row("step", "published", K, 5.0, basis="float32"))
+        for b in TARGET_BACKENDS:
+            rows.append(_row("project", b, K, 1.0, pct=95.0))
+            rows.append(_row("project", b, K, 0.55, basis="int8", pct=90.0))
+            rows.append(_row("reconstruct", b, K, 0.55, basis="int8", pct=88.0))
+            rows.append(_row("step", b, K, 2.5, x_floor=1.1))
+            rows.append(_row("step", b, K, 1.0, basis="int8", x_floor=1.1))
+    return rows
+
+
+def _int8_verdicts(rows):
+    return {(c.op, c.K, c.provider, c.target): c.verdict for c in int8_target_checks(rows)}
+
+
+OVER_FP16, OVER_PUB = "speedup over the fp16 step >= 1.7", "speedup over published >= 4"
+
+
+def test_every_int8_target_is_checked_and_met_by_passing_rows():
+    checks = int8_target_checks(_passing_int8_rows())
+    # project and reconstruct: K x backend; the step: two targets at K = 101 and 301 per backend.
+    assert len(checks) == 2 * 4 * 2 + 2 * 2 * 2
+    assert {c.verdict for c in checks} == {"pass"} and {c.basis for c in checks} == {"int8"}
+    assert {(c.op, c.K) for c in checks if c.op == "step"} == {("step", 101), ("step", 301)}
+    assert summarize(checks, "int8 speed targets").startswith("int8 speed targets: all met: 24 pass, 0 fail")
+    # int8 rows, failing any fp16 target, do not enter the fp16 targets.
+    int8 = [dict(r, pct=1.0, x_floor=9.0, seconds=99.0) for r in _passing_int8_rows() if r["basis"] == "int8"]
+    assert {c.verdict for c in target_checks(_passing_rows() + int8)} == {"pass"}
+
+
+PCT85 = "% of copy bandwidth >= 85"
+
+
+@pytest.mark.parametrize(
+    "op, K, basis, field, value, target, verdict",
+    [
+        ("project", 8, "int8", "pct", 85.0, PCT85, "pass"),  # the bound itself meets the target
+        ("project", 32, "int8", "pct", 84.99, PCT85, "FAIL"),
+        ("reconstruct", 301, "int8", "pct", 84.9, PCT85, "FAIL"),
+        ("reconstruct", 101, "int8", "pct", 86.0, PCT85, "pass"),
+        # the fp16 step's time over the int8 step's 1.0 s
+        ("step", 101, "float16", "seconds", 1.7, OVER_FP16, "pass"),
+        ("step", 101, "float16", "seconds", 1.69, OVER_FP16, "FAIL"),
+        # the published step's 5.0 s over the int8 step's time (2.5 s for the fp16 step)
+        ("step", 301, "int8", "seconds", 1.25, OVER_PUB, "pass"),
+        ("step", 301, "int8", "seconds", 1.26, OVER_PUB, "FAIL"),
+    ],
+)
+def test_each_int8_bound(op, K, basis, field, value, target, verdict):
+    rows = _passing_int8_rows()
+    for r in rows:
+        if (r["op"], r["K"], r["provider"], r["basis"]) == (op, K, "cuda", basis):
+            r[field] = value
+    got = _int8_verdicts(rows)
+    assert got[(op, K, "cuda", target)] == verdict
+    assert got[(op, K, "triton", target)] == "pass"  # the other backend is judged on its own
+    assert sum(v == "FAIL" for v in got.values()) == (verdict == "FAIL")
+
+
+def test_int8_step_is_compared_with_the_fp16_step_of_its_backend():
+    rows = _passing_int8_rows()
+    for r in rows:
+        if (r["op"], r["K"], r["provider"], r["basis"]) == ("step", 101, "triton", "float16"):
+            r["seconds"] = 1.5  # triton's fp16 step faster: its int8 step gains 1.5x, under 1.7x
+    got = _int8_verdicts(rows)
+    assert got[("step", 101, "triton", OVER_FP16)] == "FAIL"
+    assert got[("step", 101, "cuda", OVER_FP16)] == "pass"
+    assert got[("step", 101, "triton", OVER_PUB)] == "pass"
+
+
+def test_int8_step_targets_start_at_k101():
+    rows = _passing_int8_rows()
+    for r in rows:
+        if r["op"] == "step" and r["K"] in (8, 32) and r["basis"] == "int8":
+            r["seconds"] = 2.4  # 1.04x the fp16 step, 2.1x the published one: no target there
+    assert {c.verdict for c in int8_target_checks(rows)} == {"pass"}
+
+
+def test_missing_int8_results_are_not_measured_never_met():
+    # int8 project at K = 32 gone (the fp16 one, at 95 %, must not stand in for it); the cuda
+    # fp16 step at K = 301 gone; the published step at K = 101 gone.
+    rows = [r for r in _passing_int8_rows() if (r["op"], r["K"], r["basis"]) != ("project", 32, "int8")]
+    rows = [
+        r for r in rows if (r["op"], r["K"], r["provider"], r["basis"]) != ("step", 301, "cuda", "float16")
+    ]
+    rows = [r for r in rows if (r["provider"], r["K"]) != ("published", 101)]
+    got = _int8_verdicts(rows)
+    missing = {k for k, v in got.items() if v == "not measured"}
+    assert missing == {
+        ("project", 32, "triton", PCT85), ("project", 32, "cuda", PCT85),
+        ("step", 301, "cuda", OVER_FP16), ("step", 101, "triton", OVER_PUB), ("step", 101, "cuda", OVER_PUB),
+    }  # fmt: skip
+    # Only fp16 results at D >= 25M: every int8 target not measured at that size.
+    fp16_only = [r for r in _passing_int8_rows() if r["basis"] != "int8"]
+    assert {c.verdict for c in int8_target_checks(fp16_only)} == {"not measured"}
+    assert len(int8_target_checks(fp16_only)) == 24
+    # Nothing at D >= 25M: one set of targets, all not measured, no size named.
+    small = [dict(r, D=11_689_512) for r in _passing_int8_rows()]
+    assert [c.D for c in int8_target_checks(small)] == [None] * 24
+
+
+def test_int8_targets_from_a_bench_json(tmp_path, capsys):
+    """A pytest-benchmark JSON as a GPU run writes it: the report computes each int8 op's % of the
+    copy bandwidth from its bytes (1 per value + 4 per 64 values) and states every int8 target."""
+    D, copy = D50, 4000.0
+    int8_basis = {K: K * D + 4 * K * -(-D // 64) for K in TARGET_K}
+
+    def bench(op, provider, K, seconds, basis, nbytes):
+        extra = dict(op=op, provider=provider, model="resnet50", D=D, K=K, B=1, copy_gbps=copy,
+                     basis=basis, bytes_moved=nbytes, floor_bytes=nbytes)  # fmt: skip
+        suffix = "-int8" if basis == "int8" else ""
+        return {"group": f"{op} K{K}", "name": f"test_{op}[resnet50-K{K}-{provider}{suffix}]",
+                "extra_info": extra, "stats": {"median": seconds, "min": seconds, "rounds": 3}}  # fmt: skip
+
+    benchmarks = []
+    for K in TARGET_K:
+        proj, recon = int8_basis[K] + 4 * D, int8_basis[K] + 8 * D
+        step16, step8 = 4 * K * D + 12 * D, 2 * int8_basis[K] + 12 * D
+        for b in TARGET_BACKENDS:
+            # triton: project at 86 %, reconstruct at 84 %; cuda: not run (skipped: no kernels)
+            if b == "triton":
+                benchmarks.append(bench("project", b, K, proj / (0.86 * copy * 1e9), "int8", proj))
+                benchmarks.append(bench("reconstruct", b, K, recon / (0.84 * copy * 1e9), "int8", recon))
+            t16 = step16 / (copy * 1e9)
+            benchmarks.append(bench("step", b, K, t16, "float16", step16))
+            if b == "triton":
+                benchmarks.append(bench("step", b, K, t16 / 1.8, "int8", step8))  # 1.8x fp16
+        benchmarks.append(bench("step", "published", K, 6 * step16 / (copy * 1e9), "float32", 2 * step16))
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"machine_info": {"card": "H", "copy_gbps": copy}, "benchmarks": benchmarks}))
+    assert main([str(path), "--out", str(tmp_path), "--no-chart"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert "## Speed targets, int8 basis" in md
+    assert "| project | resnet50 K=101 | triton | % of copy bandwidth >= 85 | 86.0 % | pass |" in md
+    assert "| reconstruct | resnet50 K=8 | triton | % of copy bandwidth >= 85 | 84.0 % | FAIL |" in md
+    assert "| project | resnet50 K=8 | cuda | % of copy bandwidth >= 85 | - | not measured |" in md
+    assert f"| step | resnet50 K=101 | triton | {OVER_FP16} | 1.80x | pass |" in md
+    assert f"| step | resnet50 K=301 | triton | {OVER_PUB} | 10.80x | pass |" in md  # 6 x 1.8
+    assert f"| step | resnet50 K=301 | cuda | {OVER_PUB} | - | not measured |" in md
+    # triton: 4 project pass, 4 reconstruct fail, 4 step pass; cuda: 12 not measured
+    line = "int8 speed targets: not all met: 8 pass, 4 fail, 12 not measured, of 24"
+    assert f"**{line}**" in md and line in out
+    assert "  FAIL: reconstruct resnet50 K=8 triton int8: % of copy bandwidth >= 85 (84.0 %)" in out
+    assert "  not measured: step resnet50 K=101 cuda int8: speedup over the fp16 step >= 1.7 (-)" in out
+    # Each table lists the int8 rows after the fp16 ones of the shape, with their basis.
+    step_101 = [
+        line for line in md.splitlines() if line.startswith("| resnet50 K=101 |") and "step" not in line
+    ]
+    assert any("| triton | int8 |" in line for line in step_101)
+
+
+def test_int8_rows_beside_fp16_keep_the_cpu_check_on_fp16():
+    """An int8 result of the same provider and shape is its own entry: the CPU fp16/fp32 check
+    still compares the fp16 step with the fp32 one."""
+    rows = [
+        _row("step", "torch", 8, 2.0, D=1 << 20, model="m"),
+        _row("step", "torch-fp32", 8, 1.6, D=1 << 20, model="m", basis="float32"),
+        _row("step", "torch", 8, 9.0, D=1 << 20, model="m", basis="int8"),
+    ]
+    meta = {"stat": "median", "copy_device": "cpu", "copy_gbps": 20.0}
+    md = markdown(meta, [dict(r, name="x", group="g", rounds=3) for r in rows])
+    assert "reference backend: fp16 basis / fp32 basis = 1.25x" in md
+    table = [line for line in md.splitlines() if line.startswith("| m K=8 |")]
+    assert [line.split("|")[3:5] for line in table] == [
+        [" torch-fp32 ", " float32 "], [" torch ", " float16 "], [" torch ", " int8 "],
+    ]  # fmt: skip
