@@ -9,6 +9,10 @@ itself, the trap after ``EXIT``, is none); an innermost loop has no other loop i
 
 - ``ldg128``: 16-byte global loads (``LDG.E[.hint...].128[.CONSTANT]``);
 - ``bar``: barriers (``BAR.*``), each one executed per iteration;
+- ``ldg128_ef``: those of them with the evict-first hint (``LDG.E.EF.128...``: the CUDA
+  kernels' streamed basis, ``ld.global.cs``), apart from the cached ones (x, w0);
+- ``prmt``, ``i2f``: byte permutes and integer-to-float conversions (the instruction mix of int8
+  dequantisation: a ``PRMT`` per value, no ``I2F``);
 - ``loads_before_first_use``: 16-byte loads issued before the first instruction that reads
   the destination of an earlier one (``LDG.E.128 R8`` writes R8..R11; a source ``R10`` or
   ``R10.64`` reads it). The body is walked in address order as a cycle starting at its first
@@ -54,6 +58,15 @@ class Instr:
     @property
     def is_bar(self) -> bool:
         return self.opcode.split(".")[0] == "BAR"
+
+    @property
+    def is_evict_first(self) -> bool:
+        return "EF" in self.opcode.split(".")
+
+    @property
+    def base(self) -> str:
+        """The opcode without its modifiers: ``PRMT``, ``I2F``, ``LDG``."""
+        return self.opcode.split(".")[0]
 
 
 def _width(opcode: str, suffix: str, dest: bool, address: bool, last: bool) -> int:
@@ -189,6 +202,9 @@ class LoopReport:
     ldg128: int
     bar: int
     loads_before_first_use: int
+    ldg128_ef: int = 0
+    prmt: int = 0
+    i2f: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -203,6 +219,9 @@ def loop_report(code: list[Instr], loop: Loop) -> LoopReport:
         ldg128=sum(i.is_ldg128 for i in b),
         bar=sum(i.is_bar for i in b),
         loads_before_first_use=loads_before_first_use(b),
+        ldg128_ef=sum(i.is_ldg128 and i.is_evict_first for i in b),
+        prmt=sum(i.base == "PRMT" for i in b),
+        i2f=sum(i.base == "I2F" for i in b),
     )
 
 

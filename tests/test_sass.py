@@ -139,6 +139,30 @@ def test_rotated_loop_use_at_the_top():
     assert (r.ldg128, r.loads_before_first_use) == (2, 2)
 
 
+def test_instruction_mix_of_int8_dequantisation():
+    # One evict-first basis load and one cached x load; its 4 words: a LOP3 and 4 PRMT + 4 FADD
+    # each (only two written out here), and one stray I2F.
+    r = hot(
+        loop(
+            [
+                "LDG.E.EF.128.CONSTANT R4, desc[UR6][R2.64]",
+                "LDG.E.128.CONSTANT R8, desc[UR6][R12.64]",
+                "LDG.E.128 R16, desc[UR6][R12.64+0x10]",
+                "LOP3.LUT R20, R4, 0x80808080, RZ, 0x3c, !PT",
+                "PRMT R21, R20, 0x7440, R22",
+                "PRMT R23, R20, 0x7441, R22",
+                "FADD R21, R21, -8388736",
+                "I2F.S8 R24, R5",
+                "FFMA R30, R21, R8, R30",
+            ]
+        )
+    )
+    assert (r.ldg128, r.ldg128_ef, r.prmt, r.i2f) == (3, 1, 2, 1)
+    assert r.loads_before_first_use == 3
+    assert sass.parse_instr(0, "I2F.F64.S64 R4, R2").base == "I2F"
+    assert not sass.parse_instr(0, "LDG.E.128.CONSTANT R8, desc[UR6][R12.64]").is_evict_first
+
+
 def test_bar_in_loop():
     body = GOOD[len(HEAD) : -3]
     r = hot(loop(body[:6] + ["BAR.SYNC.DEFER_BLOCKING 0x0"] + body[6:]))
