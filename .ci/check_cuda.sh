@@ -5,9 +5,10 @@
 #      global address from a 32-bit product (.ci/ptx_addr32.py), which must in turn catch the
 #      products of csrc/tests/addr32_canary.cu; the sm_90 SASS of the kernels that stream the
 #      basis keeps >= 4 16-byte loads in flight and no barrier in its hot loop, and fits the
-#      blocks per SM its launch relies on (.ci/cuda_sass.py);
-#   2. csrc/tests/host_test.cu (the kernels' index/tiling/mask/reduction helpers against plain
-#      loops) and csrc/tests/step_host_test.cu (the fused step's splits) build with nvcc and run
+#      blocks per SM its launch relies on; the int8 kernels' hot loops have no I2F and a PRMT
+#      per int8 value (.ci/cuda_sass.py);
+#   2. csrc/tests/host_test.cu (the kernels' index/tiling/mask/reduction helpers and the int8
+#      dequantisation against plain loops) and csrc/tests/step_host_test.cu (the fused step's splits) build with nvcc and run
 #      on the CPU;
 #   3. the torch glue compiles (syntax only) against the project's torch;
 #   4. the whole extension JIT-builds, links and imports against the torch 2.14.1 CUDA wheel in
@@ -110,7 +111,7 @@ step "kernels (sm_90 + sm_80, -Werror, spills)"
 step "PTX: no address from a 32-bit product"
 # SASS of the basis-streaming kernels (sm_90): >= 4 16-byte loads in flight in the hot loop, no
 # BAR there, no local memory, registers and shared memory that fit the blocks per SM the launch
-# relies on (.ci/cuda_sass.py, analysis in tests/sass.py).
+# relies on; int8 dequantisation by PRMT, no I2F (.ci/cuda_sass.py, analysis in tests/sass.py).
 "$PY" .ci/cuda_sass.py --keep-dir "$WORK/keep"
 step "SASS: loads in flight, barriers, occupancy"
 

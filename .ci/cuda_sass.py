@@ -9,6 +9,9 @@ reads the code with tests/sass.py. For each kernel of ``CHECKED`` (every templat
   innermost loop holding one, issues at least ``MIN_LOADS`` of them before the first
   instruction that reads one (``loads_before_first_use``);
 - no barrier (``BAR``) in those loops;
+- for the kernels of ``INT8`` (an int8 basis), in each of those loops: no ``I2F`` and at least
+  one ``PRMT`` per int8 value its evict-first basis loads bring (16 per ``LDG.E.EF.128``): the
+  values are dequantised with byte permutes (``int8x4_to_float``), never a conversion per value;
 - resident blocks per SM from its registers and static shared memory (sm_90: 64 Ki registers
   allocated 8 per thread, 228 KiB of shared memory) at least the blocks per SM the launch
   relies on: the larger of ``CHECKED[kernel]`` and its ``__launch_bounds__`` minimum
@@ -50,11 +53,16 @@ THREADS = 256  # kThreads (csrc/twa_common.h): every kernel here runs 256-thread
 CHECKED = {
     "project_stage1": 0,
     "reconstruct_kernel": 0,
+    "project_int8_stage1": 0,
+    "reconstruct_int8_kernel": 0,
     "orth_pass": 0,
     "orth_store": 0,
     "step_project_kernel": 0,
     "step_write_kernel": 0,
 }
+# Kernels over an int8 basis: their streaming loops dequantise with PRMT, never I2F.
+INT8 = ("project_int8_stage1", "reconstruct_int8_kernel")
+INT8_VALUES_PER_LOAD = 16
 FLAGS = [
     "-std=c++17", "-O3", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
@@ -95,11 +103,12 @@ def kernel_name(mangled: str) -> str:
 
 
 def instance(mangled: str) -> str:
-    """Short template instance of a mangled name: the basis type and the integer arguments."""
+    """Short template instance of a mangled name: the basis type and the integer and bool
+    arguments (``project_int8_stage1<2, true>``: ``2,T``)."""
     t = "f32" if "IfL" in mangled or "IfE" in mangled else ""
     t = t or ("f16" if "I6__half" in mangled else ("bf16" if "nv_bfloat16" in mangled else ""))
-    ints = re.findall(r"Li(\d+)E", mangled)
-    return ",".join([t] + ints) if t or ints else "-"
+    args = [v if k == "i" else "TF"[v == "0"] for k, v in re.findall(r"L([ib])(\d+)E", mangled)]
+    return ",".join([t] + args if t else args) if t or args else "-"
 
 
 def compile_one(nvcc: str, src: str, out_dir: str) -> tuple[str, str, str]:
@@ -171,6 +180,7 @@ def main() -> int:
                     "maxregs": sass.max_regs_for(THREADS, need) if need else 255,
                     "ldg": hot.ldg128 if hot else 0, "first_use": hot.loads_before_first_use if hot else 0,
                     "bar": hot.bar if hot else 0, "checked": name in CHECKED, "bad": [],
+                    "prmt": hot.prmt if hot else 0, "i2f": hot.i2f if hot else 0,
                 }  # fmt: skip
                 if name in CHECKED:
                     bad = row["bad"]
@@ -187,6 +197,13 @@ def main() -> int:
                             )
                         if lp.bar:
                             bad.append(f"{lp.bar} BAR in the {where} [{lp.lo:#x}, {lp.hi:#x}]")
+                        values = INT8_VALUES_PER_LOAD * lp.ldg128_ef
+                        if name in INT8 and (lp.i2f or lp.prmt < values or not lp.ldg128_ef):
+                            bad.append(
+                                f"{lp.i2f} I2F and {lp.prmt} PRMT for the {values} int8 values of"
+                                f" {lp.ldg128_ef} evict-first loads in the {where} [{lp.lo:#x},"
+                                f" {lp.hi:#x}] (need no I2F, a PRMT per value)"
+                            )
                     if need and blocks < need:
                         bad.append(
                             f"{blocks} resident blocks per SM ({regs} registers, {shared} B shared),"
@@ -196,14 +213,15 @@ def main() -> int:
                 rows.append(row)
 
     print(
-        f"{'kernel':20} {'inst':10} {'regs':>4} {'max':>4} {'smem':>6} {'blk/SM':>6} {'need':>4} "
-        f"{'LDG128':>6} {'1st use':>7} {'BAR':>3}  check"
+        f"{'kernel':24} {'inst':10} {'regs':>4} {'max':>4} {'smem':>6} {'blk/SM':>6} {'need':>4} "
+        f"{'LDG128':>6} {'1st use':>7} {'BAR':>3} {'PRMT':>4} {'I2F':>3}  check"
     )
     for r in sorted(rows, key=lambda r: (not r["checked"], r["src"], r["kernel"], r["inst"])):
         verdict = ("FAIL" if r["bad"] else "ok") if r["checked"] else "-"
         print(
-            f"{r['kernel']:20} {r['inst']:10} {r['regs']:>4} {r['maxregs']:>4} {r['shared']:>6} "
-            f"{r['blocks']:>6} {r['need']:>4} {r['ldg']:>6} {r['first_use']:>7} {r['bar']:>3}  {verdict}"
+            f"{r['kernel']:24} {r['inst']:10} {r['regs']:>4} {r['maxregs']:>4} {r['shared']:>6} "
+            f"{r['blocks']:>6} {r['need']:>4} {r['ldg']:>6} {r['first_use']:>7} {r['bar']:>3} "
+            f"{r['prmt']:>4} {r['i2f']:>3}  {verdict}"
         )
     checked = sum(r["checked"] for r in rows)
     if not checked:
@@ -215,7 +233,8 @@ def main() -> int:
             print("  " + f)
         return 0 if args.report_only else 1
     print(
-        f"cuda_sass: {checked} kernel instances checked: >= {MIN_LOADS} loads before first use, no BAR, fit"
+        f"cuda_sass: {checked} kernel instances checked: >= {MIN_LOADS} loads before first use, no BAR, fit;"
+        " int8: a PRMT per value, no I2F"
     )
     return 0
 

@@ -56,20 +56,64 @@ twa::DType to_dtype(const char* op, const char* name, const at::Tensor& t, bool 
               allow_double ? " (or float64)" : "", ", got ", t.scalar_type());
 }
 
-twa::BasisView basis_view(const char* op, const at::Tensor& basis, const at::Tensor& scales) {
+// The storage dtype of a basis; int8 only where the op has int8 kernels (int8_ok).
+twa::DType basis_dtype(const char* op, const at::Tensor& basis, bool int8_ok) {
+  if (basis.scalar_type() == at::kChar) {
+    TORCH_CHECK(int8_ok, "twa_cuda::", op, ": an int8 basis has no CUDA kernel for this op (the CUDA "
+                "backend takes int8 in project and reconstruct_; backend=\"triton\" or \"torch\" "
+                "may have one)");
+    return twa::DType::kInt8;
+  }
+  switch (basis.scalar_type()) {
+    case at::kFloat:
+    case at::kHalf:
+    case at::kBFloat16:
+      return to_dtype(op, "basis", basis, false);
+    default:
+      TORCH_CHECK(false, "twa_cuda::", op, ": basis dtype must be float32, float16 or bfloat16",
+                  int8_ok ? " (or int8)" : "", ", got ", basis.scalar_type());
+  }
+}
+
+// Scales of an int8 basis [K, D]: float32 [K, ceil(D / 64)], contiguous along the last dim, any
+// row stride. Returns the row stride in elements.
+int64_t check_block_scales(const char* op, const at::Tensor& scales, int64_t K, int64_t D) {
+  const int64_t blocks = twa::scale_blocks(D);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == K && scales.size(1) == blocks, "twa_cuda::",
+              op, ": scales must have shape [", K, ", ", blocks, "] for an int8 basis of shape [", K,
+              ", ", D, "] (one scale per ", twa::kQuantBlock, " values of a row), got ",
+              scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "twa_cuda::", op, ": scales must be ",
+              at::kFloat, ", got ", scales.scalar_type());
+  TORCH_CHECK(scales.stride(1) == 1 || blocks == 1, "twa_cuda::", op,
+              ": scales must be contiguous along their last dim (stride(1) == 1), got strides ",
+              scales.strides());
+  return K == 1 ? blocks : scales.stride(0);
+}
+
+// The basis and its scales: fp32 [K] for a float basis; for an int8 basis (int8_ok: ops with
+// int8 kernels) fp32 [K, ceil(D / 64)], whose row stride goes to *scales_ld.
+twa::BasisView basis_view(const char* op, const at::Tensor& basis, const at::Tensor& scales,
+                          bool int8_ok = false, int64_t* scales_ld = nullptr) {
   TORCH_CHECK(basis.dim() == 2, "twa_cuda::", op, ": basis must be 2-D [K, D], got ",
               basis.sizes());
   TORCH_CHECK(basis.size(0) >= 1 && basis.size(1) >= 1, "twa_cuda::", op,
               ": basis must have K >= 1 rows and D >= 1 columns, got ", basis.sizes());
   TORCH_CHECK(basis.stride(1) == 1 || basis.size(1) == 1, "twa_cuda::", op,
               ": basis rows must be contiguous (stride(1) == 1)");
-  check_vector(op, "scales", scales, basis.size(0), at::kFloat);
   twa::BasisView v;
+  v.dtype = basis_dtype(op, basis, int8_ok);
   v.data = basis.data_ptr();
   v.ld = basis.size(0) == 1 ? basis.size(1) : basis.stride(0);
   v.K = basis.size(0);
   v.D = basis.size(1);
-  v.dtype = to_dtype(op, "basis", basis, false);
+  if (v.dtype == twa::DType::kInt8) {
+    const int64_t ld = check_block_scales(op, scales, v.K, v.D);
+    if (scales_ld != nullptr) *scales_ld = ld;
+  } else {
+    check_vector(op, "scales", scales, basis.size(0), at::kFloat);
+    if (scales_ld != nullptr) *scales_ld = 0;
+  }
   return v;
 }
 
@@ -92,7 +136,8 @@ at::Tensor project(const at::Tensor& basis, const at::Tensor& scales, const at::
   check_cuda(op, "x", x);
   check_same_device(op, "basis", basis, x);
   check_same_device(op, "scales", scales, x);
-  const twa::BasisView bv = basis_view(op, basis, scales);
+  int64_t scales_ld = 0;
+  const twa::BasisView bv = basis_view(op, basis, scales, true, &scales_ld);
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, "twa_cuda::project: x must be [D] or [B, D], got ",
               x.sizes());
   TORCH_CHECK(x.size(-1) == bv.D, "twa_cuda::project: x has ", x.size(-1),
@@ -118,6 +163,7 @@ at::Tensor project(const at::Tensor& basis, const at::Tensor& scales, const at::
     twa::ProjectArgs a;
     a.basis = bv;
     a.scales = scales.data_ptr<float>();
+    a.scales_ld = scales_ld;
     a.x = xb + b0 * bv.D * x.element_size();
     a.x_dtype = xt;
     a.B = std::min<int64_t>(twa::kMaxBatch, B - b0);
@@ -137,7 +183,8 @@ void reconstruct_(const at::Tensor& out, const at::Tensor& w0, const at::Tensor&
                                 {"basis", &basis}, {"scales", &scales}, {"alpha", &alpha}}) {
     check_same_device(op, name, *t, out);
   }
-  const twa::BasisView bv = basis_view(op, basis, scales);
+  int64_t scales_ld = 0;
+  const twa::BasisView bv = basis_view(op, basis, scales, true, &scales_ld);
   TORCH_CHECK(out.dim() == 1 && out.size(0) == bv.D, "twa_cuda::reconstruct_: out must have shape [",
               bv.D, "], got ", out.sizes());
   TORCH_CHECK(out.is_contiguous(), "twa_cuda::reconstruct_: out must be contiguous");
@@ -149,6 +196,7 @@ void reconstruct_(const at::Tensor& out, const at::Tensor& w0, const at::Tensor&
   twa::ReconstructArgs a;
   a.basis = bv;
   a.scales = scales.data_ptr<float>();
+  a.scales_ld = scales_ld;
   a.w0 = w0.data_ptr<float>();
   a.alpha = alpha.data_ptr<float>();
   a.out = out.data_ptr();
@@ -347,7 +395,7 @@ std::vector<int64_t> step_sizes(const at::Tensor& basis, int64_t nblk) {
   bv.ld = basis.size(0) == 1 ? basis.size(1) : basis.stride(0);
   bv.K = basis.size(0);
   bv.D = basis.size(1);
-  bv.dtype = to_dtype(op, "basis", basis, false);
+  bv.dtype = basis_dtype(op, basis, false);
   const twa::StepProjectSizes sizes = project_sizes(op, bv, nblk, sm_count(basis));
   return {sizes.splits, sizes.k_tiles, twa::step::kBlockCols};
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define TWA_HD __host__ __device__ __forceinline__
@@ -37,9 +38,15 @@ constexpr int kMaxGroupsPerLane = 8;
 // flight per SM, about three times what HBM3e needs; project's RW x BMAX register sums need
 // the 128 registers that 2 blocks allow.
 constexpr int kStreamMinBlocks = 4;
+// reconstruct_int8_kernel: 3 (80 registers). Its 16 fp32 sums per thread (16 int8 values per
+// 16-byte group) beside the 8 loads in flight and their scales spilled 24 bytes at 64 registers
+// (4 blocks); 3 blocks of 8 loads in flight keep 96 KiB in flight per SM.
+constexpr int kInt8StreamMinBlocks = 3;
 constexpr int kProjectMinBlocks = 2;
 // 16-byte basis loads issued together before any is consumed, per thread and hot-loop step.
 constexpr int kLoadsInFlight = 8;
+// Values of an int8 basis per 16-byte group.
+constexpr int kInt8Group = 16;
 // CUDA's grid.y limit bounds the number of splits.
 constexpr int64_t kMaxGridY = 65535;
 // orthogonalize_ keeps one fp64 accumulator per basis row in shared memory (with the fp64 x
@@ -83,6 +90,21 @@ TWA_HD constexpr int project_rows_per_block(int bmax) { return kWarps * project_
 // Columns of one step (the column tile of the split): kWarp lanes x G groups x V.
 TWA_HD constexpr int project_step_cols(int V, int bmax) {
   return kWarp * project_groups_per_step(bmax) * V;
+}
+
+// project over an int8 basis (V = 16 values per 16-byte group): the same walk, with RW x G = 8
+// loads per step at bmax = 1 (RW 4, G 2) and 4 at bmax = 2 (RW 2, G 2), and batches in passes
+// of kProjectInt8Batch = 2 rows (the same basis bytes per x row as fp16 in passes of 4). The
+// int8 step keeps each group's dot product apart until its block scale is applied, and the 16
+// x values of a group per batch row: at bmax 2 with RW 4 (or bmax 4) ptxas spilled on sm_90.
+constexpr int kProjectInt8Batch = 2;
+TWA_HD constexpr int project_int8_rows_per_warp(int bmax) { return bmax <= 1 ? 4 : 2; }
+TWA_HD constexpr int project_int8_groups_per_step(int /* bmax */) { return 2; }
+TWA_HD constexpr int project_int8_rows_per_block(int bmax) {
+  return kWarps * project_int8_rows_per_warp(bmax);
+}
+TWA_HD constexpr int project_int8_step_cols(int bmax) {
+  return kWarp * project_int8_groups_per_step(bmax) * kInt8Group;
 }
 
 // Part i of n items cut into `parts` contiguous parts whose sizes differ by at most one
@@ -155,6 +177,75 @@ TWA_HD bool tile_full(const ColumnLayout& L, int64_t tile, int64_t TD) {
 TWA_HD int lane_group(int u, int lane) { return u * kWarp + lane; }
 TWA_HD int64_t lane_group_col(int64_t c0, int u, int lane, int V) {
   return c0 + static_cast<int64_t>(lane_group(u, lane)) * V;
+}
+
+// ---- int8 basis (one fp32 scale per kQuantBlock values of a row) ----------------------------
+//
+// value(k, j) = basis[k, j] * scales[k * scales_ld + j / kQuantBlock] (twa_kernels._layout).
+// The int8 kernels read groups of V = 16 values (one 16-byte load) that start at multiples of 16
+// columns (origin 0), so a group lies inside one scale block and takes one scale: the scale is
+// read once per 16 values. Rows read with 16-byte loads must therefore start 16-byte aligned:
+// when row 0 does not (a column slice at an odd offset) or the rows do not share the phase,
+// every group takes the masked path (still one scale per group).
+constexpr int kQuantBlock = 64;
+
+TWA_HD ColumnLayout make_int8_layout(uint64_t base_addr, int64_t ld, int64_t rows, int64_t D) {
+  ColumnLayout L = make_layout(base_addr, ld, rows, D, 1);
+  if (L.origin != 0) {
+    L.vec = false;
+    L.origin = 0;
+  }
+  return L;
+}
+// Scales per row (ceil(D / 64)) and the scale block of a column (col >= 0).
+TWA_HD int64_t scale_blocks(int64_t D) { return ceil_div(D, kQuantBlock); }
+TWA_HD int64_t scale_block(int64_t col) {
+  return static_cast<int64_t>(static_cast<uint64_t>(col) / kQuantBlock);
+}
+
+// Byte permute, the PTX prmt.b32 of __byte_perm: byte i of the result is byte (s >> 4 i) & 7 of
+// the 8-byte value b:a (a holds bytes 0-3). The host version is the same function, for tests.
+TWA_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, s);
+#else
+  const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t sel = (s >> (4 * i)) & 7u;
+    r |= static_cast<uint32_t>((v >> (8 * sel)) & 0xffu) << (8 * i);
+  }
+  return r;
+#endif
+}
+
+TWA_HD float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// int8 -> fp32 without a conversion instruction (I2F is quarter rate on sm_80/sm_90): flip the
+// sign bits (q + 128 in [0, 255]), put each byte under the exponent of 2^23 with a byte permute
+// (the float 2^23 + q + 128, exactly) and subtract 2^23 + 128 (exact). One LOP3 per 4 values,
+// one PRMT and one FADD per value, all full rate; the same trick as the Triton kernels'
+// _common.int8_to_float.
+constexpr uint32_t kInt8SignFlip = 0x80808080u;
+constexpr uint32_t kInt8MagicBits = 0x4B000000u;  // 2^23
+constexpr float kInt8Magic = 8388736.0f;          // 2^23 + 128
+// Selector of byte i: byte i of the flipped word, then 0x00, 0x00, 0x4B.
+TWA_HD constexpr uint32_t int8_selector(int i) { return 0x7440u + static_cast<uint32_t>(i); }
+
+// The 4 int8 values of a 32-bit word (value i in byte i, little endian) as exact fp32.
+TWA_HD void int8x4_to_float(uint32_t word, float v[4]) {
+  const uint32_t t = word ^ kInt8SignFlip;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = float_from_bits(byte_perm(t, kInt8MagicBits, int8_selector(i))) - kInt8Magic;
+  }
 }
 
 // Split of the tiles over D into contiguous ranges, one per block (first stage).

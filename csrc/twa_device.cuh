@@ -97,6 +97,28 @@ __device__ __forceinline__ void load_group_scalar(const T* __restrict__ row, int
   }
 }
 
+// ---- int8 basis (twa_common.h: make_int8_layout, int8x4_to_float) -----------------------------
+
+// 32-bit word q (values 4q .. 4q + 3) of a 16-byte group.
+__device__ __forceinline__ uint32_t word_of(const uint4& w, int q) {
+  return q == 0 ? w.x : (q == 1 ? w.y : (q == 2 ? w.z : w.w));
+}
+
+// The 16 bytes of the group at col0 of an int8 row with byte loads, 0 (the value 0) outside
+// [0, D): the masked path of the int8 kernels, whose result they consume like a 16-byte load.
+__device__ __forceinline__ uint4 load_int8_group_masked(const int8_t* __restrict__ row,
+                                                        int64_t col0, const ColumnLayout& L) {
+  uint32_t word[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < kInt8Group; ++e) {
+    const int64_t c = col0 + e;
+    if (col_valid(L, c)) {
+      word[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(row[c])) << (8 * (e % 4));
+    }
+  }
+  return make_uint4(word[0], word[1], word[2], word[3]);
+}
+
 __device__ __forceinline__ float load_as_float(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::kFloat16:
@@ -287,6 +309,7 @@ inline int current_sm_count() {
   return n;
 }
 
+// fp16, bf16 and fp32 storage (an int8 basis has kernels of its own: the default case).
 #define TWA_DISPATCH_STORAGE(dtype, T, ...)           \
   switch (dtype) {                                    \
     case DType::kFloat16: {                           \

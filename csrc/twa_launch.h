@@ -9,10 +9,20 @@
 
 namespace twa {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// kInt8: a basis with one fp32 scale per 64 values of a row (project and reconstruct only).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt8 = 4 };
 
 inline int dtype_size(DType t) {
-  return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
+  switch (t) {
+    case DType::kFloat64:
+      return 8;
+    case DType::kFloat32:
+      return 4;
+    case DType::kInt8:
+      return 1;
+    default:
+      return 2;
+  }
 }
 
 struct BasisView {
@@ -20,13 +30,19 @@ struct BasisView {
   int64_t ld;        // elements between rows (>= D for a column slice)
   int64_t K;
   int64_t D;
-  DType dtype;       // fp32, fp16 or bf16
+  DType dtype;       // fp32, fp16 or bf16; int8 for project and reconstruct
 };
 
-// out[b, k] = scales[k] * sum_j basis[k, j] x[b, j] for b < B (B <= 16 per call).
+// Scales of a basis: fp32 [K] (float storage, one per row; scales_ld unused), or for an int8
+// basis fp32 [K, ceil(D / 64)], row k at scales + k * scales_ld: basis[k, j] stands for
+// basis[k, j] * scales[k * scales_ld + j / 64].
+//
+// out[b, k] = sum_j P[k, j] x[b, j] for b < B (B <= 16 per call), P[k, j] = scales[k] basis[k, j]
+// (float storage) or as above (int8).
 struct ProjectArgs {
   BasisView basis;
   const float* scales;
+  int64_t scales_ld;  // int8 basis only
   const void* x;     // [B, D] contiguous
   DType x_dtype;
   int64_t B;
@@ -37,10 +53,11 @@ struct ProjectArgs {
 int64_t project_workspace_elems(const BasisView& basis, int64_t B, int sm_count);
 cudaError_t project(const ProjectArgs& a, cudaStream_t stream);
 
-// out[j] = w0[j] + sum_k alpha[k] scales[k] basis[k, j], rounded once to out's dtype.
+// out[j] = w0[j] + sum_k alpha[k] P[k, j], rounded once to out's dtype (P as in ProjectArgs).
 struct ReconstructArgs {
   BasisView basis;
   const float* scales;
+  int64_t scales_ld;  // int8 basis only
   const float* w0;
   const float* alpha;
   void* out;

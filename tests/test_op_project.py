@@ -286,3 +286,57 @@ def test_every_project_config_matches_fp64_oracle(kernel, config, layout):
         c = _ops.project(basis, scales, x, "triton")
     P = columns(basis, scales)
     assert_within(c, x.double() @ P.T, x.double().abs() @ P.abs().T, TOL[torch.float32], "P^T x")
+
+
+needs_cuda_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA kernels run on a GPU only"
+)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("x_layout", ["aligned", "offset"])
+@pytest.mark.parametrize("batch", [None, 2, 5])
+@pytest.mark.parametrize("x_dtype", dtypes(INPUT_DTYPES))
+@pytest.mark.parametrize("K,D", [(1, 1_000_003), (37, 1_000_003), (301, 100_003)], ids=["K1", "K37", "K301"])
+def test_cuda_project_int8_streams_many_steps(K, D, x_dtype, batch, x_layout):
+    """CUDA only, its int8 kernels called directly: rows from ``empty_basis`` (16-byte loads)
+    over many 1024-column steps per split and a masked tail (D = 1_000_003 is 3 past a multiple
+    of 16), K tiles of 32 rows (B = 1) or 16 (B = 2, and B = 5 in passes of 2, 2, 1); x rows
+    16-byte aligned (16-byte x loads) or one element off (scalar x loads); block scales that
+    are a column slice of a wider tensor (a row stride past ceil(D / 64))."""
+    from twa_kernels import _cuda
+
+    basis, scales = random_basis(K, D, torch.int8, "cuda", "padded")
+    wide = torch.full((K, scales.shape[1] + 5), float("nan"), device="cuda")
+    wide[:, : scales.shape[1]] = scales
+    scales = wide[:, : scales.shape[1]]
+    shape = (D,) if batch is None else (batch, D)
+    n = torch.Size(shape).numel()
+    x = torch.randn(n + 1, device="cuda").to(x_dtype)
+    x = (x[:n] if x_layout == "aligned" else x[1:]).view(shape)
+    c = _cuda.project(basis, scales, x)
+    assert c.shape == (*shape[:-1], K)
+    check_project(c, basis, scales, x, f"{x_layout} x")
+    assert torch.equal(c, _cuda.project(basis, scales, x)), "not deterministic"
+
+
+@needs_cuda_kernels
+def test_cuda_int8_arguments_are_checked_by_the_extension():
+    """CUDA only: the extension's own checks of an int8 basis name the argument (the ops check
+    the same before it; direct torch.ops.twa_cuda calls reach only these)."""
+    from twa_kernels import _cuda
+
+    basis, scales = random_basis(3, 130, torch.int8, "cuda")
+    x = torch.randn(130, device="cuda")
+    with pytest.raises(RuntimeError, match=r"twa_cuda::project: scales must have shape \[3, 3\] for an int8"):
+        _cuda.project(basis, scales[:, :2], x)
+    with pytest.raises(RuntimeError, match=r"twa_cuda::project: scales must have shape \[3, 3\]"):
+        _cuda.project(basis, scales[:, 0], x)
+    with pytest.raises(RuntimeError, match="twa_cuda::project: scales must be Float"):
+        _cuda.project(basis, scales.double(), x)
+    with pytest.raises(RuntimeError, match=r"scales must be contiguous along their last dim"):
+        _cuda.project(basis, scales.t().contiguous().t(), x)
+    with pytest.raises(RuntimeError, match="twa_cuda::reconstruct_: scales must have shape"):
+        _cuda.reconstruct_(x.clone(), x, basis, scales[:1], torch.randn(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="twa_cuda::orthogonalize_: an int8 basis has no CUDA kernel"):
+        _cuda.orthogonalize_(basis, scales, x, 0)

@@ -244,3 +244,29 @@ def test_every_reconstruct_config_matches_fp64_oracle(kernel, config, layout):
     with only_config(kernel, config):
         _ops.reconstruct_(out, w0, basis, scales, alpha, "triton")
     check_reconstruct(out, w0, basis, scales, alpha)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels run on a GPU only")
+@pytest.mark.parametrize("io", ["aligned", "offset"])
+@pytest.mark.parametrize("out_dtype", dtypes(OUT_DTYPES))
+@pytest.mark.parametrize("K,D", [(1, 1_000_003), (37, 100_003), (1030, 4099)], ids=["K1", "K37", "K1030"])
+def test_cuda_reconstruct_int8_streams_many_rows(K, D, out_dtype, io):
+    """CUDA only, its int8 kernel called directly: rows from ``empty_basis`` (16-byte loads,
+    8 rows in flight, a masked tail group), K = 1030 staging alpha in two chunks of 1024; w0 and
+    out 16-byte aligned (16-byte accesses for whole groups) or one element off (scalar ones),
+    out a slice whose neighbours must survive; block scales with a row stride past
+    ceil(D / 64)."""
+    from twa_kernels import _cuda
+
+    basis, scales = random_basis(K, D, torch.int8, "cuda", "padded")
+    wide = torch.full((K, scales.shape[1] + 3), float("nan"), device="cuda")
+    wide[:, : scales.shape[1]] = scales
+    scales = wide[:, : scales.shape[1]]
+    off = 0 if io == "aligned" else 1
+    w0 = torch.randn(D + 1, device="cuda")[off : off + D]
+    buf = torch.full((D + 64,), 7.0, dtype=out_dtype, device="cuda")
+    out = buf[32 + off : 32 + off + D]
+    alpha = torch.randn(K, device="cuda")
+    _cuda.reconstruct_(out, w0, basis, scales, alpha)
+    assert torch.all(buf[: 32 + off] == 7.0) and torch.all(buf[32 + off + D :] == 7.0)
+    check_reconstruct(out, w0, basis, scales, alpha, f"{io} w0/out")

@@ -3,7 +3,9 @@
 // the same helpers and checks them against plain loops: coverage of every column exactly once,
 // 16-byte alignment of every vector load, no read or write outside [0, D) (memory around the
 // rows holds NaN, so a wrong tail or head mask poisons the result), the partial-sum layout, the
-// fixed reduction order and 64-bit offsets.
+// fixed reduction order and 64-bit offsets. The int8 basis: the byte-permute dequantisation
+// against the plain conversion for every byte value, the int8 column layout (every group inside
+// one scale block) and the int8 project and reconstruct walks with their block scales.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -452,6 +454,308 @@ void test_64bit() {
   }
 }
 
+
+// ---- int8 basis ----------------------------------------------------------------------------------
+
+void test_int8_dequant() {
+  // byte_perm: byte i of the result is byte (s >> 4 i) & 7 of b:a, for every selector nibble.
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const uint32_t a = rng(), b = rng(), sel = rng() & 0x7777u;
+    const uint8_t bytes[8] = {
+        static_cast<uint8_t>(a), static_cast<uint8_t>(a >> 8), static_cast<uint8_t>(a >> 16),
+        static_cast<uint8_t>(a >> 24), static_cast<uint8_t>(b), static_cast<uint8_t>(b >> 8),
+        static_cast<uint8_t>(b >> 16), static_cast<uint8_t>(b >> 24)};
+    uint32_t expect = 0;
+    for (int i = 0; i < 4; ++i) expect |= static_cast<uint32_t>(bytes[(sel >> (4 * i)) & 7u]) << (8 * i);
+    CHECK(byte_perm(a, b, sel) == expect, "byte_perm(%08x, %08x, %04x)", a, b, sel);
+  }
+  // Every int8 value in every byte position, beside three other values: exact, no -0.
+  for (int pos = 0; pos < 4; ++pos) {
+    for (int q = -128; q <= 127; ++q) {
+      const int8_t others[3] = {static_cast<int8_t>(q ^ 0x55), -128, 127};
+      int8_t vals[4];
+      for (int i = 0, o = 0; i < 4; ++i) vals[i] = i == pos ? static_cast<int8_t>(q) : others[o++];
+      uint32_t word = 0;
+      for (int i = 0; i < 4; ++i) word |= static_cast<uint32_t>(static_cast<uint8_t>(vals[i])) << (8 * i);
+      float v[4];
+      int8x4_to_float(word, v);
+      for (int i = 0; i < 4; ++i) {
+        CHECK(v[i] == static_cast<float>(vals[i]) && !std::signbit(v[i]) == (vals[i] >= 0),
+              "int8x4_to_float: byte %d of %08x gave %g, expected %d", i, word, v[i], vals[i]);
+      }
+    }
+  }
+  CHECK(kInt8Magic == 8388608.0f + 128.0f && float_from_bits(kInt8MagicBits) == 8388608.0f,
+        "magic numbers");
+}
+
+void test_int8_layout() {
+  for (int64_t D : {1, 2, 15, 16, 17, 63, 64, 65, 127, 1009, 4099}) {
+    for (int off = 0; off < kVecBytes; ++off) {
+      for (int64_t extra : {0, 1, 3, 16, 29, 64}) {
+        for (int64_t rows : {1, 2, 5}) {
+          const int64_t ld = D + extra;
+          const uint64_t base = 0x7f0000001000ull + static_cast<uint64_t>(off);
+          const ColumnLayout L = make_int8_layout(base, ld, rows, D);
+          const bool vec = off == 0 && (rows <= 1 || ld % kVecBytes == 0);
+          CHECK(L.vec == vec && L.origin == 0 && L.V == kInt8Group && L.D == D,
+                "int8 layout D=%ld off=%d ld=%ld rows=%ld", (long)D, off, (long)ld, (long)rows);
+          const int64_t G = num_groups(L);
+          CHECK(G == ceil_div(D, kInt8Group), "groups");
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t c = group_col(L, g);
+            const int64_t last = min64(c + kInt8Group, D) - 1;
+            CHECK(c >= 0 && c < D && scale_block(c) == scale_block(last), "group %ld in two blocks",
+                  (long)g);
+            CHECK(scale_block(c) < scale_blocks(D), "scale block past the row");
+            if (!group_full(L, c)) continue;
+            for (int64_t r = 0; r < rows; ++r) {
+              CHECK((base + static_cast<uint64_t>(r * ld + c)) % kVecBytes == 0, "misaligned int8 load");
+            }
+          }
+        }
+      }
+    }
+  }
+  CHECK(scale_blocks(1) == 1 && scale_blocks(64) == 1 && scale_blocks(65) == 2, "scale_blocks");
+  CHECK(scale_block(0) == 0 && scale_block(63) == 0 && scale_block(64) == 1, "scale_block");
+}
+
+// An int8 basis inside a wider allocation (row stride ld, `lead` bytes before column 0) with
+// block scales [K, sld >= blocks] (NaN past the blocks): reads outside [0, D) are counted.
+struct Int8Basis {
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  int64_t K, D, ld, sld;
+  mutable int64_t bad_reads = 0;
+  Int8Basis(int64_t K_, int64_t D_, int64_t ld_, int64_t sld_, std::mt19937& rng)
+      : K(K_), D(D_), ld(ld_), sld(sld_) {
+    q.resize(static_cast<size_t>(K * ld));
+    s.assign(static_cast<size_t>(K * sld), kNaN);
+    std::uniform_int_distribution<int> u(-128, 127);
+    std::uniform_real_distribution<float> us(0.5f, 2.f);
+    for (auto& v : q) v = static_cast<int8_t>(u(rng));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t b = 0; b < scale_blocks(D); ++b) s[static_cast<size_t>(k * sld + b)] = us(rng) / 127.f;
+  }
+  int8_t at(int64_t k, int64_t j) const { return q[static_cast<size_t>(k * ld + j)]; }
+  double value(int64_t k, int64_t j) const {
+    return static_cast<double>(at(k, j)) * s[static_cast<size_t>(k * sld + scale_block(j))];
+  }
+  // The 16 bytes of a group as the kernels get them: a 16-byte load (every column must be in
+  // the row) or masked byte loads (0 outside [0, D)); little-endian words.
+  void group(int64_t k, int64_t col0, const ColumnLayout& L, uint32_t w[4]) const {
+    const bool full = group_full(L, col0);
+    for (int i = 0; i < 4; ++i) w[i] = 0;
+    for (int e = 0; e < kInt8Group; ++e) {
+      const int64_t c = col0 + e;
+      if (!col_valid(L, c)) {
+        if (full) ++bad_reads;
+        continue;
+      }
+      w[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(at(k, c))) << (8 * (e % 4));
+    }
+  }
+  float scale(int64_t k, int64_t col0) const {
+    if (col0 >= D) return 0.f;
+    const int64_t b = scale_block(col0);
+    if (b >= scale_blocks(D)) ++bad_reads;
+    return s[static_cast<size_t>(k * sld + b)];
+  }
+};
+
+// project over an int8 basis: the kernel's walk (balanced K tiles of project_int8_rows_per_block,
+// splits, per lane the masked head, masked tail, full steps; per group the dot product of its 16
+// dequantised values, then sum = fma(scale, dot, sum); butterfly; stage 2) in passes of
+// kProjectInt8Batch, against fp64.
+void test_project_int8(std::mt19937& rng) {
+  struct Case {
+    int64_t K, D, extra;
+    int off, B, blocks_per_sm, sms;
+  };
+  const Case cases[] = {
+      {1, 1, 0, 0, 1, 2, 132},    {3, 1, 15, 0, 2, 2, 132},   {1, 7, 0, 3, 1, 2, 132},
+      {3, 1009, 15, 0, 1, 1, 7},  {3, 1009, 15, 0, 5, 2, 3},  {37, 1000, 24, 0, 2, 2, 5},
+      {301, 37, 27, 0, 1, 2, 132}, {5, 4099, 13, 0, 3, 1, 2}, {19, 4099, 13, 0, 16, 2, 3},
+      {3, 2053, 11, 5, 1, 2, 4},  {2, 10007, 9, 0, 1, 1, 1},  {33, 2048, 0, 0, 4, 2, 2},
+  };
+  for (const Case& c : cases) {
+    const int64_t ld = c.D + c.extra;
+    const int64_t sld = scale_blocks(c.D) + 3;
+    Int8Basis P(c.K, c.D, ld, sld, rng);
+    std::vector<float> x(static_cast<size_t>(c.B * c.D));
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (auto& v : x) v = u(rng);
+    const uint64_t base = 0x7f0000000000ull + static_cast<uint64_t>(c.off);
+    const ColumnLayout L = make_int8_layout(base, ld, c.K, c.D);
+    std::vector<float> got(static_cast<size_t>(c.B * c.K), kNaN);
+    for (int64_t p0 = 0; p0 < c.B; p0 += kProjectInt8Batch) {
+      const int nb = static_cast<int>(min64(kProjectInt8Batch, c.B - p0));
+      const int bmax = batch_tile(nb);
+      CHECK(bmax <= kProjectInt8Batch, "int8 batch tile %d", bmax);
+      const int RW = project_int8_rows_per_warp(bmax);
+      const int G = project_int8_groups_per_step(bmax);
+      const int TD = project_int8_step_cols(bmax);
+      CHECK(RW * G >= 4 && TD == kWarp * G * kInt8Group, "int8 step RW=%d G=%d", RW, G);
+      const int64_t k_tiles = ceil_div(c.K, project_int8_rows_per_block(bmax));
+      const SplitPlan sp =
+          make_split_plan(num_tiles(L, TD), max_splits_resident(c.sms, c.blocks_per_sm, k_tiles));
+      const int64_t ft0 = full_tile_begin(L), ft1 = full_tile_end(L, TD);
+      std::vector<float> partial(static_cast<size_t>(sp.splits * nb * c.K), kNaN);
+      std::vector<int> seen(static_cast<size_t>(c.D), 0);
+      for (int64_t kt = 0; kt < k_tiles; ++kt) {
+        const int64_t row0 = balanced_begin(c.K, k_tiles, kt);
+        const int rows = static_cast<int>(balanced_begin(c.K, k_tiles, kt + 1) - row0);
+        CHECK(rows >= 1 && rows <= kWarps * RW, "int8 rows %d", rows);
+        for (int64_t s = 0; s < sp.splits; ++s) {
+          const int64_t t0 = split_tile_begin(sp, s), t1 = split_tile_end(sp, s);
+          const int64_t f_end = min64(t1, ft1);
+          const int64_t f_begin = min64(t1, max64(t0, ft0));
+          std::vector<int64_t> order;
+          for (int64_t t = t0; t < f_begin; ++t) order.push_back(t);
+          for (int64_t t = max64(f_begin, f_end); t < t1; ++t) order.push_back(t);
+          for (int64_t t = f_begin; t < f_end; ++t) {
+            bool all = true;
+            for (int g = 0; g < TD / kInt8Group; ++g) all = all && group_full(L, tile_col0(L, t, TD) + g * kInt8Group);
+            CHECK(all, "int8 hot-loop step %ld has a partial group", (long)t);
+            order.push_back(t);
+          }
+          for (int warp = 0; warp < kWarps; ++warp) {
+            for (int i = 0; i < RW; ++i) {
+              const int r = warp + i * kWarps;
+              if (r >= rows) continue;
+              for (int b = 0; b < nb; ++b) {
+                float lanes[kWarp];
+                for (int lane = 0; lane < kWarp; ++lane) {
+                  float acc = 0.f;
+                  for (int64_t t : order) {
+                    for (int uu = 0; uu < G; ++uu) {
+                      const int64_t col0 = lane_group_col(tile_col0(L, t, TD), uu, lane, kInt8Group);
+                      uint32_t w[4];
+                      P.group(row0 + r, col0, L, w);
+                      float dot = 0.f;
+                      for (int qq = 0; qq < 4; ++qq) {
+                        float v[4];
+                        int8x4_to_float(w[qq], v);
+                        for (int e = 0; e < 4; ++e) {
+                          const int64_t col = col0 + 4 * qq + e;
+                          const float xv = col_valid(L, col) ? x[static_cast<size_t>((p0 + b) * c.D + col)] : 0.f;
+                          dot = std::fma(v[e], xv, dot);
+                          if (kt == 0 && r == 0 && b == 0 && col_valid(L, col)) ++seen[static_cast<size_t>(col)];
+                        }
+                      }
+                      acc = std::fma(P.scale(row0 + r, col0), dot, acc);
+                    }
+                  }
+                  lanes[lane] = acc;
+                }
+                const int64_t idx = partial_index(s, b, row0 + r, nb, c.K);
+                CHECK(std::isnan(partial[static_cast<size_t>(idx)]), "int8 partial written twice");
+                partial[static_cast<size_t>(idx)] = butterfly(lanes);
+              }
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < c.D; ++j) {
+        CHECK(seen[static_cast<size_t>(j)] == 1, "int8 column %ld visited %d times (D=%ld)", (long)j,
+              seen[static_cast<size_t>(j)], (long)c.D);
+      }
+      const int64_t n = nb * c.K;
+      for (int64_t i = 0; i < n; ++i) {
+        float lanes[kWarp];
+        for (int lane = 0; lane < kWarp; ++lane) {
+          float sum = 0.f;
+          for (int64_t k = stage2_first(lane); k < sp.splits; k += stage2_stride()) sum += partial[static_cast<size_t>(k * n + i)];
+          lanes[lane] = sum;
+        }
+        got[static_cast<size_t>(p0 * c.K + i)] = butterfly(lanes);
+      }
+    }
+    CHECK(P.bad_reads == 0, "int8 project: %ld reads outside the row or its scales", (long)P.bad_reads);
+    double worst = 0.0;
+    for (int64_t i = 0; i < c.B * c.K; ++i) {
+      const int64_t b = i / c.K, k = i % c.K;
+      double ref = 0.0, mag = 0.0;
+      for (int64_t j = 0; j < c.D; ++j) {
+        const double t = P.value(k, j) * x[static_cast<size_t>(b * c.D + j)];
+        ref += t;
+        mag += std::fabs(t);
+      }
+      const double err = std::fabs(got[static_cast<size_t>(i)] - ref) / (mag + 1e-30);
+      worst = err > worst || std::isnan(err) ? err : worst;
+    }
+    CHECK(worst < 1e-5, "int8 project K=%ld D=%ld B=%d off=%d: relative error %g", (long)c.K,
+          (long)c.D, c.B, c.off, worst);
+  }
+}
+
+// reconstruct over an int8 basis: one thread per 16-column group (full: 16-byte loads), rows in
+// order, coefficient alpha[k] * the group's block scale; every column written once.
+void test_reconstruct_int8(std::mt19937& rng) {
+  for (int64_t K : {1, 3, 37}) {
+    for (int64_t D : {1, 7, 16, 63, 64, 65, 1009, 4099}) {
+      for (int off : {0, 5}) {
+        const int64_t ld = D + 13 + (off == 0 ? 3 : 0);  // a multiple of 16 past D + 13 or not
+        const int64_t sld = scale_blocks(D) + 1;
+        Int8Basis P(K, D, ld, sld, rng);
+        const ColumnLayout L = make_int8_layout(0x7f0000000000ull + static_cast<uint64_t>(off), ld, K, D);
+        std::vector<float> alpha(static_cast<size_t>(K));
+        std::uniform_real_distribution<float> u(-1.f, 1.f);
+        for (auto& a : alpha) a = u(rng);
+        std::vector<float> out(static_cast<size_t>(D + 32), -7.f);
+        std::vector<int> writes(static_cast<size_t>(D + 32), 0);
+        for (int64_t g = 0; g < num_groups(L); ++g) {
+          const int64_t col0 = group_col(L, g);
+          float acc[kInt8Group];
+          for (int e = 0; e < kInt8Group; ++e) acc[e] = col_valid(L, col0 + e) ? 0.25f : 0.f;
+          for (int64_t k = 0; k < K; ++k) {
+            uint32_t w[4];
+            P.group(k, col0, L, w);
+            const float cf = alpha[static_cast<size_t>(k)] * P.scale(k, col0);
+            for (int qq = 0; qq < 4; ++qq) {
+              float v[4];
+              int8x4_to_float(w[qq], v);
+              for (int e = 0; e < 4; ++e) acc[4 * qq + e] = std::fma(cf, v[e], acc[4 * qq + e]);
+            }
+          }
+          for (int e = 0; e < kInt8Group; ++e) {
+            if (!col_valid(L, col0 + e)) continue;
+            out[static_cast<size_t>(16 + col0 + e)] = acc[e];
+            ++writes[static_cast<size_t>(16 + col0 + e)];
+          }
+        }
+        CHECK(P.bad_reads == 0, "int8 reconstruct reads outside the row");
+        for (int64_t j = -16; j < D + 16; ++j) {
+          const size_t i = static_cast<size_t>(16 + j);
+          if (j < 0 || j >= D) {
+            CHECK(writes[i] == 0 && out[i] == -7.f, "int8 write outside [0, D) at %ld", (long)j);
+            continue;
+          }
+          CHECK(writes[i] == 1, "int8 column %ld written %d times", (long)j, writes[i]);
+          double ref = 0.25, mag = 0.25;
+          for (int64_t k = 0; k < K; ++k) {
+            ref += alpha[static_cast<size_t>(k)] * P.value(k, j);
+            mag += std::fabs(alpha[static_cast<size_t>(k)] * P.value(k, j));
+          }
+          CHECK(std::fabs(out[i] - ref) <= 1e-5 * mag, "int8 reconstruct K=%ld D=%ld col %ld",
+                (long)K, (long)D, (long)j);
+        }
+      }
+    }
+  }
+  // 64-bit columns: a row of 5e9 int8 values; its groups, tiles and scale blocks past 2^32.
+  const int64_t D = 5000000011LL;
+  const ColumnLayout L = make_int8_layout(0x7f0000000000ull, ceil_div(D, 64) * 64, 512, D);
+  const int64_t last = group_col(L, num_groups(L) - 1);
+  CHECK(L.vec && last < D && last + kInt8Group >= D && last > (int64_t{1} << 32), "int8 last group");
+  CHECK(scale_block(last) == last / kQuantBlock && scale_block(last) < scale_blocks(D) &&
+            scale_blocks(D) == 78125001LL,
+        "int8 scale block %ld", (long)scale_block(last));
+  const int64_t TD = project_int8_step_cols(1);
+  CHECK(tile_col0(L, num_tiles(L, TD) - 1, TD) < D && num_tiles(L, TD) > (int64_t{1} << 22), "int8 tiles");
+}
 }  // namespace
 
 int main() {
@@ -464,5 +768,9 @@ int main() {
   test_orth_tiles();
   test_reduction_order();
   test_64bit();
+  test_int8_dequant();
+  test_int8_layout();
+  test_project_int8(rng);
+  test_reconstruct_int8(rng);
   return twa_check::summary("host_test");
 }
