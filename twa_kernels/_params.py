@@ -180,16 +180,72 @@ def piece_views(buffer: Tensor, pieces: list[tuple[int, int, int]]) -> list[Tens
     return views
 
 
-def flatten_shard(
-    layout: ParamLayout, tensors: Sequence[Tensor], shard: tuple[int, int], device: torch.device
+def flatten_pieces(
+    tensors: Sequence[Tensor], pieces: list[tuple[int, int, int]], device: torch.device
 ) -> Tensor:
-    """The shard ``[start, stop)`` of the flattened ``tensors`` as a new fp32 tensor."""
-    start, stop = shard
-    pieces = shard_pieces(layout, start, stop)
-    out = torch.empty(stop - start, dtype=torch.float32, device=device)
-    sources = [tensors[i].reshape(-1)[a:b] for i, a, b in pieces]
+    """The values ``pieces`` of the flattened ``tensors``, concatenated as a new fp32 tensor.
+
+    A ``DTensor`` gives its local values (an FSDP2 parameter, or a sample saved from one), which
+    must be exactly its piece; a plain tensor is the whole parameter, cut to its piece."""
+    out = torch.empty(sum(b - a for _, a, b in pieces), dtype=torch.float32, device=device)
+    sources = []
+    for i, a, b in pieces:
+        t = tensors[i]
+        if is_dtensor(t):
+            t = t.to_local().reshape(-1)
+            if t.numel() != b - a:
+                raise ValueError(
+                    f"values[{i}] is a DTensor with {t.numel()} local values, this process holds "
+                    f"{b - a} of that parameter: it is sharded differently from the model"
+                )
+            sources.append(t)
+        else:
+            sources.append(t.reshape(-1)[a:b])
     torch._foreach_copy_(piece_views(out, pieces), sources)
     return out
+
+
+# ---- FSDP2 (DTensor parameters sharded along dim 0) -------------------------------------------
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed support has no DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The values this process holds of ``t``: a DTensor's local shard (a view of the storage
+    FSDP2 gathers from), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def dtensor_pieces(params: Sequence[Tensor], layout: ParamLayout):
+    """``(pieces, process group)`` of DTensor parameters sharded along dim 0 on one 1-D mesh
+    (what ``fully_shard`` makes): each parameter's local rows are one contiguous run of its
+    flattened values, ``(index, begin, end)``. ``ValueError`` for other placements or meshes."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = params[0].device_mesh
+    pieces = []
+    for i, (p, n) in enumerate(zip(params, layout.numels, strict=True)):
+        where = layout.describe(i)
+        if p.device_mesh != mesh:
+            raise ValueError(f"{where} is on another device mesh than {layout.describe(0)}: one mesh for all")
+        if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                f"{where} is a DTensor placed {tuple(p.placements)} on a {mesh.ndim}-D mesh; the basis "
+                "follows FSDP2's sharding along dim 0 of a 1-D mesh (fully_shard) only"
+            )
+        shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+        if tuple(shape) != tuple(p.to_local().shape):
+            raise ValueError(f"{where}: local shard of shape {tuple(p.to_local().shape)}, expected {shape}")
+        a = offset[0] * (n // p.shape[0] if p.shape[0] else 0)
+        pieces.append((i, a, a + math.prod(shape)))
+    return pieces, mesh.get_group()
 
 
 def copy_or_zero_(views: Sequence[Tensor], sources: Sequence[Tensor | None]) -> None:

@@ -13,7 +13,11 @@
   shard otherwise), one all-reduce of K floats gives ``P^T g``, each rank writes its shard of
   the weights and an all-gather updates the replicated parameters.
 
-Both have ``project``, ``write_weights``, ``step`` and ``comm_bytes``. Nothing in a step
+- ``FSDPStep``: an FSDP2 model; each rank's basis covers its local parameter shards: the local
+  projection, one all-reduce of K floats, the K-dimensional step, the local shards written in
+  place (FSDP2's own collectives gather them).
+
+All have ``project``, ``write_weights``, ``step`` and ``comm_bytes``. Nothing in a step
 synchronises with the host, and nothing allocates memory proportional to D: the copies go
 through ``torch._foreach_copy_`` into views of the flat buffer made once.
 """
@@ -44,6 +48,13 @@ def make_step(subspace: Subspace, params: list[Tensor], average_gradients: bool 
     """
     if subspace.process_group is None:
         return LocalStep(subspace.layout, subspace.device)
+    if subspace.fsdp:
+        if average_gradients:
+            raise ValueError(
+                "average_gradients=True on an FSDP2 model: its reduce-scatter has averaged the "
+                "gradients already (leave average_gradients as None)"
+            )
+        return FSDPStep(subspace)
     average = not ddp if average_gradients is None else average_gradients
     return ShardedStep(subspace, params, average)
 
@@ -245,6 +256,70 @@ class ShardedStep:
             "all-gather %s of weights; the published scheme adds an all-reduce of %s to DDP's",
             self.world, D, K, grads, _fmt(b.coordinates), _fmt(b.weights), _fmt(4 * D),
         )  # fmt: skip
+
+
+class FSDPStep:
+    """The step on an FSDP2 model: each rank's basis covers its local parameter shards.
+
+    FSDP2's backward leaves each rank the averaged gradient of its shards, and its next forward
+    gathers the weights, so the step adds one collective of its own: the all-reduce of the K
+    coordinate gradients. Each rank projects its local gradients (``twa::project_grads``, the
+    fused step's gradient kernel on Triton), takes the same K-dimensional step as every other
+    rank and writes its local shards in place.
+    """
+
+    average_gradients = False
+
+    def __init__(self, subspace: Subspace) -> None:
+        self.group = subspace.process_group
+        self.world, self.me = _collectives.world_and_rank(self.group)
+        self.pieces = subspace.pieces
+        self.local = torch.zeros(subspace.local_numel, dtype=torch.float32, device=subspace.device)
+        self.local_views = _params.piece_views(self.local, self.pieces)
+        self.log_comm(subspace.rank, subspace.dim)
+
+    def comm_bytes(self, K: int) -> CommBytes:
+        return CommBytes(gradients=0, coordinates=4 * K, weights=0)
+
+    def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
+        """``P^T x`` for x the local values of a [D] vector: fp32 [K], the same on every rank."""
+        return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
+
+    def _shards(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """The local shards of ``tensors`` (DTensors: parameters or their gradients), flat."""
+        return [None if t is None else _params.local_tensor(t).reshape(-1) for t in tensors]
+
+    def project_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, backend: str) -> Tensor:
+        """``P^T g`` (fp32 [K], the same on every rank): the local shards' sums, all-reduced."""
+        grads = self._shards([p.grad for p in params])
+        local = _ops.project_grads(self._shards(params), grads, self.local, basis, scales, backend)
+        return _collectives.all_reduce_(local, self.group)
+
+    def write_weights(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
+    ) -> None:
+        """The local shards of ``params <- w0 + P alpha``, in place (no collective)."""
+        _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
+        with torch.no_grad():
+            torch._foreach_copy_(self._shards([p.detach() for p in params]), self.local_views)
+
+    def step(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor,
+        momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor, hyper: Hyper, backend: str,
+    ) -> None:  # fmt: skip
+        """One TWA step with K floats communicated; no host sync (see ``ShardedStep.step``)."""
+        concrete = _ops.choose("step_", backend, basis)
+        coord_grad = self.project_grads(params, basis, scales, concrete)
+        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
+        self.write_weights(params, w0, basis, scales, alpha, concrete)
+
+    def log_comm(self, K: int, D: int) -> None:
+        if self.me == 0:
+            logger.info(
+                "TWA on an FSDP2 model over %d ranks (D=%d, K=%d): per step one all-reduce of %s of "
+                "coordinates beside FSDP2's own collectives",
+                self.world, D, K, _fmt(4 * K),
+            )  # fmt: skip
 
 
 def _fmt(n: int) -> str:

@@ -43,6 +43,21 @@ Example (``torchrun --nproc-per-node=N train.py``; one process per GPU, replicat
     for x, y in local_loader:               # each rank its share of the global batch
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
+FSDP2 models (``torch.distributed.fsdp.fully_shard``, DTensor parameters sharded along dim 0)
+need no ``process_group``: ``Subspace(model, max_rank)`` gives each rank a basis over its local
+parameter shards (their concatenation, in parameter order), and the orthogonalisation above runs
+over the mesh's group on those pieces. ``TWA.step()`` then adds one collective to FSDP2's own:
+
+1. FSDP2's backward has left each rank the averaged gradient of its shards: ``c_r = P_r^T g_r``
+   from the local gradients in place (``twa::project_grads``), all-reduce (sum) of K fp32 values;
+2. the K-dimensional step, identical on every rank;
+3. each rank writes ``w_r = w0_r + P_r alpha`` into its local shards; FSDP2's all-gather in the
+   next forward distributes them. Nothing else is sent (``_steps.FSDPStep``).
+
+Which to use: a model that fits on one card trains under DDP, and ``process_group`` adds K
+floats to DDP's all-reduce (plus, without DDP, a reduce-scatter and an all-gather of D floats
+that replace it); a model sharded with FSDP2 keeps its sharding and TWA adds K floats per step.
+
 Construction, ``add()``, ``load_state_dict()``, ``write_average_()`` and ``TWA.step()`` are then
 collectives: all ranks of the group call them, in the same order. Layout mismatches are detected
 by an all-gather of a small fingerprint, so ranks that disagree raise ``ValueError`` together
@@ -50,7 +65,8 @@ instead of waiting for each other.
 
 Where the pieces live: this module holds the sharded Gram-Schmidt (``orthogonalize_``);
 ``_collectives`` the collectives and the agreement checks; ``_params`` the shards of the
-flattened parameters; ``_steps.ShardedStep`` the optimizer's step.
+flattened parameters (and ``dtensor_pieces``, the local shards of FSDP2 parameters);
+``_steps.ShardedStep`` and ``_steps.FSDPStep`` the optimizer's step.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _collectives, _ops, _state, _steps
+from . import _backend, _collectives, _ops, _params, _state, _steps
+from . import subspace as subspace_module
 from ._params import trainable
 from .subspace import Subspace
 
@@ -208,7 +209,7 @@ class TWA(torch.optim.Optimizer):
         writes through raw pointers (no version bump); the other paths bump the counters with
         their copies, so the stamps are taken after every write.
         """
-        self._weight_stamps = [(p.data_ptr(), p._version) for p in self.params]
+        self._weight_stamps = [_weight_stamp(p) for p in self.params]
 
     @torch._dynamo.disable  # host bookkeeping: run as Python every call, never traced
     def _edited_parameters(self) -> list[int]:
@@ -216,7 +217,7 @@ class TWA(torch.optim.Optimizer):
         return [
             i
             for i, (p, stamp) in enumerate(zip(self.params, self._weight_stamps, strict=True))
-            if stamp != (p.data_ptr(), p._version)
+            if stamp != _weight_stamp(p)
         ]
 
     def _continue_from_current_weights(self, edited: list[int]) -> None:
@@ -377,11 +378,14 @@ class TWA(torch.optim.Optimizer):
         )  # fmt: skip
         self.subspace.layout.check_signature(twa["layout"], "state dict")
         mine_shard = self.subspace.sharding
-        theirs = (list(twa["shard"]), twa["world_size"]) if twa.get("shard") is not None else None
+        theirs = None
+        if twa.get("shard") is not None:
+            theirs = (subspace_module._plain(twa["shard"]), int(twa["world_size"]))
         if theirs != mine_shard:
+            D = self.subspace.dim
             raise ValueError(
                 f"state dict was saved by a TWA optimizer on "
-                f"{_describe_shard(theirs)}; this one is on {_describe_shard(mine_shard)}: load "
+                f"{_describe_shard(theirs, D)}; this one is on {_describe_shard(mine_shard, D)}: load "
                 "it into a process group of the same size, each rank its own file"
             )
         for name, mine in (("rank", self.rank), ("num_samples", self.subspace.num_samples)):
@@ -390,7 +394,7 @@ class TWA(torch.optim.Optimizer):
         self._check_basis_fingerprint(twa.get("basis_fingerprint"))
         if twa["start"] not in STARTS:
             raise ValueError(f"{what} has start={twa['start']!r}, expected one of {STARTS}")
-        K, n = self.rank, self.subspace.shard[1] - self.subspace.shard[0]
+        K, n = self.rank, self.subspace.local_numel
         _state.tensor_entry(twa["alpha"], "alpha", (K,), torch.float32, what)
         _state.tensor_entry(twa["momentum_buffer"], "momentum_buffer", (K,), torch.float32, what)
         counters = _state.tensor_entry(twa["counters"], "counters", (2,), torch.int64, what)
@@ -469,11 +473,17 @@ class TWA(torch.optim.Optimizer):
         self._weight_stamps = [None if p else s for p, s in zip(pending, self._weight_stamps, strict=True)]
 
 
-def _describe_shard(shard) -> str:
+def _describe_shard(shard, D: int) -> str:
     if shard is None:
         return "a subspace without a process group"
-    (start, stop), world = shard
-    return f"columns [{start}, {stop}) of a subspace sharded over {world} processes"
+    return subspace_module.describe_sharding(shard, D)
+
+
+def _weight_stamp(p: Tensor) -> tuple[int, int]:
+    """(storage address, version counter) of the values this process holds of ``p`` (an FSDP2
+    parameter's local shard: the DTensor itself has no storage of its own)."""
+    local = _params.local_tensor(p)
+    return local.data_ptr(), local._version
 
 
 def _min_norm_solve(S: Tensor, b: Tensor) -> Tensor:

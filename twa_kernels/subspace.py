@@ -52,7 +52,10 @@ class Subspace:
     Args:
         params: an ``nn.Module`` (its ``requires_grad`` parameters, with their names, which
             ``from_checkpoints`` needs), ``named_parameters()`` or an iterable of tensors; all
-            on one device.
+            on one device. An FSDP2 model (``fully_shard``: DTensor parameters sharded along
+            dim 0 on a 1-D mesh) gives each rank a basis over its local shards; construction,
+            ``add()`` and ``gram()`` are then collectives of the mesh's group (see
+            ``twa_kernels.distributed``).
         max_rank: the most columns the basis can hold (storage is allocated up front:
             ``max_rank * D`` values of ``dtype``).
         dtype: storage of the basis: ``torch.float16`` (default), ``torch.bfloat16``,
@@ -77,7 +80,10 @@ class Subspace:
         anchor: fp32 [n], the first sample. mean: fp32 [n], the running mean of the samples.
         rank: number of basis columns. num_samples: number of samples added.
         shard: ``(start, stop)``, the range of the D flat values held here (n = stop - start):
-            ``(0, D)`` without a process group, about D / world values per rank with one.
+            ``(0, D)`` without a process group, about D / world values per rank with one; None
+            on an FSDP2 model, whose local shards are not one range.
+        pieces: ``[(parameter index, begin, end), ...]``: the flattened parameters' values held
+            here, in the order of the basis columns (n values in all).
 
     Example::
 
@@ -126,14 +132,35 @@ class Subspace:
         self.backend = backend
         self._params = tensors
         D = self.layout.numel
-        self.process_group = process_group
+        # FSDP2: DTensor parameters, each rank holding dim-0 shards; the basis covers those.
+        self.fsdp = _fsdp_parameters(tensors, self.layout, process_group)
         self.shard = (0, D)
         self.world_size = 1
+        self.pieces = [(i, 0, n) for i, n in enumerate(self.layout.numels)]
+        if self.fsdp:
+            self.pieces, process_group = _params.dtensor_pieces(tensors, self.layout)
+            self.shard = None
+        self.process_group = process_group
         if process_group is not None:
             _collectives.check_same_layout(self.layout, max_rank, dtype, self.tol, process_group, self.device)
             self.world_size, group_rank = _collectives.world_and_rank(process_group)
+        if process_group is not None and not self.fsdp:
             self.shard = _collectives.shard_range(D, self.world_size, group_rank)
-        n = self.shard[1] - self.shard[0]
+            self.pieces = _params.shard_pieces(self.layout, *self.shard)
+        if self.fsdp:
+            _collectives.check_together(
+                lambda: _check_holds_values(self.pieces, group_rank), process_group, self.device, "Subspace()"
+            )
+        n = sum(b - a for _, a, b in self.pieces)
+        # Where each piece of the local values starts, here and in the flat [D] vector.
+        local_starts, at = [], 0
+        for _, a, b in self.pieces:
+            local_starts.append(at)
+            at += b - a
+        self._local_starts = torch.tensor(local_starts, dtype=torch.int64, device=self.device)
+        self._flat_starts = torch.tensor(
+            [self.layout.offsets[i] + a for i, a, _ in self.pieces], dtype=torch.int64, device=self.device
+        )
         self.basis = ops.empty_basis(max_rank, n, dtype, self.device)
         self.scales = ops.empty_scales(max_rank, n, dtype, self.device)
         self.anchor = torch.zeros(n, dtype=torch.float32, device=self.device)
@@ -155,9 +182,19 @@ class Subspace:
         return self.layout.numel
 
     @property
-    def sharding(self) -> tuple[list[int], int] | None:
-        """``([start, stop], world size)`` of this process's shard; None without a process group."""
-        return None if self.process_group is None else (list(self.shard), self.world_size)
+    def local_numel(self) -> int:
+        """n, the number of values held here (D without a process group)."""
+        return self.anchor.numel()
+
+    @property
+    def sharding(self) -> tuple[list, int] | None:
+        """``(what this process holds, world size)``: ``[start, stop]`` of the flat values with a
+        process group, ``[[parameter, begin, end], ...]`` (its local shards) on an FSDP2 model;
+        None without either."""
+        if self.process_group is None:
+            return None
+        held = [list(p) for p in self.pieces] if self.fsdp else list(self.shard)
+        return held, self.world_size
 
     @property
     def columns(self) -> tuple[Tensor, Tensor]:
@@ -183,10 +220,11 @@ class Subspace:
         return [v.detach() for v in values]
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        """``tensors`` (in parameter order, shaped like the parameters) as one new fp32 tensor:
-        the values of this process's shard, ``[stop - start]`` (all D without a process group)."""
+        """``tensors`` (in parameter order, shaped like the parameters; on an FSDP2 model
+        DTensors or whole tensors) as one new fp32 tensor of the values held here, [n] (all D
+        without a process group)."""
         if self.process_group is not None:
-            return _params.flatten_shard(self.layout, tensors, self.shard, self.device)
+            return _params.flatten_pieces(tensors, self.pieces, self.device)
         flat = torch.empty(self.dim, dtype=torch.float32, device=self.device)
         torch._foreach_copy_(self.layout.views(flat), list(tensors))
         return flat
@@ -201,7 +239,9 @@ class Subspace:
         bad = torch.isfinite(flat).logical_not_()
         j = bad.to(torch.uint8).argmax()  # the first maximum: the first non-finite value
         nan = flat.index_select(0, j.view(1)).isnan()
-        code = torch.where(bad.any(), 2 * (j + self.shard[0]) + nan, 2 * self.dim)
+        piece = torch.searchsorted(self._local_starts, j.view(1), right=True) - 1
+        flat_j = self._flat_starts[piece] + (j - self._local_starts[piece])
+        code = torch.where(bad.any(), 2 * flat_j[0] + nan, 2 * self.dim)
         # Zeroes nothing in a finite sample; a non-finite one is refused and v dropped.
         v.masked_fill_(bad, 0.0)
         if self.process_group is not None:
@@ -337,6 +377,8 @@ class Subspace:
             raise ValueError("the subspace has no sample: call add() first")
         tensors, _ = trainable(params)
         self.layout.check_params(tensors, self.device, "params")
+        if self.fsdp and not all(map(_params.is_dtensor, tensors)):
+            raise ValueError("params must be the FSDP2 (DTensor) parameters the subspace was built on")
         if coefficients is None:
             local = self.mean
         else:
@@ -348,6 +390,10 @@ class Subspace:
             w0 = self.anchor * float(c.sum())
             alpha = beta.to(torch.float32).to(self.device)
             _ops.reconstruct_(local, w0, *self.columns, alpha, self.backend)
+        if self.fsdp:  # each rank writes its own shards; FSDP2's all-gather spreads them
+            dest = [_params.local_tensor(tensors[i].detach()).reshape(-1) for i, _, _ in self.pieces]
+            torch._foreach_copy_(dest, _params.piece_views(local, self.pieces))
+            return
         flat = (
             local
             if self.process_group is None
@@ -373,8 +419,8 @@ class Subspace:
         """
         basis, scales = self.columns
         sharded = {}
-        if self.process_group is not None:
-            sharded = {"shard": list(self.shard), "world_size": self.world_size}
+        if self.sharding is not None:
+            sharded["shard"], sharded["world_size"] = self.sharding
         return {
             **sharded,
             "layout": self.layout.signature(),
@@ -434,7 +480,7 @@ class Subspace:
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
             raise ValueError(f"{what} entry 'tol' must be a number in [0, 1), got {tol!r}")
         self._check_shard(state)
-        n = self.shard[1] - self.shard[0]
+        n = self.local_numel
         _state.tensor_entry(state["basis"], "basis", (rank, n), self.dtype, what)
         scales_shape = _layout.scales_shape(rank, n, self.dtype)
         _state.tensor_entry(state["scales"], "scales", scales_shape, torch.float32, what)
@@ -462,30 +508,15 @@ class Subspace:
             raise ValueError(f"{what} has rank {rank} but its sample coordinates span {columns} columns")
 
     def _check_shard(self, state: Mapping) -> None:
-        theirs = state.get("shard")
-        mine = list(self.shard) if self.process_group is not None else None
-        if theirs is not None:
-            theirs = [int(x) for x in theirs]
-        if theirs == mine and (mine is None or int(state["world_size"]) == self.world_size):
+        theirs = None
+        if state.get("shard") is not None:
+            theirs = (_plain(state["shard"]), int(state["world_size"]))
+        if theirs == self.sharding:
             return
-        D = self.dim
-        if theirs is None:
-            saved = "the whole subspace (no process group)"
-        else:
-            saved = (
-                f"columns [{theirs[0]}, {theirs[1]}) of D={D}, one shard of a subspace sharded "
-                f"over {int(state['world_size'])} processes"
-            )
-        if mine is None:
-            here = "this subspace has no process group"
-        else:
-            here = (
-                f"this one holds columns [{mine[0]}, {mine[1]}) of a subspace sharded over "
-                f"{self.world_size} processes"
-            )
         raise ValueError(
-            f"state dict holds {saved}; {here}: load sharded state dicts into a process group "
-            f"of the same size, each rank its own file"
+            f"state dict holds {describe_sharding(theirs, self.dim)}; this subspace holds "
+            f"{describe_sharding(self.sharding, self.dim)}: load sharded state dicts into a process "
+            f"group of the same size, each rank its own file"
         )
 
     def __getstate__(self) -> dict:
@@ -498,13 +529,60 @@ class Subspace:
 
     def __repr__(self) -> str:
         shard = ""
-        if self.process_group is not None:
+        if self.fsdp:
+            shard = f", FSDP2 shards ({self.local_numel} values here) of {self.world_size}"
+        elif self.process_group is not None:
             shard = f", shard=[{self.shard[0]}, {self.shard[1]}) of {self.world_size}"
         return (
             f"Subspace(D={self.dim}, rank={self.rank}/{self.max_rank}, "
             f"samples={self.num_samples}, dtype={self.dtype}, backend={self.backend!r}, "
             f"device={self.device}{shard})"
         )
+
+
+def _fsdp_parameters(tensors: list[Tensor], layout: ParamLayout, process_group) -> bool:
+    """True when ``tensors`` are FSDP2's DTensor parameters (all of them); ``ValueError`` for a
+    mix of DTensor and plain trainable tensors, or a ``process_group`` given with DTensors."""
+    dtensors = [_params.is_dtensor(p) for p in tensors]
+    if not any(dtensors):
+        return False
+    if not all(dtensors):
+        i = dtensors.index(False)
+        raise ValueError(
+            f"{layout.describe(i)} is a plain tensor among FSDP2 (DTensor) parameters: the basis "
+            "follows each rank's shards, so shard every trainable parameter with fully_shard "
+            "(or set requires_grad=False on the others)"
+        )
+    if process_group is not None:
+        raise ValueError(
+            "process_group shards the basis of a replicated (DDP) model; an FSDP2 model's subspace "
+            "follows its parameters' own sharding: pass no process_group"
+        )
+    return True
+
+
+def _check_holds_values(pieces, rank: int) -> None:
+    if sum(b - a for _, a, b in pieces) == 0:
+        raise ValueError(
+            f"rank {rank} holds none of the trainable values (every parameter has fewer dim-0 rows "
+            "than ranks before it): TWA needs at least one value on each rank"
+        )
+
+
+def _plain(held):
+    """A saved ``sharding`` entry as plain ints (``[start, stop]`` or ``[[i, a, b], ...]``)."""
+    return [_plain(x) if isinstance(x, (list, tuple)) else int(x) for x in held]
+
+
+def describe_sharding(sharding, D: int) -> str:
+    """How errors name what a subspace (or a state dict of one) holds; see ``Subspace.sharding``."""
+    if sharding is None:
+        return "the whole subspace (no process group)"
+    held, world = sharding
+    if held and isinstance(held[0], list):
+        n = sum(b - a for _, a, b in held)
+        return f"the local shards ({n} values) of one rank of an FSDP2 model over {world} processes"
+    return f"columns [{held[0]}, {held[1]}) of D={D}, one shard of a subspace sharded over {world} processes"
 
 
 def _coefficient_vector(coefficients, n: int) -> Tensor:

@@ -1,0 +1,225 @@
+"""Subspace and TWA on FSDP2 models (``fully_shard``): gloo on CPU, 2 and 3 spawned processes.
+
+Each rank's basis covers its local parameter shards; the step's only collective of its own is
+the all-reduce of K coordinate gradients. The spawned runs (uneven shards, nested
+``fully_shard``) are compared with the same samples and batches in this process without FSDP.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from gloo import spawn
+from torch import nn
+from torch.nn import functional as F
+
+from twa_kernels import TWA, Subspace
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+IN, OUT = 12, 3
+# dim-0 rows 10, 7, 3 (and biases): shards of 5/5, 4/3, 2/1 rows on 2 ranks, 4/4/2, 3/3/1,
+# 1/1/1 on 3: uneven everywhere, and every rank holds some of every tensor.
+HIDDEN = (10, 7)
+BATCH = 12  # divisible by 2 and 3: each rank's mean gradient, averaged, is the batch's
+STEPS = 4
+N_SAMPLES = 5
+MAX_RANK = 6
+HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
+REL = 1e-5  # the requirement (fp32 basis); fp32 sums in another order differ by ~1e-7
+DEADLINE_S = 90  # per spawn; FSDP2's first forward on 2 busy cores takes several seconds
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(IN, HIDDEN[0])
+        self.b = nn.Linear(HIDDEN[0], HIDDEN[1])
+        self.c = nn.Linear(HIDDEN[1], OUT)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def make_model():
+    torch.manual_seed(5)
+    return Net()
+
+
+def shard(model):
+    """Nested fully_shard: the first two layers on their own, the root around them."""
+    fsdp.fully_shard(model.a)
+    fsdp.fully_shard(model.b)
+    fsdp.fully_shard(model)
+    return model
+
+
+def make_samples():
+    """N_SAMPLES points along a random trajectory from the model's initial weights."""
+    g = torch.Generator().manual_seed(11)
+    current = [p.detach().clone() for p in make_model().parameters()]
+    samples = []
+    for _ in range(N_SAMPLES):
+        current = [c + 0.05 * torch.randn(c.shape, generator=g) for c in current]
+        samples.append([c.clone() for c in current])
+    return samples
+
+
+def make_batches():
+    g = torch.Generator().manual_seed(13)
+    teacher = torch.randn(IN, OUT, generator=g)
+    X = torch.randn(STEPS, BATCH, IN, generator=g)
+    return [(x, (x @ teacher).argmax(-1)) for x in X]
+
+
+def train(model, opt, batches, world=1, rank=0):
+    share = BATCH // world
+    for x, y in batches:
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def full_weights(model):
+    """The whole flat weights (an FSDP2 model's gathered from its shards)."""
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in full])
+
+
+class _Collectives:
+    """Count the payload bytes of every torch.distributed collective called while active."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+             "all_gather_single", "reduce_scatter_single", "all_to_all_single")  # fmt: skip
+
+    def __enter__(self):
+        self.calls = []
+        self.saved = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+        for name, fn in self.saved.items():
+
+            def counted(t, *args, _name=name, _fn=fn, **kwargs):
+                self.calls.append((_name, t.numel() * t.element_size()))
+                return _fn(t, *args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+def main_scenario(world, rank, root):
+    out = {}
+    samples, batches = make_samples(), make_batches()
+    model = shard(make_model())
+    space = Subspace(model, MAX_RANK, torch.float32)
+    out["local_numel"], out["dim"] = space.local_numel, space.dim
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = next(model.parameters()).device_mesh
+    for i, s in enumerate(samples):
+        if i == 2:  # one sample given as DTensors sharded like the model
+            s = [distribute_tensor(t, mesh, [Shard(0)]) for t in s]
+        space.add(s)
+    out["rank"], out["coords"] = space.rank, space.sample_coordinates()
+    opt = TWA(model, space, **HYPER)
+    out["start"] = full_weights(model)
+    x, y = batches[0]
+    mine = slice(rank * (BATCH // world), (rank + 1) * (BATCH // world))
+    F.cross_entropy(model(x[mine]), y[mine]).backward()
+    with _Collectives() as counted:
+        opt.step()
+    out["step_collectives"] = counted.calls
+    opt.zero_grad()
+    train(model, opt, batches[1:], world, rank)
+    out["weights"] = full_weights(model)
+    out["alpha"] = opt.alpha.clone()
+    out["comm"] = opt.comm_bytes_per_step
+    out["space_state"] = space.state_dict()
+    out["opt_state"] = copy.deepcopy(opt.state_dict())
+    # Resume at the same world size: a fresh model and subspace, the saved states loaded.
+    model2 = shard(make_model())
+    space2 = Subspace(model2, MAX_RANK, torch.float32)
+    space2.load_state_dict(out["space_state"])
+    opt2 = TWA(model2, space2, **HYPER)
+    opt2.load_state_dict(copy.deepcopy(out["opt_state"]))
+    out["resumed"] = full_weights(model2)
+    train(model, opt, batches[:2], world, rank)
+    train(model2, opt2, batches[:2], world, rank)
+    out["continued"], out["continued_resumed"] = full_weights(model), full_weights(model2)
+    # The mean of the samples (SWA) written into the shards.
+    space.write_average_(model)
+    out["average"] = full_weights(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    done = {}
+
+    def get(world):
+        if world not in done:
+            done[world] = spawn(world, "test_fsdp:main_scenario", root, DEADLINE_S)
+        return done[world]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The same samples and batches on one process (no FSDP), the whole batch per step."""
+    samples, batches = make_samples(), make_batches()
+    model = make_model()
+    space = Subspace(model, MAX_RANK, torch.float32)
+    for s in samples:
+        space.add(s)
+    opt = TWA(model, space, **HYPER)
+    start = full_weights(model)
+    train(model, opt, batches)
+    weights = full_weights(model)
+    space.write_average_(model)
+    average = full_weights(model)
+    return {"space": space, "start": start, "weights": weights, "alpha": opt.alpha, "average": average}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp_twa_matches_one_process(runs, single, world):
+    for r, out in enumerate(runs(world)):
+        assert out["rank"] == single["space"].rank == N_SAMPLES
+        torch.testing.assert_close(out["coords"], single["space"].sample_coordinates(), atol=1e-9, rtol=1e-6)
+        assert rel_err(out["start"], single["start"]) <= REL, f"rank {r}: start weights"
+        assert rel_err(out["weights"], single["weights"]) <= REL, f"rank {r}: weights after {STEPS} steps"
+        assert rel_err(out["alpha"], single["alpha"]) <= REL, f"rank {r}: alpha"
+        assert rel_err(out["average"], single["average"]) <= REL, f"rank {r}: mean of the samples"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_holds_its_shards_of_the_basis(runs, world):
+    outs = runs(world)
+    D = outs[0]["dim"]
+    held = [o["local_numel"] for o in outs]
+    assert sum(held) == D
+    assert max(held) <= -(-D // world) + 2 * sum(HIDDEN) + OUT, held  # about D / world each
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_step_communicates_k_floats(runs, world):
+    """The only collective TWA issues in step(): one all-reduce of K fp32 values."""
+    for out in runs(world):
+        assert out["step_collectives"] == [("all_reduce", 4 * N_SAMPLES)]
+        assert out["comm"] == {"gradients": 0, "coordinates": 4 * N_SAMPLES, "weights": 0}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_state_dicts_resume_bit_for_bit(runs, world):
+    for r, out in enumerate(runs(world)):
+        assert torch.equal(out["resumed"], out["weights"]), f"rank {r}: weights after loading"
+        assert torch.equal(out["continued_resumed"], out["continued"]), f"rank {r}: two more steps"
