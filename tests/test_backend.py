@@ -95,10 +95,10 @@ def test_narrow_cuda_basis_warns_once(monkeypatch):
 
     monkeypatch.setattr(_layout, "_warned", False)
 
-    def fake(stride, address, device="cuda", K=2, itemsize=2):
+    def fake(stride, address, device="cuda", K=2, itemsize=2, dtype=torch.float16):
         return SimpleNamespace(
             device=torch.device(device), shape=(K, 100), stride=lambda dim: stride,
-            data_ptr=lambda: address, element_size=lambda: itemsize,
+            data_ptr=lambda: address, element_size=lambda: itemsize, dtype=dtype,
         )  # fmt: skip
 
     with warnings.catch_warnings():
@@ -118,3 +118,10 @@ def test_narrow_cuda_basis_warns_once(monkeypatch):
     monkeypatch.setattr(_layout, "_warned", False)
     with pytest.warns(UserWarning, match="backend='cuda'"):
         _layout.warn_if_narrow(fake(101, 4096), "cuda")
+    # int8 on CUDA: rows of 208 bytes read in 16-byte groups only from an aligned row 0.
+    monkeypatch.setattr(_layout, "_warned", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _layout.warn_if_narrow(fake(208, 4096, itemsize=1, dtype=torch.int8), "cuda")
+    with pytest.warns(UserWarning, match="3 bytes past"):
+        _layout.warn_if_narrow(fake(208, 4099, itemsize=1, dtype=torch.int8), "cuda")

@@ -77,6 +77,8 @@ def narrow_rows(basis: Tensor, backend: str) -> bool:
     """True when ``backend`` ("triton" or "cuda") must read ``basis``'s rows in narrow loads."""
     if backend == "triton":
         return basis.stride(0) % 16 != 0 or basis.data_ptr() % 16 != 0
+    if blockwise(basis.dtype) and basis.data_ptr() % 16 != 0:
+        return True  # CUDA's int8 groups of 16 values start at multiples of 16 columns: no head peel
     return basis.shape[0] > 1 and (basis.stride(0) * basis.element_size()) % 16 != 0
 
 

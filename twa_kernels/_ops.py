@@ -55,8 +55,8 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 8192
 # Per op, the backends with kernels for an int8 basis; "auto" takes the last of them on CUDA.
 BLOCKWISE_BACKENDS = {
-    "project": ("torch", "triton"),
-    "reconstruct_": ("torch", "triton"),
+    "project": ("torch", "triton", "cuda"),
+    "reconstruct_": ("torch", "triton", "cuda"),
     "orthogonalize_": ("torch", "triton"),
     "project_grads": ("torch", "triton"),
     "step_": ("torch", "triton"),
