@@ -564,8 +564,8 @@ def _fsdp_parameters(tensors: list[Tensor], layout: ParamLayout, process_group) 
 def _check_holds_values(pieces, rank: int) -> None:
     if sum(b - a for _, a, b in pieces) == 0:
         raise ValueError(
-            f"rank {rank} holds none of the trainable values (every parameter has fewer dim-0 rows "
-            "than ranks before it): TWA needs at least one value on each rank"
+            f"rank {rank} holds none of the trainable values: no parameter has enough dim-0 rows "
+            "to give it a shard, and TWA needs at least one value on each rank"
         )
 
 
