@@ -14,7 +14,7 @@ from gloo import spawn
 from torch import nn
 from torch.nn import functional as F
 
-from twa_kernels import TWA, Subspace
+from twa_kernels import TWA, Subspace, distributed
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -140,6 +140,7 @@ def main_scenario(world, rank, root):
     out["comm"] = opt.comm_bytes_per_step
     out["space_state"] = space.state_dict()
     out["opt_state"] = copy.deepcopy(opt.state_dict())
+    distributed.save_checkpoint(root / f"dcp_w{world}", space, opt)
     # Resume at the same world size: a fresh model and subspace, the saved states loaded.
     model2 = shard(make_model())
     space2 = Subspace(model2, MAX_RANK, torch.float32)
@@ -156,6 +157,28 @@ def main_scenario(world, rank, root):
     return out
 
 
+def _load_dcp(world, rank, root, saved_by):
+    """A fresh FSDP2 model, subspace and optimizer on ``world`` ranks, loaded from the DCP
+    checkpoint the main run on ``saved_by`` ranks wrote, then two more steps."""
+    model = shard(make_model())
+    space = Subspace(model, MAX_RANK, torch.float32)
+    distributed.load_subspace(root / f"dcp_w{saved_by}", space)
+    opt = TWA(model, space, **HYPER)
+    distributed.load_optimizer(root / f"dcp_w{saved_by}", opt)
+    out = {"loaded": full_weights(model), "alpha": opt.alpha.clone(), "rank": space.rank}
+    train(model, opt, make_batches()[:2], world, rank)
+    out["continued"] = full_weights(model)
+    return out
+
+
+def dcp_from_2(world, rank, root):
+    return _load_dcp(world, rank, root, 2)
+
+
+def dcp_from_3(world, rank, root):
+    return _load_dcp(world, rank, root, 3)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
@@ -166,6 +189,7 @@ def runs(tmp_path_factory):
             done[world] = spawn(world, "test_fsdp:main_scenario", root, DEADLINE_S)
         return done[world]
 
+    get.root = root
     return get
 
 
@@ -303,3 +327,46 @@ def test_fsdp_subspace_refuses_what_it_cannot_follow(tmp_path):
         assert "load sharded state dicts into a process group" in out["other_rank"]
         expected = "rank 2 holds none of the trainable values" if r == 2 else "failed on rank 2"
         assert expected in out["empty"]
+
+
+@pytest.mark.parametrize(("saved_by", "world"), [(2, 3), (3, 2), (3, 3)])
+def test_dcp_checkpoints_load_into_any_world_size(runs, saved_by, world):
+    """Saved with torch.distributed.checkpoint on ``saved_by`` ranks, loaded on ``world``: the
+    same weights, bit for bit (each value is w0 + P alpha of the same numbers), and two more
+    steps as the saving run took them (to the all-reduce's summation order at another size)."""
+    saved = runs(saved_by)[0]
+    outs = spawn(world, f"test_fsdp:dcp_from_{saved_by}", runs.root, DEADLINE_S)
+    for r, out in enumerate(outs):
+        assert out["rank"] == N_SAMPLES
+        assert torch.equal(out["alpha"], saved["alpha"]), f"rank {r}: alpha"
+        assert torch.equal(out["loaded"], saved["weights"]), f"rank {r}: weights as saved"
+        if world == saved_by:
+            assert torch.equal(out["continued"], saved["continued"]), f"rank {r}: two more steps"
+        else:
+            assert rel_err(out["continued"], saved["continued"]) <= REL, f"rank {r}: two more steps"
+
+
+def test_dcp_checkpoints_refuse_another_model(runs, tmp_path):
+    runs(2)
+    outs = spawn(2, "test_fsdp:dcp_other_model", runs.root, DEADLINE_S)
+    for out in outs:
+        assert "checkpoint is from a different model" in out
+
+
+def dcp_other_model(world, rank, root):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 9), nn.Linear(9, OUT))
+    fsdp.fully_shard(model)
+    space = Subspace(model, MAX_RANK, torch.float32)
+    try:
+        distributed.load_subspace(root / "dcp_w2", space)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_dcp_checkpoints_are_for_fsdp2_subspaces(tmp_path):
+    space = Subspace(make_model(), MAX_RANK)
+    space.add()
+    with pytest.raises(ValueError, match="DCP checkpoints are for a subspace on an FSDP2 model"):
+        distributed.save_checkpoint(tmp_path / "dcp", space)

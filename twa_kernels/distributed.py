@@ -74,7 +74,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _collectives, _ops
+from . import _checkpoint, _collectives, _ops
 
 
 def orthogonalize_(
@@ -96,3 +96,34 @@ def orthogonalize_(
 
     _ops.check_orthogonalize(basis, scales, sample, rank)
     return _ops.route("orthogonalize_", backend, basis, rank)(basis, scales, sample, rank, all_reduce=reduce)
+
+
+# ---- checkpoints of FSDP2 subspaces (torch.distributed.checkpoint) -----------------------------
+
+
+def save_checkpoint(path, subspace, optimizer=None) -> None:
+    """Collective: save ``subspace`` (on an FSDP2 model) and optionally its ``TWA`` optimizer
+    with ``torch.distributed.checkpoint`` into the directory ``path``.
+
+    The basis, the anchor, the mean (and an optimizer's own origin) are stored per parameter as
+    DTensors sharded like the parameters, so the checkpoint loads into any number of ranks
+    (``load_subspace``, ``load_optimizer``); the small replicated state goes with them. A float
+    basis only: an int8 basis's block scales belong to each rank's shards (save its per-rank
+    ``state_dict()`` instead). Raises ``ValueError`` for a subspace that is not on an FSDP2 model.
+    """
+    _checkpoint.save_checkpoint(path, subspace, optimizer)
+
+
+def load_subspace(path, subspace) -> None:
+    """Collective: restore a ``save_checkpoint`` into ``subspace``, built (empty or not) on the same
+    model sharded by FSDP2 over any number of ranks, through ``subspace.load_state_dict``: the
+    same checks (a different model, dtype or too small ``max_rank`` raise ``ValueError`` on every
+    rank), all or nothing. Build the optimizer afterwards and ``load_optimizer`` into it."""
+    _checkpoint.load_subspace(path, subspace)
+
+
+def load_optimizer(path, optimizer) -> None:
+    """Collective: restore the ``TWA`` state saved by ``save_checkpoint`` into ``optimizer``, built
+    on the subspace ``load_subspace`` restored (any world size), through its ``load_state_dict``:
+    the weights are written from the loaded coordinates."""
+    _checkpoint.load_optimizer(path, optimizer)
