@@ -139,7 +139,8 @@ run_tests() {
 # fused step (step_ and project_grads: fp64 oracles at awkward sizes, reference steps,
 # determinism, opcheck, CUDA graph replay, launch count), the extension loader's checks, plus
 # the Triton fused step's oracle, non-finite, generic-path and launch-count tests, and
-# tests/test_cuda_step.py (the CUDA step's splits, largest rank, argument messages), and every
+# tests/test_cuda_step.py (the CUDA step's splits, largest rank, argument messages), TWA on an
+# FSDP2 model over NCCL (one process per GPU, tests/test_fsdp.py), and every
 # autotune config of the Triton project, reconstruct and fused-step kernels against the fp64
 # oracle (test_every_*_config_matches_fp64_oracle: the kernels rebuilt since the last GPU run).
 # 232 tests before those: 173 cuda-cuda tests of tests/test_op_*.py, 33 of test_fused_step_op.py, 5 of
@@ -147,8 +148,8 @@ run_tests() {
 # `TWA_TEST_DEVICE=cuda pytest --collect-only -q -k "$FIRST_K" $FIRST_FILES` lists them.
 FIRST_FILES="tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
   tests/test_op_subspace_step.py tests/test_fused_step_op.py tests/test_backend.py tests/test_triton_step.py
-  tests/test_cuda_step.py"
-FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck or one_step or reference_steps or project_grads or fused_step)) or (graph_replays and cuda]) or (launches_at_most and cuda]) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step or config_matches_fp64_oracle'
+  tests/test_cuda_step.py tests/test_fsdp.py"
+FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck or one_step or reference_steps or project_grads or fused_step)) or (graph_replays and cuda]) or (launches_at_most and cuda]) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step or config_matches_fp64_oracle or fsdp_twa_on_cuda'
 if wanted first; then
   stage "tests: cuda-first"
   if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-90}"); then

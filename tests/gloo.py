@@ -1,9 +1,10 @@
-"""Run a function on N spawned gloo processes (CPU), each saving what it returns, with a deadline.
+"""Run a function on N spawned processes (gloo on CPU, or NCCL with one GPU per rank), each
+saving what it returns, with a deadline.
 
-``spawn(world, "module:function", root)`` starts ``world`` processes that join one gloo group
-(file rendezvous under ``root``), call ``function(world, rank, root)`` from ``module`` (a test
-module, imported by name in the child) and ``torch.save`` its result; a rank that raises writes
-its traceback instead. Every spawn has a deadline, so a rank stuck in a collective fails the test
+``spawn(world, "module:function", root)`` starts ``world`` processes that join one group by file
+rendezvous under ``root``, call ``function(world, rank, root)`` from ``module`` (a test module,
+imported by name in the child) and ``torch.save`` its result; a rank that raises writes its
+traceback instead. Every spawn has a deadline, so a rank stuck in a collective fails the test
 instead of hanging it.
 """
 
@@ -19,13 +20,15 @@ import torch
 import torch.distributed as dist
 
 
-def _worker(rank, world, init_method, target, root, timeout_s):
+def _worker(rank, world, init_method, target, root, timeout_s, backend):
     root = Path(root)
     name = target.replace(":", "_")
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=init_method, rank=rank, world_size=world,
+            backend, init_method=init_method, rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
         )  # fmt: skip
         module, function = target.split(":")
@@ -40,13 +43,13 @@ def _worker(rank, world, init_method, target, root, timeout_s):
     os._exit(0)
 
 
-def spawn(world: int, target: str, root: Path, deadline_s: float = 60) -> list:
-    """Run ``target`` ("module:function") on ``world`` gloo processes; each rank's result, or a
-    test failure with the tracebacks of the ranks that raised and the ranks still running."""
+def spawn(world: int, target: str, root: Path, deadline_s: float = 60, backend: str = "gloo") -> list:
+    """Run ``target`` ("module:function") on ``world`` processes; each rank's result, or a test
+    failure with the tracebacks of the ranks that raised and the ranks still running."""
     ctx = multiprocessing.get_context("spawn")
     name = target.replace(":", "_")
     init = f"file://{root}/rendezvous_{name}_{world}"
-    args = lambda r: (r, world, init, target, str(root), max(deadline_s - 10, 5))  # noqa: E731
+    args = lambda r: (r, world, init, target, str(root), max(deadline_s - 10, 5), backend)  # noqa: E731
     procs = [ctx.Process(target=_worker, args=args(r), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

@@ -370,3 +370,32 @@ def test_dcp_checkpoints_are_for_fsdp2_subspaces(tmp_path):
     space.add()
     with pytest.raises(ValueError, match="DCP checkpoints are for a subspace on an FSDP2 model"):
         distributed.save_checkpoint(tmp_path / "dcp", space)
+
+
+def cuda_scenario(world, rank, root):
+    """The main run's samples and steps on CUDA (one GPU per rank, NCCL), with the GPU kernels
+    "auto" picks: the fused step's gradient projection on the local shards."""
+    from twa_kernels import _ops
+
+    device = torch.device("cuda", rank)
+    samples, batches = make_samples(), make_batches()
+    model = shard(make_model().to(device))
+    space = Subspace(model, MAX_RANK, torch.float32)
+    for s in samples:
+        space.add([t.to(device) for t in s])
+    opt = TWA(model, space, **HYPER)
+    train(model, opt, [(x.to(device), y.to(device)) for x, y in batches], world, rank)
+    return {
+        "weights": full_weights(model).cpu(),
+        "backend": _ops.choose("step_", "auto", space.basis),
+        "steps": opt.steps,
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL on CUDA devices")
+def test_fsdp_twa_on_cuda_with_nccl_matches_one_process(tmp_path, single):
+    world = torch.cuda.device_count()
+    outs = spawn(world, "test_fsdp:cuda_scenario", tmp_path, 300, backend="nccl")
+    for r, out in enumerate(outs):
+        assert out["backend"] in ("triton", "cuda") and out["steps"] == STEPS
+        assert rel_err(out["weights"], single["weights"]) <= REL, f"rank {r}: weights after {STEPS} steps"
