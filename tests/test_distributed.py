@@ -37,10 +37,10 @@ def make_model(hidden=HIDDEN):
     return nn.Sequential(nn.Linear(IN, hidden), nn.Tanh(), nn.Linear(hidden, OUT))
 
 
-def make_samples():
-    """N_SAMPLES points along a random trajectory from the model's initial weights."""
+def make_samples(make=make_model):
+    """N_SAMPLES points along a random trajectory from the initial weights of ``make()``."""
     g = torch.Generator().manual_seed(11)
-    current = [p.detach().clone() for p in make_model().parameters()]
+    current = [p.detach().clone() for p in make().parameters()]
     samples = []
     for _ in range(N_SAMPLES):
         current = [c + 0.05 * torch.randn(c.shape, generator=g) for c in current]

@@ -11,7 +11,20 @@ import pytest
 import torch
 import torch.distributed as dist
 from gloo import spawn
-from test_distributed import _NoHostReads
+from test_distributed import (
+    BATCH,
+    HYPER,
+    IN,
+    MAX_RANK,
+    N_SAMPLES,
+    OUT,
+    STEPS,
+    _NoHostReads,
+    make_batches,
+    rel_err,
+    train,
+)
+from test_distributed import make_samples as trajectory
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,15 +32,11 @@ from twa_kernels import TWA, Subspace, distributed
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
-IN, OUT = 12, 3
+# Samples, batches, hyperparameters and the batch split as in test_distributed (BATCH divisible
+# by 2 and 3: each rank's mean gradient, averaged, is the batch's).
 # dim-0 rows 10, 7, 3 (and biases): shards of 5/5, 4/3, 2/1 rows on 2 ranks, 4/4/2, 3/3/1,
 # 1/1/1 on 3: uneven everywhere, and every rank holds some of every tensor.
 HIDDEN = (10, 7)
-BATCH = 12  # divisible by 2 and 3: each rank's mean gradient, averaged, is the batch's
-STEPS = 4
-N_SAMPLES = 5
-MAX_RANK = 6
-HYPER = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
 REL = 1e-5  # the requirement (fp32 basis); fp32 sums in another order differ by ~1e-7
 DEADLINE_S = 90  # per spawn; FSDP2's first forward on 2 busy cores takes several seconds
 
@@ -57,30 +66,7 @@ def shard(model):
 
 
 def make_samples():
-    """N_SAMPLES points along a random trajectory from the model's initial weights."""
-    g = torch.Generator().manual_seed(11)
-    current = [p.detach().clone() for p in make_model().parameters()]
-    samples = []
-    for _ in range(N_SAMPLES):
-        current = [c + 0.05 * torch.randn(c.shape, generator=g) for c in current]
-        samples.append([c.clone() for c in current])
-    return samples
-
-
-def make_batches():
-    g = torch.Generator().manual_seed(13)
-    teacher = torch.randn(IN, OUT, generator=g)
-    X = torch.randn(STEPS, BATCH, IN, generator=g)
-    return [(x, (x @ teacher).argmax(-1)) for x in X]
-
-
-def train(model, opt, batches, world=1, rank=0):
-    share = BATCH // world
-    for x, y in batches:
-        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    return trajectory(make_model)
 
 
 def full_weights(model):
@@ -211,10 +197,6 @@ def single():
     space.write_average_(model)
     average = full_weights(model)
     return {"space": space, "start": start, "weights": weights, "alpha": opt.alpha, "average": average}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("world", [2, 3])

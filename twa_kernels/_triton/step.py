@@ -192,6 +192,17 @@ def _fetch(
     return p, g
 
 
+@triton.jit
+def _split_blocks(NBLK):
+    """Program (t, s) of a projection: its K tile t, its split s and the split's run of
+    consecutive blocks ``[b_lo, b_hi)`` (one run per split, as even as the grid allows)."""
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    per = tl.cdiv(NBLK, tl.num_programs(1)).to(tl.int64)
+    b_lo = s * per
+    return t, s, b_lo, tl.minimum(b_lo + per, NBLK)
+
+
 @triton.autotune(configs=configs(_PROJECT_CONFIGS), key=["K", "NBLK"])
 @triton.heuristics({"GROUP": lambda args: 16 // args["basis_ptr"].element_size()})
 @triton.jit
@@ -204,11 +215,7 @@ def _step_project_kernel(
     of consecutive blocks), summed in a register tile with the next block's basis tile and grad
     prefetched, reduced once into ``part[s, rows]``. The programs of a split run side by side (t fastest),
     so its grads come from DRAM about once."""
-    t = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
-    per = tl.cdiv(NBLK, tl.num_programs(1)).to(tl.int64)
-    b_lo = s * per
-    b_hi = tl.minimum(b_lo + per, NBLK)
+    t, s, b_lo, b_hi = _split_blocks(NBLK)
     offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     mask_k = offs_k < K
     rows = basis_ptr + offs_k[:, None] * row_stride
@@ -342,11 +349,7 @@ def _step_project_int8_kernel(
 ):  # fmt: skip
     """``_step_project_kernel``'s grid and partials for an int8 basis, block scales applied:
     program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
-    t = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
-    per = tl.cdiv(NBLK, tl.num_programs(1)).to(tl.int64)
-    b_lo = s * per
-    b_hi = tl.minimum(b_lo + per, NBLK)
+    t, s, b_lo, b_hi = _split_blocks(NBLK)
     tile = tl.zeros([BLOCK_K, BLOCK_D // QRUN], dtype=tl.float32)
     # Whole aligned blocks first, in a loop of their own: a masked block's row loop nested in
     # it would make this loop an outer one, whose unrolled rows the compiler schedules apart.
