@@ -159,6 +159,35 @@ def by_unwrapped_name(state: Mapping, path) -> dict:
     return out
 
 
+def coefficient_blocks(layout: ParamLayout, granularity) -> list[tuple[int, int]]:
+    """The flat ranges ``[start, stop)`` of D that share one coefficient vector.
+
+    ``"model"``: one block, all of D (the published TWA). ``"tensor"``: one block per
+    parameter tensor. An int N >= 1: consecutive tensors grouped until a block holds at least N
+    values (the published follow-up's ``--layer-size``), the last block possibly smaller.
+    ``ValueError`` (or ``TypeError``) naming the value for anything else.
+    """
+    if granularity == "model" and isinstance(granularity, str):
+        return [(0, layout.numel)]
+    if granularity == "tensor" and isinstance(granularity, str):
+        return [(o, o + n) for o, n in zip(layout.offsets, layout.numels, strict=True)]
+    if isinstance(granularity, bool) or not isinstance(granularity, int):
+        if isinstance(granularity, str):
+            raise ValueError(f"granularity must be 'model', 'tensor' or an int >= 1, got {granularity!r}")
+        raise TypeError(f"granularity must be 'model', 'tensor' or an int >= 1, got {granularity!r}")
+    if granularity < 1:
+        raise ValueError(f"granularity (values per block) must be >= 1, got {granularity}")
+    blocks, start, stop = [], 0, 0
+    for o, n in zip(layout.offsets, layout.numels, strict=True):
+        stop = o + n
+        if stop - start >= granularity:
+            blocks.append((start, stop))
+            start = stop
+    if start < stop:
+        blocks.append((start, stop))
+    return blocks
+
+
 def shard_pieces(layout: ParamLayout, start: int, stop: int) -> list[tuple[int, int, int]]:
     """``(parameter index, begin, end)`` of the flattened parameters' values in ``[start, stop)``.
 

@@ -269,6 +269,57 @@ def gram(basis: Tensor, scales: Tensor) -> Tensor:
     return G * s[:, None] * s[None, :]
 
 
+# ---- per-block coefficients: D cut into contiguous blocks, one coefficient vector each --------
+
+
+def _block_pieces(cols: slice, blocks: list[tuple[int, int]]):
+    """``(block index, columns of the chunk, the same columns of D)`` for every block that
+    overlaps the chunk ``cols`` of D (``blocks``: ``[start, stop)`` ranges, in order)."""
+    for i, (start, stop) in enumerate(blocks):
+        a, b = max(start, cols.start), min(stop, cols.stop)
+        if a < b:
+            yield i, slice(a - cols.start, b - cols.start), slice(a, b)
+
+
+def project_blocks(basis: Tensor, scales: Tensor, x: Tensor, blocks: list[tuple[int, int]]) -> Tensor:
+    """``P[S_l]^T x[S_l]`` for each block l of D: fp32 [L, K] (fp32 accumulation)."""
+    K = basis.shape[0]
+    out = torch.zeros(len(blocks), K, dtype=torch.float32, device=x.device)
+    chunks, row_scales = _dequantised_chunks(basis, scales, torch.float32)
+    for cols, P in chunks:
+        for i, local, flat in _block_pieces(cols, blocks):
+            out[i] += P[:, local] @ x[flat].float()
+    if row_scales is not None:
+        out.mul_(row_scales)
+    return out
+
+
+def reconstruct_blocks_(
+    out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor, blocks: list[tuple[int, int]]
+) -> None:
+    """``out[S_l] = w0[S_l] + P[S_l] coef[l]`` for each block l (coef fp32 [L, K]); fp32
+    arithmetic, rounded once to out's dtype."""
+    chunks, row_scales = _dequantised_chunks(basis, scales, torch.float32)
+    coef = coef if row_scales is None else coef * row_scales
+    for cols, P in chunks:
+        for i, local, flat in _block_pieces(cols, blocks):
+            out[flat] = w0[flat] + coef[i] @ P[:, local]
+
+
+def gram_blocks(basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]]) -> Tensor:
+    """``G_l = P[S_l]^T P[S_l]`` of the stored columns for each block, fp64 [L, K, K]."""
+    K = basis.shape[0]
+    G = torch.zeros(len(blocks), K, K, dtype=torch.float64, device=basis.device)
+    chunks, row_scales = _dequantised_chunks(basis, scales, torch.float64)
+    for cols, P in chunks:
+        for i, local, _ in _block_pieces(cols, blocks):
+            G[i] += P[:, local] @ P[:, local].T
+    if row_scales is None:
+        return G
+    s = row_scales.double()
+    return G * s[:, None] * s[None, :]
+
+
 def _flat_views(workspace: Tensor, params: list[Tensor]) -> list[Tensor]:
     pieces = workspace.split([p.numel() for p in params])
     return [v.view(p.shape) for v, p in zip(pieces, params, strict=True)]
