@@ -8,8 +8,9 @@
 #      blocks per SM its launch relies on; the int8 kernels' hot loops have no I2F and a PRMT
 #      per int8 value (.ci/cuda_sass.py);
 #   2. csrc/tests/host_test.cu (the kernels' index/tiling/mask/reduction helpers and the int8
-#      dequantisation against plain loops) and csrc/tests/step_host_test.cu (the fused step's splits) build with nvcc and run
-#      on the CPU;
+#      dequantisation against plain loops) and csrc/tests/step_host_test.cu (the fused step's
+#      splits and, over an int8 basis, its lanes' columns and block scales) build with nvcc and
+#      run on the CPU;
 #   3. the torch glue compiles (syntax only) against the project's torch;
 #   4. the whole extension JIT-builds, links and imports against the torch 2.14.1 CUDA wheel in
 #      .venv-cuda (created when missing and the disk has room), and calling an op on CPU tensors

@@ -59,9 +59,16 @@ CHECKED = {
     "orth_store": 0,
     "step_project_kernel": 0,
     "step_write_kernel": 0,
+    "step_project_int8_kernel": 0,
+    "step_write_int8_kernel": 0,
 }
 # Kernels over an int8 basis: their streaming loops dequantise with PRMT, never I2F.
-INT8 = ("project_int8_stage1", "reconstruct_int8_kernel")
+INT8 = (
+    "project_int8_stage1",
+    "reconstruct_int8_kernel",
+    "step_project_int8_kernel",
+    "step_write_int8_kernel",
+)
 INT8_VALUES_PER_LOAD = 16
 FLAGS = [
     "-std=c++17", "-O3", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",

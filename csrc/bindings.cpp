@@ -60,8 +60,8 @@ twa::DType to_dtype(const char* op, const char* name, const at::Tensor& t, bool 
 twa::DType basis_dtype(const char* op, const at::Tensor& basis, bool int8_ok) {
   if (basis.scalar_type() == at::kChar) {
     TORCH_CHECK(int8_ok, "twa_cuda::", op, ": an int8 basis has no CUDA kernel for this op (the CUDA "
-                "backend takes int8 in project and reconstruct_; backend=\"triton\" or \"torch\" "
-                "may have one)");
+                "backend takes int8 in project, reconstruct_ and the fused step (step_project_, "
+                "fused_step_); backend=\"triton\" or \"torch\" may have one)");
     return twa::DType::kInt8;
   }
   switch (basis.scalar_type()) {
@@ -395,7 +395,7 @@ std::vector<int64_t> step_sizes(const at::Tensor& basis, int64_t nblk) {
   bv.ld = basis.size(0) == 1 ? basis.size(1) : basis.stride(0);
   bv.K = basis.size(0);
   bv.D = basis.size(1);
-  bv.dtype = basis_dtype(op, basis, false);
+  bv.dtype = basis_dtype(op, basis, true);
   const twa::StepProjectSizes sizes = project_sizes(op, bv, nblk, sm_count(basis));
   return {sizes.splits, sizes.k_tiles, twa::step::kBlockCols};
 }
@@ -410,7 +410,8 @@ twa::StepProjectArgs step_project_args(const char* op, const twa::StepTables& ta
         {"tickets", &tickets}, {"out", &out}}) {
     check_same_device(op, name, *t, basis);
   }
-  const twa::BasisView bv = basis_view(op, basis, scales);
+  int64_t scales_ld = 0;
+  const twa::BasisView bv = basis_view(op, basis, scales, true, &scales_ld);
   const int sms = sm_count(basis);
   const twa::StepProjectSizes sizes = project_sizes(op, bv, tables.nblk, sms);
   TORCH_CHECK(partials.dim() == 2 && partials.size(0) == sizes.splits && partials.size(1) == bv.K &&
@@ -424,6 +425,7 @@ twa::StepProjectArgs step_project_args(const char* op, const twa::StepTables& ta
   a.tables = tables;
   a.basis = bv;
   a.scales = scales.data_ptr<float>();
+  a.scales_ld = scales_ld;
   a.partials = partials.data_ptr<float>();
   a.tickets = reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>());
   a.out = out.data_ptr<float>();
@@ -474,6 +476,7 @@ void fused_step_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tenso
   wa.tables = tables;
   wa.basis = pa.basis;
   wa.scales = pa.scales;
+  wa.scales_ld = pa.scales_ld;
   wa.w0 = w0.data_ptr<float>();
   wa.alpha = sa.alpha;
   wa.sm_count = pa.sm_count;

@@ -295,6 +295,53 @@ __device__ __forceinline__ void project_slow(const T* __restrict__ cols, int64_t
   }
 }
 
+// The end of a projection block of threads: its partial sums (warp butterflies, then the warps
+// in order) into partial[cta, tile rows]; then the last block of threads of the K tile (an
+// integer ticket) adds the tile's partials over the splits in a fixed order, times the row
+// scales when kRowScales (a float basis; an int8 basis's block scales are in the partials).
+template <bool kRowScales>
+__device__ __forceinline__ void project_finish(const float (&acc)[kTileRows],
+                                               float (&red_s)[kWarps][kTileRows], bool& last_s,
+                                               int lane, int warp, int64_t row0, int64_t cta,
+                                               int64_t K, const step::BlockSplit& split,
+                                               const float* __restrict__ scales,
+                                               float* __restrict__ partial,
+                                               unsigned* __restrict__ tickets,
+                                               float* __restrict__ out) {
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) {
+    const float s = warp_sum(acc[r]);
+    if (lane == 0) red_s[warp][r] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kTileRows && row0 + threadIdx.x < K) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += red_s[w][threadIdx.x];
+    partial[cta * K + row0 + threadIdx.x] = s;
+  }
+
+  // The last block of threads of this K tile adds the tile's partials over the splits.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_s = atomicAdd(tickets + blockIdx.x, 1u) == static_cast<unsigned>(split.ctas - 1);
+  }
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  for (int r = warp; r < kTileRows; r += kWarps) {
+    const int64_t row = row0 + r;
+    if (row >= K) break;  // uniform across the warp
+    float s = 0.f;
+    for (int64_t c = stage2_first(lane); c < split.ctas; c += stage2_stride()) {
+      s += __ldcg(partial + c * K + row);  // L2: written by other blocks of threads
+    }
+    s = warp_sum(s);
+    if (lane == 0) out[row] = kRowScales ? s * scales[row] : s;
+  }
+  if (threadIdx.x == 0) tickets[blockIdx.x] = 0u;  // ready for the next launch
+}
+
 // Both kernels state 2 resident blocks of threads per SM (128 registers): with that minimum
 // stated ptxas keeps each row group's 16-byte loads ahead of their first use (without it the
 // 16-bit kernels used each pair of loads before issuing the next).
@@ -330,39 +377,170 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  // The block of threads' partial sums: warp butterflies, then the warps in order.
-#pragma unroll
-  for (int r = 0; r < kTileRows; ++r) {
-    const float s = warp_sum(acc[r]);
-    if (lane == 0) red_s[warp][r] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x < kTileRows && row0 + threadIdx.x < K) {
-    float s = 0.f;
-    for (int w = 0; w < kWarps; ++w) s += red_s[w][threadIdx.x];
-    partial[cta * K + row0 + threadIdx.x] = s;
-  }
+  project_finish<true>(acc, red_s, last_s, lane, warp, row0, cta, K, split, scales, partial,
+                       tickets, out);
+}
 
-  // The last block of threads of this K tile adds the tile's partials over the splits.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last_s = atomicAdd(tickets + blockIdx.x, 1u) == static_cast<unsigned>(split.ctas - 1);
+// ---- projection over an int8 basis ------------------------------------------------------------
+//
+// A block row of 512 int8 values is one 16-byte group per lane (step::int8_lane: lane l takes
+// the block's values [16 l, 16 l + 16)). Whole aligned blocks (step::int8_fast_block): rows in
+// groups of kLoadsInFlight, their 16-byte evict-first loads and their scales (one per lane and
+// row: the lane's 16 columns start at a multiple of 16, inside one scale block) issued before
+// any is used; each row's group dot product with the lane's 16 grad values is scaled once into
+// the row's accumulator. Other blocks: byte loads masked to the block's values, kInt8SlowRows
+// rows at a time, each value with its own scale (a lane's 16 columns straddle at most two scale
+// blocks: two scale loads per row, the dot product split at int8_lane's split).
+// (Its 16 byte loads per row are 16 registers until they are assembled: 2 rows keep both
+// kernels within their registers.)
+constexpr int kInt8SlowRows = 2;
+
+// g[e] = p[e] for e < n (fp32), g[e] untouched past n.
+template <typename G>
+__device__ __forceinline__ void load_first(const G* __restrict__ p, int n, float (&g)[kInt8Group]) {
+#pragma unroll
+  for (int e = 0; e < kInt8Group; ++e) {
+    if (e < n) g[e] = Storage<G>::to_float(p[e]);
   }
-  __syncthreads();
-  if (!last_s) return;
-  __threadfence();
-  for (int r = warp; r < kTileRows; r += kWarps) {
-    const int64_t row = row0 + r;
-    if (row >= K) break;  // uniform across the warp
-    float s = 0.f;
-    for (int64_t c = stage2_first(lane); c < split.ctas; c += stage2_stride()) {
-      s += __ldcg(partial + c * K + row);  // L2: written by other blocks of threads
+}
+
+// p[e] = v[e] rounded to P for e < n.
+template <typename P>
+__device__ __forceinline__ void store_first(P* p, int n, const float (&v)[kInt8Group]) {
+#pragma unroll
+  for (int e = 0; e < kInt8Group; ++e) {
+    if (e < n) p[e] = from_float<P>(v[e]);
+  }
+}
+
+// The lane's 16 grad values (from element `first` of the grad at addr) as fp32: in 16-byte
+// loads (kFast: a whole aligned block), else scalar loads of the first n, zeros past them.
+template <bool kFast>
+__device__ __forceinline__ void load_grad16(int64_t code, uint64_t addr, int64_t first, int n,
+                                            float (&g)[kInt8Group]) {
+  if constexpr (kFast) {
+    TWA_TABLE_DISPATCH(code, G, load_vec<G, kInt8Group>(as_ptr<G>(addr) + first, g));
+  } else {
+#pragma unroll
+    for (int e = 0; e < kInt8Group; ++e) g[e] = 0.f;
+    TWA_TABLE_DISPATCH(code, G, load_first<G>(as_ptr<G>(addr) + first, n, g));
+  }
+}
+
+__device__ __forceinline__ void project_int8_fast(const int8_t* __restrict__ cols, int64_t ld,
+                                                  int64_t row0, int64_t K,
+                                                  const float* __restrict__ scales, int64_t sld,
+                                                  const Block& b, int lane,
+                                                  float (&acc)[kTileRows]) {
+  constexpr int R = kLoadsInFlight;
+  static_assert(kTileRows % R == 0, "row groups tile the K tile");
+  const step::Int8Lane q = step::int8_lane(b.col0, b.values, lane);
+  const int8_t* base = cols + (q.col - b.col0);
+  const float* srow = scales + q.blk_lo;
+  float g[kInt8Group];
+#pragma unroll
+  for (int rg = 0; rg < kTileRows / R; ++rg) {
+    if (row0 + rg * R < K) {  // uniform across the block of threads
+      uint4 w[R];
+      float s[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = min64(row0 + rg * R + r, K - 1);
+        w[r] = ld_stream16(base + row * ld);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = min64(row0 + rg * R + r, K - 1);
+        s[r] = __ldg(srow + row * sld);
+      }
+      if (rg == 0) {  // the grad's loads join the first row group's
+        load_grad16<true>(b.grad_dtype, b.grad_addr, b.first + (q.col - b.col0), kInt8Group, g);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[rg * R + r] = fmaf(int8_group_dot(w[r], g), s[r], acc[rg * R + r]);
     }
-    s = warp_sum(s);
-    if (lane == 0) out[row] = s * scales[row];
   }
-  if (threadIdx.x == 0) tickets[blockIdx.x] = 0u;  // ready for the next launch
+}
+
+__device__ __forceinline__ void project_int8_slow(const int8_t* __restrict__ cols, int64_t ld,
+                                                  int64_t row0, int64_t K,
+                                                  const float* __restrict__ scales, int64_t sld,
+                                                  const Block& b, int lane,
+                                                  float (&acc)[kTileRows]) {
+  constexpr int R = kInt8SlowRows;
+  static_assert(kTileRows % R == 0, "row groups tile the K tile");
+  const step::Int8Lane q = step::int8_lane(b.col0, b.values, lane);
+  if (q.n <= 0) return;  // the lane's values are past the block's: it reads nothing
+  const int8_t* base = cols + (q.col - b.col0);
+  float g[kInt8Group];
+  load_grad16<false>(b.grad_dtype, b.grad_addr, b.first + (q.col - b.col0), q.n, g);
+#pragma unroll
+  for (int rg = 0; rg < kTileRows / R; ++rg) {
+    if (row0 + rg * R < K) {
+      uint4 w[R];
+      float s_lo[R], s_hi[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = min64(row0 + rg * R + r, K - 1);
+        w[r] = load_int8_bytes(base + row * ld, q.n);
+        s_lo[r] = __ldg(scales + row * sld + q.blk_lo);
+        s_hi[r] = __ldg(scales + row * sld + q.blk_hi);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        // Values e < split in blk_lo, the others in blk_hi: two dot products, two scales.
+        float lo = 0.f, hi = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float v[4];
+          int8x4_to_float(word_of(w[r], i), v);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = 4 * i + e;
+            lo = fmaf(v[e], j < q.split ? g[j] : 0.f, lo);
+            hi = fmaf(v[e], j < q.split ? 0.f : g[j], hi);
+          }
+        }
+        acc[rg * R + r] = fmaf(hi, s_hi[r], fmaf(lo, s_lo[r], acc[rg * R + r]));
+      }
+    }
+  }
+}
+
+// The int8 projection: step_project_kernel's grid, split and reduction; the partials hold the
+// block scales (no row scales). A block without a grad (NO_GRAD) adds nothing and is skipped.
+__global__ void __launch_bounds__(kThreads, 2)
+    step_project_int8_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
+                             int64_t nblk, step::BlockSplit split, const int8_t* __restrict__ basis,
+                             int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
+                             int64_t sld, float* __restrict__ partial,
+                             unsigned* __restrict__ tickets, float* __restrict__ out) {
+  __shared__ float red_s[kWarps][kTileRows];
+  __shared__ bool last_s;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t cta = blockIdx.y;
+  const int64_t gw = cta * kWarps + warp;
+
+  float acc[kTileRows];
+#pragma unroll
+  for (int r = 0; r < kTileRows; ++r) acc[r] = 0.f;
+  const int64_t b_begin = step::warp_begin(split, nblk, gw);
+  const int64_t b_end = step::warp_end(split, nblk, gw);
+  uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
+  for (int64_t blk = b_begin; blk < b_end; ++blk) {
+    const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
+    if (b.values <= 0 || b.grad_dtype == step::kTabNoGrad) continue;
+    const int8_t* cols = basis + b.col0;
+    if (step::int8_fast_block(vec, b.aligned, b.values)) {
+      project_int8_fast(cols, ld, row0, K, scales, sld, b, lane, acc);
+    } else {
+      project_int8_slow(cols, ld, row0, K, scales, sld, b, lane, acc);
+    }
+  }
+  project_finish<false>(acc, red_s, last_s, lane, warp, row0, cta, K, split, nullptr, partial,
+                        tickets, out);
 }
 
 // ---- write pass ----------------------------------------------------------------------------
@@ -490,6 +668,116 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// ---- write pass over an int8 basis -----------------------------------------------------------
+//
+// Lane l holds the block's values [16 l, 16 l + 16) in 16 fp32 accumulators (w0 first). Whole
+// aligned blocks: rows in groups of kLoadsInFlight, their evict-first 16-byte loads and one
+// scale per lane and row issued before any is used (rows past K repeat row K - 1 and add
+// nothing), each group added with the coefficient alpha[k] * scale; stored in 16-byte vectors.
+// Other blocks: byte loads masked to the block's values, kInt8SlowRows rows at a time, one
+// scale per value (the two of int8_lane's split), stored value by value.
+
+__device__ __forceinline__ void write_int8_fast(const int8_t* __restrict__ cols, int64_t ld,
+                                                int64_t K, const float* coef_s,
+                                                const float* __restrict__ scales, int64_t sld,
+                                                const float* __restrict__ w0c, const Block& b,
+                                                int lane) {
+  constexpr int R = kLoadsInFlight;
+  const step::Int8Lane q = step::int8_lane(b.col0, b.values, lane);
+  const int64_t lane_col = q.col - b.col0;
+  const int8_t* base = cols + lane_col;
+  const float* srow = scales + q.blk_lo;
+  float acc[kInt8Group];
+  load_vec<float, kInt8Group>(w0c + lane_col, acc);
+  for (int64_t k = 0; k < K; k += R) {
+    uint4 w[R];
+    float s[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) w[r] = ld_stream16(base + min64(k + r, K - 1) * ld);
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = __ldg(srow + min64(k + r, K - 1) * sld);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (k + r < K) int8_group_fma(w[r], coef_s[k + r] * s[r], acc);
+    }
+  }
+  TWA_TABLE_DISPATCH(b.param_dtype, P,
+                     store_vec<P, kInt8Group>(reinterpret_cast<P*>(b.param_addr) + b.first + lane_col, acc));
+}
+
+__device__ __forceinline__ void write_int8_slow(const int8_t* __restrict__ cols, int64_t ld,
+                                                int64_t K, const float* coef_s,
+                                                const float* __restrict__ scales, int64_t sld,
+                                                const float* __restrict__ w0c, const Block& b,
+                                                int lane) {
+  constexpr int R = kInt8SlowRows;
+  const step::Int8Lane q = step::int8_lane(b.col0, b.values, lane);
+  if (q.n <= 0) return;  // the lane's values are past the block's
+  const int64_t lane_col = q.col - b.col0;
+  const int8_t* base = cols + lane_col;
+  float acc[kInt8Group];
+#pragma unroll
+  for (int e = 0; e < kInt8Group; ++e) acc[e] = e < q.n ? w0c[lane_col + e] : 0.f;
+  for (int64_t k = 0; k < K; k += R) {
+    uint4 w[R];
+    float s_lo[R], s_hi[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = min64(k + r, K - 1);
+      w[r] = load_int8_bytes(base + row * ld, q.n);
+      s_lo[r] = __ldg(scales + row * sld + q.blk_lo);
+      s_hi[r] = __ldg(scales + row * sld + q.blk_hi);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (k + r < K) {
+        const float c = coef_s[k + r];
+        const float c_lo = c * s_lo[r], c_hi = c * s_hi[r];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float v[4];
+          int8x4_to_float(word_of(w[r], i), v);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = 4 * i + e;
+            acc[j] = fmaf(j < q.split ? c_lo : c_hi, v[e], acc[j]);
+          }
+        }
+      }
+    }
+  }
+  TWA_TABLE_DISPATCH(b.param_dtype, P,
+                     store_first<P>(reinterpret_cast<P*>(b.param_addr) + b.first + lane_col, q.n, acc));
+}
+
+// The int8 write pass: step_write_kernel's grid and walk, the coefficients alpha (no row
+// scales) in shared memory, the block scales read with the basis rows. 2 resident blocks of
+// threads per SM like the float kernels (at 3, 80 registers, sm_80's code spilled).
+__global__ void __launch_bounds__(kThreads, 2)
+    step_write_int8_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
+                           int64_t nblk, step::BlockSplit split, const int8_t* __restrict__ basis,
+                           int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
+                           int64_t sld, const float* __restrict__ w0,
+                           const float* __restrict__ alpha) {
+  extern __shared__ float coef_s[];  // [K]: alpha
+  for (int64_t i = threadIdx.x; i < K; i += kThreads) coef_s[i] = alpha[i];
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  const int64_t b_begin = step::warp_begin(split, nblk, gw);
+  const int64_t b_end = step::warp_end(split, nblk, gw);
+  uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
+  for (int64_t blk = b_begin; blk < b_end; ++blk) {
+    const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
+    if (b.values <= 0) continue;
+    if (step::int8_fast_block(vec, b.aligned, b.values)) {
+      write_int8_fast(basis + b.col0, ld, K, coef_s, scales, sld, w0 + b.col0, b, lane);
+    } else {
+      write_int8_slow(basis + b.col0, ld, K, coef_s, scales, sld, w0 + b.col0, b, lane);
+    }
+  }
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
 // Resident blocks of threads per SM of `kernel` (current device), queried once per device,
@@ -523,6 +811,14 @@ template <typename T>
 const void* write_kernel_ptr() {
   return reinterpret_cast<const void*>(&step_write_kernel<T>);
 }
+template <>
+const void* project_kernel_ptr<int8_t>() {
+  return reinterpret_cast<const void*>(&step_project_int8_kernel);
+}
+template <>
+const void* write_kernel_ptr<int8_t>() {
+  return reinterpret_cast<const void*>(&step_write_int8_kernel);
+}
 
 // 16-byte loads of the basis: every row starts 16-byte aligned.
 bool basis_vec(const BasisView& b) {
@@ -533,6 +829,11 @@ bool basis_vec(const BasisView& b) {
 
 bool valid(const StepTables& t, const BasisView& b) {
   return t.ptab != nullptr && t.btab != nullptr && t.nblk >= 1 && b.K >= 1 && b.D >= 1;
+}
+
+// An int8 basis needs its block scales and their row stride.
+bool valid_int8_scales(const BasisView& b, const float* scales, int64_t scales_ld) {
+  return b.dtype != DType::kInt8 || (scales != nullptr && scales_ld >= 0);
 }
 
 template <typename T>
@@ -547,6 +848,7 @@ cudaError_t project_plan(const BasisView& basis, int64_t nblk, int sm_count,
 
 cudaError_t dispatch_project_plan(const BasisView& basis, int64_t nblk, int sm_count,
                                   step::ProjectSplit* out) {
+  if (basis.dtype == DType::kInt8) return project_plan<int8_t>(basis, nblk, sm_count, out);
   TWA_DISPATCH_STORAGE(basis.dtype, T, return project_plan<T>(basis, nblk, sm_count, out));
   return cudaSuccess;
 }
@@ -566,12 +868,18 @@ cudaError_t step_project_sizes(const BasisView& basis, int64_t nblk, int sm_coun
 
 cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream) {
   const BasisView& b = a.basis;
-  if (!valid(a.tables, b)) return cudaErrorInvalidValue;
+  if (!valid(a.tables, b) || !valid_int8_scales(b, a.scales, a.scales_ld)) return cudaErrorInvalidValue;
   step::ProjectSplit p;
   cudaError_t err = dispatch_project_plan(b, a.tables.nblk, a.sm_count, &p);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.k_tiles), static_cast<unsigned>(p.split.ctas));
   const bool vec = basis_vec(b);
+  if (b.dtype == DType::kInt8) {
+    step_project_int8_kernel<<<grid, kThreads, 0, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const int8_t*>(b.data),
+        b.ld, b.K, vec, a.scales, a.scales_ld, a.partials, a.tickets, a.out);
+    return cudaGetLastError();
+  }
   TWA_DISPATCH_STORAGE(b.dtype, T, {
     step_project_kernel<T><<<grid, kThreads, 0, stream>>>(
         a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const T*>(b.data), b.ld,
@@ -583,9 +891,21 @@ cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream) {
 
 cudaError_t step_write(const StepWriteArgs& a, cudaStream_t stream) {
   const BasisView& b = a.basis;
-  if (!valid(a.tables, b) || b.K > kMaxWriteK) return cudaErrorInvalidValue;
+  if (!valid(a.tables, b) || b.K > kMaxWriteK || !valid_int8_scales(b, a.scales, a.scales_ld)) {
+    return cudaErrorInvalidValue;
+  }
   const size_t smem = static_cast<size_t>(b.K) * sizeof(float);
   const bool vec = basis_vec(b) && reinterpret_cast<uint64_t>(a.w0) % kVecBytes == 0;
+  if (b.dtype == DType::kInt8) {
+    int per_sm = 1;
+    const cudaError_t err = resident_per_sm(write_kernel_ptr<int8_t>(), smem, &per_sm);
+    if (err != cudaSuccess) return err;
+    const step::BlockSplit split = step::plan_write(a.tables.nblk, a.sm_count, per_sm, kWarps);
+    step_write_int8_kernel<<<static_cast<unsigned>(split.ctas), kThreads, smem, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, split, static_cast<const int8_t*>(b.data),
+        b.ld, b.K, vec, a.scales, a.scales_ld, a.w0, a.alpha);
+    return cudaGetLastError();
+  }
   TWA_DISPATCH_STORAGE(b.dtype, T, {
     int per_sm = 1;
     const cudaError_t err = resident_per_sm(write_kernel_ptr<T>(), smem, &per_sm);

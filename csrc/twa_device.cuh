@@ -119,6 +119,41 @@ __device__ __forceinline__ uint4 load_int8_group_masked(const int8_t* __restrict
   return make_uint4(word[0], word[1], word[2], word[3]);
 }
 
+// The first n (<= 16) bytes at p with byte loads, 0 past them: a group of an int8 row whose
+// columns are not 16-byte aligned or run past its end (the fused step's masked blocks).
+__device__ __forceinline__ uint4 load_int8_bytes(const int8_t* __restrict__ p, int n) {
+  uint32_t word[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < kInt8Group; ++e) {
+    if (e < n) word[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(p[e])) << (8 * (e % 4));
+  }
+  return make_uint4(word[0], word[1], word[2], word[3]);
+}
+
+// acc[e] += c * value e of a 16-byte int8 group (dequantised by byte permutes).
+__device__ __forceinline__ void int8_group_fma(const uint4& w, float c, float (&acc)[kInt8Group]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float v[4];
+    int8x4_to_float(word_of(w, q), v);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[4 * q + e] = fmaf(c, v[e], acc[4 * q + e]);
+  }
+}
+
+// The dot product of a 16-byte int8 group with 16 fp32 values (one chain, in value order).
+__device__ __forceinline__ float int8_group_dot(const uint4& w, const float (&x)[kInt8Group]) {
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    float v[4];
+    int8x4_to_float(word_of(w, q), v);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s = fmaf(v[e], x[4 * q + e], s);
+  }
+  return s;
+}
+
 __device__ __forceinline__ float load_as_float(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::kFloat16:

@@ -9,7 +9,8 @@
 
 namespace twa {
 
-// kInt8: a basis with one fp32 scale per 64 values of a row (project and reconstruct only).
+// kInt8: a basis with one fp32 scale per 64 values of a row (project, reconstruct and the fused
+// step).
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt8 = 4 };
 
 inline int dtype_size(DType t) {
@@ -30,7 +31,7 @@ struct BasisView {
   int64_t ld;        // elements between rows (>= D for a column slice)
   int64_t K;
   int64_t D;
-  DType dtype;       // fp32, fp16 or bf16; int8 for project and reconstruct
+  DType dtype;       // fp32, fp16 or bf16; int8 for project, reconstruct and the fused step
 };
 
 // Scales of a basis: fp32 [K] (float storage, one per row; scales_ld unused), or for an int8
@@ -134,13 +135,15 @@ struct StepProjectSizes {
 cudaError_t step_project_sizes(const BasisView& basis, int64_t nblk, int sm_count,
                                StepProjectSizes* out);
 
-// out[k] = scales[k] * sum_j basis[k, j] g[j], g the gradients the tables point at (zero where
-// a parameter has none). One launch: stage-1 partials, then the last block of threads of each K
-// tile adds them over the splits in a fixed order.
+// out[k] = sum_j P[k, j] g[j] (P as in ProjectArgs: row scales, or an int8 basis's block
+// scales), g the gradients the tables point at (zero where a parameter has none). One launch:
+// stage-1 partials, then the last block of threads of each K tile adds them over the splits in
+// a fixed order.
 struct StepProjectArgs {
   StepTables tables;
   BasisView basis;
   const float* scales;
+  int64_t scales_ld;  // int8 basis only
   float* partials;    // step_project_sizes(...).splits x K
   unsigned* tickets;  // step_project_sizes(...).k_tiles
   float* out;         // [K]
@@ -148,12 +151,13 @@ struct StepProjectArgs {
 };
 cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream);
 
-// Every parameter the tables point at <- w0[cols] + sum_k alpha[k] scales[k] basis[k, cols],
-// fp32, rounded once to the parameter's dtype. One launch.
+// Every parameter the tables point at <- w0[cols] + sum_k alpha[k] P[k, cols] (P as in
+// ProjectArgs), fp32, rounded once to the parameter's dtype. One launch.
 struct StepWriteArgs {
   StepTables tables;
   BasisView basis;
   const float* scales;
+  int64_t scales_ld;  // int8 basis only
   const float* w0;
   const float* alpha;
   int sm_count;

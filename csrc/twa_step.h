@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "twa_common.h"
+
 #if defined(__CUDACC__)
 #define TWA_STEP_HD __host__ __device__ __forceinline__
 #else
@@ -119,6 +121,41 @@ TWA_STEP_HD BlockSplit plan_write(int64_t nblk, int64_t sm_count, int64_t ctas_p
                                   int64_t warps_per_cta) {
   return split_blocks(nblk, hi(sm_count, 1) * hi(ctas_per_sm, 1), warps_per_cta);
 }
+
+// ---- an int8 basis (one fp32 scale per kQuantBlock = 64 values of a row) -----------------
+//
+// A warp reads a block's 512 int8 columns of a row as one 16-byte group per lane: lane l takes
+// the block's values [16 l, 16 l + 16), i.e. basis columns col0 + 16 l + e (col0: the block's
+// first basis column). When col0 is a multiple of 16 (its parameter is ALIGNED: a flat offset
+// multiple of 16, blocks start every 512 values) a lane's 16 values lie in one scale block and
+// take one scale (int8_fast_block). Otherwise (any col0, a partial block) they lie in at most
+// two: value e takes scale block blk_lo when e < split, blk_hi otherwise (one scale per value,
+// from two loads per row).
+struct Int8Lane {
+  int64_t col;     // basis column of the lane's value 0
+  int n;           // the lane's valid values, [0, 16]: the block's values [16 l, 16 l + n)
+  int64_t blk_lo;  // scale block of the lane's first value
+  int64_t blk_hi;  // scale block of its last valid value (blk_lo when n <= 1)
+  int split;       // values e < split are in blk_lo, [1, 16]
+};
+
+TWA_STEP_HD Int8Lane int8_lane(int64_t col0, int64_t values, int lane) {
+  Int8Lane r;
+  const int64_t first = static_cast<int64_t>(lane) * kInt8Group;
+  r.col = col0 + first;
+  r.n = static_cast<int>(lo(hi(values - first, 0), kInt8Group));
+  r.blk_lo = scale_block(r.col);
+  r.blk_hi = scale_block(r.col + hi(r.n, 1) - 1);
+  r.split = static_cast<int>(lo(kQuantBlock - r.col % kQuantBlock, kInt8Group));
+  return r;
+}
+
+// A block the int8 kernels read in 16-byte loads with one scale per lane: the basis rows start
+// 16-byte aligned (vec), the parameter is ALIGNED (so col0 % 16 == 0) and the block is whole.
+TWA_STEP_HD bool int8_fast_block(bool vec, bool aligned, int64_t values) {
+  return vec && aligned && values == kBlockCols;
+}
+static_assert(kBlockCols == kWarp * kInt8Group, "an int8 block row is one 16-byte load per lane");
 
 }  // namespace step
 }  // namespace twa

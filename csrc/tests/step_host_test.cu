@@ -3,8 +3,13 @@
 // taken by exactly one warp, in contiguous ranges, within the grid the plan asks for, and the
 // projection's grid respects the y-dimension limit and covers every basis row. The warps' table
 // look-ahead (window_load_of), walked the way step.cu's kernels walk it, gives every block's
-// fields and reads nothing outside the warp's range.
+// fields and reads nothing outside the warp's range. Over an int8 basis, the lanes' columns and
+// scale blocks (int8_lane) cover every column once with its own block scale, one scale per
+// lane in whole aligned blocks, and the kernels' sums (a scaled dot product per lane, split in
+// two at a scale block boundary) equal a plain loop.
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -134,6 +139,122 @@ void check_windows() {
   }
 }
 
+
+// ---- int8 basis: the lanes' columns and scale blocks over parameter lists ------------------
+
+struct Int8Block {
+  int64_t col0, values;
+  bool aligned;  // the parameter's flat offset is a multiple of 16 (addresses taken aligned)
+};
+
+// The blocks of _param_table.Plan for parameters of these sizes.
+std::vector<Int8Block> int8_blocks(const std::vector<int64_t>& sizes) {
+  std::vector<Int8Block> out;
+  int64_t off = 0;
+  for (int64_t n : sizes) {
+    for (int64_t s = 0; s < n; s += kBlockCols) {
+      out.push_back({off + s, n - s < kBlockCols ? n - s : kBlockCols, off % 16 == 0});
+    }
+    off += n;
+  }
+  return out;
+}
+
+// Each lane's values, walked as step.cu's int8 kernels walk them, against a plain loop: every
+// column in [0, D) once, its scale block col / 64 (< ceil(D / 64)); in blocks the kernels read
+// in 16-byte loads one scale block per lane; the projection computed lane by lane (fast: one
+// dot product times the lane's scale; masked: two dot products split at `split`) equals the
+// plain sum of q * scale * g (in double, so only the order differs).
+void check_int8_lanes(const std::vector<int64_t>& sizes, std::mt19937_64& rng) {
+  const std::vector<Int8Block> blocks = int8_blocks(sizes);
+  int64_t D = 0;
+  for (int64_t n : sizes) D += n;
+  const int64_t nsc = twa::scale_blocks(D);
+  std::vector<int8_t> q(static_cast<size_t>(D));
+  std::vector<double> g(static_cast<size_t>(D)), sc(static_cast<size_t>(nsc));
+  std::uniform_int_distribution<int> byte(-128, 127);
+  std::uniform_real_distribution<double> real(-1.0, 1.0);
+  for (auto& v : q) v = static_cast<int8_t>(byte(rng));
+  for (auto& v : g) v = real(rng);
+  for (auto& v : sc) v = 0.5 + real(rng) * 0.25;
+  double plain = 0.0, walked = 0.0, bound = 0.0;
+  for (int64_t j = 0; j < D; ++j) {
+    const double t = q[static_cast<size_t>(j)] * sc[static_cast<size_t>(j / 64)] * g[static_cast<size_t>(j)];
+    plain += t;
+    bound += std::fabs(t);
+  }
+  std::vector<int> seen(static_cast<size_t>(D), 0);
+  for (const Int8Block& b : blocks) {
+    for (bool vec : {true, false}) {
+      const bool fast = int8_fast_block(vec, b.aligned, b.values);
+      if (fast) CHECK(b.col0 % 16 == 0 && b.values == kBlockCols, "col0=%lld", (long long)b.col0);
+      for (int lane = 0; lane < 32; ++lane) {
+        const Int8Lane l = int8_lane(b.col0, b.values, lane);
+        CHECK(l.col == b.col0 + 16 * lane && l.n >= 0 && l.n <= 16 && l.split >= 1 && l.split <= 16,
+              "col0=%lld lane=%d n=%d split=%d", (long long)b.col0, lane, l.n, l.split);
+        CHECK(l.n == std::max<int64_t>(0, std::min<int64_t>(16, b.values - 16 * lane)), "n=%d", l.n);
+        if (fast) CHECK(l.n == 16 && l.blk_lo == l.blk_hi && l.split == 16, "fast lane %d", lane);
+        if (l.n == 0) continue;
+        CHECK(l.blk_hi < nsc && l.blk_hi - l.blk_lo <= 1, "blk %lld..%lld of %lld", (long long)l.blk_lo,
+              (long long)l.blk_hi, (long long)nsc);
+        // The lane's 16 bytes dequantised as the kernels do (int8x4_to_float on packed words).
+        uint32_t word[4] = {0u, 0u, 0u, 0u};
+        for (int e = 0; e < l.n; ++e) {
+          word[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q[static_cast<size_t>(l.col + e)]))
+                         << (8 * (e % 4));
+        }
+        float v[16];
+        for (int i = 0; i < 4; ++i) twa::int8x4_to_float(word[i], v + 4 * i);
+        double lo = 0.0, hi = 0.0;
+        for (int e = 0; e < 16; ++e) {
+          const double ge = e < l.n ? g[static_cast<size_t>(l.col + e)] : 0.0;
+          if (e < l.split) lo += v[e] * ge; else hi += v[e] * ge;
+          if (e >= l.n) continue;
+          const int64_t c = l.col + e;
+          const int64_t blk = e < l.split ? l.blk_lo : l.blk_hi;
+          CHECK(blk == c / 64, "col %lld: scale block %lld, expected %lld", (long long)c, (long long)blk,
+                (long long)(c / 64));
+          CHECK(v[e] == static_cast<float>(q[static_cast<size_t>(c)]), "col %lld value", (long long)c);
+          if (vec) ++seen[static_cast<size_t>(c)];
+        }
+        if (vec) {
+          walked += fast ? (lo + hi) * sc[static_cast<size_t>(l.blk_lo)]
+                         : lo * sc[static_cast<size_t>(l.blk_lo)] + hi * sc[static_cast<size_t>(l.blk_hi)];
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < D; ++j) {
+    if (seen[static_cast<size_t>(j)] != 1) {
+      CHECK(false, "column %lld of D=%lld read %d times", (long long)j, (long long)D, seen[static_cast<size_t>(j)]);
+      break;
+    }
+  }
+  CHECK(std::fabs(walked - plain) <= 1e-12 * (bound + 1.0), "D=%lld: walked %.17g, plain %.17g",
+        (long long)D, walked, plain);
+}
+
+void check_int8() {
+  std::mt19937_64 rng(11);
+  const std::vector<std::vector<int64_t>> lists = {
+      {1}, {2}, {7}, {16}, {17}, {64}, {511}, {512}, {513}, {100003}, {17, 1}, {1, 17},
+      {513, 3, 1024, 5}, {16, 48, 1, 512, 511, 2}, {15, 1, 64, 63, 65, 1000}, {3, 3, 3, 3, 3, 2048},
+  };
+  for (const auto& sizes : lists) check_int8_lanes(sizes, rng);
+  std::uniform_int_distribution<int64_t> size(1, 3000);
+  for (int t = 0; t < 40; ++t) {
+    std::vector<int64_t> sizes(static_cast<size_t>(1 + t % 7));
+    for (auto& n : sizes) n = size(rng);
+    check_int8_lanes(sizes, rng);
+  }
+  // Large columns (64-bit): the scale blocks and split of a lane far past 2^31.
+  const int64_t big = (int64_t{1} << 34) + 40;
+  const Int8Lane l = int8_lane(big, kBlockCols, 1);
+  CHECK(l.col == big + 16 && l.blk_lo == (big + 16) / 64 && l.blk_hi == (big + 31) / 64 &&
+            l.split == 8,
+        "big: blk %lld..%lld split %d", (long long)l.blk_lo, (long long)l.blk_hi, l.split);
+}
+
 }  // namespace
 
 int main() {
@@ -165,6 +286,7 @@ int main() {
   CHECK(big.split.ctas <= kMaxSplits, "splits=%lld", (long long)big.split.ctas);
 
   check_windows();
+  check_int8();
 
   return twa_check::summary("step_host_test");
 }
