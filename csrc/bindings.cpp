@@ -60,8 +60,8 @@ twa::DType to_dtype(const char* op, const char* name, const at::Tensor& t, bool 
 twa::DType basis_dtype(const char* op, const at::Tensor& basis, bool int8_ok) {
   if (basis.scalar_type() == at::kChar) {
     TORCH_CHECK(int8_ok, "twa_cuda::", op, ": an int8 basis has no CUDA kernel for this op (the CUDA "
-                "backend takes int8 in project, reconstruct_ and the fused step (step_project_, "
-                "fused_step_); backend=\"triton\" or \"torch\" may have one)");
+                "backend takes int8 in project, reconstruct_, orthogonalize_ and the fused step "
+                "(step_project_, fused_step_); backend=\"triton\" or \"torch\" may have one)");
     return twa::DType::kInt8;
   }
   switch (basis.scalar_type()) {
@@ -210,7 +210,8 @@ twa::OrthogonalizeArgs orth_args(const char* op, const at::Tensor& basis, const 
   check_cuda(op, "sample", sample);
   check_same_device(op, "basis", basis, sample);
   check_same_device(op, "scales", scales, sample);
-  const twa::BasisView bv = basis_view(op, basis, scales);
+  int64_t scales_ld = 0;
+  const twa::BasisView bv = basis_view(op, basis, scales, true, &scales_ld);
   TORCH_CHECK(rank >= 0 && rank <= bv.K, "twa_cuda::", op, ": rank must be in [0, ", bv.K,
               "], got ", rank);
   TORCH_CHECK(rank <= twa::kMaxOrthRank, "twa_cuda::", op, ": the CUDA kernel supports rank <= ",
@@ -221,6 +222,7 @@ twa::OrthogonalizeArgs orth_args(const char* op, const at::Tensor& basis, const 
   a.basis = basis.data_ptr();
   a.ld = bv.ld;
   a.scales = scales.data_ptr<float>();
+  a.scales_ld = scales_ld;
   a.dtype = bv.dtype;
   a.K = bv.K;
   a.D = bv.D;

@@ -3,6 +3,7 @@
 // (g++) and a CPU-only test program use exactly the arithmetic the kernels use.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -246,6 +247,50 @@ TWA_HD void int8x4_to_float(uint32_t word, float v[4]) {
   for (int i = 0; i < 4; ++i) {
     v[i] = float_from_bits(byte_perm(t, kInt8MagicBits, int8_selector(i))) - kInt8Magic;
   }
+}
+
+// The same in fp64 (orthogonalize_'s dot products and residuals), without a conversion
+// instruction either (F2F.F64.F32 runs at 16 per clock and SM on sm_90): the flipped byte is put
+// under the exponent of 2^20 in the high word of a double, with a byte permute (the double
+// 2^20 + q + 128, exactly: the byte lands on mantissa bits 32-39, whose unit is 2^0), and
+// 2^20 + 128 is subtracted (exact). One PRMT and one DADD per value.
+constexpr uint32_t kInt8MagicHi64 = 0x41300000u;  // high word of 2^20
+constexpr double kInt8Magic64 = 1048704.0;        // 2^20 + 128
+// Selector of byte i: byte i of the flipped word, then bytes 1-3 of 2^20's high word.
+TWA_HD constexpr uint32_t int8_selector64(int i) { return 0x7650u + static_cast<uint32_t>(i); }
+
+TWA_HD double double_from_words(uint32_t hi, uint32_t lo) {
+#if defined(__CUDA_ARCH__)
+  return __hiloint2double(static_cast<int>(hi), static_cast<int>(lo));
+#else
+  const uint64_t u = (static_cast<uint64_t>(hi) << 32) | lo;
+  double d;
+  std::memcpy(&d, &u, sizeof d);
+  return d;
+#endif
+}
+
+TWA_HD void int8x4_to_double(uint32_t word, double v[4]) {
+  const uint32_t t = word ^ kInt8SignFlip;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = double_from_words(byte_perm(t, kInt8MagicHi64, int8_selector64(i)), 0u) - kInt8Magic64;
+  }
+}
+
+// orthogonalize_ stores a row of an int8 basis quantised per scale block b (reference.
+// quantise_blocks): q = rint(u * (QMAX / amax_b)) (QMAX / amax_b formed first; half to even),
+// 0 for NaN, within [-QMAX, QMAX]; a block whose amax is not > 0 (zeros, NaN) stores zeros.
+constexpr int kQMax = 127;
+TWA_HD double quant_inv(double amax) { return amax > 0.0 ? kQMax / amax : 0.0; }
+TWA_HD int8_t quantise_int8(double u, double inv) {
+  double t = rint(u * inv);
+  if (!(t == t)) t = 0.0;
+  t = t < -kQMax ? -kQMax : (t > kQMax ? kQMax : t);
+  return static_cast<int8_t>(static_cast<int>(t));
+}
+// The block's scale: amax_b / (QMAX ||u||), 0 unless ||u|| > 0, rounded once to fp32.
+TWA_HD float quant_scale(double amax, double norm) {
+  return static_cast<float>(norm > 0.0 ? amax / (kQMax * norm) : 0.0);
 }
 
 // Split of the tiles over D into contiguous ranges, one per block (first stage).

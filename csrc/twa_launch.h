@@ -9,8 +9,8 @@
 
 namespace twa {
 
-// kInt8: a basis with one fp32 scale per 64 values of a row (project, reconstruct and the fused
-// step).
+// kInt8: a basis with one fp32 scale per 64 values of a row (project, reconstruct,
+// orthogonalize and the fused step).
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt8 = 4 };
 
 inline int dtype_size(DType t) {
@@ -31,7 +31,7 @@ struct BasisView {
   int64_t ld;        // elements between rows (>= D for a column slice)
   int64_t K;
   int64_t D;
-  DType dtype;       // fp32, fp16 or bf16; int8 for project, reconstruct and the fused step
+  DType dtype;       // fp32, fp16, bf16 or int8
 };
 
 // Scales of a basis: fp32 [K] (float storage, one per row; scales_ld unused), or for an int8
@@ -82,7 +82,8 @@ constexpr int kOrthPhases = 3;
 struct OrthogonalizeArgs {
   void* basis;       // [K, D], rows ld elements apart; row `rank` is written when rank < K
   int64_t ld;
-  float* scales;     // scales[rank] is written when rank < K
+  float* scales;     // scales[rank] is written when rank < K (int8: row `rank` of the scales)
+  int64_t scales_ld;  // int8 basis only: elements between rows of the scales [K, ceil(D / 64)]
   DType dtype;
   int64_t K;
   int64_t D;

@@ -408,3 +408,66 @@ def test_orthogonalize_remainder_tiles_bounded():
             assert R <= nt * block_k < max(R, 16) * 2, (R, size)
             assert block_d == 32 or R * block_d * size <= 64 * 1024, (R, size)
             assert block_d & (block_d - 1) == 0 and nt & (nt - 1) == 0, (R, size)
+
+
+needs_cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels: GPU only")
+CUDA_INT8_SHAPES = [
+    (1, 1, 0),
+    (2, 37, 1),
+    (2, 65, 1),
+    (4, 1009, 3),
+    (38, 4099, 37),
+    (302, 4099, 301),
+    (3, 1_000_003, 2),
+]
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("layout", ["padded", "odd-slice"])
+@pytest.mark.parametrize(
+    "K,D,rank", CUDA_INT8_SHAPES, ids=[f"K{k}-D{d}-r{r}" for k, d, r in CUDA_INT8_SHAPES]
+)
+def test_cuda_orthogonalize_int8_called_directly(K, D, rank, layout):
+    """CUDA only, its int8 kernels called directly (``_cuda``) against the reference on the same
+    stored rows: rows 16-byte aligned ("padded": 16-byte loads over 4096-column tiles, masked
+    tails) or not sharing a phase ("odd-slice": masked byte loads throughout), block scales a
+    column slice of a wider tensor (NaN past them, never read). Coefficients and norms within
+    1e-9 of the reference's fp64; the new row's bytes equal up to a rounding tie (|dq| <= 1 at
+    a few places); its block scales within 1e-6; nothing else written; the phased path with an
+    identity hook gives the same bits."""
+    from twa_kernels import _cuda
+
+    dense, dense_scales = orthonormal_basis(K, D, rank, torch.int8, "cuda")
+    blocks = dense_scales.shape[1]
+
+    def fresh():
+        basis, storage = basis_in_layout(K, D, torch.int8, "cuda", layout, fill=7)
+        basis.copy_(dense)
+        wide = torch.full((K, blocks + 3), float("nan"), device="cuda")
+        wide[:, :blocks] = dense_scales
+        return basis, storage, wide
+
+    sample = torch.randn(D, device="cuda") + 0.5
+    ref_basis, ref_scales = dense.clone(), dense_scales.clone()
+    ref = reference.orthogonalize_(ref_basis, ref_scales, sample, rank)
+
+    basis, storage, wide = fresh()
+    before, wide_before = storage.clone(), wide.clone()
+    out = _cuda.orthogonalize_(basis, wide[:, :blocks], sample, rank)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9 * ref[-1].item())
+    outside = torch.ones_like(storage, dtype=torch.bool)
+    if rank < K:
+        dq = basis[rank].int() - ref_basis[rank].int()
+        assert dq.abs().max().item() <= 1 and dq.count_nonzero().item() <= max(1, D // 1000)
+        torch.testing.assert_close(wide[rank, :blocks], ref_scales[rank], rtol=1e-6, atol=0.0)
+        outside[rank, basis.storage_offset() : basis.storage_offset() + D] = False
+    assert torch.equal(storage[outside], before[outside]), "wrote outside row rank"
+    rows = [i for i in range(K) if i != rank]
+    assert torch.equal(wide[rows, :blocks], wide_before[rows, :blocks]), "wrote other rows' scales"
+    assert bool(wide[:, blocks:].isnan().all()), "wrote past the scales"
+
+    b1, _, w1 = fresh()
+    b2, _, w2 = fresh()
+    o1 = _cuda.orthogonalize_(b1, w1[:, :blocks], sample, rank)
+    o2 = _cuda.orthogonalize_(b2, w2[:, :blocks], sample, rank, all_reduce=lambda t, op: None)
+    assert torch.equal(o1, o2) and torch.equal(b1, b2) and torch.equal(w1[:, :blocks], w2[:, :blocks])

@@ -6,10 +6,9 @@ a JIT build of ``csrc/`` through ``torch.utils.cpp_extension.load`` with ninja (
 ``TORCH_EXTENSIONS_DIR``; about 25 s the first time on 2 cores, instant afterwards).
 
 The functions take the arguments of the ``twa::`` ops without ``backend`` and follow
-``twa_kernels.reference``. ``project``, ``reconstruct_`` and the fused step (``project_grads``,
-``step_``) also take an int8 basis with its block scales, fp32 [K, ceil(D / 64)] (kernels of
-their own, dequantising with byte permutes); the other ops refuse one with the extension's
-error.
+``twa_kernels.reference``. Every op that reads a basis also takes an int8 one with its block
+scales, fp32 [K, ceil(D / 64)] (kernels of their own, dequantising with byte permutes;
+``orthogonalize_`` quantises the row it stores per block of 64 values).
 """
 
 from __future__ import annotations

@@ -488,6 +488,59 @@ void test_int8_dequant() {
   }
   CHECK(kInt8Magic == 8388608.0f + 128.0f && float_from_bits(kInt8MagicBits) == 8388608.0f,
         "magic numbers");
+  // The fp64 dequantisation (orthogonalize_): every value in every byte position, exact, no -0.
+  for (int pos = 0; pos < 4; ++pos) {
+    for (int q = -128; q <= 127; ++q) {
+      const int8_t others[3] = {static_cast<int8_t>(q ^ 0x33), 127, -128};
+      int8_t vals[4];
+      for (int i = 0, o = 0; i < 4; ++i) vals[i] = i == pos ? static_cast<int8_t>(q) : others[o++];
+      uint32_t word = 0;
+      for (int i = 0; i < 4; ++i) word |= static_cast<uint32_t>(static_cast<uint8_t>(vals[i])) << (8 * i);
+      double v[4];
+      int8x4_to_double(word, v);
+      for (int i = 0; i < 4; ++i) {
+        CHECK(v[i] == static_cast<double>(vals[i]) && !std::signbit(v[i]) == (vals[i] >= 0),
+              "int8x4_to_double: byte %d of %08x gave %g, expected %d", i, word, v[i], vals[i]);
+      }
+    }
+  }
+  CHECK(double_from_words(kInt8MagicHi64, 0u) == 1048576.0 && kInt8Magic64 == 1048576.0 + 128.0,
+        "fp64 magic numbers");
+}
+
+// orthogonalize_'s quantisation of a stored int8 row against reference.quantise_blocks restated
+// plainly: rint (half to even) of u * (127 / amax), NaN -> 0, within [-127, 127]; the scale.
+void test_int8_quantise(std::mt19937& rng) {
+  CHECK(quant_inv(0.0) == 0.0 && quant_inv(std::nan("")) == 0.0 && quant_inv(-1.0) == 0.0, "inv");
+  CHECK(quant_inv(2.0) == 127.0 / 2.0, "inv 2");
+  // Ties go to even; the block's largest value takes 127 exactly.
+  const double ties[][2] = {{2.5, 2}, {3.5, 4}, {-2.5, -2}, {-3.5, -4}, {0.5, 0}, {-0.5, 0},
+                            {126.5, 126}, {127.0, 127}, {-127.0, -127}, {1e300, 127}, {-1e300, -127}};
+  for (const auto& t : ties) {
+    CHECK(quantise_int8(t[0], 1.0) == static_cast<int8_t>(t[1]), "quantise(%g) gave %d", t[0],
+          quantise_int8(t[0], 1.0));
+  }
+  CHECK(quantise_int8(std::nan(""), 1.0) == 0 && quantise_int8(1.0, std::nan("")) == 0, "NaN -> 0");
+  CHECK(quantise_int8(5.0, 0.0) == 0, "a zero block");
+  std::uniform_real_distribution<double> real(-1.0, 1.0);
+  for (int trial = 0; trial < 2000; ++trial) {
+    double u[64], amax = 0.0;
+    const double mag = std::ldexp(1.0, trial % 61 - 30);
+    for (double& x : u) {
+      x = real(rng) * mag;
+      amax = std::fmax(amax, std::fabs(x));
+    }
+    const double inv = quant_inv(amax);
+    for (double x : u) {
+      const int8_t q = quantise_int8(x, inv);
+      const double expect = std::nearbyint(x * (127.0 / amax));  // default rounding: half to even
+      CHECK(q == static_cast<int8_t>(expect) && q >= -127 && q <= 127, "u=%.17g amax=%.17g q=%d", x,
+            amax, q);
+    }
+    const double norm = std::fabs(real(rng)) + 0.1;
+    CHECK(quant_scale(amax, norm) == static_cast<float>(amax / (127.0 * norm)), "scale");
+  }
+  CHECK(quant_scale(1.0, 0.0) == 0.0f && quant_scale(1.0, std::nan("")) == 0.0f, "scale of a zero norm");
 }
 
 void test_int8_layout() {
@@ -772,5 +825,6 @@ int main() {
   test_int8_layout();
   test_project_int8(rng);
   test_reconstruct_int8(rng);
+  test_int8_quantise(rng);
   return twa_check::summary("host_test");
 }
