@@ -57,9 +57,9 @@ MAX_RANK = 8192
 BLOCKWISE_BACKENDS = {
     "project": ("torch", "triton", "cuda"),
     "reconstruct_": ("torch", "triton", "cuda"),
-    "orthogonalize_": ("torch", "triton"),
-    "project_grads": ("torch", "triton"),
-    "step_": ("torch", "triton"),
+    "orthogonalize_": ("torch", "triton", "cuda"),
+    "project_grads": ("torch", "triton", "cuda"),
+    "step_": ("torch", "triton", "cuda"),
 }
 # orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
 CUDA_MAX_ORTH_RANK = 2048
