@@ -2,12 +2,17 @@
 coefficient vector. The blocks a granularity gives, and the plain-PyTorch projection,
 reconstruction and Gram matrices per block against fp64 oracles."""
 
+import copy
+
 import pytest
 import torch
 from conftest import STORAGE_DTYPES, TOL
 from oracle import assert_within, columns, random_basis
+from test_optim import make_data
+from torch import nn
+from torch.nn import functional as F
 
-from twa_kernels import reference
+from twa_kernels import TWA, Subspace, TWAAdamW, reference
 from twa_kernels._params import ParamLayout, coefficient_blocks
 
 # 12, 5, 8, 7 and 1 values at flat offsets 0, 12, 17, 25, 32 (D = 33).
@@ -96,3 +101,199 @@ def test_one_block_is_the_whole_model_op():
     reference.reconstruct_blocks_(a, w0, basis, scales, alpha[None], blocks)
     reference.reconstruct_(b, w0, basis, scales, alpha)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- TWA and TWAAdamW with per-block coefficients against a plain fp64 restatement ----------
+
+
+@pytest.fixture(scope="module")
+def mlp_sampled():
+    """An MLP trained by SGD for 8 'epochs', one sample per epoch: its layers (fan-in 64, 32,
+    16) move at different scales. No parameter has an identically zero gradient (a conv bias
+    before BatchNorm has one, which fp32 autograd turns into rounding noise that Adam's
+    normalisation scales up to full steps, in any AdamW)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    samples = []
+    for _ in range(8):
+        for x, y in make_data(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        samples.append([p.detach().clone() for p in model.parameters()])
+    return model, samples
+
+
+def restated_block_twa(model, P, w0, blocks, normalise, rule, hyper, batches):
+    """The per-block contract in fp64, on an fp64 copy of the model: ``P_l`` = the stored columns
+    on block l, divided by their norm there (zero-norm columns stay zero); ``w_l = w0_l + P_l
+    a_l``; ``c_l = P_l^T g_l``; ``r_l = P_l^T w_l``; SGD (momentum, L2 ``c + wd r``) or AdamW
+    (``a -= lr wd r``, then Adam with bias correction) on every ``a_l``."""
+    Ps = []
+    for a, b in blocks:
+        M = P[:, a:b]
+        if normalise:
+            norms = M.norm(dim=1, keepdim=True)
+            M = torch.where(norms > 0, M / torch.where(norms > 0, norms, 1.0), 0.0)
+        Ps.append(M)
+    A = torch.zeros(len(blocks), P.shape[0], dtype=torch.float64)
+    m, v = torch.zeros_like(A), torch.zeros_like(A)
+    params = list(model.parameters())
+
+    def weights():
+        return torch.cat([w0[a:b] + A[i] @ Ps[i] for i, (a, b) in enumerate(blocks)])
+
+    def write():
+        w, at = weights(), 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(w[at : at + p.numel()].view_as(p))
+                at += p.numel()
+
+    write()
+    for t, (x, y) in enumerate(batches, 1):
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(x.double()), y).backward()
+        g, w = torch.cat([p.grad.reshape(-1) for p in params]), weights()
+        for i, (a, b) in enumerate(blocks):
+            c, r = Ps[i] @ g[a:b], Ps[i] @ w[a:b]
+            if rule == "sgd":
+                d = c + hyper["weight_decay"] * r
+                m[i] = d if t == 1 else hyper["momentum"] * m[i] + d
+                A[i] -= hyper["lr"] * m[i]
+            else:
+                (b1, b2), lr = hyper["betas"], hyper["lr"]
+                A[i] -= lr * hyper["weight_decay"] * r
+                m[i] = b1 * m[i] + (1 - b1) * c
+                v[i] = b2 * v[i] + (1 - b2) * c * c
+                A[i] -= lr * (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + hyper["eps"])
+        write()
+    return weights()
+
+
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("rule", "granularity"),
+    [("sgd", "tensor"), ("sgd", 100), ("adamw", "model"), ("adamw", "tensor"), ("adamw", 100)],
+)
+def test_per_block_twa_matches_the_fp64_restatement(mlp_sampled, rule, granularity):
+    """20 steps on an MLP whose tensors move at different scales: the fp32 optimizer within
+    1e-5 (relative) of the fp64 restatement of the contract."""
+    model, samples = mlp_sampled
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model).double()
+    space = Subspace(ours, max_rank=len(samples), dtype=torch.float32)
+    for s in samples:
+        space.add(s)
+    hyper = SGD if rule == "sgd" else ADAMW
+    opt = (TWA if rule == "sgd" else TWAAdamW)(ours, space, granularity=granularity, **hyper)
+    batches = make_data(20, generator=torch.Generator().manual_seed(5))
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(ours(x), y).backward()
+        opt.step()
+    blocks = coefficient_blocks(space.layout, granularity)
+    P, w0 = columns(*space.columns), space.mean.double()
+    expected = restated_block_twa(theirs, P, w0, blocks, granularity != "model", rule, hyper, batches)
+    got = torch.cat([p.detach().reshape(-1).double() for p in ours.parameters()])
+    assert opt.alpha.shape == (len(blocks), space.rank) and opt.steps == 20
+    assert (expected - w0).norm() > 1e-3 * w0.norm(), "the steps must move the weights"
+    assert (got - expected).norm() <= 1e-5 * expected.norm()
+
+
+def _trained(mlp_sampled, make_opt, steps=6, seed=5):
+    model, samples = mlp_sampled
+    model = copy.deepcopy(model)
+    space = Subspace(model, max_rank=len(samples), dtype=torch.float32)
+    for s in samples:
+        space.add(s)
+    opt = make_opt(model, space)
+    for x, y in make_data(steps, generator=torch.Generator().manual_seed(seed)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, space, opt
+
+
+OPTIMIZERS = {
+    "sgd-tensor": lambda m, s: TWA(m, s, granularity="tensor", **SGD),
+    "adamw-100": lambda m, s: TWAAdamW(m, s, granularity=100, **ADAMW),
+    "adamw-model": lambda m, s: TWAAdamW(m, s, **ADAMW),
+}
+
+
+@pytest.mark.parametrize("which", list(OPTIMIZERS))
+def test_per_block_state_dict_resumes_bit_for_bit(mlp_sampled, which):
+    model, space, opt = _trained(mlp_sampled, OPTIMIZERS[which])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    model2, _, opt2 = _trained(mlp_sampled, OPTIMIZERS[which], steps=1, seed=9)  # elsewhere
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for m, o in ((model, opt), (model2, opt2)):
+        for x, y in make_data(3, generator=torch.Generator().manual_seed(8)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", list(OPTIMIZERS))
+def test_per_block_coefficients_recombine_the_samples(mlp_sampled, which):
+    """``coefficients()`` [blocks, samples]: ``w[S_l] = sum_i lambda[l, i] w_i[S_l]``."""
+    model, space, opt = _trained(mlp_sampled, OPTIMIZERS[which])
+    _, samples = mlp_sampled
+    lam = opt.coefficients()
+    W = torch.stack([torch.cat([t.reshape(-1) for t in s]) for s in samples]).double()
+    w = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    blocks = coefficient_blocks(space.layout, opt.granularity)
+    assert lam.shape == (len(blocks), len(samples))
+    for i, (a, b) in enumerate(blocks):
+        torch.testing.assert_close(lam[i] @ W[:, a:b], w[a:b], rtol=0, atol=1e-5 * float(w.abs().max()))
+
+
+def test_per_block_non_finite_gradient_skips_the_step(mlp_sampled):
+    model, space, opt = _trained(mlp_sampled, OPTIMIZERS["adamw-100"], steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = opt._momentum_buffer.clone()
+    x, y = make_data(1)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert torch.equal(opt._momentum_buffer, moments)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be in \[0, 1\)"),
+        (dict(betas=0.9), TypeError, "betas must be a pair"),
+        (dict(eps=-1.0), ValueError, "eps must be a number >= 0"),
+        (dict(lr=-1.0), ValueError, "lr must be >= 0"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay must be >= 0"),
+        (dict(granularity="layer"), ValueError, "granularity must be"),
+        (dict(granularity=0), ValueError, r"granularity \(values per block\) must be >= 1"),
+    ],
+)
+def test_twa_adamw_names_bad_arguments(kwargs, error, match):
+    model = torch.nn.Linear(3, 2)
+    space = Subspace(model, max_rank=2)
+    space.add()
+    with pytest.raises(error, match=match):
+        TWAAdamW(model, space, **kwargs)
+
+
+def test_per_block_state_dict_of_another_granularity_is_refused(mlp_sampled):
+    _, space, opt = _trained(mlp_sampled, OPTIMIZERS["sgd-tensor"], steps=1)
+    other = TWA(opt.params, space, granularity=100, **SGD)
+    with pytest.raises(ValueError, match="granularity='tensor', this optimizer 100"):
+        other.load_state_dict(opt.state_dict())

@@ -12,8 +12,8 @@ Importing needs neither a GPU, nor a C++ compiler, nor triton.
 
 from . import ops
 from ._backend import BACKENDS
-from .optim import TWA
+from .optim import TWA, TWAAdamW
 from .subspace import Subspace
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "TWA", "Subspace", "ops"]
+__all__ = ["BACKENDS", "TWA", "TWAAdamW", "Subspace", "ops"]

@@ -1,4 +1,5 @@
-"""``TWA``: SGD restricted to the span of the samples, as a drop-in ``torch.optim.Optimizer``."""
+"""``TWA`` (SGD) and ``TWAAdamW``: training restricted to the span of the samples, as drop-in
+``torch.optim.Optimizer``s."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _collectives, _ops, _params, _state, _steps
+from . import _backend, _blocks, _collectives, _ops, _params, _state, _steps
 from . import subspace as subspace_module
 from ._params import trainable
 from .subspace import Subspace
@@ -48,6 +49,13 @@ class TWA(torch.optim.Optimizer):
         start: ``"mean"`` (the published choice: w0 = the mean of the samples) or ``"current"``
             (w0 = the current weights). Constructing the optimizer writes w0 into the params.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        granularity: ``"model"`` (default, the published TWA: one coordinate vector for all the
+            weights), ``"tensor"`` (one per parameter tensor) or an int N (consecutive tensors
+            grouped into blocks of at least N values), each block's columns divided by their
+            norm on the block (the published follow-up; ``twa_kernels._blocks``). ``alpha`` is
+            then [blocks, K] and ``coefficients()`` [blocks, num_samples]. Per-block
+            coordinates run on a subspace without a process group, through the plain-PyTorch
+            per-block passes (warned once on CUDA).
         average_gradients: only for a subspace with a process group (data-parallel training,
             see ``twa_kernels.distributed``): whether ``step()`` averages the gradients over the
             ranks (a reduce-scatter of D fp32 values, which leaves each rank the mean of its
@@ -106,10 +114,19 @@ class TWA(torch.optim.Optimizer):
         start: str = "mean",
         backend: str = "auto",
         average_gradients: bool | None = None,
+        granularity: str | int = "model",
     ) -> None:
+        _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov,
+        )  # fmt: skip
+        self._setup(params, subspace, defaults, start, backend, average_gradients, granularity)
+
+    def _setup(self, params, subspace, defaults, start, backend, average_gradients, granularity) -> None:
+        """Everything but the hyperparameters' own checks (shared with ``TWAAdamW``)."""
         if not isinstance(subspace, Subspace):
             raise TypeError(f"subspace must be a twa_kernels.Subspace, got {type(subspace).__name__}")
-        _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
         if start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {start!r}")
         if average_gradients is not None and not isinstance(average_gradients, bool):
@@ -127,11 +144,16 @@ class TWA(torch.optim.Optimizer):
             lambda: subspace.layout.check_params(tensors, subspace.device, "params"),
             subspace.process_group, subspace.device, "TWA()",
         )  # fmt: skip
+        blocks = _params.coefficient_blocks(subspace.layout, granularity)
+        # Per-block coordinates (any granularity but the published "model" one, and AdamW).
+        self.granularity = granularity
+        per_block = granularity != "model" or self._RULE != "sgd"
+        if per_block and subspace.process_group is not None:
+            raise ValueError(
+                f"{type(self).__name__}(granularity={granularity!r}) on a sharded subspace is not "
+                "supported yet: per-block coefficients run on a subspace without a process group"
+            )
 
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov,
-        )  # fmt: skip
         super().__init__(tensors, defaults)
         self.subspace = subspace
         self.start = start
@@ -144,10 +166,20 @@ class TWA(torch.optim.Optimizer):
         self.average_gradients = self._step.average_gradients
         # w0 is the subspace's mean itself for start="mean" (never written here), else our own.
         self._w0 = subspace.mean if start == "mean" else subspace.flatten([p.detach() for p in tensors])
-        self._gram = subspace.gram().float()
+        self._blocks = None
+        shape = (K,)
+        if per_block:
+            basis, scales = subspace.columns
+            self._blocks = _blocks.BlockCoordinates(basis, scales, blocks, normalise=granularity != "model")
+            shape = (len(blocks), K)
+            self._gram = self._blocks.gram
+        else:
+            self._gram = subspace.gram().float()
         self._pw0 = self._project(self._w0)
-        self._alpha = torch.zeros(K, dtype=torch.float32, device=device)
-        self._momentum_buffer = torch.zeros(K, dtype=torch.float32, device=device)
+        self._alpha = torch.zeros(shape, dtype=torch.float32, device=device)
+        self._momentum_buffer = torch.zeros(shape, dtype=torch.float32, device=device)
+        # AdamW's second moments (its first are the momentum buffer); unused by SGD.
+        self._second_moment = torch.zeros(shape if self._RULE == "adamw" else (0,), device=device)
         # [steps taken, steps skipped because the gradient was not finite]
         self._counters = torch.zeros(2, dtype=torch.int64, device=device)
         # lr as the kernels read it: the group's tensor lr itself, or this scalar set from a number
@@ -193,12 +225,20 @@ class TWA(torch.optim.Optimizer):
         return self._step.comm_bytes(self.rank).as_dict()
 
     def _project(self, x: Tensor) -> Tensor:
+        if self._blocks is not None:
+            return self._blocks.project(*self.subspace.columns, x)
         return self._step.project(*self.subspace.columns, x, self.backend)
 
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
-        backend = _ops.choose("reconstruct_", self.backend, basis)
-        self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
+        if self._blocks is not None:
+            flat = self._step.flat
+            self._blocks.reconstruct_(flat, self._w0, basis, scales, self._alpha)
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], self._step.flat_views)
+        else:
+            backend = _ops.choose("reconstruct_", self.backend, basis)
+            self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
         self._remember_weights()
 
     @torch._dynamo.disable  # host bookkeeping: run as Python every call, never traced
@@ -255,6 +295,9 @@ class TWA(torch.optim.Optimizer):
         edited = self._edited_parameters()
         if edited:
             self._continue_from_current_weights(edited)
+        if self._blocks is not None:
+            self._block_step()
+            return loss
         hyper = self._hyperparameters()
         basis, scales = self.subspace.columns
         state = (self._w0, basis, scales, self._alpha, self._momentum_buffer, self._counters,
@@ -262,6 +305,48 @@ class TWA(torch.optim.Optimizer):
         self._step.step(self.params, *state, hyper, self.backend)
         self._remember_weights()
         return loss
+
+    _RULE = "sgd"
+
+    def _block_step(self) -> None:
+        """One step of per-block coordinates: ``c_l = P_l^T g_l``, the rule's update of every
+        ``a_l`` (skipped on the device when any ``c_l`` is not finite), the weights written."""
+        _params.copy_or_zero_(self._step.flat_views, [p.grad for p in self.params])
+        c = self._project(self._step.flat)
+        finite = torch.isfinite(c).all()
+        r = self._blocks.regulariser(self._pw0, self._alpha)
+        group = self.param_groups[0]
+        self._check_group(group, read_tensors=False)
+        new_alpha = self._update(c, r, group)
+        self._alpha.copy_(torch.where(finite, new_alpha, self._alpha))
+        self._counters.add_(torch.stack([finite, ~finite]).to(torch.int64))
+        self._write_weights()
+
+    def _update(self, c: Tensor, r: Tensor, group: dict) -> Tensor:
+        """SGD on every block's coordinates (the model-granularity step's rule, per block)."""
+        lr, momentum, wd = self._lr_of(group), group["momentum"], group["weight_decay"]
+        d = c + wd * r
+        update = d
+        if momentum != 0:
+            first = self._counters[0] == 0
+            buf = torch.where(first, d, momentum * self._momentum_buffer + (1 - group["dampening"]) * d)
+            finite = torch.isfinite(c).all()
+            self._momentum_buffer.copy_(torch.where(finite, buf, self._momentum_buffer))
+            update = d + momentum * buf if group["nesterov"] else buf
+        return self._alpha - lr * update
+
+    def _lr_of(self, group: dict):
+        """The group's lr: a number, or a 0-dim tensor on the subspace's device (read there)."""
+        lr = group["lr"]
+        return _ops.lr_tensor(lr, self.subspace.device) if isinstance(lr, Tensor) else lr
+
+    _HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+
+    def _check_group(self, group: dict, read_tensors: bool) -> None:
+        _check_hyperparameters(
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+            read_tensors=read_tensors,
+        )  # fmt: skip
 
     def _hyperparameters(self) -> _steps.Hyper:
         """The group's hyperparameters for this step, checked without reading the device.
@@ -298,6 +383,8 @@ class TWA(torch.optim.Optimizer):
         """
         S = self.subspace.sample_coordinates()  # w_i ~ P S[:, i]
         n = S.shape[1]
+        if self._blocks is not None:
+            return self._block_coefficients(S)
         alpha = self._alpha.double().cpu()
         if self.start == "mean":
             lam0 = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -306,15 +393,31 @@ class TWA(torch.optim.Optimizer):
             lam0 = _min_norm_solve(S, beta0)
         return lam0 + _min_norm_solve(S, alpha)
 
+    def _block_coefficients(self, S: Tensor) -> Tensor:
+        """fp64 [L, num_samples]: ``w[S_l] = sum_i lambda[l, i] w_i[S_l]`` for every block (the
+        blocks of ``granularity``; one row for TWAAdamW's "model")."""
+        n = S.shape[1]
+        inv = self._blocks.inv_norms.double().cpu()
+        beta = self._alpha.double().cpu() * inv  # coefficients on the stored columns
+        lam = torch.empty(beta.shape[0], n, dtype=torch.float64)
+        for l, b in enumerate(beta):
+            if self.start == "mean":
+                lam0 = torch.full((n,), 1.0 / n, dtype=torch.float64)
+            else:  # w0_l's least-squares coordinates on the block's stored columns
+                raw = self._blocks.raw_gram[l].cpu()
+                pw0 = self._pw0[l].double().cpu() / torch.where(inv[l] > 0, inv[l], 1.0)
+                lam0 = _min_norm_solve(S, torch.linalg.lstsq(raw, pw0.unsqueeze(1)).solution.squeeze(1))
+            lam[l] = lam0 + _min_norm_solve(S, b)
+        return lam
+
     def __repr__(self) -> str:
         group = self.param_groups[0]
-        hyper = ", ".join(
-            f"{k}={group[k]!r}" for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")
-        )
+        hyper = ", ".join(f"{k}={group[k]!r}" for k in self._HYPER_KEYS)
         space = self.subspace
         return (
-            f"TWA(rank={self.rank}, samples={space.num_samples}, D={space.dim}, dtype={space.dtype}, "
-            f"start={self.start!r}, backend={self.backend!r}, {hyper})"
+            f"{type(self).__name__}(rank={self.rank}, samples={space.num_samples}, D={space.dim}, "
+            f"dtype={space.dtype}, start={self.start!r}, granularity={self.granularity!r}, "
+            f"backend={self.backend!r}, {hyper})"
         )
 
     def state_dict(self) -> dict:
@@ -326,8 +429,10 @@ class TWA(torch.optim.Optimizer):
             # Which basis the coordinates belong to: the sample coordinates (k x n, on the host).
             "basis_fingerprint": self.subspace.sample_coordinates(),
             "start": self.start,
+            "granularity": self.granularity,
             "alpha": self._alpha.clone(),
             "momentum_buffer": self._momentum_buffer.clone(),
+            "second_moment": self._second_moment.clone(),
             "counters": self._counters.clone(),
             "w0": self._w0.clone() if self.start == "current" else None,
         }
@@ -354,6 +459,8 @@ class TWA(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._alpha.copy_(twa["alpha"])
         self._momentum_buffer.copy_(twa["momentum_buffer"])
+        if twa.get("second_moment") is not None:
+            self._second_moment.copy_(twa["second_moment"])
         self._counters.copy_(twa["counters"])
         if twa["start"] == "current":
             if self._w0 is self.subspace.mean:
@@ -394,9 +501,21 @@ class TWA(torch.optim.Optimizer):
         self._check_basis_fingerprint(twa.get("basis_fingerprint"))
         if twa["start"] not in STARTS:
             raise ValueError(f"{what} has start={twa['start']!r}, expected one of {STARTS}")
-        K, n = self.rank, self.subspace.local_numel
-        _state.tensor_entry(twa["alpha"], "alpha", (K,), torch.float32, what)
-        _state.tensor_entry(twa["momentum_buffer"], "momentum_buffer", (K,), torch.float32, what)
+        n = self.subspace.local_numel
+        if twa.get("granularity", "model") != self.granularity:
+            raise ValueError(
+                f"{what} has granularity={twa.get('granularity', 'model')!r}, this optimizer "
+                f"{self.granularity!r}"
+            )
+        shape = tuple(self._alpha.shape)
+        _state.tensor_entry(twa["alpha"], "alpha", shape, torch.float32, what)
+        _state.tensor_entry(twa["momentum_buffer"], "momentum_buffer", shape, torch.float32, what)
+        if twa.get("second_moment") is not None or self._second_moment.numel():
+            moments = twa.get("second_moment")
+            if moments is None:
+                raise ValueError(f"{what} has no 'second_moment' entry: not from a {type(self).__name__}")
+            moments_shape = tuple(self._second_moment.shape)
+            _state.tensor_entry(moments, "second_moment", moments_shape, torch.float32, what)
         counters = _state.tensor_entry(twa["counters"], "counters", (2,), torch.int64, what)
         if bool((counters < 0).any()):
             raise ValueError(f"{what} entry 'counters' must be >= 0, got {counters.tolist()}")
@@ -412,12 +531,9 @@ class TWA(torch.optim.Optimizer):
                 f"{what} has {len(groups)} parameter group(s); TWA has one, of {len(self.params)} params"
             )
         group = groups[0]
-        _state.require_keys(group, {"lr", "momentum", "dampening", "weight_decay", "nesterov"}, what)
+        _state.require_keys(group, set(self._HYPER_KEYS), what)
         try:
-            _check_hyperparameters(
-                group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                group["nesterov"],
-            )  # fmt: skip
+            self._check_group(group, read_tensors=True)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{what}: {e}") from e
         return twa
@@ -521,3 +637,71 @@ def _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, *, r
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+
+
+class TWAAdamW(TWA):
+    r"""Trainable Weight Averaging with AdamW on the coordinates (the published follow-up).
+
+    Per block l of ``granularity`` (see ``TWA``; ``"model"``: one block over all the weights, the
+    columns not normalised) with ``c_l = P_l^T g_l`` and ``r_l = P_l^T w_l``:
+
+    .. math::
+        a_l &\leftarrow a_l - \eta \lambda r_l \quad \text{(decoupled decay)} \\
+        m_l &\leftarrow \beta_1 m_l + (1 - \beta_1) c_l, \quad
+        v_l \leftarrow \beta_2 v_l + (1 - \beta_2) c_l^2 \\
+        a_l &\leftarrow a_l - \eta\, \frac{m_l / (1 - \beta_1^t)}{\sqrt{v_l / (1 - \beta_2^t)} + \epsilon}
+
+    as ``torch.optim.AdamW`` does to a parameter (t counts the steps taken; a step whose
+    gradient is not finite is skipped, as ``TWA`` skips it). Everything else (start, state dicts,
+    ``coefficients()``, edits outside the optimizer, schedulers) is as ``TWA``.
+    """
+
+    _RULE = "adamw"
+    _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | nn.Module,
+        subspace: Subspace,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        start: str = "mean",
+        granularity: str | int = "model",
+        backend: str = "auto",
+    ) -> None:
+        _check_adamw(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._setup(params, subspace, defaults, start, backend, None, granularity)
+
+    def _check_group(self, group: dict, read_tensors: bool) -> None:
+        _check_adamw(
+            group["lr"], group["betas"], group["eps"], group["weight_decay"], read_tensors=read_tensors
+        )
+
+    def _update(self, c: Tensor, r: Tensor, group: dict) -> Tensor:
+        lr, (beta1, beta2), eps = self._lr_of(group), group["betas"], group["eps"]
+        finite = torch.isfinite(c).all()
+        alpha = self._alpha - lr * group["weight_decay"] * r
+        m = torch.lerp(self._momentum_buffer, c, 1 - beta1)
+        v = self._second_moment * beta2 + (1 - beta2) * c * c
+        t = (self._counters[0] + 1).to(torch.float32)  # this step's number, if taken
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        self._momentum_buffer.copy_(torch.where(finite, m, self._momentum_buffer))
+        self._second_moment.copy_(torch.where(finite, v, self._second_moment))
+        return alpha - lr * m_hat / (v_hat.sqrt() + eps)
+
+
+def _check_adamw(lr, betas, eps, weight_decay, *, read_tensors=True) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad AdamW hyperparameter."""
+    _check_hyperparameters(lr, 0.0, 0.0, weight_decay, False, read_tensors=read_tensors)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair of numbers, got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0 <= b < 1:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")

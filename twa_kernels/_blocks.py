@@ -1,0 +1,69 @@
+"""Per-block coefficients (the published follow-up of TWA): D cut into blocks of consecutive
+tensors (``_params.coefficient_blocks``), each block l with its own coefficients ``a_l`` [K].
+
+With ``P_l`` the stored columns restricted to block l and divided by their norms there (a column
+with zero norm on the block stays zero, and its coordinate never moves):
+
+    w_l = w0_l + P_l a_l,   c_l = P_l^T g_l,   r_l = P_l^T w_l = P_l^T w0_l + G_l a_l,
+
+``G_l = P_l^T P_l`` (the k norms and the [L, k, k] Gram matrices computed once). Without
+normalisation and with one block this is the published TWA's ``w = w0 + P alpha``.
+
+The passes over D run the plain-PyTorch per-block ops (``reference.project_blocks``,
+``reconstruct_blocks_``) on any device; on CUDA that is warned once (the fused kernels do one
+block per model).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_warned = False
+
+
+class BlockCoordinates:
+    """The per-block normalisation, Gram matrices and passes over D of one subspace's columns."""
+
+    def __init__(self, basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], normalise: bool):
+        self.blocks = blocks
+        raw = reference.gram_blocks(basis, scales, blocks)  # fp64 [L, K, K]
+        if normalise:
+            norms = raw.diagonal(dim1=1, dim2=2).sqrt()
+            inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        else:
+            inv = torch.ones(raw.shape[:2], dtype=torch.float64, device=raw.device)
+        self.raw_gram = raw
+        # fp32 [L, K]: a_l's coefficient on the stored (unnormalised) columns is inv_l * a_l.
+        self.inv_norms = inv.float()
+        self.gram = (raw * inv[:, :, None] * inv[:, None, :]).float()  # G_l, fp32 [L, K, K]
+        if basis.device.type == "cuda":
+            _warn_reference_path()
+
+    def project(self, basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+        """``P_l^T x_l`` for every block: fp32 [L, K]."""
+        return reference.project_blocks(basis, scales, x, self.blocks) * self.inv_norms
+
+    def reconstruct_(self, out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
+        """``out_l = w0_l + P_l alpha_l`` for every block (alpha fp32 [L, K])."""
+        reference.reconstruct_blocks_(out, w0, basis, scales, alpha * self.inv_norms, self.blocks)
+
+    def regulariser(self, pw0: Tensor, alpha: Tensor) -> Tensor:
+        """``r_l = P_l^T w0_l + G_l a_l``: fp32 [L, K], no pass over D."""
+        return pw0 + torch.bmm(self.gram, alpha.unsqueeze(2)).squeeze(2)
+
+
+def _warn_reference_path() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "twa_kernels: per-block coefficients (granularity other than 'model', or TWAAdamW) "
+            "run the plain-PyTorch per-block passes over the basis on CUDA; the fused kernels "
+            "take one block per model so far",
+            stacklevel=4,
+        )
