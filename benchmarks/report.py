@@ -421,12 +421,18 @@ def targets_section(rows: list[dict], stat: str) -> list[str]:
         "",
         f"**{summarize(checks)}**",
         "",
-        "| op | shape | backend | target | value | verdict |",
-        "|---|---|---|---|---:|---|",
     ]
-    for c in checks:
-        out.append(f"| {c.op} | {c.model} K={c.K} | {c.provider} | {c.target} | {_value(c)} | {c.verdict} |")
-    return out + [""]
+    return out + _checks_table(checks)
+
+
+def _checks_table(checks) -> list[str]:
+    """The markdown table of target checks (one row each), then a blank line."""
+    head = ["| op | shape | backend | target | value | verdict |", "|---|---|---|---|---:|---|"]
+    rows = [
+        f"| {c.op} | {c.model} K={c.K} | {c.provider} | {c.target} | {_value(c)} | {c.verdict} |"
+        for c in checks
+    ]
+    return head + rows + [""]
 
 
 INT8_WHAT = "int8 speed targets"
@@ -446,12 +452,8 @@ def int8_targets_section(rows: list[dict], stat: str) -> list[str]:
         "",
         f"**{summarize(checks, INT8_WHAT)}**",
         "",
-        "| op | shape | backend | target | value | verdict |",
-        "|---|---|---|---|---:|---|",
     ]
-    for c in checks:
-        out.append(f"| {c.op} | {c.model} K={c.K} | {c.provider} | {c.target} | {_value(c)} | {c.verdict} |")
-    return out + [""]
+    return out + _checks_table(checks)
 
 
 # ---------------------------------------------------------------------------------------------
