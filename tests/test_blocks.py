@@ -180,15 +180,23 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
 
 
 @pytest.mark.parametrize(
-    ("rule", "granularity"),
-    [("sgd", "tensor"), ("sgd", 100), ("adamw", "model"), ("adamw", "tensor"), ("adamw", 100)],
+    ("rule", "granularity", "dtype"),
+    [
+        ("sgd", "tensor", torch.float32),
+        ("sgd", 100, torch.float32),
+        ("sgd", "tensor", torch.int8),
+        ("adamw", "model", torch.float32),
+        ("adamw", "tensor", torch.float32),
+        ("adamw", 100, torch.float32),
+    ],
 )
-def test_per_block_twa_matches_the_fp64_restatement(mlp_sampled, rule, granularity):
-    """20 steps on an MLP whose tensors move at different scales: the fp32 optimizer within
-    1e-5 (relative) of the fp64 restatement of the contract."""
+def test_per_block_twa_matches_the_fp64_restatement(mlp_sampled, rule, granularity, dtype):
+    """20 steps on an MLP whose tensors move at different scales: the optimizer within 1e-5
+    (relative) of the fp64 restatement of the contract on the stored basis (fp32, or int8 with
+    its block scales)."""
     model, samples = mlp_sampled
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model).double()
-    space = Subspace(ours, max_rank=len(samples), dtype=torch.float32)
+    space = Subspace(ours, max_rank=len(samples), dtype=dtype)
     for s in samples:
         space.add(s)
     hyper = SGD if rule == "sgd" else ADAMW
