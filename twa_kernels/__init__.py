@@ -16,4 +16,13 @@ from .optim import TWA, TWAAdamW
 from .subspace import Subspace
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "TWA", "TWAAdamW", "Subspace", "ops"]
+__all__ = ["BACKENDS", "TWA", "TWAAdamW", "Subspace", "ops", "update_bn"]
+
+
+def __getattr__(name):
+    # update_bn lives in integrations/, imported on first use so that importing the package stays light.
+    if name == "update_bn":
+        from .integrations.bn import update_bn
+
+        return update_bn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
