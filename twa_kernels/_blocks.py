@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _collectives, reference
 
 _warned = False
 
@@ -29,9 +29,14 @@ _warned = False
 class BlockCoordinates:
     """The per-block normalisation, Gram matrices and passes over D of one subspace's columns."""
 
-    def __init__(self, basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], normalise: bool):
+    def __init__(
+        self, basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], normalise: bool, group=None
+    ):  # fmt: skip
+        """``blocks``: each block's range of the values held here (``local_blocks``); ``group``:
+        the subspace's process group, whose ranks' partial sums are all-reduced (None: none)."""
         self.blocks = blocks
-        raw = reference.gram_blocks(basis, scales, blocks)  # fp64 [L, K, K]
+        self.group = group
+        raw = self._all_reduced(reference.gram_blocks(basis, scales, blocks))  # fp64 [L, K, K]
         if normalise:
             norms = raw.diagonal(dim1=1, dim2=2).sqrt()
             inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
@@ -44,9 +49,14 @@ class BlockCoordinates:
         if basis.device.type == "cuda":
             _warn_reference_path()
 
+    def _all_reduced(self, t: Tensor) -> Tensor:
+        return t if self.group is None else _collectives.all_reduce_(t, self.group)
+
     def project(self, basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
-        """``P_l^T x_l`` for every block: fp32 [L, K]."""
-        return reference.project_blocks(basis, scales, x, self.blocks) * self.inv_norms
+        """``P_l^T x_l`` for every block (x: the values held here): fp32 [L, K], the same on
+        every rank (one all-reduce of L K floats with a process group)."""
+        partial = reference.project_blocks(basis, scales, x, self.blocks)
+        return self._all_reduced(partial) * self.inv_norms
 
     def reconstruct_(self, out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
         """``out_l = w0_l + P_l alpha_l`` for every block (alpha fp32 [L, K])."""
@@ -67,3 +77,24 @@ def _warn_reference_path() -> None:
             "take one block per model so far",
             stacklevel=4,
         )
+
+
+def local_blocks(
+    blocks: list[tuple[int, int]], pieces: list[tuple[int, int, int]], layout
+) -> list[tuple[int, int]]:
+    """Each block's range ``[start, stop)`` of D as a range of the values held here (the
+    concatenated ``pieces`` of the parameters, in order); empty where this process holds none
+    of it. A block of consecutive tensors is one run of the local values: the pieces are in
+    parameter order and each is a contiguous part of its parameter."""
+    out = []
+    for start, stop in blocks:
+        at, first, last = 0, None, None
+        for i, a, b in pieces:
+            lo, hi = layout.offsets[i] + a, layout.offsets[i] + b
+            s, e = max(lo, start), min(hi, stop)
+            if s < e:
+                first = at + (s - lo) if first is None else first
+                last = at + (e - lo)
+            at += b - a
+        out.append((first, last) if first is not None else (0, 0))
+    return out

@@ -114,6 +114,22 @@ class LocalStep:
     def comm_bytes(self, K: int) -> CommBytes:
         return CommBytes(gradients=0, coordinates=0, weights=0)
 
+    @property
+    def buffer(self) -> Tensor:
+        """fp32 [D]: the values this process holds (all of them), for ``local_gradient`` and
+        ``write_local``."""
+        return self.flat
+
+    def local_gradient(self, params: list[Tensor]) -> Tensor:
+        """The gradient of the values held here, fp32 in ``buffer`` (None grads as zeros)."""
+        _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
+        return self.flat
+
+    def write_local(self, params: list[Tensor]) -> None:
+        """``params <- buffer`` (each rounded to its dtype)."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
+
     def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
         """``P^T x`` for x fp32 [D]: fp32 [K]."""
         return _ops.project(basis, scales, x, backend)
@@ -176,6 +192,32 @@ class ShardedStep:
         self.local = self.shard[: self.stop - self.start]
         self._pieces = _params.shard_pieces(subspace.layout, self.start, self.stop)
         self.log_comm(subspace.rank, D)
+
+    @property
+    def buffer(self) -> Tensor:
+        """fp32 [stop - start]: this rank's shard of the flat values."""
+        return self.local
+
+    def local_gradient(self, params: list[Tensor]) -> Tensor:
+        """This rank's shard of the gradient in ``buffer``: averaged over the ranks by a
+        reduce-scatter, or (DDP averaged it already) copied from the grads' pieces."""
+        if self.average_gradients:
+            _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
+            _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
+            self.shard.mul_(1.0 / self.world)
+        else:
+            grads = [
+                None if params[i].grad is None else params[i].grad.reshape(-1)[a:b]
+                for i, a, b in self._pieces
+            ]
+            _params.copy_or_zero_(_params.piece_views(self.local, self._pieces), grads)
+        return self.local
+
+    def write_local(self, params: list[Tensor]) -> None:
+        """``params <- `` every rank's ``buffer``, all-gathered."""
+        _collectives.all_gather_single(self.flat, self.shard, group=self.group)
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
 
     def comm_bytes(self, K: int) -> CommBytes:
         padded = 4 * self.flat.numel()
@@ -280,6 +322,21 @@ class FSDPStep:
 
     def comm_bytes(self, K: int) -> CommBytes:
         return CommBytes(gradients=0, coordinates=4 * K, weights=0)
+
+    @property
+    def buffer(self) -> Tensor:
+        """fp32 [n]: this rank's local shards' values, in parameter order."""
+        return self.local
+
+    def local_gradient(self, params: list[Tensor]) -> Tensor:
+        """The local shards' gradients (FSDP2 averaged them) in ``buffer``."""
+        _params.copy_or_zero_(self.local_views, self._shards([p.grad for p in params]))
+        return self.local
+
+    def write_local(self, params: list[Tensor]) -> None:
+        """The local shards ``<- buffer``, in place (FSDP2's next all-gather spreads them)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._shards([p.detach() for p in params]), self.local_views)
 
     def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
         """``P^T x`` for x the local values of a [D] vector: fp32 [K], the same on every rank."""

@@ -54,8 +54,8 @@ class TWA(torch.optim.Optimizer):
             grouped into blocks of at least N values), each block's columns divided by their
             norm on the block (the published follow-up; ``twa_kernels._blocks``). ``alpha`` is
             then [blocks, K] and ``coefficients()`` [blocks, num_samples]. Per-block
-            coordinates run on a subspace without a process group, through the plain-PyTorch
-            per-block passes (warned once on CUDA).
+            coordinates run the plain-PyTorch per-block passes (warned once on CUDA); on a
+            sharded subspace each rank's partial sums are all-reduced (L K floats per step).
         average_gradients: only for a subspace with a process group (data-parallel training,
             see ``twa_kernels.distributed``): whether ``step()`` averages the gradients over the
             ranks (a reduce-scatter of D fp32 values, which leaves each rank the mean of its
@@ -148,11 +148,6 @@ class TWA(torch.optim.Optimizer):
         # Per-block coordinates (any granularity but the published "model" one, and AdamW).
         self.granularity = granularity
         per_block = granularity != "model" or self._RULE != "sgd"
-        if per_block and subspace.process_group is not None:
-            raise ValueError(
-                f"{type(self).__name__}(granularity={granularity!r}) on a sharded subspace is not "
-                "supported yet: per-block coefficients run on a subspace without a process group"
-            )
 
         super().__init__(tensors, defaults)
         self.subspace = subspace
@@ -170,7 +165,10 @@ class TWA(torch.optim.Optimizer):
         shape = (K,)
         if per_block:
             basis, scales = subspace.columns
-            self._blocks = _blocks.BlockCoordinates(basis, scales, blocks, normalise=granularity != "model")
+            local = _blocks.local_blocks(blocks, subspace.pieces, subspace.layout)
+            self._blocks = _blocks.BlockCoordinates(
+                basis, scales, local, normalise=granularity != "model", group=subspace.process_group
+            )
             shape = (len(blocks), K)
             self._gram = self._blocks.gram
         else:
@@ -232,10 +230,8 @@ class TWA(torch.optim.Optimizer):
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
         if self._blocks is not None:
-            flat = self._step.flat
-            self._blocks.reconstruct_(flat, self._w0, basis, scales, self._alpha)
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], self._step.flat_views)
+            self._blocks.reconstruct_(self._step.buffer, self._w0, basis, scales, self._alpha)
+            self._step.write_local(self.params)
         else:
             backend = _ops.choose("reconstruct_", self.backend, basis)
             self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
@@ -311,8 +307,7 @@ class TWA(torch.optim.Optimizer):
     def _block_step(self) -> None:
         """One step of per-block coordinates: ``c_l = P_l^T g_l``, the rule's update of every
         ``a_l`` (skipped on the device when any ``c_l`` is not finite), the weights written."""
-        _params.copy_or_zero_(self._step.flat_views, [p.grad for p in self.params])
-        c = self._project(self._step.flat)
+        c = self._project(self._step.local_gradient(self.params))
         finite = torch.isfinite(c).all()
         r = self._blocks.regulariser(self._pw0, self._alpha)
         group = self.param_groups[0]

@@ -1,0 +1,74 @@
+"""Per-block coefficients (TWA with granularity, TWAAdamW) on sharded subspaces: a process group
+over a replicated model, and FSDP2, on 2 and 3 gloo ranks, against one process."""
+
+import pytest
+import test_fsdp
+import torch
+import torch.distributed as dist
+from gloo import spawn
+from test_distributed import HYPER, MAX_RANK, make_batches, make_model, make_samples, rel_err, train
+
+from twa_kernels import TWA, Subspace, TWAAdamW
+
+pytest.importorskip("torch.distributed.fsdp")
+
+# (optimizer, keyword arguments): SGD per tensor and AdamW per 100 values.
+RUNS = {
+    "tensor": (TWA, dict(granularity="tensor", **HYPER)),
+    "adamw": (TWAAdamW, dict(granularity=100, lr=1e-2, weight_decay=1e-2)),
+}
+REL = 1e-5  # fp32 sums in another order (the all-reduced partials): ~1e-7 measured alike
+
+
+def full(model):
+    return test_fsdp.full_weights(model)
+
+
+def _runs(make, samples, group, world, rank):
+    """Each optimizer of RUNS from the same samples, trained on this rank's share."""
+    out = {}
+    for name, (opt_class, kwargs) in RUNS.items():
+        model = make()
+        space = Subspace(model, MAX_RANK, torch.float32, group)
+        for s in samples:
+            space.add(s)
+        opt = opt_class(model, space, **kwargs)
+        train(model, opt, make_batches(), world, rank)
+        out[name] = (full(model), opt.alpha.clone(), opt.comm_bytes_per_step)
+    return out
+
+
+def process_group_scenario(world, rank, root):
+    return _runs(make_model, make_samples(), dist.group.WORLD, world, rank)
+
+
+def fsdp_scenario(world, rank, root):
+    sharded = lambda: test_fsdp.shard(test_fsdp.make_model())  # noqa: E731
+    return _runs(sharded, test_fsdp.make_samples(), None, world, rank)
+
+
+def _single(make, samples):
+    out = {}
+    for name, (opt_class, kwargs) in RUNS.items():
+        model = make()
+        space = Subspace(model, MAX_RANK, torch.float32)
+        for s in samples:
+            space.add(s)
+        opt = opt_class(model, space, **kwargs)
+        train(model, opt, make_batches())
+        out[name] = (full(model), opt.alpha.clone())
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("scheme", ["process_group", "fsdp"])
+def test_per_block_coefficients_on_a_sharded_subspace_match_one_process(tmp_path, scheme, world):
+    if scheme == "fsdp":
+        expected = _single(test_fsdp.make_model, test_fsdp.make_samples())
+    else:
+        expected = _single(make_model, make_samples())
+    for r, out in enumerate(spawn(world, f"test_blocks_distributed:{scheme}_scenario", tmp_path, 90)):
+        for name, (weights, alpha) in expected.items():
+            got_weights, got_alpha, comm = out[name]
+            assert rel_err(got_weights, weights) <= REL, f"rank {r} {name}: weights"
+            assert rel_err(got_alpha, alpha) <= REL, f"rank {r} {name}: alpha"
