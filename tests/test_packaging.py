@@ -79,3 +79,17 @@ def test_cuda_sources_and_flags_have_one_home():
     assert runpy.run_path(str(ROOT / "twa_kernels" / "_cuda_build.py"))["SOURCES"] == _cuda_build.SOURCES
     setup_py = (ROOT / "setup.py").read_text()
     assert "_cuda_build.py" in setup_py and ".cu" not in setup_py
+
+
+def test_every_subpackage_is_packaged():
+    """A wheel holds the packages pyproject.toml lists: every folder of twa_kernels with an
+    ``__init__.py`` must be among them (an editable install would hide a missing one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "twa_kernels").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert found <= listed, f"not packaged: {sorted(found - listed)}"
