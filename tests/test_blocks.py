@@ -127,7 +127,7 @@ def mlp_sampled():
     return model, samples
 
 
-def restated_block_twa(model, P, w0, blocks, normalise, rule, hyper, batches):
+def restated_block_twa(model, P, w0, blocks, normalise, rule, hyper, batches, lr_at=None):
     """The per-block contract in fp64, on an fp64 copy of the model: ``P_l`` = the stored columns
     on block l, divided by their norm there (zero-norm columns stay zero); ``w_l = w0_l + P_l
     a_l``; ``c_l = P_l^T g_l``; ``r_l = P_l^T w_l``; SGD (momentum, L2 ``c + wd r``) or AdamW
@@ -155,6 +155,7 @@ def restated_block_twa(model, P, w0, blocks, normalise, rule, hyper, batches):
 
     write()
     for t, (x, y) in enumerate(batches, 1):
+        hyper = dict(hyper, lr=lr_at(t)) if lr_at else hyper
         for p in params:
             p.grad = None
         F.cross_entropy(model(x.double()), y).backward()
@@ -305,3 +306,31 @@ def test_per_block_state_dict_of_another_granularity_is_refused(mlp_sampled):
     other = TWA(opt.params, space, granularity=100, **SGD)
     with pytest.raises(ValueError, match="granularity='tensor', this optimizer 100"):
         other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_per_block_twa_follows_an_lr_scheduler(mlp_sampled, rule):
+    """MultiStepLR (x0.1 after 4 steps, then x0.1 after 8) on per-tensor coordinates: the fp64
+    restatement with the same lr per step."""
+    model, samples = mlp_sampled
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model).double()
+    space = Subspace(ours, max_rank=len(samples), dtype=torch.float32)
+    for s in samples:
+        space.add(s)
+    hyper = SGD if rule == "sgd" else ADAMW
+    opt = (TWA if rule == "sgd" else TWAAdamW)(ours, space, granularity="tensor", **hyper)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[4, 8], gamma=0.1)
+    batches = make_data(12, generator=torch.Generator().manual_seed(6))
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(ours(x), y).backward()
+        opt.step()
+        sched.step()
+    blocks = coefficient_blocks(space.layout, "tensor")
+    P, w0 = columns(*space.columns), space.mean.double()
+    lr_at = lambda t: hyper["lr"] * 0.1 ** ((t > 4) + (t > 8))  # noqa: E731
+    expected = restated_block_twa(theirs, P, w0, blocks, True, rule, hyper, batches, lr_at)
+    got = torch.cat([p.detach().reshape(-1).double() for p in ours.parameters()])
+    constant = restated_block_twa(copy.deepcopy(model).double(), P, w0, blocks, True, rule, hyper, batches)
+    assert (got - expected).norm() <= 1e-5 * expected.norm()
+    assert (constant - expected).norm() > 1e-3 * (expected - w0).norm(), "the schedule must matter"
