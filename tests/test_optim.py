@@ -438,8 +438,8 @@ def test_twa_params_that_do_not_match_the_subspace_are_refused():
     meta = [torch.empty(3, device="meta", requires_grad=True), params[1]]
     with pytest.raises(ValueError, match=r"params\[0\] is on meta"):
         TWA(meta, space, lr=0.1)
-    with pytest.raises(ValueError, match="one parameter group"):
-        TWA([{"params": params}], space, lr=0.1)
+    with pytest.raises(ValueError, match=r"param group 0 holds a tensor of shape \(3,\) that is not one"):
+        TWA([{"params": [params[0].detach().clone(), params[1]]}], space, lr=0.1)
 
 
 def test_twa_empty_subspace_is_refused():

@@ -341,7 +341,7 @@ def test_a_copy_steps_independently_of_the_original():
 def test_add_param_group_is_refused():
     model, _, opt = _trained(steps=1)
     extra = nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match="one parameter group"):
+    with pytest.raises(ValueError, match="parameter groups are fixed at construction"):
         opt.add_param_group({"params": [extra]})
     assert len(opt.param_groups) == 1
 

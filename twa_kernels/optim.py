@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _blocks, _collectives, _ops, _params, _state, _steps
+from . import _backend, _blocks, _collectives, _ops, _params, _state, _steps, reference
 from . import subspace as subspace_module
 from ._params import trainable
 from .subspace import Subspace
@@ -38,7 +39,12 @@ class TWA(torch.optim.Optimizer):
 
     Args:
         params: the parameters the subspace was built for (same order, shapes, dtypes, device),
-            as an iterable, ``named_parameters()`` or an ``nn.Module``; one parameter group.
+            as an iterable, ``named_parameters()`` or an ``nn.Module``; or torch-style parameter
+            groups (dicts with ``"params"``) holding the subspace's very tensors, each once, in
+            any order or split. The groups share lr, momentum, dampening and nesterov (the K
+            coordinates are one vector); ``weight_decay`` may differ per group (granularity
+            "model"): the decay term is then ``sum_g wd_g P_g^T w_g``, from each group's Gram
+            block and projection of w0 computed once, so a step costs what it did.
         subspace: a ``Subspace`` with at least one sample. Adding samples to it later is an
             error for this optimizer (build a new one).
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``. ``lr`` may be a
@@ -135,11 +141,16 @@ class TWA(torch.optim.Optimizer):
         if subspace.rank == 0:
             raise ValueError("subspace is empty (rank 0): call Subspace.add() before building TWA")
         ddp = _steps.wrapped_by_ddp(params)
+        groups = None
         if isinstance(params, Iterable) and not isinstance(params, (Tensor, nn.Module)):
             params = list(params)
             if params and isinstance(params[0], Mapping):
-                raise ValueError("TWA takes one parameter group (all coordinates share one lr)")
-        tensors, _ = trainable(params)
+                groups = params
+        if groups is not None:
+            tensors, groups, self._group_index = _grouped(groups, subspace)
+        else:
+            tensors, _ = trainable(params)
+            self._group_index = [0] * len(tensors)
         _collectives.check_together(
             lambda: subspace.layout.check_params(tensors, subspace.device, "params"),
             subspace.process_group, subspace.device, "TWA()",
@@ -149,7 +160,10 @@ class TWA(torch.optim.Optimizer):
         self.granularity = granularity
         per_block = granularity != "model" or self._RULE != "sgd"
 
-        super().__init__(tensors, defaults)
+        self._building = True  # add_param_group is refused once built
+        super().__init__(tensors if groups is None else groups, defaults)
+        self._building = False
+        self._ordered = tensors
         self.subspace = subspace
         self.start = start
         self.backend = backend
@@ -174,6 +188,10 @@ class TWA(torch.optim.Optimizer):
         else:
             self._gram = subspace.gram().float()
         self._pw0 = self._project(self._w0)
+        # Per-group weight decay: each group's Gram block and projection of w0 (several groups).
+        self._group_decay = None
+        if len(self.param_groups) > 1:
+            self._group_decay = _GroupDecay(subspace, self._group_index, len(self.param_groups), self._w0)
         self._alpha = torch.zeros(shape, dtype=torch.float32, device=device)
         self._momentum_buffer = torch.zeros(shape, dtype=torch.float32, device=device)
         # AdamW's second moments (its first are the momentum buffer); unused by SGD.
@@ -183,13 +201,15 @@ class TWA(torch.optim.Optimizer):
         # lr as the kernels read it: the group's tensor lr itself, or this scalar set from a number
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._lr_value = None
+        self._shared_group()  # groups that disagree on the shared hyperparameters fail here
         self._write_weights()
 
     # ------------------------------------------------------------------------------------------
 
     @property
     def params(self) -> list[Tensor]:
-        return self.param_groups[0]["params"]
+        """The parameters in the subspace's order (across the param groups)."""
+        return self._ordered
 
     @property
     def alpha(self) -> Tensor:
@@ -272,7 +292,13 @@ class TWA(torch.optim.Optimizer):
             self._w0.copy_(w)  # in place: a captured CUDA graph keeps reading the same buffer
         self.start = "current"
         self._alpha.zero_()
+        self._refresh_pw0()
+
+    def _refresh_pw0(self) -> None:
+        """``P^T w0`` (and each group's part of it) after w0 changed."""
         self._pw0.copy_(self._project(self._w0))
+        if self._group_decay is not None:
+            self._group_decay.refresh(self._w0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -295,9 +321,14 @@ class TWA(torch.optim.Optimizer):
             self._block_step()
             return loss
         hyper = self._hyperparameters()
+        gram, pw0 = self._gram, self._pw0
+        decays = self._group_weight_decays()
+        if decays is not None:  # one step with the groups' decay terms summed: d = c + G' alpha + p'
+            gram, pw0 = self._group_decay.terms(decays)
+            hyper = dataclasses.replace(hyper, weight_decay=1.0)
         basis, scales = self.subspace.columns
         state = (self._w0, basis, scales, self._alpha, self._momentum_buffer, self._counters,
-                 self._gram, self._pw0)  # fmt: skip
+                 gram, pw0)  # fmt: skip
         self._step.step(self.params, *state, hyper, self.backend)
         self._remember_weights()
         return loss
@@ -310,7 +341,7 @@ class TWA(torch.optim.Optimizer):
         c = self._project(self._step.local_gradient(self.params))
         finite = torch.isfinite(c).all()
         r = self._blocks.regulariser(self._pw0, self._alpha)
-        group = self.param_groups[0]
+        group = self._shared_group()
         self._check_group(group, read_tensors=False)
         new_alpha = self._update(c, r, group)
         self._alpha.copy_(torch.where(finite, new_alpha, self._alpha))
@@ -343,13 +374,37 @@ class TWA(torch.optim.Optimizer):
             read_tensors=read_tensors,
         )  # fmt: skip
 
+    def _group_weight_decays(self) -> tuple[float, ...] | None:
+        """Each group's weight decay when they differ (None when one value serves all)."""
+        decays = tuple(float(g["weight_decay"]) for g in self.param_groups)
+        return decays if len(set(decays)) > 1 else None
+
+    def _shared_group(self) -> dict:
+        """The first group, after checking that every group has its hyperparameters (all but
+        ``weight_decay``, which may differ per group for TWA): the K coordinates share them."""
+        first = self.param_groups[0]
+        shared = [k for k in self._HYPER_KEYS if k != "weight_decay" or self._blocks is not None]
+        for g, group in enumerate(self.param_groups[1:], 1):
+            for key in shared:
+                a, b = first[key], group[key]
+                same = a is b if isinstance(a, Tensor) or isinstance(b, Tensor) else a == b
+                if not same:
+                    raise ValueError(
+                        f"param groups 0 and {g} have {key}={a!r} and {b!r}: the K coordinates share one "
+                        f"{key} (a tensor lr: one tensor object for all groups); only weight_decay may "
+                        "differ per group (granularity='model')"
+                    )
+        return first
+
     def _hyperparameters(self) -> _steps.Hyper:
         """The group's hyperparameters for this step, checked without reading the device.
 
         A tensor lr on the device is passed as is (the kernels read it); a number is written
         into this optimizer's own device scalar when it changes (no host sync either way).
         """
-        group = self.param_groups[0]
+        group = self._shared_group()
+        for other in self.param_groups[1:]:
+            self._check_group(other, read_tensors=False)
         lr = group["lr"]
         _check_hyperparameters(
             lr, group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
@@ -464,7 +519,7 @@ class TWA(torch.optim.Optimizer):
         else:
             self._w0 = self.subspace.mean
         self.start = twa["start"]
-        self._pw0.copy_(self._project(self._w0))
+        self._refresh_pw0()
         self._write_weights()
 
     def _check_state(self, state_dict: dict) -> dict:
@@ -521,16 +576,18 @@ class TWA(torch.optim.Optimizer):
         if len(state_dict["state"]) != 0:
             raise ValueError(f"{what} has per-parameter state: it is not from a TWA optimizer")
         groups = state_dict["param_groups"]
-        if len(groups) != 1 or len(groups[0].get("params", ())) != len(self.params):
+        mine = [len(g["params"]) for g in self.param_groups]
+        theirs = [len(g.get("params", ())) for g in groups]
+        if theirs != mine:
             raise ValueError(
-                f"{what} has {len(groups)} parameter group(s); TWA has one, of {len(self.params)} params"
+                f"{what} has parameter groups of {theirs} params; this optimizer has groups of {mine}"
             )
-        group = groups[0]
-        _state.require_keys(group, set(self._HYPER_KEYS), what)
-        try:
-            self._check_group(group, read_tensors=True)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{what}: {e}") from e
+        for group in groups:
+            _state.require_keys(group, set(self._HYPER_KEYS), what)
+            try:
+                self._check_group(group, read_tensors=True)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{what}: {e}") from e
         return twa
 
     def _check_basis_fingerprint(self, saved) -> None:
@@ -560,12 +617,12 @@ class TWA(torch.optim.Optimizer):
             )
 
     def add_param_group(self, param_group: dict) -> None:
-        """Refused after construction: TWA has one parameter group by design (one lr for all
-        K coordinates, every parameter of the subspace in it)."""
-        if self.param_groups:
+        """Refused after construction: the groups given to the constructor cover the subspace's
+        parameters (their Gram blocks are computed then)."""
+        if not getattr(self, "_building", False):
             raise ValueError(
-                "TWA has one parameter group by design: its K coordinates share one lr and every "
-                "parameter of the subspace is in it; build another optimizer for other parameters"
+                "TWA's parameter groups are fixed at construction (they must cover the subspace's "
+                "parameters); build another optimizer for other parameters"
             )
         super().add_param_group(param_group)
 
@@ -588,6 +645,81 @@ def _describe_shard(shard, D: int) -> str:
     if shard is None:
         return "a subspace without a process group"
     return subspace_module.describe_sharding(shard, D)
+
+
+def _grouped(groups: list[Mapping], subspace: Subspace):
+    """``(tensors in the subspace's order, the groups with lists of params, each tensor's group)``
+    from torch-style param groups, which must cover the subspace's parameters (matched by
+    identity), each once, in any order or split; ``ValueError``/``TypeError`` naming the group."""
+    index = {id(p): i for i, p in enumerate(subspace._params)}
+    group_of: dict[int, int] = {}
+    out = []
+    for g, group in enumerate(groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise TypeError(
+                f"param group {g} must be a dict with a 'params' entry, got {type(group).__name__}"
+            )
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        for p in ps:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"param group {g} holds a {type(p).__name__}, expected tensors")
+            i = index.get(id(p))
+            if i is None:
+                raise ValueError(
+                    f"param group {g} holds a tensor of shape {tuple(p.shape)} that is not one of the "
+                    "subspace's parameters (the groups must hold the very tensors it was built on)"
+                )
+            if i in group_of:
+                raise ValueError(
+                    f"{subspace.layout.describe(i)} is in param groups {group_of[i]} and {g}: each "
+                    "parameter belongs to one group"
+                )
+            group_of[i] = g
+        out.append({**group, "params": ps})
+    missing = [i for i in range(len(subspace._params)) if i not in group_of]
+    if missing:
+        raise ValueError(
+            f"{subspace.layout.describe(missing[0])} (and {len(missing) - 1} more) is in no param "
+            "group: the groups must cover the subspace's parameters"
+        )
+    return list(subspace._params), out, [group_of[i] for i in range(len(subspace._params))]
+
+
+class _GroupDecay:
+    """Per-group weight decay with one coordinate vector: ``sum_g wd_g P_g^T w_g`` =
+    ``(sum_g wd_g G_g) alpha + sum_g wd_g P_g^T w0_g``, with ``G_g`` the Gram block and
+    ``P_g^T w0_g`` the projection of w0 on group g's parameters, computed once (no pass over D per
+    step). The step then runs with weight decay 1 on these sums."""
+
+    def __init__(self, subspace: Subspace, group_index: list[int], n_groups: int, w0: Tensor):
+        layout, self.subspace = subspace.layout, subspace
+        per_param = [(o, o + n) for o, n in zip(layout.offsets, layout.numels, strict=True)]
+        self.blocks = _blocks.local_blocks(per_param, subspace.pieces, layout)
+        self.onehot = torch.zeros(n_groups, len(group_index), dtype=torch.float64, device=subspace.device)
+        self.onehot[group_index, range(len(group_index))] = 1.0
+        grams = reference.gram_blocks(*subspace.columns, self.blocks)
+        if subspace.process_group is not None:
+            _collectives.all_reduce_(grams, subspace.process_group)
+        self.grams = torch.einsum("gp,pij->gij", self.onehot, grams)  # fp64 [groups, K, K]
+        self.refresh(w0)
+        self._cached = None
+
+    def refresh(self, w0: Tensor) -> None:
+        """Each group's ``P_g^T w0_g`` after w0 changed."""
+        parts = reference.project_blocks(*self.subspace.columns, w0, self.blocks).double()
+        if self.subspace.process_group is not None:
+            _collectives.all_reduce_(parts, self.subspace.process_group)
+        self.pw0 = self.onehot @ parts  # fp64 [groups, K]
+        self._cached = None
+
+    def terms(self, decays: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+        """fp32 ``(sum_g wd_g G_g, sum_g wd_g P_g^T w0_g)`` for the groups' weight decays."""
+        if self._cached is None or self._cached[0] != decays:
+            wd = torch.tensor(decays, dtype=torch.float64, device=self.grams.device)
+            gram = torch.einsum("g,gij->ij", wd, self.grams).float()
+            self._cached = (decays, gram, (wd @ self.pw0).float())
+        return self._cached[1], self._cached[2]
 
 
 def _weight_stamp(p: Tensor) -> tuple[int, int]:
