@@ -1,5 +1,6 @@
-"""Per-block coefficients (TWA with granularity, TWAAdamW) on sharded subspaces: a process group
-over a replicated model, and FSDP2, on 2 and 3 gloo ranks, against one process."""
+"""Per-block coefficients (TWA with granularity, TWAAdamW) and per-group weight decay on sharded
+subspaces: a process group over a replicated model, and FSDP2, on 2 and 3 gloo ranks, against
+one process."""
 
 import pytest
 import test_fsdp
@@ -12,11 +13,23 @@ from twa_kernels import TWA, Subspace, TWAAdamW
 
 pytest.importorskip("torch.distributed.fsdp")
 
-# (optimizer, keyword arguments): SGD per tensor and AdamW per 100 values.
+# (optimizer, keyword arguments): SGD per tensor, AdamW per 100 values, and the published TWA
+# with parameter groups of different weight decay (weights 5e-2, biases none).
 RUNS = {
     "tensor": (TWA, dict(granularity="tensor", **HYPER)),
     "adamw": (TWAAdamW, dict(granularity=100, lr=1e-2, weight_decay=1e-2)),
+    "groups": (TWA, dict(lr=0.5, momentum=0.9)),
 }
+
+
+def params_for(name, model):
+    if name != "groups":
+        return model
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    return [{"params": rest, "weight_decay": 0.0}, {"params": decay, "weight_decay": 5e-2}]
+
+
 REL = 1e-5  # fp32 sums in another order (the all-reduced partials): ~1e-7 measured alike
 
 
@@ -32,7 +45,7 @@ def _runs(make, samples, group, world, rank):
         space = Subspace(model, MAX_RANK, torch.float32, group)
         for s in samples:
             space.add(s)
-        opt = opt_class(model, space, **kwargs)
+        opt = opt_class(params_for(name, model), space, **kwargs)
         train(model, opt, make_batches(), world, rank)
         out[name] = (full(model), opt.alpha.clone(), opt.comm_bytes_per_step)
     return out
@@ -54,7 +67,7 @@ def _single(make, samples):
         space = Subspace(model, MAX_RANK, torch.float32)
         for s in samples:
             space.add(s)
-        opt = opt_class(model, space, **kwargs)
+        opt = opt_class(params_for(name, model), space, **kwargs)
         train(model, opt, make_batches())
         out[name] = (full(model), opt.alpha.clone())
     return out
@@ -62,7 +75,7 @@ def _single(make, samples):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("scheme", ["process_group", "fsdp"])
-def test_per_block_coefficients_on_a_sharded_subspace_match_one_process(tmp_path, scheme, world):
+def test_per_block_and_per_group_decay_on_a_sharded_subspace_match_one_process(tmp_path, scheme, world):
     if scheme == "fsdp":
         expected = _single(test_fsdp.make_model, test_fsdp.make_samples())
     else:
