@@ -118,6 +118,21 @@ def _error_of(fn):
     return None
 
 
+def same_subspace(a, b) -> bool:
+    """The same bits in every part of two subspaces (a state dict loaded back, on this rank)."""
+    return all(
+        torch.equal(x, y)
+        for x, y in [
+            (a.basis[: a.rank], b.basis[: b.rank]),
+            (a.scales, b.scales),
+            (a.anchor, b.anchor),
+            (a.mean, b.mean),
+            (a.sample_coordinates(), b.sample_coordinates()),
+            (a.gram(), b.gram()),
+        ]
+    ) and (a.rank, a.num_samples) == (b.rank, b.num_samples)
+
+
 def _scenario_main(world, rank, root):
     group = dist.group.WORLD
     out = {}
@@ -136,17 +151,7 @@ def _scenario_main(world, rank, root):
     torch.save(space.state_dict(), root / f"space_w{world}_r{rank}.pt")
     loaded = Subspace(make_model(), MAX_RANK, torch.float16, group)
     loaded.load_state_dict(torch.load(root / f"space_w{world}_r{rank}.pt", weights_only=True))
-    out["loaded_equal"] = all(
-        torch.equal(a, b)
-        for a, b in [
-            (loaded.basis[: loaded.rank], space.basis[: space.rank]),
-            (loaded.scales, space.scales),
-            (loaded.anchor, space.anchor),
-            (loaded.mean, space.mean),
-            (loaded.sample_coordinates(), space.sample_coordinates()),
-            (loaded.gram(), space.gram()),
-        ]
-    ) and (loaded.rank, loaded.num_samples) == (space.rank, space.num_samples)
+    out["loaded_equal"] = same_subspace(loaded, space)
     unsharded = Subspace(make_model(), MAX_RANK, torch.float16)
     out["error_sharded_into_unsharded"] = _error_of(lambda: unsharded.load_state_dict(space.state_dict()))
     for s in samples:
@@ -349,17 +354,7 @@ def _scenario_int8(world, rank, root):
         torch.save(space.state_dict(), path)
         loaded = Subspace(make(), MAX_RANK, torch.int8, group)
         loaded.load_state_dict(torch.load(path, weights_only=True))
-        res["loaded_equal"] = all(
-            torch.equal(a, b)
-            for a, b in [
-                (loaded.basis[: loaded.rank], space.basis[: space.rank]),
-                (loaded.scales, space.scales),
-                (loaded.anchor, space.anchor),
-                (loaded.mean, space.mean),
-                (loaded.sample_coordinates(), space.sample_coordinates()),
-                (loaded.gram(), space.gram()),
-            ]
-        ) and (loaded.rank, loaded.num_samples) == (space.rank, space.num_samples)
+        res["loaded_equal"] = same_subspace(loaded, space)
         fp16 = Subspace(make(), MAX_RANK, torch.float16, group)
         state = space.state_dict()
         res["error_into_fp16"] = _error_of(functools.partial(fp16.load_state_dict, state))
