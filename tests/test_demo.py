@@ -67,7 +67,9 @@ def test_quick_runs_all_three_comparisons(quick_run):
         assert tag in text, f"no progress line {tag!r}"
     assert "Head stage: TWA after 3 epochs" in text and "Tail stage, over the same 2 samples" in text
 
+    assert "| basis fp16 | optimizer sgd | granularity model |" in text
     results = json.loads((out / "results.json").read_text())
+    assert (results["config"]["optimizer"], results["config"]["granularity"]) == ("sgd", "model")
     assert [r["name"] for r in results["runs"]] == list(RUN_NAMES)
     for r, row in zip(results["runs"], rows[1:], strict=True):
         assert 0.0 <= r["acc"] <= 100.0 and 0.0 <= r["val_acc"] <= 100.0
@@ -135,6 +137,77 @@ def test_int8_basis_runs_and_is_recorded(quick_run, tmp_path, monkeypatch):
         assert math.isfinite(runs8[name]["loss"]) and runs8[name]["acc"] > 30.0
 
 
+def _quick_with(argv, out, monkeypatch):
+    """A --quick run with ``argv``; returns (stdout, results.json, the TWA and TWAAdamW built)."""
+    made = []
+
+    def recording(cls):
+        class Recording(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+        return Recording
+
+    monkeypatch.setattr(demo, "TWA", recording(demo.TWA))
+    monkeypatch.setattr(demo, "TWAAdamW", recording(demo.TWAAdamW))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert demo.main(["--quick", *argv, "--out", str(out), "--device", "cpu"]) == 0
+    return buf.getvalue(), json.loads((out / "results.json").read_text()), made
+
+
+def _same_sgd_and_swa_runs(results, quick_run):
+    """The runs that do not use TWA are the default run's to the bit; the TWA rows learn."""
+    default = json.loads((quick_run[2] / "results.json").read_text())
+    runs, runs0 = ({r["name"]: r for r in res["runs"]} for res in (results, default))
+    assert list(runs) == list(RUN_NAMES)
+    for name in (*RUN_NAMES[:3], *RUN_NAMES[4:6]):  # full SGD, SGD at E/2, the mean, tail SGD, SWA
+        assert (runs[name]["acc"], runs[name]["loss"]) == (runs0[name]["acc"], runs0[name]["loss"])
+    for name in ("head: TWA, 1 epoch", "tail: TWA, 1 epoch"):
+        assert math.isfinite(runs[name]["loss"]) and runs[name]["acc"] > 30.0
+
+
+def test_granularity_tensor_runs_and_is_recorded(quick_run, tmp_path, monkeypatch):
+    """--granularity tensor: both TWA stages train one coefficient vector per parameter tensor."""
+    text, results, made = _quick_with(["--granularity", "tensor"], tmp_path, monkeypatch)
+    n_tensors = 8  # two convolutions, two BatchNorms (weight, bias), the linear layer's weight and bias
+    assert [(type(o).__mro__[1].__name__, o.granularity, tuple(o.alpha.shape)) for o in made] == [
+        ("TWA", "tensor", (n_tensors, 2)),  # tail stage first, then head
+        ("TWA", "tensor", (n_tensors, 3)),
+    ]
+    assert [o.param_groups[0]["initial_lr"] for o in made] == [demo.QUICK.tail_lr, demo.QUICK.head_lr]
+    assert "| optimizer sgd | granularity tensor |" in text
+    assert "TWA coordinates (--optimizer sgd --granularity tensor): TWA (SGD" in text
+    assert f"{n_tensors} coefficient vectors: sum(lambda)" in text
+    assert (results["config"]["optimizer"], results["config"]["granularity"]) == ("sgd", "tensor")
+    _same_sgd_and_swa_runs(results, quick_run)
+
+
+def test_adamw_runs_and_is_recorded(quick_run, tmp_path, monkeypatch):
+    """--optimizer adamw: both TWA stages run TWAAdamW at the demo's AdamW lr."""
+    text, results, made = _quick_with(["--optimizer", "adamw"], tmp_path, monkeypatch)
+    lr = demo.QUICK.adamw_lr
+    assert [(type(o).__mro__[1].__name__, o.granularity, o.param_groups[0]["initial_lr"]) for o in made] == [
+        ("TWAAdamW", "model", lr),
+        ("TWAAdamW", "model", lr),
+    ]
+    assert [o.param_groups[0]["weight_decay"] for o in made] == [demo.TWA_WD_TAIL, demo.TWA_WD_HEAD]
+    assert "| optimizer adamw | granularity model |" in text
+    coordinates = "TWA coordinates (--optimizer adamw --granularity model): TWAAdamW (AdamW on the"
+    assert f"{coordinates} coordinates of each block), lr {lr:g} (head) and {lr:g} (tail)" in text
+    assert "As w = sum_i lambda_i w_i over the samples" in text  # one block: the model's note
+    assert (results["config"]["optimizer"], results["config"]["granularity"]) == ("adamw", "model")
+    assert results["config"]["adamw_lr"] == lr
+    _same_sgd_and_swa_runs(results, quick_run)
+
+
+def test_granularity_takes_values_per_block(tmp_path):
+    assert demo.parse_args(["--granularity", "1000", "--out", str(tmp_path)]).granularity == 1000
+    assert demo.parse_args(["--out", str(tmp_path)]).granularity == "model"
+    assert demo.parse_args(["--out", str(tmp_path)]).optimizer == "sgd"
+
+
 def test_int8_basis_with_a_backend_that_lacks_int8_kernels(monkeypatch, capsys):
     """Refused before any training, naming the ops (the list follows the package's)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -185,6 +258,15 @@ def test_missing_mlxtend_says_what_to_install(monkeypatch, tmp_path, capsys):
         (["--device", "meta"], "--device: 'meta' is not supported"),
         (["--backend", "fast"], "--backend: invalid choice: 'fast'"),
         (["--basis", "int4"], "--basis: invalid choice: 'int4'"),
+        (["--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
+        (
+            ["--granularity", "layer"],
+            "--granularity: expected model, tensor or an int >= 1 (values per block), got 'layer'",
+        ),
+        (
+            ["--granularity", "0"],
+            "--granularity: expected model, tensor or an int >= 1 (values per block), got '0'",
+        ),
         (["--backend", "cuda", "--device", "cpu"], "--backend cuda: backend='cuda' needs CUDA tensors"),
     ],
 )
