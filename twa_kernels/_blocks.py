@@ -36,7 +36,7 @@ class BlockCoordinates:
         the subspace's process group, whose ranks' partial sums are all-reduced (None: none)."""
         self.blocks = blocks
         self.group = group
-        raw = self._all_reduced(reference.gram_blocks(basis, scales, blocks))  # fp64 [L, K, K]
+        raw = block_grams(basis, scales, blocks, group)  # fp64 [L, K, K]
         if normalise:
             norms = raw.diagonal(dim1=1, dim2=2).sqrt()
             inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
@@ -49,14 +49,10 @@ class BlockCoordinates:
         if basis.device.type == "cuda":
             _warn_reference_path()
 
-    def _all_reduced(self, t: Tensor) -> Tensor:
-        return t if self.group is None else _collectives.all_reduce_(t, self.group)
-
     def project(self, basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
         """``P_l^T x_l`` for every block (x: the values held here): fp32 [L, K], the same on
         every rank (one all-reduce of L K floats with a process group)."""
-        partial = reference.project_blocks(basis, scales, x, self.blocks)
-        return self._all_reduced(partial) * self.inv_norms
+        return block_projections(basis, scales, x, self.blocks, self.group) * self.inv_norms
 
     def reconstruct_(self, out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
         """``out_l = w0_l + P_l alpha_l`` for every block (alpha fp32 [L, K])."""
@@ -65,6 +61,24 @@ class BlockCoordinates:
     def regulariser(self, pw0: Tensor, alpha: Tensor) -> Tensor:
         """``r_l = P_l^T w0_l + G_l a_l``: fp32 [L, K], no pass over D."""
         return pw0 + torch.bmm(self.gram, alpha.unsqueeze(2)).squeeze(2)
+
+
+def block_grams(basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], group) -> Tensor:
+    """The stored columns' Gram matrix on each block (local ranges ``blocks``), fp64 [L, K, K],
+    summed over the ranks of ``group`` (None: this process holds all of D)."""
+    return _summed(reference.gram_blocks(basis, scales, blocks), group)
+
+
+def block_projections(
+    basis: Tensor, scales: Tensor, x: Tensor, blocks: list[tuple[int, int]], group
+) -> Tensor:
+    """The stored columns times ``x`` (the values held here) on each block, fp32 [L, K], summed
+    over the ranks of ``group``."""
+    return _summed(reference.project_blocks(basis, scales, x, blocks), group)
+
+
+def _summed(t: Tensor, group) -> Tensor:
+    return t if group is None else _collectives.all_reduce_(t, group)
 
 
 def _warn_reference_path() -> None:

@@ -139,8 +139,7 @@ class LocalStep:
     ) -> None:
         """``params <- w0 + P alpha``, through the flat buffer (each param rounded to its dtype)."""
         _ops.reconstruct_(self.flat, w0, basis, scales, alpha, backend)
-        with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
+        self.write_local(params)
 
     def step(
         self,
@@ -170,7 +169,32 @@ class LocalStep:
         )  # fmt: skip
 
 
-class ShardedStep:
+class _GroupStep:
+    """What the two sharded steps share: each rank holds part of the basis, so a projection is
+    the ranks' partial sums, all-reduced; a step projects the gradient (``project_grads``),
+    all-reduces its K coordinates, takes the K-dimensional update (the same on every rank) and
+    writes this rank's weights (``write_weights``), with no host synchronisation."""
+
+    group = None
+
+    def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
+        """``P^T x`` for x the values this rank holds of a [D] vector: fp32 [K], the same on
+        every rank."""
+        return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
+
+    def step(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor,
+        momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor, hyper: Hyper, backend: str,
+    ) -> None:  # fmt: skip
+        """One TWA step with the chosen backend's kernels on this rank's values; the bytes sent
+        are ``comm_bytes``."""
+        concrete = _ops.choose("step_", backend, basis)
+        coord_grad = self.project_grads(params, basis, scales, concrete)
+        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
+        self.write_weights(params, w0, basis, scales, alpha, concrete)
+
+
+class ShardedStep(_GroupStep):
     """The buffers and collectives of ``TWA`` on a sharded subspace.
 
     ``flat`` is fp32 ``[world * S]``: the flat parameters (or gradients) in their first D values,
@@ -206,12 +230,13 @@ class ShardedStep:
             _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
             self.shard.mul_(1.0 / self.world)
         else:
-            grads = [
-                None if params[i].grad is None else params[i].grad.reshape(-1)[a:b]
-                for i, a, b in self._pieces
-            ]
+            grads = self._cut([p.grad for p in params])
             _params.copy_or_zero_(_params.piece_views(self.local, self._pieces), grads)
         return self.local
+
+    def _cut(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """This rank's pieces of the flattened ``tensors`` (parameters or grads; None stays)."""
+        return [None if tensors[i] is None else tensors[i].reshape(-1)[a:b] for i, a, b in self._pieces]
 
     def write_local(self, params: list[Tensor]) -> None:
         """``params <- `` every rank's ``buffer``, all-gathered."""
@@ -224,10 +249,6 @@ class ShardedStep:
         return CommBytes(gradients=padded if self.average_gradients else 0, coordinates=4 * K,
                          weights=padded)  # fmt: skip
 
-    def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
-        """``P^T x`` for x this rank's slice of a [D] vector: fp32 [K], the same on every rank."""
-        return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
-
     def project_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, backend: str) -> Tensor:
         """``P^T g`` (fp32 [K], the same on every rank): each rank's ``P_r^T g_r``, all-reduced.
 
@@ -237,14 +258,8 @@ class ShardedStep:
         backends copy them into ``shard`` first).
         """
         if self.average_gradients:
-            _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
-            _collectives.reduce_scatter_single(self.shard, self.flat, group=self.group)
-            self.shard.mul_(1.0 / self.world)
-            return self.project(basis, scales, self.local, backend)
-        pieces = [params[i].detach().reshape(-1)[a:b] for i, a, b in self._pieces]
-        grads = [
-            None if params[i].grad is None else params[i].grad.reshape(-1)[a:b] for i, a, b in self._pieces
-        ]
+            return self.project(basis, scales, self.local_gradient(params), backend)
+        pieces, grads = self._cut([p.detach() for p in params]), self._cut([p.grad for p in params])
         return _collectives.all_reduce_(
             _ops.project_grads(pieces, grads, self.local, basis, scales, backend), self.group
         )
@@ -254,34 +269,7 @@ class ShardedStep:
     ) -> None:
         """``params <- w0 + P alpha``: this rank's shard, then an all-gather of all of them."""
         _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
-        _collectives.all_gather_single(self.flat, self.shard, group=self.group)
-        with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
-
-    def step(
-        self,
-        params: list[Tensor],
-        w0: Tensor,
-        basis: Tensor,
-        scales: Tensor,
-        alpha: Tensor,
-        momentum_buffer: Tensor,
-        counters: Tensor,
-        gram: Tensor,
-        pw0: Tensor,
-        hyper: Hyper,
-        backend: str,
-    ) -> None:
-        """One TWA step with K + 2 D values communicated (K + D under DDP); no host sync.
-
-        The chosen backend's kernels on this rank's shard: the projection of the gradient (the
-        fused step's first kernel on Triton under DDP), the all-reduce of the K coordinates, the
-        K-dimensional update (the same on every rank), the weights of the shard.
-        """
-        concrete = _ops.choose("step_", backend, basis)
-        coord_grad = self.project_grads(params, basis, scales, concrete)
-        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
-        self.write_weights(params, w0, basis, scales, alpha, concrete)
+        self.write_local(params)
 
     def log_comm(self, K: int, D: int) -> None:
         """On rank 0: the bytes of one step, beside the published scheme's extra all-reduce."""
@@ -300,7 +288,7 @@ class ShardedStep:
         )  # fmt: skip
 
 
-class FSDPStep:
+class FSDPStep(_GroupStep):
     """The step on an FSDP2 model: each rank's basis covers its local parameter shards.
 
     FSDP2's backward leaves each rank the averaged gradient of its shards, and its next forward
@@ -338,10 +326,6 @@ class FSDPStep:
         with torch.no_grad():
             torch._foreach_copy_(self._shards([p.detach() for p in params]), self.local_views)
 
-    def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
-        """``P^T x`` for x the local values of a [D] vector: fp32 [K], the same on every rank."""
-        return _collectives.all_reduce_(_ops.project(basis, scales, x, backend), self.group)
-
     def _shards(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """The local shards of ``tensors`` (DTensors: parameters or their gradients), flat."""
         return [None if t is None else _params.local_tensor(t).reshape(-1) for t in tensors]
@@ -357,18 +341,7 @@ class FSDPStep:
     ) -> None:
         """The local shards of ``params <- w0 + P alpha``, in place (no collective)."""
         _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
-        with torch.no_grad():
-            torch._foreach_copy_(self._shards([p.detach() for p in params]), self.local_views)
-
-    def step(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor,
-        momentum_buffer: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor, hyper: Hyper, backend: str,
-    ) -> None:  # fmt: skip
-        """One TWA step with K floats communicated; no host sync (see ``ShardedStep.step``)."""
-        concrete = _ops.choose("step_", backend, basis)
-        coord_grad = self.project_grads(params, basis, scales, concrete)
-        _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
-        self.write_weights(params, w0, basis, scales, alpha, concrete)
+        self.write_local(params)
 
     def log_comm(self, K: int, D: int) -> None:
         if self.me == 0:

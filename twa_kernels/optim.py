@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _blocks, _collectives, _ops, _params, _state, _steps, reference
+from . import _backend, _blocks, _collectives, _ops, _params, _state, _steps
 from . import subspace as subspace_module
 from ._params import trainable
 from .subspace import Subspace
@@ -338,25 +338,24 @@ class TWA(torch.optim.Optimizer):
     def _block_step(self) -> None:
         """One step of per-block coordinates: ``c_l = P_l^T g_l``, the rule's update of every
         ``a_l`` (skipped on the device when any ``c_l`` is not finite), the weights written."""
+        group = self._step_group()
         c = self._project(self._step.local_gradient(self.params))
         finite = torch.isfinite(c).all()
         r = self._blocks.regulariser(self._pw0, self._alpha)
-        group = self._shared_group()
-        self._check_group(group, read_tensors=False)
-        new_alpha = self._update(c, r, group)
+        new_alpha = self._update(c, r, group, finite)
         self._alpha.copy_(torch.where(finite, new_alpha, self._alpha))
         self._counters.add_(torch.stack([finite, ~finite]).to(torch.int64))
         self._write_weights()
 
-    def _update(self, c: Tensor, r: Tensor, group: dict) -> Tensor:
-        """SGD on every block's coordinates (the model-granularity step's rule, per block)."""
+    def _update(self, c: Tensor, r: Tensor, group: dict, finite: Tensor) -> Tensor:
+        """SGD on every block's coordinates (the model-granularity step's rule, per block); the
+        state it keeps changes only where ``finite`` (the step is taken)."""
         lr, momentum, wd = self._lr_of(group), group["momentum"], group["weight_decay"]
         d = c + wd * r
         update = d
         if momentum != 0:
             first = self._counters[0] == 0
             buf = torch.where(first, d, momentum * self._momentum_buffer + (1 - group["dampening"]) * d)
-            finite = torch.isfinite(c).all()
             self._momentum_buffer.copy_(torch.where(finite, buf, self._momentum_buffer))
             update = d + momentum * buf if group["nesterov"] else buf
         return self._alpha - lr * update
@@ -396,20 +395,21 @@ class TWA(torch.optim.Optimizer):
                     )
         return first
 
+    def _step_group(self) -> dict:
+        """The shared group for a step, after checking every group's hyperparameters (without
+        reading the device) and their agreement."""
+        for group in self.param_groups:
+            self._check_group(group, read_tensors=False)
+        return self._shared_group()
+
     def _hyperparameters(self) -> _steps.Hyper:
         """The group's hyperparameters for this step, checked without reading the device.
 
         A tensor lr on the device is passed as is (the kernels read it); a number is written
         into this optimizer's own device scalar when it changes (no host sync either way).
         """
-        group = self._shared_group()
-        for other in self.param_groups[1:]:
-            self._check_group(other, read_tensors=False)
+        group = self._step_group()
         lr = group["lr"]
-        _check_hyperparameters(
-            lr, group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
-            read_tensors=False,
-        )  # fmt: skip
         if isinstance(lr, Tensor):
             lr = _ops.lr_tensor(lr, self.subspace.device)
         else:
@@ -698,18 +698,14 @@ class _GroupDecay:
         self.blocks = _blocks.local_blocks(per_param, subspace.pieces, layout)
         self.onehot = torch.zeros(n_groups, len(group_index), dtype=torch.float64, device=subspace.device)
         self.onehot[group_index, range(len(group_index))] = 1.0
-        grams = reference.gram_blocks(*subspace.columns, self.blocks)
-        if subspace.process_group is not None:
-            _collectives.all_reduce_(grams, subspace.process_group)
+        grams = _blocks.block_grams(*subspace.columns, self.blocks, subspace.process_group)
         self.grams = torch.einsum("gp,pij->gij", self.onehot, grams)  # fp64 [groups, K, K]
         self.refresh(w0)
-        self._cached = None
 
     def refresh(self, w0: Tensor) -> None:
         """Each group's ``P_g^T w0_g`` after w0 changed."""
-        parts = reference.project_blocks(*self.subspace.columns, w0, self.blocks).double()
-        if self.subspace.process_group is not None:
-            _collectives.all_reduce_(parts, self.subspace.process_group)
+        space = self.subspace
+        parts = _blocks.block_projections(*space.columns, w0, self.blocks, space.process_group).double()
         self.pw0 = self.onehot @ parts  # fp64 [groups, K]
         self._cached = None
 
@@ -808,9 +804,8 @@ class TWAAdamW(TWA):
             group["lr"], group["betas"], group["eps"], group["weight_decay"], read_tensors=read_tensors
         )
 
-    def _update(self, c: Tensor, r: Tensor, group: dict) -> Tensor:
+    def _update(self, c: Tensor, r: Tensor, group: dict, finite: Tensor) -> Tensor:
         lr, (beta1, beta2), eps = self._lr_of(group), group["betas"], group["eps"]
-        finite = torch.isfinite(c).all()
         alpha = self._alpha - lr * group["weight_decay"] * r
         m = torch.lerp(self._momentum_buffer, c, 1 - beta1)
         v = self._second_moment * beta2 + (1 - beta2) * c * c
