@@ -28,7 +28,7 @@ from test_distributed import make_samples as trajectory
 from torch import nn
 from torch.nn import functional as F
 
-from twa_kernels import TWA, Subspace, distributed
+from twa_kernels import TWA, Subspace, _backend, distributed
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -401,6 +401,29 @@ def test_dcp_checkpoints_are_for_fsdp2_subspaces(tmp_path):
     space.add()
     with pytest.raises(ValueError, match="DCP checkpoints are for a subspace on an FSDP2 model"):
         distributed.save_checkpoint(tmp_path / "dcp", space)
+
+
+def triton_scenario(world, rank, root):
+    """The main run's samples and steps with the Triton kernels (its interpreter on CPU): the
+    fused gradient projection reads the local shards' grads and ``write_params_`` writes the
+    local shards in place."""
+    samples, batches = make_samples(), make_batches()
+    model = shard(make_model())
+    space = Subspace(model, MAX_RANK, torch.float32)
+    for s in samples:
+        space.add(s)
+    opt = TWA(model, space, **HYPER, backend="triton")
+    with _NoHostReads():
+        train(model, opt, batches, world, rank)
+    return {"weights": full_weights(model), "alpha": opt.alpha.clone(), "steps": opt.steps}
+
+
+@pytest.mark.skipif(not _backend.triton_interpreted(), reason="Triton on CPU needs TRITON_INTERPRET=1")
+def test_fsdp_twa_with_the_triton_kernels_matches_one_process(tmp_path, single):
+    for r, out in enumerate(spawn(2, "test_fsdp:triton_scenario", tmp_path, DEADLINE_S)):
+        assert out["steps"] == STEPS
+        assert rel_err(out["weights"], single["weights"]) <= REL, f"rank {r}: weights after {STEPS} steps"
+        assert rel_err(out["alpha"], single["alpha"]) <= REL, f"rank {r}: alpha"
 
 
 def cuda_scenario(world, rank, root):

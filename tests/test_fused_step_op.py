@@ -436,3 +436,60 @@ def test_fused_step_launches_at_most_4_kernels_without_host_sync(backend):
     ]
     assert 1 <= len(kernels) <= 4, kernels
     assert s["counters"].tolist() == [2, 0]
+
+
+# ---- write_params_: the step's last pass alone, one coefficient vector or one per row --------
+
+SEGMENTS = {"one": None, "per-block": [0, 0, 1, 2], "empty-row": [0, 2, 2, 2]}
+
+
+@pytest.mark.parametrize("segments", SEGMENTS.values(), ids=SEGMENTS.keys())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_params_matches_the_fp64_oracle(backend, dtype, segments, device):
+    """Each parameter ``w0_i + P_i coef[row of i]``, rounded to its dtype (row 1 of "empty-row"
+    belongs to no parameter: its values must not leak anywhere)."""
+    runs_here(backend, device)
+    K = 5
+    params, _, s, P = problem(device, K, dtype)
+    coef = torch.randn(3, K, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    given = coef[0] if segments is None else coef
+    workspace = torch.empty(s["w0"].numel(), device=device)
+    ops.write_params_(params, workspace, s["w0"], s["basis"], s["scales"], given.float().to(device), segments,
+                      backend=backend)  # fmt: skip
+    w0, offset = s["w0"].double().cpu(), 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        row = coef[0 if segments is None else segments[i]]
+        expected = (w0[offset : offset + n] + row @ P[:, offset : offset + n]).view(p.shape)
+        atol, rtol = TOL[p.dtype] if p.dtype != torch.float32 else TOL[dtype]
+        torch.testing.assert_close(p.double().cpu(), expected, atol=atol, rtol=rtol, msg=f"params[{i}]")
+        offset += n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_params_opcheck(backend, device):
+    runs_here(backend, device)
+    params, _, s, _ = problem(device, 3, torch.float16)
+    workspace = torch.empty(s["w0"].numel(), device=device)
+    coef = torch.randn(2, 3, device=device)
+    args = (params, workspace, s["w0"], s["basis"], s["scales"], coef, [0, 1, 1, 1])
+    torch.library.opcheck(torch.ops.twa.write_params_.default, args, {"backend": backend})
+
+
+@pytest.mark.parametrize(
+    ("coef_shape", "segments", "message"),
+    [
+        ((2, 3), [0, 1, 0, 1], "segments\\[2\\] = 0: segments must be non-decreasing"),
+        ((2, 3), [0, 1, 2, 2], "segments\\[2\\] = 2"),
+        ((2, 3), [0, 1], "segments has 2 entries, params 4"),
+        ((2, 4), [0, 0, 1, 1], "coef must be a contiguous fp32 \\[rows, K=3\\]"),
+        ((2, 3), None, "coef"),
+    ],
+)
+def test_write_params_refuses_bad_segments(coef_shape, segments, message):
+    params, _, s, _ = problem(torch.device("cpu"), 3, torch.float16)
+    workspace = torch.empty(s["w0"].numel())
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        ops.write_params_(params, workspace, s["w0"], s["basis"], s["scales"], torch.zeros(coef_shape),
+                          segments)  # fmt: skip

@@ -21,7 +21,9 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-OPS = ("project", "reconstruct_", "orthogonalize_", "subspace_step_", "project_grads", "step_")
+OPS = (
+    "project", "reconstruct_", "orthogonalize_", "subspace_step_", "project_grads", "step_", "write_params_",
+)  # fmt: skip
 
 
 def triton_interpreted() -> bool:

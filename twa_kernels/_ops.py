@@ -60,6 +60,7 @@ BLOCKWISE_BACKENDS = {
     "orthogonalize_": ("torch", "triton", "cuda"),
     "project_grads": ("torch", "triton", "cuda"),
     "step_": ("torch", "triton", "cuda"),
+    "write_params_": ("torch", "triton", "cuda"),
 }
 # orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
 CUDA_MAX_ORTH_RANK = 2048
@@ -390,6 +391,62 @@ def _project_grads_fake(params, grads, workspace, basis, scales, backend="auto")
     check_project_grads(params, grads, workspace, basis, scales)
     _backend.check_backend_name(backend)
     return basis.new_empty((basis.shape[0],), dtype=torch.float32)
+
+
+def check_write_params(params, workspace, w0, basis, scales, coef, segments) -> None:
+    _check_basis(basis, scales, "write_params_")
+    K, D = basis.shape
+    _check_params_and_grads(params, [None] * len(params), basis)
+    _check_vector("workspace", workspace, D)
+    _check_vector("w0", w0, D)
+    _same_device(basis=basis, workspace=workspace, w0=w0, coef=coef)
+    if segments is None:
+        _check_vector("coef", coef, K)
+        return
+    torch._check(
+        coef.dim() == 2 and coef.shape[1] == K and coef.dtype == torch.float32 and coef.is_contiguous(),
+        lambda: (
+            f"coef must be a contiguous fp32 [rows, K={K}] with segments, got {coef.dtype} "
+            f"{tuple(coef.shape)}"
+        ),
+    )
+    torch._check(
+        len(segments) == len(params),
+        lambda: f"segments has {len(segments)} entries, params {len(params)}",
+    )
+    rows = coef.shape[0]
+    for i, seg in enumerate(segments):
+        torch._check(
+            0 <= seg < rows and (i == 0 or seg >= segments[i - 1]),
+            lambda i=i, seg=seg: (
+                f"segments[{i}] = {seg}: segments must be non-decreasing rows of coef, in [0, {rows})"
+            ),
+        )
+
+
+@torch.library.custom_op("twa::write_params_", mutates_args=("params", "workspace"))
+def write_params_(
+    params: list[Tensor],
+    workspace: Tensor,
+    w0: Tensor,
+    basis: Tensor,
+    scales: Tensor,
+    coef: Tensor,
+    segments: Optional[list[int]] = None,  # noqa: UP045 (the schema parser reads typing.Optional)
+    backend: str = "auto",
+) -> None:
+    """``params <- w0 + P coef`` in place, each parameter rounded to its dtype: coef fp32 [K],
+    or with ``segments`` (one per parameter, non-decreasing) fp32 [rows, K], parameter i taking
+    row ``segments[i]``. ``workspace`` fp32 [D] may receive the flat weights (the fused Triton
+    and CUDA kernels write the parameters directly)."""
+    check_write_params(params, workspace, w0, basis, scales, coef, segments)
+    route("write_params_", backend, basis)(params, workspace, w0, basis, scales, coef, segments)
+
+
+@write_params_.register_fake
+def _write_params_fake(params, workspace, w0, basis, scales, coef, segments=None, backend="auto"):
+    check_write_params(params, workspace, w0, basis, scales, coef, segments)
+    _backend.check_backend_name(backend)
 
 
 def check_step(

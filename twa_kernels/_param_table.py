@@ -74,6 +74,8 @@ class Plan:
         self.btab = torch.tensor(blocks or [(0, 0, 0, 0)], dtype=torch.int64).to(device)
         self.grad_key = None
         self.ptab = None
+        self.write_ptab = None
+        self.segments: dict[tuple, Tensor] = {}
         self.work: dict[tuple, Tensor] = {}
         # Parameter tables read by captured CUDA graphs: kept for the plan's lifetime.
         self.captured: list[Tensor] = []
@@ -89,31 +91,66 @@ class Plan:
                 keep.append(g)
             grads.append(g)
         key = tuple(None if g is None else (g.data_ptr(), g.dtype) for g in grads)
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:
+        if self._capturing():
             if keep or key != self.grad_key:
                 raise RuntimeError(
                     "fused TWA step: CUDA graph capture needs the parameter table of an eager "
                     "step run with the same contiguous .grad tensors (same addresses): run one "
                     "step before capturing and keep the grads (zero_grad(set_to_none=False))"
                 )
-            if not any(t is self.ptab for t in self.captured):
-                self.captured.append(self.ptab)
+            self._keep_if_capturing(self.ptab)
         elif key != self.grad_key:
-            rows = []
-            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                gcode = NO_GRAD if g is None else dtype_code(g, f"grad of parameter {i}")
-                gaddr = 0 if g is None else g.data_ptr()
-                aligned = all(a % ALIGN == 0 for a in (self.offsets[i], p.data_ptr(), gaddr))
-                row = [self.offsets[i], p.numel(), dtype_code(p, ""), gcode, p.data_ptr(), gaddr]
-                rows.append(row + [int(aligned)] + [0] * (FIELDS - len(row) - 1))
-            host = torch.tensor(rows, dtype=torch.int64)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
             # A fresh device tensor each time: a kernel still queued may read the previous one.
-            self.ptab = host.to(self.device, non_blocking=True)
+            self.ptab = self._device_table(params, grads)
             self.grad_key = key
         return self.ptab, keep
+
+    def param_table(self, params: list[Tensor]) -> Tensor:
+        """The parameter table without grads (each NO_GRAD), for passes that only write the
+        parameters; made once (the parameters' addresses are part of the plan's key)."""
+        if self.write_ptab is None:
+            self._check_not_capturing("parameter table")
+            self.write_ptab = self._device_table(params, [None] * len(params))
+        self._keep_if_capturing(self.write_ptab)
+        return self.write_ptab
+
+    def segment_table(self, segments: list[int]) -> Tensor:
+        """int64 [params] on the device: the coefficient row of each parameter (per-block
+        coordinates), made once per list."""
+        key = tuple(segments)
+        table = self.segments.get(key)
+        if table is None:
+            self._check_not_capturing("segment table")
+            table = self.segments[key] = torch.tensor(key, dtype=torch.int64).to(self.device)
+        self._keep_if_capturing(table)
+        return table
+
+    def _capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _check_not_capturing(self, what: str) -> None:
+        if self._capturing():
+            raise RuntimeError(
+                f"fused TWA step: CUDA graph capture needs the {what} of an eager step: run one "
+                "step (or weight write) before capturing"
+            )
+
+    def _keep_if_capturing(self, table: Tensor) -> None:
+        if self._capturing() and not any(t is table for t in self.captured):
+            self.captured.append(table)
+
+    def _device_table(self, params: list[Tensor], grads: list[Tensor | None]) -> Tensor:
+        rows = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            gcode = NO_GRAD if g is None else dtype_code(g, f"grad of parameter {i}")
+            gaddr = 0 if g is None else g.data_ptr()
+            aligned = all(a % ALIGN == 0 for a in (self.offsets[i], p.data_ptr(), gaddr))
+            row = [self.offsets[i], p.numel(), dtype_code(p, ""), gcode, p.data_ptr(), gaddr]
+            rows.append(row + [int(aligned)] + [0] * (FIELDS - len(row) - 1))
+        host = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def workspace(self, name: str, shape: tuple[int, ...], zero: bool = False) -> Tensor:
         """An fp32 workspace kept with the plan (a captured graph reads it at a fixed address),

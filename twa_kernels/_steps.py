@@ -137,9 +137,9 @@ class LocalStep:
     def write_weights(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
     ) -> None:
-        """``params <- w0 + P alpha``, through the flat buffer (each param rounded to its dtype)."""
-        _ops.reconstruct_(self.flat, w0, basis, scales, alpha, backend)
-        self.write_local(params)
+        """``params <- w0 + P alpha`` in place (each rounded to its dtype): ``twa::write_params_``,
+        one launch on Triton and CUDA, through the flat buffer on the reference."""
+        _ops.write_params_([p.detach() for p in params], self.flat, w0, basis, scales, alpha, None, backend)
 
     def step(
         self,
@@ -339,9 +339,10 @@ class FSDPStep(_GroupStep):
     def write_weights(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
     ) -> None:
-        """The local shards of ``params <- w0 + P alpha``, in place (no collective)."""
-        _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
-        self.write_local(params)
+        """The local shards of ``params <- w0 + P alpha``, in place (no collective):
+        ``twa::write_params_`` on the shards, one launch on Triton and CUDA."""
+        shards = self._shards([p.detach() for p in params])
+        _ops.write_params_(shards, self.local, w0, basis, scales, alpha, None, backend)
 
     def log_comm(self, K: int, D: int) -> None:
         if self.me == 0:

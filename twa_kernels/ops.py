@@ -40,6 +40,7 @@ __all__ = [
     "reconstruct_",
     "step_",
     "subspace_step_",
+    "write_params_",
 ]
 
 
@@ -177,3 +178,32 @@ def step_(
         params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0,
         _ops.lr_tensor(lr, alpha.device), momentum, dampening, weight_decay, nesterov, backend,
     )  # fmt: skip
+
+
+def write_params_(
+    params: list[Tensor],
+    workspace: Tensor,
+    w0: Tensor,
+    basis: Tensor,
+    scales: Tensor,
+    coef: Tensor,
+    segments: list[int] | None = None,
+    backend: str = "auto",
+) -> None:
+    """``params <- w0 + P coef`` in place, each parameter rounded once to its dtype: the last
+    pass of ``step_`` alone (a sharded step writes its local shards with it).
+
+    Args:
+        params: the D values as a list of contiguous fp32/bf16/fp16 tensors, written in place.
+        workspace: fp32 [D]; the reference backend builds the weights in it, the Triton and
+            CUDA backends (one launch writing the parameters directly) do not touch it.
+        w0: fp32 [D]. basis, scales: as in ``project``.
+        coef: fp32 [K]; or, with ``segments``, fp32 [rows, K].
+        segments: None, or one coefficient row per parameter (non-decreasing: each row is a
+            run of consecutive parameters, per-block coordinates): parameter i is
+            ``w0_i + P_i coef[segments[i]]``.
+
+    Raises:
+        ValueError: K above ``MAX_RANK`` (8192).
+    """
+    _ops.write_params_(params, workspace, w0, basis, scales, coef, segments, backend)

@@ -253,7 +253,7 @@ class TWA(torch.optim.Optimizer):
             self._blocks.reconstruct_(self._step.buffer, self._w0, basis, scales, self._alpha)
             self._step.write_local(self.params)
         else:
-            backend = _ops.choose("reconstruct_", self.backend, basis)
+            backend = _ops.choose("write_params_", self.backend, basis)
             self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
         self._remember_weights()
 

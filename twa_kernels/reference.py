@@ -346,6 +346,32 @@ fp32 [D]: it receives the flat gradient, which ``project`` then reads.
 """
 
 
+def segment_ranges(params: list[Tensor], segments: list[int], rows: int) -> list[tuple[int, int]]:
+    """Each coefficient row's range ``[start, stop)`` of the flat parameters (rows of no
+    parameter: empty), for ``segments`` non-decreasing (each row a run of consecutive params)."""
+    ranges = [(0, 0)] * rows
+    at = 0
+    for p, seg in zip(params, segments, strict=True):
+        start = ranges[seg][0] if ranges[seg][1] > ranges[seg][0] else at
+        at += p.numel()
+        ranges[seg] = (start, at)
+    return ranges
+
+
+def write_params_(
+    params: list[Tensor], workspace: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor,
+    segments: list[int] | None,
+) -> None:  # fmt: skip
+    """``params <- w0 + P coef``, each parameter rounded to its dtype, through ``workspace``
+    (fp32 [D]); with ``segments``, parameter i takes row ``segments[i]`` of coef [rows, K]."""
+    if segments is None:
+        reconstruct_(workspace, w0, basis, scales, coef)
+    else:
+        ranges = segment_ranges(params, segments, coef.shape[0])
+        reconstruct_blocks_(workspace, w0, basis, scales, coef, ranges)
+    torch._foreach_copy_(params, _flat_views(workspace, params))
+
+
 def composed_step(project_grads_fn, subspace_step_fn, reconstruct_fn):
     """``step_`` made of a backend's three ops: project the grads (through ``workspace``), update
     the coordinates, reconstruct the weights into ``workspace``, copy them out."""

@@ -8,7 +8,9 @@ through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import.
 from .orthogonalize import orthogonalize_
 from .project import project
 from .reconstruct import reconstruct_
-from .step import project_grads, step_
+from .step import project_grads, step_, write_params_
 from .subspace_step import subspace_step_
 
-__all__ = ["orthogonalize_", "project", "project_grads", "reconstruct_", "step_", "subspace_step_"]
+__all__ = [
+    "orthogonalize_", "project", "project_grads", "reconstruct_", "step_", "subspace_step_", "write_params_",
+]  # fmt: skip

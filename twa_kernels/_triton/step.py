@@ -247,15 +247,26 @@ def _block_write(
     _store_from_f32(_address(row, PARAM_ADDR, FAST), tl.load(row + PARAM_DTYPE), local, acc, mask_d)
 
 
+@triton.jit
+def _coefficients(alpha_ptr, seg_ptr, entry, K, SEGMENTED: tl.constexpr):
+    """The coefficient vector of the block's parameter: ``alpha`` [K], or its row
+    ``seg[param]`` of alpha [rows, K] when SEGMENTED (per-block coordinates)."""
+    if SEGMENTED:
+        alpha_ptr += tl.load(seg_ptr + tl.load(entry)) * K
+    return alpha_ptr
+
+
 @triton.autotune(configs=configs(_WRITE_CONFIGS), key=["K", "NBLK"])
 @triton.jit
 def _step_write_kernel(
-    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K, NBLK,
+    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, seg_ptr, K, NBLK,
     FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """One program per block (no reduction crosses programs, so the grid is not capped)."""
     blk = tl.program_id(0).to(tl.int64)
     entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+    alpha_ptr = _coefficients(alpha_ptr, seg_ptr, entry, K, SEGMENTED)
     if fast:
         _block_write(
             entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, alpha_ptr, K,
@@ -403,12 +414,15 @@ def _int8_block_write(
 @triton.autotune(configs=configs(_WRITE_CONFIGS_Q), key=["K", "NBLK"])
 @triton.jit
 def _step_write_int8_kernel(
-    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, K, NBLK,
+    ptab_ptr, btab_ptr, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, seg_ptr,
+    K, NBLK,
     FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """``_step_write_kernel`` for an int8 basis: one single-warp program per block."""
     blk = tl.program_id(0).to(tl.int64)
     entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+    alpha_ptr = _coefficients(alpha_ptr, seg_ptr, entry, K, SEGMENTED)
     if fast:
         _int8_block_write(
             entry, row, w0_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, alpha_ptr, K,
@@ -513,12 +527,33 @@ def step_(
         alpha, momentum_buffer, counters, coord, gram, pw0, lr, momentum, dampening, weight_decay,
         nesterov, part=part, scales=_row_scales(basis, scales),
     )  # fmt: skip
+    _write(plan, ptab, w0, basis, scales, alpha, None)
+    del keep  # contiguous copies of strided grads live until all launches are queued
+
+
+def _write(
+    plan: Plan, ptab: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor, segments: Tensor | None
+) -> None:  # fmt: skip
+    """Stage 3: every parameter the table points at ``<- w0 + P coef`` in its dtype (coef [K];
+    with ``segments`` int64 [params], [rows, K] and parameter i's row ``segments[i]``)."""
     if blockwise(basis.dtype):
         kernel, blocks = _step_write_int8_kernel, (scales, scales.stride(0))
     else:
         kernel, blocks = _step_write_kernel, (scales,)
+    seg = ptab if segments is None else segments  # not read unless SEGMENTED
     tuned(kernel)[(max(plan.nblk, 1),)](
-        ptab, plan.btab, w0, basis, basis.stride(0), *blocks, alpha, K, plan.nblk,
-        FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK,
+        ptab, plan.btab, w0, basis, basis.stride(0), *blocks, coef, seg, basis.shape[0], plan.nblk,
+        FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK, SEGMENTED=segments is not None,
     )  # fmt: skip
-    del keep  # contiguous copies of strided grads live until all launches are queued
+
+
+def write_params_(
+    params: list[Tensor], workspace: Tensor | None, w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor,
+    segments: list[int] | None,
+) -> None:  # fmt: skip
+    """``twa::write_params_`` on the Triton backend (see ``reference.write_params_``): the fused
+    step's write kernel alone, writing the parameters in place; ``workspace`` is not used."""
+    warn_if_narrow(basis, "triton")
+    plan = plan_for(params, basis.device)
+    seg = None if segments is None else plan.segment_table(segments)
+    _write(plan, plan.param_table(params), w0, basis, scales, coef, seg)
