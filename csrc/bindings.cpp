@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "twa_common.h"
@@ -448,6 +450,276 @@ void step_project_(const at::Tensor& ptab, const at::Tensor& btab, const at::Ten
   check_launch(op, twa::step_project(a, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
+// A contiguous float32 [rows, cols].
+void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == at::kFloat &&
+                  t.is_contiguous(),
+              "twa_cuda::", op, ": ", name, " must be a contiguous float32 [", rows, ", ", cols,
+              "], got ", t.scalar_type(), " ", t.sizes());
+}
+
+// segments: int64 [params] on the basis's device, each parameter's coefficient row. Its values
+// (non-decreasing, in [0, rows)) are read by the kernels only: checking them here would copy
+// them to the host.
+const int64_t* segment_table(const char* op, const at::Tensor& segments, const at::Tensor& ptab,
+                             const at::Tensor& basis) {
+  check_same_device(op, "segments", segments, basis);
+  check_vector(op, "segments", segments, ptab.size(0), at::kLong);
+  return segments.data_ptr<int64_t>();
+}
+
+// The write pass's arguments over checked tables and basis (bv, scales, scales_ld from
+// basis_view or the projection's): w0 float32 [D]; coef float32 [K], or with segments [rows, K].
+twa::StepWriteArgs step_write_args(const char* op, const twa::StepTables& tables,
+                                   const at::Tensor& ptab, const at::Tensor& basis,
+                                   const twa::BasisView& bv, const float* scales, int64_t scales_ld,
+                                   int sms, const at::Tensor& w0, const char* coef_name,
+                                   const at::Tensor& coef, const std::optional<at::Tensor>& segments) {
+  check_same_device(op, "w0", w0, basis);
+  check_vector(op, "w0", w0, bv.D, at::kFloat);
+  check_same_device(op, coef_name, coef, basis);
+  twa::StepWriteArgs wa;
+  wa.segments = nullptr;
+  if (segments.has_value()) {
+    TORCH_CHECK(coef.dim() == 2 && coef.size(0) >= 1, "twa_cuda::", op, ": with segments, ",
+                coef_name, " must be float32 [rows >= 1, ", bv.K, "], got ", coef.sizes());
+    check_matrix(op, coef_name, coef, coef.size(0), bv.K);
+    wa.segments = segment_table(op, *segments, ptab, basis);
+  } else {
+    check_vector(op, coef_name, coef, bv.K, at::kFloat);
+  }
+  wa.tables = tables;
+  wa.basis = bv;
+  wa.scales = scales;
+  wa.scales_ld = scales_ld;
+  wa.w0 = w0.data_ptr<float>();
+  wa.alpha = coef.data_ptr<float>();
+  wa.sm_count = sms;
+  return wa;
+}
+
+// Every parameter the tables point at <- w0 + P coef (coef [K]; with segments [rows, K], row
+// segments[i] for parameter i), rounded to its dtype: one launch.
+void step_write_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tensor& w0,
+                 const at::Tensor& basis, const at::Tensor& scales, const at::Tensor& coef,
+                 const std::optional<at::Tensor>& segments) {
+  const char* op = "step_write_";
+  check_cuda(op, "basis", basis);
+  const c10::cuda::CUDAGuard guard(basis.device());  // the occupancy cache is per device
+  const twa::StepTables tables = step_tables(op, ptab, btab, basis);
+  check_same_device(op, "scales", scales, basis);
+  int64_t scales_ld = 0;
+  const twa::BasisView bv = basis_view(op, basis, scales, true, &scales_ld);
+  const twa::StepWriteArgs wa = step_write_args(op, tables, ptab, basis, bv, scales.data_ptr<float>(),
+                                                scales_ld, sm_count(basis), w0, "coef", coef, segments);
+  check_launch(op, twa::step_write(wa, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+int64_t blocks_partials(const char* op, const twa::BasisView& bv, int64_t nblk, int64_t rows, int sms) {
+  int64_t n = 0;
+  const cudaError_t err = twa::step_project_blocks_partials(bv, nblk, rows, sms, &n);
+  TORCH_CHECK(err == cudaSuccess, "twa_cuda::", op, ": sizing the per-block projection failed: ",
+              cudaGetErrorString(err));
+  return n;
+}
+
+// [partial rows] of the per-block projection with `rows` coefficient rows: its partials are
+// float32 [partial rows, K], its starts int32 [rows + 1].
+std::vector<int64_t> step_blocks_sizes(const at::Tensor& basis, int64_t nblk, int64_t rows) {
+  const char* op = "step_blocks_sizes";
+  check_cuda(op, "basis", basis);
+  TORCH_CHECK(basis.dim() == 2 && basis.size(0) >= 1 && basis.size(1) >= 1, "twa_cuda::", op,
+              ": basis must be 2-D [K >= 1, D >= 1], got ", basis.sizes());
+  TORCH_CHECK(nblk >= 1, "twa_cuda::", op, ": nblk must be >= 1, got ", nblk);
+  TORCH_CHECK(rows >= 1, "twa_cuda::", op, ": rows must be >= 1, got ", rows);
+  const c10::cuda::CUDAGuard guard(basis.device());
+  twa::BasisView bv;
+  bv.data = basis.data_ptr();
+  bv.ld = basis.size(0) == 1 ? basis.size(1) : basis.stride(0);
+  bv.K = basis.size(0);
+  bv.D = basis.size(1);
+  bv.dtype = basis_dtype(op, basis, true);
+  return {blocks_partials(op, bv, nblk, rows, sm_count(basis))};
+}
+
+// Checks the per-block projection's arguments: out float32 [rows >= 1, K], partials
+// [step_blocks_sizes, K], starts int32 [rows + 1], segments int64 [params].
+twa::StepProjectBlocksArgs step_project_blocks_args(const char* op, const twa::StepTables& tables,
+                                                    const at::Tensor& ptab, const at::Tensor& basis,
+                                                    const at::Tensor& scales,
+                                                    const at::Tensor& segments,
+                                                    const at::Tensor& partials,
+                                                    const at::Tensor& starts, const at::Tensor& out) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"scales", &scales}, {"partials", &partials},
+        {"starts", &starts}, {"out", &out}}) {
+    check_same_device(op, name, *t, basis);
+  }
+  int64_t scales_ld = 0;
+  const twa::BasisView bv = basis_view(op, basis, scales, true, &scales_ld);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) >= 1, "twa_cuda::", op,
+              ": out must be float32 [rows >= 1, ", bv.K, "], got ", out.sizes());
+  const int64_t rows = out.size(0);
+  check_matrix(op, "out", out, rows, bv.K);
+  TORCH_CHECK(rows <= 0x7fffffff && tables.nblk <= 0x7fffffff, "twa_cuda::", op,
+              ": at most 2^31 - 1 rows and table blocks, got ", rows, " and ", tables.nblk);
+  const int sms = sm_count(basis);
+  const int64_t n = blocks_partials(op, bv, tables.nblk, rows, sms);
+  TORCH_CHECK(partials.dim() == 2 && partials.size(0) == n && partials.size(1) == bv.K &&
+                  partials.scalar_type() == at::kFloat && partials.is_contiguous(),
+              "twa_cuda::", op, ": partials must be a contiguous float32 [", n, ", ", bv.K,
+              "] (twa_cuda::step_blocks_sizes), got ", partials.scalar_type(), " ", partials.sizes());
+  check_vector(op, "starts", starts, rows + 1, at::kInt);
+  twa::StepProjectBlocksArgs a;
+  a.tables = tables;
+  a.basis = bv;
+  a.scales = scales.data_ptr<float>();
+  a.scales_ld = scales_ld;
+  a.segments = segment_table(op, segments, ptab, basis);
+  a.rows = rows;
+  a.partials = partials.data_ptr<float>();
+  a.starts = starts.data_ptr<int32_t>();
+  a.out = out.data_ptr<float>();
+  a.sm_count = sms;
+  return a;
+}
+
+// out[l] = sum over the parameters i with segments[i] == l of P_i^T g_i: two launches.
+void step_project_blocks_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tensor& basis,
+                          const at::Tensor& scales, const at::Tensor& segments,
+                          const at::Tensor& partials, const at::Tensor& starts,
+                          const at::Tensor& out) {
+  const char* op = "step_project_blocks_";
+  check_cuda(op, "basis", basis);
+  const c10::cuda::CUDAGuard guard(basis.device());  // the occupancy cache is per device
+  const twa::StepTables tables = step_tables(op, ptab, btab, basis);
+  const twa::StepProjectBlocksArgs a =
+      step_project_blocks_args(op, tables, ptab, basis, scales, segments, partials, starts, out);
+  check_launch(op, twa::step_project_blocks(a, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// Checks of the per-block coordinate step's arguments (op names the caller): alpha float32
+// [L >= 1, K >= 1] and every [L, K] array like it, gram [L, K, K], counters int64 [2], lr a
+// 0-dim float32, ticket int32 [1]; buf1 only where the rule reads it (adamw, or momentum),
+// buf2 only for adamw.
+twa::BlockStepArgs block_step_args(const char* op, const at::Tensor& alpha, const at::Tensor& buf1,
+                                   const at::Tensor& buf2, const at::Tensor& counters,
+                                   const at::Tensor& coord_grad, const at::Tensor& gram,
+                                   const at::Tensor& pw0, const at::Tensor& inv_norms,
+                                   const at::Tensor& coef, const at::Tensor& lr,
+                                   const at::Tensor& ticket, const std::string& rule,
+                                   double momentum, double dampening, double weight_decay,
+                                   bool nesterov, double beta1, double beta2, double eps) {
+  TORCH_CHECK(rule == "sgd" || rule == "adamw", "twa_cuda::", op,
+              ": rule must be \"sgd\" or \"adamw\", got \"", rule, "\"");
+  const bool adamw = rule == "adamw";
+  const bool use_momentum = momentum != 0.0;
+  check_cuda(op, "alpha", alpha);
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"buf1", &buf1}, {"buf2", &buf2},
+        {"counters", &counters}, {"coord_grad", &coord_grad}, {"gram", &gram}, {"pw0", &pw0},
+        {"inv_norms", &inv_norms}, {"coef", &coef}, {"lr", &lr}, {"ticket", &ticket}}) {
+    check_same_device(op, name, *t, alpha);
+  }
+  TORCH_CHECK(alpha.dim() == 2 && alpha.size(0) >= 1 && alpha.size(1) >= 1, "twa_cuda::", op,
+              ": alpha must be float32 [L >= 1, K >= 1], got ", alpha.sizes());
+  const int64_t L = alpha.size(0), K = alpha.size(1);
+  check_matrix(op, "alpha", alpha, L, K);
+  if (adamw || use_momentum) check_matrix(op, "buf1", buf1, L, K);
+  if (adamw) check_matrix(op, "buf2", buf2, L, K);
+  check_matrix(op, "coord_grad", coord_grad, L, K);
+  check_matrix(op, "pw0", pw0, L, K);
+  check_matrix(op, "inv_norms", inv_norms, L, K);
+  check_matrix(op, "coef", coef, L, K);
+  TORCH_CHECK(gram.dim() == 3 && gram.size(0) == L && gram.size(1) == K && gram.size(2) == K &&
+                  gram.scalar_type() == at::kFloat && gram.is_contiguous(),
+              "twa_cuda::", op, ": gram must be a contiguous float32 [", L, ", ", K, ", ", K,
+              "], got ", gram.scalar_type(), " ", gram.sizes());
+  check_vector(op, "counters", counters, 2, at::kLong);
+  TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == at::kFloat, "twa_cuda::", op,
+              ": lr must be a 0-dim float32 tensor, got ", lr.scalar_type(), " ", lr.sizes());
+  check_vector(op, "ticket", ticket, 1, at::kInt);
+
+  twa::BlockStepArgs a;
+  a.alpha = alpha.data_ptr<float>();
+  a.buf1 = adamw || use_momentum ? buf1.data_ptr<float>() : nullptr;
+  a.buf2 = adamw ? buf2.data_ptr<float>() : nullptr;
+  a.counters = counters.data_ptr<int64_t>();
+  a.coord_grad = coord_grad.data_ptr<float>();
+  a.gram = gram.data_ptr<float>();
+  a.pw0 = pw0.data_ptr<float>();
+  a.inv_norms = inv_norms.data_ptr<float>();
+  a.coef = coef.data_ptr<float>();
+  a.ticket = reinterpret_cast<unsigned*>(ticket.data_ptr<int32_t>());
+  a.L = L;
+  a.K = K;
+  a.lr = lr.data_ptr<float>();
+  a.adamw = adamw;
+  a.use_momentum = use_momentum;
+  a.momentum = static_cast<float>(momentum);
+  a.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  a.use_weight_decay = weight_decay != 0.0;
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.nesterov = nesterov;
+  a.beta1 = static_cast<float>(beta1);
+  a.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  a.eps = static_cast<float>(eps);
+  a.sm_count = sm_count(alpha);
+  return a;
+}
+
+// The per-block coordinate step: one launch, no host sync.
+void block_step_(const at::Tensor& alpha, const at::Tensor& buf1, const at::Tensor& buf2,
+                 const at::Tensor& counters, const at::Tensor& coord_grad, const at::Tensor& gram,
+                 const at::Tensor& pw0, const at::Tensor& inv_norms, const at::Tensor& coef,
+                 const at::Tensor& lr, const at::Tensor& ticket, const std::string& rule,
+                 double momentum, double dampening, double weight_decay, bool nesterov,
+                 double beta1, double beta2, double eps) {
+  const char* op = "block_step_";
+  const twa::BlockStepArgs a =
+      block_step_args(op, alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr,
+                      ticket, rule, momentum, dampening, weight_decay, nesterov, beta1, beta2, eps);
+  const c10::cuda::CUDAGuard guard(alpha.device());
+  check_launch(op, twa::block_step(a, c10::cuda::getCurrentCUDAStream().stream()));
+}
+
+// The whole per-block step: the per-block projection into coord_grad [L, K] (two launches),
+// the coordinate step, then every parameter <- w0 + P coef[segments[i]]. Four launches, no
+// host sync.
+void fused_block_step_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tensor& w0,
+                       const at::Tensor& basis, const at::Tensor& scales,
+                       const at::Tensor& segments, const at::Tensor& alpha, const at::Tensor& buf1,
+                       const at::Tensor& buf2, const at::Tensor& counters, const at::Tensor& gram,
+                       const at::Tensor& pw0, const at::Tensor& inv_norms, const at::Tensor& coef,
+                       const at::Tensor& lr, const at::Tensor& partials, const at::Tensor& starts,
+                       const at::Tensor& coord_grad, const at::Tensor& ticket,
+                       const std::string& rule, double momentum, double dampening,
+                       double weight_decay, bool nesterov, double beta1, double beta2, double eps) {
+  const char* op = "fused_block_step_";
+  check_cuda(op, "basis", basis);
+  const c10::cuda::CUDAGuard guard(basis.device());  // the occupancy cache is per device
+  const twa::StepTables tables = step_tables(op, ptab, btab, basis);
+  const twa::StepProjectBlocksArgs pa = step_project_blocks_args(
+      op, tables, ptab, basis, scales, segments, partials, starts, coord_grad);
+  check_same_device(op, "alpha", alpha, basis);
+  const twa::BlockStepArgs sa =
+      block_step_args(op, alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr,
+                      ticket, rule, momentum, dampening, weight_decay, nesterov, beta1, beta2, eps);
+  TORCH_CHECK(sa.K == pa.basis.K && sa.L == pa.rows, "twa_cuda::", op, ": alpha is [", sa.L, ", ",
+              sa.K, "], coord_grad [", pa.rows, ", ", pa.basis.K, "] (the basis K=", pa.basis.K,
+              " rows)");
+  const twa::StepWriteArgs wa =
+      step_write_args(op, tables, ptab, basis, pa.basis, pa.scales, pa.scales_ld, pa.sm_count, w0,
+                      "coef", coef, segments);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(op, twa::step_project_blocks(pa, stream));
+  check_launch(op, twa::block_step(sa, stream));
+  check_launch(op, twa::step_write(wa, stream));
+}
+
 // The whole step: P^T g into coord_grad, the K-dimensional step (direction: its [K] workspace),
 // then every parameter the tables point at <- w0 + P alpha. Four launches, no host sync.
 void fused_step_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tensor& w0,
@@ -470,18 +742,10 @@ void fused_step_(const at::Tensor& ptab, const at::Tensor& btab, const at::Tenso
               " coordinates, the basis K=", pa.basis.K, " rows");
   check_same_device(op, "direction", direction, basis);
   check_vector(op, "direction", direction, sa.K, at::kFloat);
-  check_same_device(op, "w0", w0, basis);
-  check_vector(op, "w0", w0, pa.basis.D, at::kFloat);
   sa.workspace = direction.data_ptr<float>();
-
-  twa::StepWriteArgs wa;
-  wa.tables = tables;
-  wa.basis = pa.basis;
-  wa.scales = pa.scales;
-  wa.scales_ld = pa.scales_ld;
-  wa.w0 = w0.data_ptr<float>();
-  wa.alpha = sa.alpha;
-  wa.sm_count = pa.sm_count;
+  const twa::StepWriteArgs wa =
+      step_write_args(op, tables, ptab, basis, pa.basis, pa.scales, pa.scales_ld, pa.sm_count, w0,
+                      "alpha", alpha, std::nullopt);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(op, twa::step_project(pa, stream));
@@ -514,6 +778,27 @@ TORCH_LIBRARY(twa_cuda, m) {
       "Tensor pw0, Tensor lr, Tensor(d!) partials, Tensor(e!) tickets, Tensor(f!) coord_grad, "
       "Tensor(g!) direction, float momentum, float dampening, float weight_decay, "
       "bool nesterov) -> ()");
+  // Per-block coordinates. step_write_ and fused_block_step_ also write every parameter the
+  // tables point at (not visible to the schema).
+  m.def(
+      "step_write_(Tensor ptab, Tensor btab, Tensor w0, Tensor basis, Tensor scales, Tensor coef, "
+      "Tensor? segments) -> ()");
+  m.def("step_blocks_sizes(Tensor basis, int nblk, int rows) -> int[]");
+  m.def(
+      "step_project_blocks_(Tensor ptab, Tensor btab, Tensor basis, Tensor scales, "
+      "Tensor segments, Tensor(a!) partials, Tensor(b!) starts, Tensor(c!) out) -> ()");
+  m.def(
+      "block_step_(Tensor(a!) alpha, Tensor(b!) buf1, Tensor(c!) buf2, Tensor(d!) counters, "
+      "Tensor coord_grad, Tensor gram, Tensor pw0, Tensor inv_norms, Tensor(e!) coef, Tensor lr, "
+      "Tensor(f!) ticket, str rule, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, float beta1, float beta2, float eps) -> ()");
+  m.def(
+      "fused_block_step_(Tensor ptab, Tensor btab, Tensor w0, Tensor basis, Tensor scales, "
+      "Tensor segments, Tensor(a!) alpha, Tensor(b!) buf1, Tensor(c!) buf2, Tensor(d!) counters, "
+      "Tensor gram, Tensor pw0, Tensor inv_norms, Tensor(e!) coef, Tensor lr, "
+      "Tensor(f!) partials, Tensor(g!) starts, Tensor(h!) coord_grad, Tensor(i!) ticket, "
+      "str rule, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "float beta1, float beta2, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(twa_cuda, CUDA, m) {
@@ -526,6 +811,11 @@ TORCH_LIBRARY_IMPL(twa_cuda, CUDA, m) {
   m.impl("step_sizes", &step_sizes);
   m.impl("step_project_", &step_project_);
   m.impl("fused_step_", &fused_step_);
+  m.impl("step_write_", &step_write_);
+  m.impl("step_blocks_sizes", &step_blocks_sizes);
+  m.impl("step_project_blocks_", &step_project_blocks_);
+  m.impl("block_step_", &block_step_);
+  m.impl("fused_block_step_", &fused_block_step_);
 }
 
 TORCH_LIBRARY_IMPL(twa_cuda, CPU, m) {
@@ -538,6 +828,11 @@ TORCH_LIBRARY_IMPL(twa_cuda, CPU, m) {
   m.impl("step_sizes", &step_sizes);
   m.impl("step_project_", &step_project_);
   m.impl("fused_step_", &fused_step_);
+  m.impl("step_write_", &step_write_);
+  m.impl("step_blocks_sizes", &step_blocks_sizes);
+  m.impl("step_project_blocks_", &step_project_blocks_);
+  m.impl("block_step_", &block_step_);
+  m.impl("fused_block_step_", &fused_block_step_);
 }
 
 // Importing the module (prebuilt twa_kernels._C or the JIT build) runs the registrations above.

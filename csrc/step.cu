@@ -30,6 +30,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "twa_device.cuh"
 #include "twa_step.h"
@@ -67,6 +68,7 @@ struct Block {
   uint64_t param_addr;
   uint64_t grad_addr;
   bool aligned;
+  int64_t next_param;  // parameter of the next block of the warp's range (0 past it)
 };
 
 // The tables' look-ahead (step::window_load_of): both kernels read block i's fields out of its
@@ -111,9 +113,97 @@ __device__ __forceinline__ Block window_advance(const int64_t* __restrict__ ptab
   r.param_addr = static_cast<uint64_t>(window_value(win, P + step::kParAddr));
   r.grad_addr = static_cast<uint64_t>(window_value(win, P + step::kParGradAddr));
   r.aligned = window_value(win, P + step::kParAligned) != 0;
-  const int64_t next_param = window_value(win, N + step::kBlkParam);
-  win = window_load(ptab, btab, blk + 1, end, next_param, lane);
+  r.next_param = window_value(win, N + step::kBlkParam);
+  win = window_load(ptab, btab, blk + 1, end, r.next_param, lane);
   return r;
+}
+
+// ---- per-block coordinates (segments) ---------------------------------------------------------
+//
+// segments[i] is parameter i's coefficient row (non-decreasing), so a warp's contiguous range of
+// blocks meets a contiguous run of rows. Each kernel keeps the segment of the next block one
+// block ahead (its load issued with the next block's window), like the tables' fields.
+
+// Segment of block blk (a valid load for any blk < nblk; 0 when the warp has no blocks).
+__device__ __forceinline__ int64_t block_segment(const int64_t* __restrict__ btab,
+                                                 const int64_t* __restrict__ segments, int64_t blk,
+                                                 int64_t end) {
+  if (blk >= end) return 0;
+  return __ldg(segments + __ldg(btab + blk * step::kBlockFields + step::kBlkParam));
+}
+
+// The projection's per-segment partials: a warp walks its blocks in runs of one segment,
+// adding a run's blocks into its accumulators as the plain projection does; after the run they
+// are reduced across the lanes (butterflies, lane r keeps row r) into the warp's partial row
+// warp + segment (distinct for every warp and segment it meets: a later warp starts at or after
+// an earlier one's last segment) and zeroed. K tile 0 also records where each segment's blocks
+// start: rows (previous segment, segment] start at the run's first block, every boundary
+// written by the warp holding the block after it, and rows past the table's last segment (up to
+// starts[rows]) at nblk.
+struct SegmentWalk {
+  const int64_t* segments;
+  int32_t* starts;  // [rows + 1]
+  int64_t rows;
+};
+
+struct SegmentRun {
+  int64_t next;  // segment of the next block
+  int64_t prev;  // segment before the next run (K tile 0: rows after it start at the run)
+};
+
+__device__ __forceinline__ void mark_starts(int32_t* starts, int64_t from, int64_t to, int64_t blk,
+                                            int lane) {
+  for (int64_t r = from + 1 + lane; r <= to; r += kWarp) starts[r] = static_cast<int32_t>(blk);
+}
+
+__device__ __forceinline__ SegmentRun segment_begin(const int64_t* __restrict__ btab,
+                                                    const SegmentWalk& sw, int64_t b_begin,
+                                                    int64_t b_end, bool mark) {
+  SegmentRun s;
+  s.next = block_segment(btab, sw.segments, b_begin, b_end);
+  s.prev = mark && b_begin > 0 ? block_segment(btab, sw.segments, b_begin - 1, b_end) : -1;
+  return s;
+}
+
+template <int N>
+__device__ __forceinline__ void flush_segment(float (&acc)[N], float* __restrict__ partial,
+                                              int64_t slot, int64_t row0, int64_t K, int lane) {
+  static_assert(N == kWarp, "lane r keeps row r of the tile");
+  float mine = 0.f;
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    const float v = warp_sum(acc[r]);
+    mine = lane == r ? v : mine;
+    acc[r] = 0.f;
+  }
+  if (row0 + lane < K) partial[slot * K + row0 + lane] = mine;
+}
+
+// The warp's blocks [b_begin, b_end) in runs of one segment: add_block(b) adds a block (the
+// plain projection's body), each run is flushed into the warp's partial row for its segment.
+template <int N, typename AddBlock>
+__device__ __forceinline__ void project_segments(const int64_t* __restrict__ ptab,
+                                                 const int64_t* __restrict__ btab, int64_t nblk,
+                                                 int64_t b_begin, int64_t b_end, uint32_t win,
+                                                 const SegmentWalk& sw, int64_t gw, int64_t row0,
+                                                 int64_t K, int lane, float (&acc)[N],
+                                                 float* __restrict__ partial, AddBlock add_block) {
+  const bool mark = blockIdx.x == 0;
+  SegmentRun run = segment_begin(btab, sw, b_begin, b_end, mark);
+  int64_t blk = b_begin;
+  while (blk < b_end) {
+    const int64_t seg = run.next;
+    if (mark) mark_starts(sw.starts, run.prev, seg, blk, lane);
+    run.prev = seg;
+    do {
+      const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
+      run.next = __ldg(sw.segments + b.next_param);  // param 0 past the range: a valid load
+      ++blk;
+      add_block(b);
+    } while (blk < b_end && run.next == seg);  // uniform across the warp
+    flush_segment(acc, partial, gw + seg, row0, K, lane);
+  }
+  if (mark && b_end == nblk && b_begin < b_end) mark_starts(sw.starts, run.prev, sw.rows, nblk, lane);
 }
 
 // Runs the statement with G the C++ type of a table dtype code (nothing for kTabNoGrad).
@@ -345,13 +435,15 @@ __device__ __forceinline__ void project_finish(const float (&acc)[kTileRows],
 // Both kernels state 2 resident blocks of threads per SM (128 registers): with that minimum
 // stated ptxas keeps each row group's 16-byte loads ahead of their first use (without it the
 // 16-bit kernels used each pair of loads before issuing the next).
-template <typename T>
+// kSeg (per-block coordinates): partials per warp and segment (SegmentWalk), added by
+// step_segments_finish_kernel; no ticket.
+template <typename T, bool kSeg>
 __global__ void __launch_bounds__(kThreads, 2)
     step_project_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
                         int64_t nblk, step::BlockSplit split, const T* __restrict__ basis,
                         int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
                         float* __restrict__ partial, unsigned* __restrict__ tickets,
-                        float* __restrict__ out) {
+                        float* __restrict__ out, SegmentWalk sw) {
   __shared__ float red_s[kWarps][kTileRows];
   __shared__ bool last_s;
   const int lane = threadIdx.x % kWarp;
@@ -366,19 +458,25 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t b_begin = step::warp_begin(split, nblk, gw);
   const int64_t b_end = step::warp_end(split, nblk, gw);
   uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
-  for (int64_t blk = b_begin; blk < b_end; ++blk) {
-    const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
-    if (b.values <= 0) continue;
+  const auto add_block = [&](const Block& b) {
+    if (b.values <= 0) return;
     const T* cols = basis + b.col0;
     if (vec && b.aligned && b.values == kBlockCols) {
       TWA_TABLE_DISPATCH(b.grad_dtype, G, project_fast<T, G>(cols, ld, row0, K, b, lane, acc));
     } else {
       TWA_TABLE_DISPATCH(b.grad_dtype, G, project_slow<T, G>(cols, ld, row0, K, b, lane, acc));
     }
+  };
+  if constexpr (kSeg) {
+    project_segments(ptab, btab, nblk, b_begin, b_end, win, sw, gw, row0, K, lane, acc, partial,
+                     add_block);
+  } else {
+    for (int64_t blk = b_begin; blk < b_end; ++blk) {
+      add_block(window_advance(ptab, btab, blk, b_end, lane, win));
+    }
+    project_finish<true>(acc, red_s, last_s, lane, warp, row0, cta, K, split, scales, partial,
+                         tickets, out);
   }
-
-  project_finish<true>(acc, red_s, last_s, lane, warp, row0, cta, K, split, scales, partial,
-                       tickets, out);
 }
 
 // ---- projection over an int8 basis ------------------------------------------------------------
@@ -507,14 +605,17 @@ __device__ __forceinline__ void project_int8_slow(const int8_t* __restrict__ col
   }
 }
 
-// The int8 projection: step_project_kernel's grid, split and reduction; the partials hold the
-// block scales (no row scales). A block without a grad (NO_GRAD) adds nothing and is skipped.
+// The int8 projection: step_project_kernel's grid, split and reduction (kSeg: its partials
+// per warp and segment); the partials hold the block scales (no row scales). A block without
+// a grad (NO_GRAD) adds nothing and is skipped.
+template <bool kSeg>
 __global__ void __launch_bounds__(kThreads, 2)
     step_project_int8_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
                              int64_t nblk, step::BlockSplit split, const int8_t* __restrict__ basis,
                              int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
                              int64_t sld, float* __restrict__ partial,
-                             unsigned* __restrict__ tickets, float* __restrict__ out) {
+                             unsigned* __restrict__ tickets, float* __restrict__ out,
+                             SegmentWalk sw) {
   __shared__ float red_s[kWarps][kTileRows];
   __shared__ bool last_s;
   const int lane = threadIdx.x % kWarp;
@@ -529,18 +630,53 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t b_begin = step::warp_begin(split, nblk, gw);
   const int64_t b_end = step::warp_end(split, nblk, gw);
   uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
-  for (int64_t blk = b_begin; blk < b_end; ++blk) {
-    const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
-    if (b.values <= 0 || b.grad_dtype == step::kTabNoGrad) continue;
+  const auto add_block = [&](const Block& b) {
+    if (b.values <= 0 || b.grad_dtype == step::kTabNoGrad) return;
     const int8_t* cols = basis + b.col0;
     if (step::int8_fast_block(vec, b.aligned, b.values)) {
       project_int8_fast(cols, ld, row0, K, scales, sld, b, lane, acc);
     } else {
       project_int8_slow(cols, ld, row0, K, scales, sld, b, lane, acc);
     }
+  };
+  if constexpr (kSeg) {
+    project_segments(ptab, btab, nblk, b_begin, b_end, win, sw, gw, row0, K, lane, acc, partial,
+                     add_block);
+  } else {
+    for (int64_t blk = b_begin; blk < b_end; ++blk) {
+      add_block(window_advance(ptab, btab, blk, b_end, lane, win));
+    }
+    project_finish<false>(acc, red_s, last_s, lane, warp, row0, cta, K, split, nullptr, partial,
+                          tickets, out);
   }
-  project_finish<false>(acc, red_s, last_s, lane, warp, row0, cta, K, split, nullptr, partial,
-                        tickets, out);
+}
+
+// Per-block coordinates, stage 2: out[l, row] = the partial rows w + l of the warps w whose
+// ranges hold segment l's blocks (consecutive warps: [starts[l], starts[l + 1]) over the
+// split's blocks per warp), added in a fixed order (lanes over the warps, then butterflies),
+// times the row scale when kRowScales (a float basis); 0 for a segment without blocks. Grid
+// (rows, K tiles), a warp per row of the tile.
+template <bool kRowScales>
+__global__ void __launch_bounds__(kThreads)
+    step_segments_finish_kernel(const float* __restrict__ partial, const int32_t* __restrict__ starts,
+                                int64_t per_warp, int64_t K, const float* __restrict__ scales,
+                                float* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t seg = blockIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
+  const int64_t b_lo = __ldg(starts + seg);
+  const int64_t b_hi = __ldg(starts + seg + 1);
+  const int64_t w_lo = b_lo / per_warp;
+  const int64_t w_hi = b_hi > b_lo ? (b_hi - 1) / per_warp + 1 : w_lo;
+  for (int r = warp; r < kTileRows; r += kWarps) {
+    const int64_t row = row0 + r;
+    if (row >= K) break;  // uniform across the warp
+    float s = 0.f;
+    for (int64_t w = w_lo + lane; w < w_hi; w += kWarp) s += __ldg(partial + (w + seg) * K + row);
+    s = warp_sum(s);
+    if (lane == 0) out[seg * K + row] = kRowScales ? s * __ldg(scales + row) : s;
+  }
 }
 
 // ---- write pass ----------------------------------------------------------------------------
@@ -565,10 +701,27 @@ __device__ __forceinline__ void store_masked(const Block& b, int lane, const flo
   }
 }
 
-template <typename T>
+// The write pass's coefficient of basis row k: coef[k] from shared memory (alpha, times the
+// row scales of a float basis, staged once per block of threads), or with segments (kSeg)
+// element k of the block's row of alpha through the read-only cache, times the row scale
+// (kRowScales).
+template <bool kSeg, bool kRowScales>
+__device__ __forceinline__ float write_coef(const float* coef, const float* __restrict__ scales,
+                                            int64_t k) {
+  if constexpr (kSeg) {
+    const float a = __ldg(coef + k);
+    if constexpr (kRowScales) return a * __ldg(scales + k);
+    return a;
+  } else {
+    return coef[k];
+  }
+}
+
+// coef: coef_s, or with kSeg the block's row of alpha (scales: the row scales).
+template <typename T, bool kSeg>
 __device__ __forceinline__ void write_fast(const T* __restrict__ cols, int64_t ld, int64_t K,
-                                           const float* coef_s, const float* __restrict__ w0c,
-                                           const Block& b, int lane) {
+                                           const float* coef, const float* __restrict__ scales,
+                                           const float* __restrict__ w0c, const Block& b, int lane) {
   constexpr int V = Tile<T>::V, U = Tile<T>::U, R = Tile<T>::R;
   const int64_t lane_col = static_cast<int64_t>(lane) * V;
   float acc[U][V];
@@ -583,9 +736,19 @@ __device__ __forceinline__ void write_fast(const T* __restrict__ cols, int64_t l
 #pragma unroll
       for (int u = 0; u < U; ++u) w[r][u] = __ldg(reinterpret_cast<const uint4*>(p + u * kWarp * V));
     }
+    [[maybe_unused]] float cg[R];  // kSeg: the group's coefficients, loaded with its rows
+    if constexpr (kSeg) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) cg[r] = write_coef<true, true>(coef, scales, k + r);
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float c = coef_s[k + r];
+      float c;
+      if constexpr (kSeg) {
+        c = cg[r];
+      } else {
+        c = coef[k + r];
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         float v[V];
@@ -600,7 +763,7 @@ __device__ __forceinline__ void write_fast(const T* __restrict__ cols, int64_t l
     const T* p = cols + k * ld + lane_col;
 #pragma unroll
     for (int u = 0; u < U; ++u) w[u] = __ldg(reinterpret_cast<const uint4*>(p + u * kWarp * V));
-    const float c = coef_s[k];
+    const float c = write_coef<kSeg, true>(coef, scales, k);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float v[V];
@@ -612,10 +775,10 @@ __device__ __forceinline__ void write_fast(const T* __restrict__ cols, int64_t l
   TWA_TABLE_DISPATCH(b.param_dtype, P, store_groups<P, V, U>(b, lane_col, acc));
 }
 
-template <typename T>
+template <typename T, bool kSeg>
 __device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t ld, int64_t K,
-                                           const float* coef_s, const float* __restrict__ w0c,
-                                           const Block& b, int lane) {
+                                           const float* coef, const float* __restrict__ scales,
+                                           const float* __restrict__ w0c, const Block& b, int lane) {
   float acc[kSlowCols];
 #pragma unroll
   for (int j = 0; j < kSlowCols; ++j) {
@@ -628,7 +791,7 @@ __device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t l
     load_rows_masked<T, kSlowRows>(cols, ld, k, K - 1, b.values, lane, w);
 #pragma unroll
     for (int r = 0; r < kSlowRows; ++r) {
-      const float c = coef_s[k + r];
+      const float c = write_coef<kSeg, true>(coef, scales, k + r);
 #pragma unroll
       for (int j = 0; j < kSlowCols; ++j) acc[j] = fmaf(c, w[r][j], acc[j]);
     }
@@ -636,34 +799,46 @@ __device__ __forceinline__ void write_slow(const T* __restrict__ cols, int64_t l
   for (; k < K; ++k) {
     float w[1][kSlowCols];
     load_rows_masked<T, 1>(cols, ld, k, K - 1, b.values, lane, w);
-    const float c = coef_s[k];
+    const float c = write_coef<kSeg, true>(coef, scales, k);
 #pragma unroll
     for (int j = 0; j < kSlowCols; ++j) acc[j] = fmaf(c, w[0][j], acc[j]);
   }
   TWA_TABLE_DISPATCH(b.param_dtype, P, store_masked<P>(b, lane, acc));
 }
 
-template <typename T>
+// kSeg (per-block coordinates): alpha is [rows, K] and a block takes the row segments[param];
+// the coefficients are read with the basis rows instead of staged in shared memory.
+template <typename T, bool kSeg>
 __global__ void __launch_bounds__(kThreads, 2)
     step_write_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
                       int64_t nblk, step::BlockSplit split, const T* __restrict__ basis,
                       int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
-                      const float* __restrict__ w0, const float* __restrict__ alpha) {
-  extern __shared__ float coef_s[];  // [K]: alpha * scales
-  for (int64_t i = threadIdx.x; i < K; i += kThreads) coef_s[i] = alpha[i] * scales[i];
-  __syncthreads();
+                      const float* __restrict__ w0, const float* __restrict__ alpha,
+                      const int64_t* __restrict__ segments) {
+  extern __shared__ float coef_s[];  // [K]: alpha * scales (not kSeg)
+  if constexpr (!kSeg) {
+    for (int64_t i = threadIdx.x; i < K; i += kThreads) coef_s[i] = alpha[i] * scales[i];
+    __syncthreads();
+  }
   const int lane = threadIdx.x % kWarp;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int64_t b_begin = step::warp_begin(split, nblk, gw);
   const int64_t b_end = step::warp_end(split, nblk, gw);
   uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
+  [[maybe_unused]] int64_t seg_next = 0;  // kSeg: segment of the next block, one block ahead
+  if constexpr (kSeg) seg_next = block_segment(btab, segments, b_begin, b_end);
   for (int64_t blk = b_begin; blk < b_end; ++blk) {
     const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
+    const float* coef = coef_s;
+    if constexpr (kSeg) {
+      coef = alpha + seg_next * K;
+      seg_next = __ldg(segments + b.next_param);
+    }
     if (b.values <= 0) continue;
     if (vec && b.aligned && b.values == kBlockCols) {
-      write_fast<T>(basis + b.col0, ld, K, coef_s, w0 + b.col0, b, lane);
+      write_fast<T, kSeg>(basis + b.col0, ld, K, coef, scales, w0 + b.col0, b, lane);
     } else {
-      write_slow<T>(basis + b.col0, ld, K, coef_s, w0 + b.col0, b, lane);
+      write_slow<T, kSeg>(basis + b.col0, ld, K, coef, scales, w0 + b.col0, b, lane);
     }
   }
 }
@@ -675,10 +850,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 // scale per lane and row issued before any is used (rows past K repeat row K - 1 and add
 // nothing), each group added with the coefficient alpha[k] * scale; stored in 16-byte vectors.
 // Other blocks: byte loads masked to the block's values, kInt8SlowRows rows at a time, one
-// scale per value (the two of int8_lane's split), stored value by value.
+// scale per value (the two of int8_lane's split), stored value by value. coef: as for the
+// float write (no row scales).
 
+template <bool kSeg>
 __device__ __forceinline__ void write_int8_fast(const int8_t* __restrict__ cols, int64_t ld,
-                                                int64_t K, const float* coef_s,
+                                                int64_t K, const float* coef,
                                                 const float* __restrict__ scales, int64_t sld,
                                                 const float* __restrict__ w0c, const Block& b,
                                                 int lane) {
@@ -696,17 +873,29 @@ __device__ __forceinline__ void write_int8_fast(const int8_t* __restrict__ cols,
     for (int r = 0; r < R; ++r) w[r] = ld_stream16(base + min64(k + r, K - 1) * ld);
 #pragma unroll
     for (int r = 0; r < R; ++r) s[r] = __ldg(srow + min64(k + r, K - 1) * sld);
+    [[maybe_unused]] float cg[R];  // kSeg: the group's coefficients, loaded with its rows
+    if constexpr (kSeg) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) cg[r] = write_coef<true, false>(coef, nullptr, min64(k + r, K - 1));
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (k + r < K) int8_group_fma(w[r], coef_s[k + r] * s[r], acc);
+      if (k + r < K) {
+        if constexpr (kSeg) {
+          int8_group_fma(w[r], cg[r] * s[r], acc);
+        } else {
+          int8_group_fma(w[r], coef[k + r] * s[r], acc);
+        }
+      }
     }
   }
   TWA_TABLE_DISPATCH(b.param_dtype, P,
                      store_vec<P, kInt8Group>(reinterpret_cast<P*>(b.param_addr) + b.first + lane_col, acc));
 }
 
+template <bool kSeg>
 __device__ __forceinline__ void write_int8_slow(const int8_t* __restrict__ cols, int64_t ld,
-                                                int64_t K, const float* coef_s,
+                                                int64_t K, const float* coef,
                                                 const float* __restrict__ scales, int64_t sld,
                                                 const float* __restrict__ w0c, const Block& b,
                                                 int lane) {
@@ -731,7 +920,7 @@ __device__ __forceinline__ void write_int8_slow(const int8_t* __restrict__ cols,
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (k + r < K) {
-        const float c = coef_s[k + r];
+        const float c = write_coef<kSeg, false>(coef, nullptr, k + r);
         const float c_lo = c * s_lo[r], c_hi = c * s_hi[r];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -751,29 +940,144 @@ __device__ __forceinline__ void write_int8_slow(const int8_t* __restrict__ cols,
 }
 
 // The int8 write pass: step_write_kernel's grid and walk, the coefficients alpha (no row
-// scales) in shared memory, the block scales read with the basis rows. 2 resident blocks of
-// threads per SM like the float kernels (at 3, 80 registers, sm_80's code spilled).
+// scales) in shared memory (kSeg: each block's row of alpha, read with the basis rows), the
+// block scales read with the basis rows. 2 resident blocks of threads per SM like the float
+// kernels (at 3, 80 registers, sm_80's code spilled).
+template <bool kSeg>
 __global__ void __launch_bounds__(kThreads, 2)
     step_write_int8_kernel(const int64_t* __restrict__ ptab, const int64_t* __restrict__ btab,
                            int64_t nblk, step::BlockSplit split, const int8_t* __restrict__ basis,
                            int64_t ld, int64_t K, bool vec, const float* __restrict__ scales,
                            int64_t sld, const float* __restrict__ w0,
-                           const float* __restrict__ alpha) {
-  extern __shared__ float coef_s[];  // [K]: alpha
-  for (int64_t i = threadIdx.x; i < K; i += kThreads) coef_s[i] = alpha[i];
-  __syncthreads();
+                           const float* __restrict__ alpha, const int64_t* __restrict__ segments) {
+  extern __shared__ float coef_s[];  // [K]: alpha (not kSeg)
+  if constexpr (!kSeg) {
+    for (int64_t i = threadIdx.x; i < K; i += kThreads) coef_s[i] = alpha[i];
+    __syncthreads();
+  }
   const int lane = threadIdx.x % kWarp;
   const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
   const int64_t b_begin = step::warp_begin(split, nblk, gw);
   const int64_t b_end = step::warp_end(split, nblk, gw);
   uint32_t win = window_first(ptab, btab, b_begin, b_end, lane);
+  [[maybe_unused]] int64_t seg_next = 0;  // kSeg: segment of the next block, one block ahead
+  if constexpr (kSeg) seg_next = block_segment(btab, segments, b_begin, b_end);
   for (int64_t blk = b_begin; blk < b_end; ++blk) {
     const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
+    const float* coef = coef_s;
+    if constexpr (kSeg) {
+      coef = alpha + seg_next * K;
+      seg_next = __ldg(segments + b.next_param);
+    }
     if (b.values <= 0) continue;
     if (step::int8_fast_block(vec, b.aligned, b.values)) {
-      write_int8_fast(basis + b.col0, ld, K, coef_s, scales, sld, w0 + b.col0, b, lane);
+      write_int8_fast<kSeg>(basis + b.col0, ld, K, coef, scales, sld, w0 + b.col0, b, lane);
     } else {
-      write_int8_slow(basis + b.col0, ld, K, coef_s, scales, sld, w0 + b.col0, b, lane);
+      write_int8_slow<kSeg>(basis + b.col0, ld, K, coef, scales, sld, w0 + b.col0, b, lane);
+    }
+  }
+}
+
+// ---- per-block coordinate step (reference.block_step_) ----------------------------------------
+//
+// L blocks of K coordinates. Every block of threads first checks all L x K entries of
+// c = coord_grad * inv_norms (so no block of threads waits on another for the finiteness; a
+// few hundred KiB from L2 each at L x K = 3e4) and reads counters[0]; it then takes the blocks
+// l = blockIdx.x, + gridDim.x, ...: r = pw0 + gram_l a_l (one warp per row, into shared
+// memory; skipped without weight decay) before any coordinate of a_l is written, then the rule
+// per coordinate, then coef = alpha * inv_norms. The last block of threads to finish (an
+// integer ticket, left zero) updates the counters, after every block of threads has read them.
+// fp32 with separately rounded products and sums (no contraction), as the reference's tensor
+// ops compute them; G a_l is a warp's butterfly sum.
+// a / b rounded to nearest, subnormal operands and results flushed to zero (div.rn.ftz.f32):
+// the division without the subroutine call of its subnormal path, whose calling convention made
+// ptxas spill this kernel's loop invariants.
+__device__ __forceinline__ float div_rn_ftz(float a, float b) {
+  float q;
+  asm("div.rn.ftz.f32 %0, %1, %2;" : "=f"(q) : "f"(a), "f"(b));
+  return q;
+}
+
+__global__ void __launch_bounds__(kThreads) block_step_kernel(const BlockStepArgs a) {
+  extern __shared__ float r_s[];  // [K]: r of the block
+  __shared__ int64_t steps_s;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t K = a.K;
+  const int64_t n = a.L * K;
+  bool ok = true;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    ok &= static_cast<bool>(isfinite(__fmul_rn(__ldg(a.coord_grad + i), __ldg(a.inv_norms + i))));
+  }
+  if (threadIdx.x == 0) steps_s = a.counters[0];
+  const bool finite = __syncthreads_and(ok) != 0;
+  const int64_t steps = steps_s;
+  const float lr = __ldg(a.lr);
+  float bc1 = 1.f, bc2 = 1.f;  // AdamW's bias corrections 1 - beta^t, t = steps + 1 in fp32
+  if (a.adamw) {
+    const float t = static_cast<float>(steps + 1);
+    bc1 = __fsub_rn(1.f, powf(a.beta1, t));
+    bc2 = __fsub_rn(1.f, powf(a.beta2, t));
+  }
+  const float lr_wd = __fmul_rn(lr, a.weight_decay);
+  for (int64_t l = blockIdx.x; l < a.L; l += gridDim.x) {
+    const int64_t base = l * K;
+    if (!finite) {
+      for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+        a.coef[base + k] = __fmul_rn(a.alpha[base + k], __ldg(a.inv_norms + base + k));
+      }
+      continue;
+    }
+    if (a.use_weight_decay) {
+      const float* g = a.gram + l * K * K;
+      for (int64_t k = warp; k < K; k += kWarps) {
+        const float* row = g + k * K;
+        float s = 0.f;
+        for (int64_t j = lane; j < K; j += kWarp) s = fmaf(__ldg(row + j), a.alpha[base + j], s);
+        s = warp_sum(s);
+        if (lane == 0) r_s[k] = __fadd_rn(__ldg(a.pw0 + base + k), s);
+      }
+      __syncthreads();
+    }
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+      const int64_t i = base + k;
+      const float c = __fmul_rn(__ldg(a.coord_grad + i), __ldg(a.inv_norms + i));
+      const float alpha = a.alpha[i];
+      float next;
+      if (a.adamw) {
+        const float decayed = a.use_weight_decay ? __fsub_rn(alpha, __fmul_rn(lr_wd, r_s[k])) : alpha;
+        const float b1 = a.buf1[i];
+        const float m = __fadd_rn(b1, __fmul_rn(a.one_minus_beta1, __fsub_rn(c, b1)));
+        const float v = __fadd_rn(__fmul_rn(a.beta2, a.buf2[i]), __fmul_rn(__fmul_rn(a.one_minus_beta2, c), c));
+        const float denom = __fadd_rn(__fsqrt_rn(div_rn_ftz(v, bc2)), a.eps);
+        next = __fsub_rn(decayed, div_rn_ftz(__fmul_rn(lr, div_rn_ftz(m, bc1)), denom));
+        a.buf1[i] = m;
+        a.buf2[i] = v;
+      } else {
+        const float d = a.use_weight_decay ? __fadd_rn(c, __fmul_rn(a.weight_decay, r_s[k])) : c;
+        float update = d;
+        if (a.use_momentum) {
+          const float buf = steps == 0 ? d
+                                       : __fadd_rn(__fmul_rn(a.momentum, a.buf1[i]),
+                                                   __fmul_rn(a.one_minus_dampening, d));
+          a.buf1[i] = buf;
+          update = a.nesterov ? __fadd_rn(d, __fmul_rn(a.momentum, buf)) : buf;
+        }
+        next = __fsub_rn(alpha, __fmul_rn(lr, update));
+      }
+      a.alpha[i] = next;
+      a.coef[i] = __fmul_rn(next, __ldg(a.inv_norms + i));
+    }
+    __syncthreads();  // r_s is the next block's
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block of threads read counters[0] before its ticket
+    if (atomicAdd(a.ticket, 1u) == gridDim.x - 1) {
+      __threadfence();
+      a.counters[0] += finite ? 1 : 0;
+      a.counters[1] += finite ? 0 : 1;
+      *a.ticket = 0u;  // ready for the next launch
     }
   }
 }
@@ -803,22 +1107,17 @@ cudaError_t resident_per_sm(const void* kernel, size_t smem, int* out) {
   return cudaSuccess;
 }
 
-template <typename T>
-const void* project_kernel_ptr() {
-  return reinterpret_cast<const void*>(&step_project_kernel<T>);
-}
-template <typename T>
-const void* write_kernel_ptr() {
-  return reinterpret_cast<const void*>(&step_write_kernel<T>);
-}
-template <>
-const void* project_kernel_ptr<int8_t>() {
-  return reinterpret_cast<const void*>(&step_project_int8_kernel);
-}
-template <>
-const void* write_kernel_ptr<int8_t>() {
-  return reinterpret_cast<const void*>(&step_write_int8_kernel);
-}
+// The fused step's kernels for a basis storage type and segments (per-block coordinates).
+template <typename T, bool kSeg>
+struct StepKernels {
+  static const void* project() { return reinterpret_cast<const void*>(&step_project_kernel<T, kSeg>); }
+  static const void* write() { return reinterpret_cast<const void*>(&step_write_kernel<T, kSeg>); }
+};
+template <bool kSeg>
+struct StepKernels<int8_t, kSeg> {
+  static const void* project() { return reinterpret_cast<const void*>(&step_project_int8_kernel<kSeg>); }
+  static const void* write() { return reinterpret_cast<const void*>(&step_write_int8_kernel<kSeg>); }
+};
 
 // 16-byte loads of the basis: every row starts 16-byte aligned.
 bool basis_vec(const BasisView& b) {
@@ -836,21 +1135,49 @@ bool valid_int8_scales(const BasisView& b, const float* scales, int64_t scales_l
   return b.dtype != DType::kInt8 || (scales != nullptr && scales_ld >= 0);
 }
 
-template <typename T>
+template <typename T, bool kSeg>
 cudaError_t project_plan(const BasisView& basis, int64_t nblk, int sm_count,
                          step::ProjectSplit* out) {
   int per_sm = 1;
-  const cudaError_t err = resident_per_sm(project_kernel_ptr<T>(), 0, &per_sm);
+  const cudaError_t err = resident_per_sm(StepKernels<T, kSeg>::project(), 0, &per_sm);
   if (err != cudaSuccess) return err;
   *out = step::plan_project(basis.K, nblk, sm_count, per_sm, kWarps);
   return cudaSuccess;
 }
 
+template <bool kSeg>
 cudaError_t dispatch_project_plan(const BasisView& basis, int64_t nblk, int sm_count,
                                   step::ProjectSplit* out) {
-  if (basis.dtype == DType::kInt8) return project_plan<int8_t>(basis, nblk, sm_count, out);
-  TWA_DISPATCH_STORAGE(basis.dtype, T, return project_plan<T>(basis, nblk, sm_count, out));
+  if (basis.dtype == DType::kInt8) return project_plan<int8_t, kSeg>(basis, nblk, sm_count, out);
+  TWA_DISPATCH_STORAGE(basis.dtype, T, return project_plan<T, kSeg>(basis, nblk, sm_count, out));
   return cudaSuccess;
+}
+
+template <typename T, bool kSeg>
+cudaError_t launch_write(const StepWriteArgs& a, bool vec, cudaStream_t stream) {
+  const BasisView& b = a.basis;
+  const size_t smem = kSeg ? 0 : static_cast<size_t>(b.K) * sizeof(float);
+  int per_sm = 1;
+  const cudaError_t err = resident_per_sm(StepKernels<T, kSeg>::write(), smem, &per_sm);
+  if (err != cudaSuccess) return err;
+  const step::BlockSplit split = step::plan_write(a.tables.nblk, a.sm_count, per_sm, kWarps);
+  const unsigned grid = static_cast<unsigned>(split.ctas);
+  if constexpr (std::is_same_v<T, int8_t>) {
+    step_write_int8_kernel<kSeg><<<grid, kThreads, smem, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, split, static_cast<const int8_t*>(b.data),
+        b.ld, b.K, vec, a.scales, a.scales_ld, a.w0, a.alpha, a.segments);
+  } else {
+    step_write_kernel<T, kSeg><<<grid, kThreads, smem, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, split, static_cast<const T*>(b.data), b.ld,
+        b.K, vec, a.scales, a.w0, a.alpha, a.segments);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_write(const StepWriteArgs& a, bool vec, cudaStream_t stream) {
+  return a.segments != nullptr ? launch_write<T, true>(a, vec, stream)
+                               : launch_write<T, false>(a, vec, stream);
 }
 
 }  // namespace
@@ -859,7 +1186,7 @@ cudaError_t step_project_sizes(const BasisView& basis, int64_t nblk, int sm_coun
                                StepProjectSizes* out) {
   if (nblk < 1 || basis.K < 1) return cudaErrorInvalidValue;
   step::ProjectSplit p;
-  const cudaError_t err = dispatch_project_plan(basis, nblk, sm_count, &p);
+  const cudaError_t err = dispatch_project_plan<false>(basis, nblk, sm_count, &p);
   if (err != cudaSuccess) return err;
   out->splits = p.split.ctas;
   out->k_tiles = p.k_tiles;
@@ -870,20 +1197,68 @@ cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream) {
   const BasisView& b = a.basis;
   if (!valid(a.tables, b) || !valid_int8_scales(b, a.scales, a.scales_ld)) return cudaErrorInvalidValue;
   step::ProjectSplit p;
-  cudaError_t err = dispatch_project_plan(b, a.tables.nblk, a.sm_count, &p);
+  cudaError_t err = dispatch_project_plan<false>(b, a.tables.nblk, a.sm_count, &p);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.k_tiles), static_cast<unsigned>(p.split.ctas));
   const bool vec = basis_vec(b);
+  const SegmentWalk none{nullptr, nullptr, 0};
   if (b.dtype == DType::kInt8) {
-    step_project_int8_kernel<<<grid, kThreads, 0, stream>>>(
+    step_project_int8_kernel<false><<<grid, kThreads, 0, stream>>>(
         a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const int8_t*>(b.data),
-        b.ld, b.K, vec, a.scales, a.scales_ld, a.partials, a.tickets, a.out);
+        b.ld, b.K, vec, a.scales, a.scales_ld, a.partials, a.tickets, a.out, none);
     return cudaGetLastError();
   }
   TWA_DISPATCH_STORAGE(b.dtype, T, {
-    step_project_kernel<T><<<grid, kThreads, 0, stream>>>(
+    step_project_kernel<T, false><<<grid, kThreads, 0, stream>>>(
         a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const T*>(b.data), b.ld,
-        b.K, vec, a.scales, a.partials, a.tickets, a.out);
+        b.K, vec, a.scales, a.partials, a.tickets, a.out, none);
+    return cudaGetLastError();
+  });
+  return cudaSuccess;
+}
+
+cudaError_t step_project_blocks_partials(const BasisView& basis, int64_t nblk, int64_t rows,
+                                         int sm_count, int64_t* out) {
+  if (nblk < 1 || basis.K < 1 || rows < 1) return cudaErrorInvalidValue;
+  step::ProjectSplit p;
+  const cudaError_t err = dispatch_project_plan<true>(basis, nblk, sm_count, &p);
+  if (err != cudaSuccess) return err;
+  *out = p.split.ctas * kWarps + rows;
+  return cudaSuccess;
+}
+
+cudaError_t step_project_blocks(const StepProjectBlocksArgs& a, cudaStream_t stream) {
+  const BasisView& b = a.basis;
+  // starts hold block indices as int32; rows are grid.x of the second launch.
+  if (!valid(a.tables, b) || !valid_int8_scales(b, a.scales, a.scales_ld) || a.segments == nullptr ||
+      a.starts == nullptr || a.rows < 1 || a.rows > 0x7fffffff || a.tables.nblk > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  step::ProjectSplit p;
+  cudaError_t err = dispatch_project_plan<true>(b, a.tables.nblk, a.sm_count, &p);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(p.k_tiles), static_cast<unsigned>(p.split.ctas));
+  const dim3 finish_grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(p.k_tiles));
+  const bool vec = basis_vec(b);
+  const SegmentWalk sw{a.segments, a.starts, a.rows};
+  if (b.dtype == DType::kInt8) {
+    step_project_int8_kernel<true><<<grid, kThreads, 0, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const int8_t*>(b.data),
+        b.ld, b.K, vec, a.scales, a.scales_ld, a.partials, nullptr, nullptr, sw);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    step_segments_finish_kernel<false><<<finish_grid, kThreads, 0, stream>>>(
+        a.partials, a.starts, p.split.per_warp, b.K, nullptr, a.out);
+    return cudaGetLastError();
+  }
+  TWA_DISPATCH_STORAGE(b.dtype, T, {
+    step_project_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+        a.tables.ptab, a.tables.btab, a.tables.nblk, p.split, static_cast<const T*>(b.data), b.ld,
+        b.K, vec, a.scales, a.partials, nullptr, nullptr, sw);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    step_segments_finish_kernel<true><<<finish_grid, kThreads, 0, stream>>>(
+        a.partials, a.starts, p.split.per_warp, b.K, a.scales, a.out);
     return cudaGetLastError();
   });
   return cudaSuccess;
@@ -891,32 +1266,25 @@ cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream) {
 
 cudaError_t step_write(const StepWriteArgs& a, cudaStream_t stream) {
   const BasisView& b = a.basis;
-  if (!valid(a.tables, b) || b.K > kMaxWriteK || !valid_int8_scales(b, a.scales, a.scales_ld)) {
+  // Without segments the coefficients are staged in shared memory: K <= kMaxWriteK.
+  if (!valid(a.tables, b) || (a.segments == nullptr && b.K > kMaxWriteK) ||
+      !valid_int8_scales(b, a.scales, a.scales_ld)) {
     return cudaErrorInvalidValue;
   }
-  const size_t smem = static_cast<size_t>(b.K) * sizeof(float);
   const bool vec = basis_vec(b) && reinterpret_cast<uint64_t>(a.w0) % kVecBytes == 0;
-  if (b.dtype == DType::kInt8) {
-    int per_sm = 1;
-    const cudaError_t err = resident_per_sm(write_kernel_ptr<int8_t>(), smem, &per_sm);
-    if (err != cudaSuccess) return err;
-    const step::BlockSplit split = step::plan_write(a.tables.nblk, a.sm_count, per_sm, kWarps);
-    step_write_int8_kernel<<<static_cast<unsigned>(split.ctas), kThreads, smem, stream>>>(
-        a.tables.ptab, a.tables.btab, a.tables.nblk, split, static_cast<const int8_t*>(b.data),
-        b.ld, b.K, vec, a.scales, a.scales_ld, a.w0, a.alpha);
-    return cudaGetLastError();
-  }
-  TWA_DISPATCH_STORAGE(b.dtype, T, {
-    int per_sm = 1;
-    const cudaError_t err = resident_per_sm(write_kernel_ptr<T>(), smem, &per_sm);
-    if (err != cudaSuccess) return err;
-    const step::BlockSplit split = step::plan_write(a.tables.nblk, a.sm_count, per_sm, kWarps);
-    step_write_kernel<T><<<static_cast<unsigned>(split.ctas), kThreads, smem, stream>>>(
-        a.tables.ptab, a.tables.btab, a.tables.nblk, split, static_cast<const T*>(b.data), b.ld,
-        b.K, vec, a.scales, a.w0, a.alpha);
-    return cudaGetLastError();
-  });
+  if (b.dtype == DType::kInt8) return dispatch_write<int8_t>(a, vec, stream);
+  TWA_DISPATCH_STORAGE(b.dtype, T, return dispatch_write<T>(a, vec, stream));
   return cudaSuccess;
+}
+
+cudaError_t block_step(const BlockStepArgs& a, cudaStream_t stream) {
+  if (a.L < 1 || a.K < 1 || a.K > kMaxWriteK || a.ticket == nullptr || a.lr == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t grid = min64(a.L, max64(a.sm_count, 1));
+  const size_t smem = a.use_weight_decay ? static_cast<size_t>(a.K) * sizeof(float) : 0;
+  block_step_kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace twa

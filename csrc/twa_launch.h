@@ -153,16 +153,78 @@ struct StepProjectArgs {
 cudaError_t step_project(const StepProjectArgs& a, cudaStream_t stream);
 
 // Every parameter the tables point at <- w0[cols] + sum_k alpha[k] P[k, cols] (P as in
-// ProjectArgs), fp32, rounded once to the parameter's dtype. One launch.
+// ProjectArgs), fp32, rounded once to the parameter's dtype. One launch. With segments
+// (per-block coordinates), alpha is [rows, K] and parameter i takes its row segments[i].
 struct StepWriteArgs {
   StepTables tables;
   BasisView basis;
   const float* scales;
   int64_t scales_ld;  // int8 basis only
   const float* w0;
-  const float* alpha;
+  const float* alpha;        // [K], or [rows, K] with segments
+  const int64_t* segments;   // null, or [params]: each parameter's row of alpha
   int sm_count;
 };
 cudaError_t step_write(const StepWriteArgs& a, cudaStream_t stream);
+
+// Per-block projection: out[l, k] = sum over the parameters i with segments[i] == l of
+// P_i^T g_i (scales as in StepProjectArgs), 0 for a row no parameter has; segments [params]
+// non-decreasing in [0, rows). Two launches: each warp's partial sums per segment of its
+// blocks (the projection's grid and walk), then one block of threads per row and K tile adds
+// the partials of the warps that hold the row's blocks, in a fixed order.
+struct StepProjectBlocksArgs {
+  StepTables tables;
+  BasisView basis;
+  const float* scales;
+  int64_t scales_ld;         // int8 basis only
+  const int64_t* segments;   // [params]
+  int64_t rows;
+  float* partials;           // step_project_blocks_partials(...) x K
+  int32_t* starts;           // [rows + 1]: the first table block of each row (written)
+  float* out;                // [rows, K]
+  int sm_count;
+};
+// Rows of StepProjectBlocksArgs::partials: one per warp of the projection's grid and segment
+// it can reach (warps + rows).
+cudaError_t step_project_blocks_partials(const BasisView& basis, int64_t nblk, int64_t rows,
+                                         int sm_count, int64_t* out);
+cudaError_t step_project_blocks(const StepProjectBlocksArgs& a, cudaStream_t stream);
+
+// The per-block coordinate step (reference.block_step_) on L blocks of K coordinates, fp32,
+// every array [L, K] contiguous (gram [L, K, K]):
+//   c = coord_grad * inv_norms, r = pw0 + gram a (per block), then SGD (buf1: momentum) or
+//   AdamW (buf1, buf2: moments); taken only when every entry of c is finite (counters[0] += 1,
+//   else counters[1] += 1); coef = alpha * inv_norms afterwards in either case.
+// One launch: every block of threads checks c, updates its blocks; the last one to finish
+// (an integer ticket, left zero) updates the counters once all have read them.
+struct BlockStepArgs {
+  float* alpha;
+  float* buf1;  // [L, K] when read (adamw, or sgd with momentum)
+  float* buf2;  // [L, K] when read (adamw)
+  int64_t* counters;
+  const float* coord_grad;
+  const float* gram;
+  const float* pw0;
+  const float* inv_norms;
+  float* coef;
+  unsigned* ticket;  // [1], zero before the first launch
+  int64_t L;
+  int64_t K;
+  const float* lr;  // 0-dim tensor on the device
+  bool adamw;
+  bool use_momentum;
+  float momentum;
+  float one_minus_dampening;
+  bool use_weight_decay;
+  float weight_decay;
+  bool nesterov;
+  float beta1;
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  int sm_count;
+};
+cudaError_t block_step(const BlockStepArgs& a, cudaStream_t stream);
 
 }  // namespace twa

@@ -225,18 +225,31 @@ def _projection_workspaces(plan: Plan, basis: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def project_grads(
-    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, basis: Tensor, scales: Tensor
-) -> Tensor:
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, basis: Tensor, scales: Tensor,
+    segments: list[int] | None = None,
+) -> Tensor:  # fmt: skip
     """``twa::project_grads`` on the CUDA backend (see ``reference.project_grads``): one kernel
     reads ``grads`` in place (None: zero) and adds its partials over D in a fixed order;
-    ``workspace`` is not used. fp32 [K]."""
+    ``workspace`` is not used. fp32 [K].
+
+    With ``segments`` (one coefficient row per parameter, non-decreasing): fp32
+    [segments[-1] + 1, K], row l the projection of the parameters of row l (0 for a row of no
+    parameter), in two launches: the same pass over the basis keeping each warp's sums per
+    row, then a fixed-order sum of each row's partials over the warps that hold its blocks."""
     warn_if_narrow(basis, "cuda")
     ops = _ops()
     plan = plan_for(params, basis.device)
     ptab, keep = plan.table(params, grads)
-    part, tickets = _projection_workspaces(plan, basis)
-    out = torch.empty(basis.shape[0], dtype=torch.float32, device=basis.device)
-    ops.step_project_(ptab, plan.btab, basis, scales, part, tickets, out)
+    if segments is None:
+        part, tickets = _projection_workspaces(plan, basis)
+        out = torch.empty(basis.shape[0], dtype=torch.float32, device=basis.device)
+        ops.step_project_(ptab, plan.btab, basis, scales, part, tickets, out)
+    else:
+        rows = _segment_rows(tuple(segments), len(params))
+        part, starts = _block_workspaces(plan, basis, rows)
+        out = torch.empty(rows, basis.shape[0], dtype=torch.float32, device=basis.device)
+        seg = plan.segment_table(segments)
+        ops.step_project_blocks_(ptab, plan.btab, basis, scales, seg, part, starts, out)
     del keep  # contiguous copies of strided grads live until the launch is queued
     return out
 
@@ -268,5 +281,133 @@ def step_(
         ptab, plan.btab, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr, part,
         tickets, plan.workspace("cuda_step_coord", (K,)), plan.workspace("cuda_step_direction", (K,)),
         float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+    )  # fmt: skip
+    del keep  # contiguous copies of strided grads live until all launches are queued
+
+
+# ---- per-block coordinates: the fused step's kernels with each parameter's coefficient row
+# (segments), and the coordinate step of every block (csrc/step.cu)
+
+# (device, basis dtype, K, table blocks, rows) -> rows of the per-block projection's partials.
+_block_sizes: dict[tuple, int] = {}
+# (device, alpha address) -> the block step's ticket, int32 [1] (every launch leaves it zero).
+_block_tickets: dict[tuple, Tensor] = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_rows(segments: tuple[int, ...], params: int) -> int:
+    """The coefficient rows ``segments`` reaches (its last entry + 1), after checking that it has
+    one non-decreasing row >= 0 per parameter: the kernels trust it (a row out of place would
+    write past their workspaces)."""
+    if len(segments) != params:
+        raise ValueError(f"segments has {len(segments)} entries, the parameter list {params}")
+    if any(not isinstance(s, int) for s in segments) or segments[0] < 0:
+        raise ValueError(f"segments must be non-negative ints, got {list(segments)[:8]}...")
+    for i in range(1, params):
+        if segments[i] < segments[i - 1]:
+            raise ValueError(
+                f"segments must be non-decreasing: segments[{i - 1}] = {segments[i - 1]}, "
+                f"segments[{i}] = {segments[i]}"
+            )
+    return segments[-1] + 1
+
+
+def _block_workspaces(plan: Plan, basis: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """The plan's per-block projection workspaces for ``rows`` coefficient rows: partials fp32
+    [warps + rows, K] and starts int32 [rows + 1] (both written before they are read)."""
+    K = basis.shape[0]
+    nblk = plan.btab.shape[0]
+    key = (basis.device, basis.dtype, K, nblk, rows)
+    n = _block_sizes.get(key)
+    if n is None:
+        n = _block_sizes[key] = _ops().step_blocks_sizes(basis, nblk, rows)[0]
+    part = plan.workspace("cuda_blocks_partials", (n, K))
+    starts = plan.workspace("cuda_blocks_starts", (rows + 1,)).view(torch.int32)
+    return part, starts
+
+
+def _checked_segments(plan: Plan, params: list[Tensor], segments: list[int], rows: int) -> Tensor:
+    """The device segment table, after checking that every entry is a row of ``rows``."""
+    last = _segment_rows(tuple(segments), len(params)) - 1
+    torch._check(last < rows, lambda: f"segments reach row {last}, the coefficients have {rows} rows")
+    return plan.segment_table(segments)
+
+
+def write_params_(
+    params: list[Tensor], workspace: Tensor | None, w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor,
+    segments: list[int] | None,
+) -> None:  # fmt: skip
+    """``twa::write_params_`` on the CUDA backend (see ``reference.write_params_``): the fused
+    step's write kernel alone, ``w0 + P coef`` written into every parameter in its dtype (with
+    ``segments``, parameter i takes row ``segments[i]`` of coef [rows, K]). One launch;
+    ``workspace`` is not used. Graph-capturable after one eager call with the same
+    parameters and segments."""
+    warn_if_narrow(basis, "cuda")
+    D = basis.shape[1]
+    plan = plan_for(params, basis.device)
+    torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
+    seg = None
+    if segments is not None:
+        torch._check(coef.dim() == 2, lambda: f"coef must be [rows, K] with segments: {tuple(coef.shape)}")
+        seg = _checked_segments(plan, params, segments, coef.shape[0])
+    _ops().step_write_(plan.param_table(params), plan.btab, w0, basis, scales, coef, seg)
+
+
+def _block_step_ticket(alpha: Tensor) -> Tensor:
+    """The block step's ticket for the coordinates at ``alpha``'s address: launches on one
+    ``alpha`` are ordered (they update it), so they may share it."""
+    key = (alpha.device, alpha.data_ptr())
+    ticket = _block_tickets.get(key)
+    if ticket is None:
+        ticket = _block_tickets[key] = torch.zeros(1, dtype=torch.int32, device=alpha.device)
+    return ticket
+
+
+def block_step_(
+    alpha: Tensor, buf1: Tensor, buf2: Tensor, counters: Tensor, coord_grad: Tensor, gram: Tensor,
+    pw0: Tensor, inv_norms: Tensor, coef: Tensor, lr: Tensor, rule: str, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, beta1: float, beta2: float, eps: float,
+) -> None:  # fmt: skip
+    """``twa::block_step_`` on the CUDA backend (see ``reference.block_step_``): the coordinate
+    step of every block (``rule`` "sgd" or "adamw"), skipped on the device unless every entry
+    of ``coord_grad * inv_norms`` is finite, then ``coef = alpha * inv_norms``. One launch, no
+    host synchronisation; ``lr`` is read on the device."""
+    _ops().block_step_(
+        alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr, _block_step_ticket(alpha),
+        str(rule), float(momentum), float(dampening), float(weight_decay), bool(nesterov), float(beta1),
+        float(beta2), float(eps),
+    )  # fmt: skip
+
+
+def step_blocks_(
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, w0: Tensor, basis: Tensor,
+    scales: Tensor, alpha: Tensor, buf1: Tensor, buf2: Tensor, counters: Tensor, gram: Tensor, pw0: Tensor,
+    inv_norms: Tensor, coef: Tensor, segments: list[int], lr: Tensor, rule: str, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, beta1: float, beta2: float, eps: float,
+) -> None:  # fmt: skip
+    """``twa::step_blocks_`` on the CUDA backend: the per-block projection of ``grads`` read in
+    place (``project_grads`` with ``segments``, over alpha's L rows), ``block_step_``, then
+    ``write_params_`` with ``coef`` and ``segments``: one ``twa_cuda::fused_block_step_``
+    call, four launches, no host synchronisation; ``workspace`` is not used.
+
+    CUDA graphs: as ``step_``, capturable once an eager step has run with the very ``.grad``
+    tensors (and segments) the graph will read; ``lr`` is read on the device at replay."""
+    K, D = basis.shape
+    check_rank("fused TWA step", K)
+    warn_if_narrow(basis, "cuda")
+    ops = _ops()
+    plan = plan_for(params, basis.device)
+    torch._check(plan.numel == D, lambda: f"parameters hold {plan.numel} values, the basis has D={D}")
+    torch._check(alpha.dim() == 2, lambda: f"alpha must be [L, K], got {tuple(alpha.shape)}")
+    L = alpha.shape[0]
+    seg = _checked_segments(plan, params, segments, L)
+    ptab, keep = plan.table(params, grads)
+    part, starts = _block_workspaces(plan, basis, L)
+    ops.fused_block_step_(
+        ptab, plan.btab, w0, basis, scales, seg, alpha, buf1, buf2, counters, gram, pw0, inv_norms, coef,
+        lr, part, starts, plan.workspace("cuda_blocks_coord", (L, K)),
+        plan.workspace("cuda_blocks_ticket", (1,), zero=True).view(torch.int32),
+        str(rule), float(momentum), float(dampening), float(weight_decay), bool(nesterov), float(beta1),
+        float(beta2), float(eps),
     )  # fmt: skip
     del keep  # contiguous copies of strided grads live until all launches are queued
