@@ -27,6 +27,22 @@
 // ones. Every address is formed in 64 bits. Grids come from the occupancy of the kernels
 // (cached per device); the split of the blocks depends only on sizes and the card, so the
 // same inputs give the same bits.
+//
+// Per-block coordinates (segments: parameter i takes coefficient row segments[i], the rows
+// non-decreasing) use the same kernels with kSeg, and one more launch each way:
+//
+//   step_project_kernel<kSeg>    each warp adds its blocks in runs of one segment and, after a
+//                                run, reduces it across its lanes into its own partial row
+//                                (warp + segment); K tile 0 records where each segment's blocks
+//                                start. No ticket:
+//   step_segments_finish_kernel  one block of threads per row and K tile adds the partial rows
+//                                of the warps that hold the row's blocks, in a fixed order.
+//   step_write_kernel<kSeg>      each block's row of alpha read (through the read-only cache)
+//                                with the basis rows instead of staged in shared memory.
+//   block_step_kernel            the coordinate step of every block (SGD or AdamW), taken only
+//                                when every coordinate gradient is finite.
+//
+// So the fused per-block step is four launches too (fused_block_step_).
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -146,9 +162,11 @@ struct SegmentWalk {
   int64_t rows;
 };
 
+// Segments (rows < 2^31, checked by the launch) in 32-bit registers: the projection's walk
+// runs at the 128 registers of 2 blocks of threads per SM.
 struct SegmentRun {
-  int64_t next;  // segment of the next block
-  int64_t prev;  // segment before the next run (K tile 0: rows after it start at the run)
+  int32_t next;  // segment of the next block
+  int32_t prev;  // segment before the next run (K tile 0: rows after it start at the run)
 };
 
 __device__ __forceinline__ void mark_starts(int32_t* starts, int64_t from, int64_t to, int64_t blk,
@@ -160,8 +178,9 @@ __device__ __forceinline__ SegmentRun segment_begin(const int64_t* __restrict__ 
                                                     const SegmentWalk& sw, int64_t b_begin,
                                                     int64_t b_end, bool mark) {
   SegmentRun s;
-  s.next = block_segment(btab, sw.segments, b_begin, b_end);
-  s.prev = mark && b_begin > 0 ? block_segment(btab, sw.segments, b_begin - 1, b_end) : -1;
+  s.next = static_cast<int32_t>(block_segment(btab, sw.segments, b_begin, b_end));
+  s.prev = mark && b_begin > 0 ? static_cast<int32_t>(block_segment(btab, sw.segments, b_begin - 1, b_end))
+                               : -1;
   return s;
 }
 
@@ -192,12 +211,13 @@ __device__ __forceinline__ void project_segments(const int64_t* __restrict__ pta
   SegmentRun run = segment_begin(btab, sw, b_begin, b_end, mark);
   int64_t blk = b_begin;
   while (blk < b_end) {
-    const int64_t seg = run.next;
+    const int32_t seg = run.next;
     if (mark) mark_starts(sw.starts, run.prev, seg, blk, lane);
     run.prev = seg;
     do {
       const Block b = window_advance(ptab, btab, blk, b_end, lane, win);
-      run.next = __ldg(sw.segments + b.next_param);  // param 0 past the range: a valid load
+      // param 0 past the range: a valid load
+      run.next = static_cast<int32_t>(__ldg(sw.segments + b.next_param));
       ++blk;
       add_block(b);
     } while (blk < b_end && run.next == seg);  // uniform across the warp
