@@ -13,12 +13,13 @@ Imports ``transformers``; ``import twa_kernels`` does not. The two-phase recipe:
             callbacks=[TWASampler(space)]).train()   # saves the subspace, samples nothing
 
 Build the subspace after moving the model to its training device (``model.to(args.device)``):
-its basis is allocated where the parameters are. Resuming phase 1: ``trainer.train(resume_from_checkpoint=...)``
-with a ``TWASampler`` on a fresh subspace of the same model: the sampler reads ``twa_subspace.pt``
-from the checkpoint folder. Resuming phase 2: ``load_subspace(space, checkpoint)`` first (TWA is
-built on it), then the same ``Trainer`` with ``resume_from_checkpoint=checkpoint``; the Trainer
-restores TWA's state from its ``optimizer.pt``. Give both phases the same precision: accelerate
-prepares a model once, so a second ``Trainer`` on the same model keeps the first one's autocast.
+its basis is allocated where the parameters are. Resuming phase 1:
+``trainer.train(resume_from_checkpoint=...)`` with a ``TWASampler`` on a fresh subspace of the
+same model: the sampler reads ``twa_subspace.pt`` from the checkpoint folder. Resuming phase 2:
+``load_subspace(space, checkpoint)`` first (TWA is built on it), then the same ``Trainer`` with
+``resume_from_checkpoint=checkpoint``; the Trainer restores TWA's state from its
+``optimizer.pt``. Give both phases the same precision: accelerate prepares a model once, so a
+second ``Trainer`` on the same model keeps the first one's autocast.
 """
 
 from __future__ import annotations
