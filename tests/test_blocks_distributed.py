@@ -9,7 +9,7 @@ import torch.distributed as dist
 from gloo import spawn
 from test_distributed import HYPER, MAX_RANK, make_batches, make_model, make_samples, rel_err, train
 
-from twa_kernels import TWA, Subspace, TWAAdamW
+from twa_kernels import TWA, Subspace, TWAAdamW, _backend
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -37,7 +37,7 @@ def full(model):
     return test_fsdp.full_weights(model)
 
 
-def _runs(make, samples, group, world, rank):
+def _runs(make, samples, group, world, rank, backend="auto"):
     """Each optimizer of RUNS from the same samples, trained on this rank's share."""
     out = {}
     for name, (opt_class, kwargs) in RUNS.items():
@@ -45,7 +45,7 @@ def _runs(make, samples, group, world, rank):
         space = Subspace(model, MAX_RANK, torch.float32, group)
         for s in samples:
             space.add(s)
-        opt = opt_class(params_for(name, model), space, **kwargs)
+        opt = opt_class(params_for(name, model), space, backend=backend, **kwargs)
         train(model, opt, make_batches(), world, rank)
         out[name] = (full(model), opt.alpha.clone(), opt.comm_bytes_per_step)
     return out
@@ -55,9 +55,15 @@ def process_group_scenario(world, rank, root):
     return _runs(make_model, make_samples(), dist.group.WORLD, world, rank)
 
 
-def fsdp_scenario(world, rank, root):
+def fsdp_scenario(world, rank, root, backend="auto"):
     sharded = lambda: test_fsdp.shard(test_fsdp.make_model())  # noqa: E731
-    return _runs(sharded, test_fsdp.make_samples(), None, world, rank)
+    return _runs(sharded, test_fsdp.make_samples(), None, world, rank, backend)
+
+
+def fsdp_triton_scenario(world, rank, root):
+    """The FSDP2 runs with the Triton kernels (interpreted on CPU): the per-row projection of
+    the local shards, the [L, K] step and the per-row write of the shards."""
+    return fsdp_scenario(world, rank, root, "triton")
 
 
 def _single(make, samples):
@@ -73,14 +79,19 @@ def _single(make, samples):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("scheme", ["process_group", "fsdp"])
+@pytest.mark.parametrize(
+    ("scheme", "world"),
+    [("process_group", 2), ("process_group", 3), ("fsdp", 2), ("fsdp", 3), ("fsdp_triton", 2)],
+)
 def test_per_block_and_per_group_decay_on_a_sharded_subspace_match_one_process(tmp_path, scheme, world):
-    if scheme == "fsdp":
+    if scheme == "fsdp_triton" and not _backend.triton_interpreted():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if scheme.startswith("fsdp"):
         expected = _single(test_fsdp.make_model, test_fsdp.make_samples())
     else:
         expected = _single(make_model, make_samples())
-    for r, out in enumerate(spawn(world, f"test_blocks_distributed:{scheme}_scenario", tmp_path, 90)):
+    deadline = 240 if scheme == "fsdp_triton" else 90  # the interpreter: ~4x the time on 2 cores
+    for r, out in enumerate(spawn(world, f"test_blocks_distributed:{scheme}_scenario", tmp_path, deadline)):
         for name, (weights, alpha) in expected.items():
             got_weights, got_alpha, comm = out[name]
             assert rel_err(got_weights, weights) <= REL, f"rank {r} {name}: weights"

@@ -67,7 +67,7 @@ def test_large_steps_match_the_fp64_oracle(cuda_ops, shapes, K):
     g = flat(grads)
     D = g.numel()
     workspace = torch.empty(D, device="cuda")
-    coord = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], "cuda")
+    coord = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend="cuda")
     assert_within(coord, P @ g, P.abs() @ g.abs(), TOL[torch.float32], "P^T g")
     lr = 0.5
     ops.step_(params, grads, workspace, *s.values(), lr, backend="cuda")

@@ -183,7 +183,7 @@ def test_project_grads_matches_the_fp64_oracle(backend, dtype, device):
     params, grads, s, P = problem(device, 5, dtype)
     before = [p.clone() for p in params]
     workspace = torch.empty(P.shape[1], device=device)
-    out = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    out = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend=backend)
     g = flat_grads(params, grads)
     assert out.dtype == torch.float32 and out.shape == (5,)
     assert_within(out.cpu(), P @ g, P.abs() @ g.abs(), TOL[dtype], "P^T g")
@@ -205,11 +205,13 @@ def test_project_grads_names_bad_arguments():
     params, grads, s, _ = problem(torch.device("cpu"), 3, torch.float16)
     workspace = torch.empty(s["w0"].numel())
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
-        _ops.project_grads(params, [torch.zeros(3), *grads[1:]], workspace, s["basis"], s["scales"], "torch")
+        _ops.project_grads(
+            params, [torch.zeros(3), *grads[1:]], workspace, s["basis"], s["scales"], backend="torch"
+        )
     with pytest.raises(RuntimeError, match="workspace must have shape"):
-        _ops.project_grads(params, grads, torch.empty(3), s["basis"], s["scales"], "torch")
+        _ops.project_grads(params, grads, torch.empty(3), s["basis"], s["scales"], backend="torch")
     with pytest.raises(RuntimeError, match="params hold"):
-        _ops.project_grads(params[:-1], grads[:-1], workspace, s["basis"], s["scales"], "torch")
+        _ops.project_grads(params[:-1], grads[:-1], workspace, s["basis"], s["scales"], backend="torch")
 
 
 # ---- the fused steps (Triton, CUDA): awkward sizes, determinism, CUDA graphs, launches, syncs
@@ -300,7 +302,7 @@ def test_fused_step_at_awkward_sizes_matches_the_fp64_oracle(backend, K, dtype, 
     params, grads, s, P = awkward_problem(device, K, dtype, layout)
     lr = 0.25
     workspace = torch.empty(P.shape[1], device=device)
-    coord = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    coord = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend=backend)
     ops.step_(params, grads, workspace, *s.values(), lr, backend=backend)
     g = flat_grads(params, grads)
     c = P @ g
@@ -350,8 +352,8 @@ def test_fused_step_is_deterministic(backend, device):
     assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
     params, grads, s, P = awkward_problem(device, K, torch.float16)
     workspace = torch.empty(P.shape[1], device=device)
-    c1 = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
-    c2 = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend)
+    c1 = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend=backend)
+    c2 = _ops.project_grads(params, grads, workspace, s["basis"], s["scales"], backend=backend)
     assert torch.equal(c1, c2)
 
 

@@ -283,6 +283,25 @@ def _count_launches(monkeypatch):
     return calls
 
 
+def launches_of_a_second_call(step, device, monkeypatch) -> list[str]:
+    """The kernels ``step()`` launches when called again (the first call autotunes, on a GPU
+    benchmarking several configs); it must not call torch.cat nor (on CUDA) sync the host."""
+    step()
+    calls = _count_launches(monkeypatch)
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in the step"))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        step()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    monkeypatch.setattr(torch, "cat", cat)
+    return calls
+
+
 def test_fused_step_launches_at_most_4_kernels(device, monkeypatch):
     n = 12
     shapes = [(3 + i,) if i % 3 else (2, 1 + i) for i in range(n)]
@@ -300,19 +319,7 @@ def test_fused_step_launches_at_most_4_kernels(device, monkeypatch):
             p.grad = torch.randn_like(p)
         fused.fused_twa_step(params, w0, basis, scales, alpha, buf, counters, gram, pw0, kw)
 
-    step()  # first call: autotuning (on a GPU) benchmarks several configs
-    calls = _count_launches(monkeypatch)
-    cat = torch.cat
-    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in the step"))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
-    try:
-        step()
-    finally:
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode(0)
-    monkeypatch.setattr(torch, "cat", cat)
+    calls = launches_of_a_second_call(step, device, monkeypatch)
     assert 1 <= len(calls) <= 4, calls
     assert counters.tolist() == [2, 0]
 
@@ -348,13 +355,16 @@ def test_fused_step_through_twa_optimizer(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
-@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
-def test_twa_step_cuda_graph_capture(lr_kind):
+@pytest.mark.parametrize(
+    ("lr_kind", "rule"), [("float", "sgd"), ("tensor", "sgd"), ("tensor", "adamw-tensor")]
+)
+def test_twa_step_cuda_graph_capture(lr_kind, rule):
     # TWA(backend="triton").step() captured once in a CUDA graph and replayed with gradients
     # written in place must give the same bits as eager steps with the same gradients; the eager
     # steps must not synchronise with the host. With a tensor lr an LR scheduler runs between
-    # steps: the replays read the lr it wrote into the tensor.
-    from twa_kernels.optim import TWA
+    # steps: the replays read the lr it wrote into the tensor. "adamw-tensor": TWAAdamW with
+    # per-tensor coefficients, the fused per-block step.
+    from twa_kernels.optim import TWA, TWAAdamW
     from twa_kernels.subspace import Subspace
 
     device = torch.device("cuda")
@@ -371,7 +381,11 @@ def test_twa_step_cuda_graph_capture(lr_kind):
                     p.add_(0.1 * torch.randn_like(p))
             space.add()
         lr = torch.tensor(0.1, device=device) if lr_kind == "tensor" else 0.1
-        opt = TWA(model.parameters(), space, lr=lr, momentum=0.9, weight_decay=1e-3, backend="triton")
+        if rule == "sgd":
+            opt = TWA(model.parameters(), space, lr=lr, momentum=0.9, weight_decay=1e-3, backend="triton")
+        else:
+            opt = TWAAdamW(model.parameters(), space, lr=lr, weight_decay=1e-3, granularity="tensor",
+                           backend="triton")  # fmt: skip
         for p in model.parameters():
             p.grad = torch.zeros_like(p)  # static grads: the graph reads these addresses
         return model, opt

@@ -418,19 +418,20 @@ def cases():
             "BLOCK_D": param_table.BLOCK,
         }
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "basis_ptr": ptr, "row_stride": "i32",
-               "part_ptr": "*fp32", "K": "i32", "NBLK": "i32"}  # fmt: skip
+               "part_ptr": "*fp32", "seg_ptr": "*i64", "L": "i32", "K": "i32", "NBLK": "i32"}  # fmt: skip
         aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "part_ptr")
         # Grads of one dtype (fp32, a typed load), and of mixed dtypes (three masked loads).
         for cfg, grad_code in itertools.product(step._PROJECT_CONFIGS, (0, -1)):
-            kw = dict(cfg.kwargs, GROUP=16 // size, GRAD_CODE=grad_code, **common)
+            kw = dict(cfg.kwargs, GROUP=16 // size, GRAD_CODE=grad_code, SEGMENTED=False, **common)
             tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_project", step._step_project_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
-               "row_stride": "i32", "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "K": "i32",
-               "NBLK": "i32"}  # fmt: skip
+               "row_stride": "i32", "scales_ptr": "*fp32", "alpha_ptr": "*fp32", "seg_ptr": "*i64",
+               "K": "i32", "NBLK": "i32"}  # fmt: skip
         aligned = ("ptab_ptr", "btab_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
-        for cfg in step._WRITE_CONFIGS:
-            kw = dict(cfg.kwargs, **common)
+        # One coefficient vector, and one row per parameter (per-block coordinates).
+        for cfg, segmented in itertools.product(step._WRITE_CONFIGS, (False, True)):
+            kw = dict(cfg.kwargs, SEGMENTED=segmented, **common)
             tile = (kw["BLOCK_K"], param_table.BLOCK)
             yield "step_write", step._step_write_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
         # orthogonalize_, once per sample: its three passes at their fixed tile shapes.
@@ -553,19 +554,19 @@ def step_int8_cases():
         "BLOCK_D": param_table.BLOCK,
     }
     sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "basis_ptr": ptr, "row_stride": "i32",
-           "scales_ptr": "*fp32", "scale_stride": "i32", "part_ptr": "*fp32", "K": "i32",
-           "NBLK": "i32"}  # fmt: skip
+           "scales_ptr": "*fp32", "scale_stride": "i32", "part_ptr": "*fp32", "seg_ptr": "*i64",
+           "L": "i32", "K": "i32", "NBLK": "i32"}  # fmt: skip
     aligned = ("ptab_ptr", "btab_ptr", "basis_ptr", "row_stride", "scales_ptr", "part_ptr")
     for cfg, grad_code in itertools.product(step._PROJECT_CONFIGS_Q, (0, -1)):
-        kw = dict(cfg.kwargs, GRAD_CODE=grad_code, **common)
+        kw = dict(cfg.kwargs, GRAD_CODE=grad_code, SEGMENTED=False, **common)
         tile = (kw["BLOCK_K"], param_table.BLOCK)
         yield "step_project", step._step_project_int8_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
     sig = {"ptab_ptr": "*i64", "btab_ptr": "*i64", "w0_ptr": "*fp32", "basis_ptr": ptr,
            "row_stride": "i32", "scales_ptr": "*fp32", "scale_stride": "i32", "alpha_ptr": "*fp32",
-           "K": "i32", "NBLK": "i32"}  # fmt: skip
+           "seg_ptr": "*i64", "K": "i32", "NBLK": "i32"}  # fmt: skip
     aligned = ("ptab_ptr", "btab_ptr", "w0_ptr", "basis_ptr", "row_stride", "scales_ptr", "alpha_ptr")
-    for cfg in step._WRITE_CONFIGS_Q:
-        kw = dict(cfg.kwargs, **common)
+    for cfg, segmented in itertools.product(step._WRITE_CONFIGS_Q, (False, True)):
+        kw = dict(cfg.kwargs, SEGMENTED=segmented, **common)
         tile = (kw["BLOCK_K"], param_table.BLOCK)
         yield "step_write", step._step_write_int8_kernel, sig, kw, aligned, cfg.num_warps, dtype, tile
 

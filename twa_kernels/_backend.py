@@ -23,6 +23,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 OPS = (
     "project", "reconstruct_", "orthogonalize_", "subspace_step_", "project_grads", "step_", "write_params_",
+    "block_step_", "step_blocks_",
 )  # fmt: skip
 
 

@@ -9,9 +9,11 @@ with zero norm on the block stays zero, and its coordinate never moves):
 ``G_l = P_l^T P_l`` (the k norms and the [L, k, k] Gram matrices computed once). Without
 normalisation and with one block this is the published TWA's ``w = w0 + P alpha``.
 
-The passes over D run the plain-PyTorch per-block ops (``reference.project_blocks``,
-``reconstruct_blocks_``) on any device; on CUDA that is warned once (the fused kernels do one
-block per model).
+The step on one process is the fused ``twa::step_blocks_`` (a segmented projection, the
+[L, K] step, a write taking each parameter's row), on FSDP2 its parts around an all-reduce of
+the [L, K] coordinate gradients; a subspace sharded along D over a process group runs the
+plain-PyTorch per-block passes (``reference.project_blocks``, ``reconstruct_blocks_``), warned
+once on CUDA.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ class BlockCoordinates:
     """The per-block normalisation, Gram matrices and passes over D of one subspace's columns."""
 
     def __init__(
-        self, basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], normalise: bool, group=None
+        self, basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], segments: list[int],
+        normalise: bool, group=None,
     ):  # fmt: skip
-        """``blocks``: each block's range of the values held here (``local_blocks``); ``group``:
-        the subspace's process group, whose ranks' partial sums are all-reduced (None: none)."""
+        """``blocks``: each block's range of the values held here (``local_blocks``);
+        ``segments``: each parameter's block (``_params.block_segments``); ``group``: the
+        subspace's process group, whose ranks' partial sums are all-reduced (None: none)."""
         self.blocks = blocks
+        self.segments = segments
         self.group = group
         raw = block_grams(basis, scales, blocks, group)  # fp64 [L, K, K]
         if normalise:
@@ -46,8 +51,8 @@ class BlockCoordinates:
         # fp32 [L, K]: a_l's coefficient on the stored (unnormalised) columns is inv_l * a_l.
         self.inv_norms = inv.float()
         self.gram = (raw * inv[:, :, None] * inv[:, None, :]).float()  # G_l, fp32 [L, K, K]
-        if basis.device.type == "cuda":
-            _warn_reference_path()
+        # fp32 [L, K]: the coefficients of the stored columns, inv_norms * a (written by the step)
+        self.coef = torch.zeros_like(self.inv_norms)
 
     def project(self, basis: Tensor, scales: Tensor, x: Tensor) -> Tensor:
         """``P_l^T x_l`` for every block (x: the values held here): fp32 [L, K], the same on
@@ -81,14 +86,14 @@ def _summed(t: Tensor, group) -> Tensor:
     return t if group is None else _collectives.all_reduce_(t, group)
 
 
-def _warn_reference_path() -> None:
+def warn_reference_path() -> None:
     global _warned
     if not _warned:
         _warned = True
         warnings.warn(
             "twa_kernels: per-block coefficients (granularity other than 'model', or TWAAdamW) "
-            "run the plain-PyTorch per-block passes over the basis on CUDA; the fused kernels "
-            "take one block per model so far",
+            "on a subspace sharded along D over a process group run the plain-PyTorch per-block "
+            "passes over the basis on CUDA (one process and FSDP2 run the fused kernels)",
             stacklevel=4,
         )
 

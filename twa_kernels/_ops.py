@@ -16,9 +16,14 @@ storage, ``scales`` [K, ceil(D / 64)]: one scale per block of ``QUANT_BLOCK`` = 
 - ``orthogonalize_(basis, scales, sample, rank)``: CGS2 of a sample against rows [0, rank),
   storing the normalised remainder in row ``rank`` (when it exists) with its scale.
 - ``subspace_step_(...)``: the K-dimensional SGD update of the coordinates, on the device.
-- ``project_grads(params, grads, workspace, basis, scales)``: ``P^T g`` of a parameter list's
-  gradients (the projection of ``step_``; a sharded step all-reduces it before the update).
+- ``project_grads(params, grads, workspace, basis, scales, segments=None)``: ``P^T g`` of a
+  parameter list's gradients (the projection of ``step_``; a sharded step all-reduces it before
+  the update); with ``segments`` one row per coefficient block.
 - ``step_(params, grads, workspace, ...)``: the whole step over a parameter list.
+- ``write_params_(params, workspace, w0, basis, scales, coef, segments=None)``: its last pass,
+  ``params <- w0 + P coef`` (one coefficient row per parameter with ``segments``).
+- ``block_step_(...)`` and ``step_blocks_(...)``: the [L, K] step of per-block coordinates
+  (SGD or AdamW) and the whole per-block step over a parameter list.
 
 Largest K (basis rows, coordinates) supported: ``MAX_RANK`` = 8192 for every op on every
 backend, checked with the other arguments (``ValueError`` above it). What sets it, per backend:
@@ -61,6 +66,7 @@ BLOCKWISE_BACKENDS = {
     "project_grads": ("torch", "triton", "cuda"),
     "step_": ("torch", "triton", "cuda"),
     "write_params_": ("torch", "triton", "cuda"),
+    "step_blocks_": ("torch", "triton", "cuda"),
 }
 # orthogonalize_ on the CUDA backend: rows read (rank) at most this (csrc kMaxOrthRank).
 CUDA_MAX_ORTH_RANK = 2048
@@ -364,11 +370,28 @@ def _check_params_and_grads(params, grads, basis: Tensor) -> None:
     torch._check(total == D, lambda: f"params hold {total} values, the basis has D={D}")
 
 
-def check_project_grads(params, grads, workspace, basis, scales) -> None:
+def check_project_grads(params, grads, workspace, basis, scales, segments=None) -> None:
     _check_basis(basis, scales, "project_grads")
     _check_params_and_grads(params, grads, basis)
     _check_vector("workspace", workspace, basis.shape[1])
     _same_device(basis=basis, scales=scales, workspace=workspace)
+    if segments is not None:
+        _check_segments(segments, len(params), segments[-1] + 1 if segments else 0)
+
+
+def _check_segments(segments: list[int], n_params: int, rows: int) -> None:
+    """One coefficient row per parameter, non-decreasing, each in [0, rows)."""
+    torch._check(
+        len(segments) == n_params,
+        lambda: f"segments has {len(segments)} entries, params {n_params}",
+    )
+    for i, seg in enumerate(segments):
+        torch._check(
+            0 <= seg < rows and (i == 0 or seg >= segments[i - 1]),
+            lambda i=i, seg=seg: (
+                f"segments[{i}] = {seg}: segments must be non-decreasing rows of coef, in [0, {rows})"
+            ),
+        )
 
 
 @torch.library.custom_op("twa::project_grads", mutates_args=("workspace",))
@@ -378,19 +401,23 @@ def project_grads(
     workspace: Tensor,
     basis: Tensor,
     scales: Tensor,
+    segments: Optional[list[int]] = None,  # noqa: UP045 (the schema parser reads typing.Optional)
     backend: str = "auto",
 ) -> Tensor:
-    """``P^T g`` of a parameter list's gradients (None: zero), fp32 [K]; ``workspace`` fp32 [D]
-    may receive the flat gradient (the fused Triton kernel reads the grads in place instead)."""
-    check_project_grads(params, grads, workspace, basis, scales)
-    return route("project_grads", backend, basis)(params, grads, workspace, basis, scales)
+    """``P^T g`` of a parameter list's gradients (None: zero), fp32 [K]; with ``segments`` (one
+    row per parameter, non-decreasing) fp32 [segments[-1] + 1, K], each row the sum over its
+    parameters. ``workspace`` fp32 [D] may receive the flat gradient (the fused Triton kernel
+    reads the grads in place instead)."""
+    check_project_grads(params, grads, workspace, basis, scales, segments)
+    return route("project_grads", backend, basis)(params, grads, workspace, basis, scales, segments)
 
 
 @project_grads.register_fake
-def _project_grads_fake(params, grads, workspace, basis, scales, backend="auto"):
-    check_project_grads(params, grads, workspace, basis, scales)
+def _project_grads_fake(params, grads, workspace, basis, scales, segments=None, backend="auto"):
+    check_project_grads(params, grads, workspace, basis, scales, segments)
     _backend.check_backend_name(backend)
-    return basis.new_empty((basis.shape[0],), dtype=torch.float32)
+    shape = (basis.shape[0],) if segments is None else (segments[-1] + 1, basis.shape[0])
+    return basis.new_empty(shape, dtype=torch.float32)
 
 
 def check_write_params(params, workspace, w0, basis, scales, coef, segments) -> None:
@@ -410,18 +437,7 @@ def check_write_params(params, workspace, w0, basis, scales, coef, segments) -> 
             f"{tuple(coef.shape)}"
         ),
     )
-    torch._check(
-        len(segments) == len(params),
-        lambda: f"segments has {len(segments)} entries, params {len(params)}",
-    )
-    rows = coef.shape[0]
-    for i, seg in enumerate(segments):
-        torch._check(
-            0 <= seg < rows and (i == 0 or seg >= segments[i - 1]),
-            lambda i=i, seg=seg: (
-                f"segments[{i}] = {seg}: segments must be non-decreasing rows of coef, in [0, {rows})"
-            ),
-        )
+    _check_segments(segments, len(params), coef.shape[0])
 
 
 @torch.library.custom_op("twa::write_params_", mutates_args=("params", "workspace"))
@@ -497,4 +513,146 @@ def _step_fake(
     lr, momentum, dampening, weight_decay, nesterov, backend="auto",
 ):  # fmt: skip
     check_step(params, grads, workspace, w0, basis, scales, alpha, momentum_buffer, counters, gram, pw0, lr)
+    _backend.check_backend_name(backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# block_step_ and step_blocks_: per-block coordinates (the published follow-up, ``_blocks``)
+
+RULES = ("sgd", "adamw")
+
+
+def check_block_step(alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr, rule) -> None:
+    torch._check(alpha.dim() == 2, lambda: f"alpha must be fp32 [L, K], got {tuple(alpha.shape)}")
+    L, K = alpha.shape
+    check_rank("twa::block_step_", K)
+    vectors = dict(alpha=alpha, buf1=buf1, coord_grad=coord_grad, pw0=pw0, inv_norms=inv_norms, coef=coef)
+    if rule == "adamw":  # SGD's rule does not read or write buf2 (it may be empty)
+        vectors["buf2"] = buf2
+    for name, t in vectors.items():
+        torch._check(
+            t.shape == (L, K) and t.dtype == torch.float32 and t.is_contiguous(),
+            lambda name=name, t=t: (
+                f"{name} must be a contiguous fp32 [{L}, {K}], got {t.dtype} {tuple(t.shape)}"
+            ),
+        )
+    torch._check(
+        gram.shape == (L, K, K) and gram.dtype == torch.float32 and gram.is_contiguous(),
+        lambda: f"gram must be a contiguous fp32 [{L}, {K}, {K}], got {gram.dtype} {tuple(gram.shape)}",
+    )
+    _check_vector("counters", counters, 2, dtypes=(torch.int64,))
+    torch._check(
+        lr.dim() == 0 and lr.dtype == torch.float32,
+        lambda: f"lr must be a 0-dim float32 tensor, got {lr.dtype} {tuple(lr.shape)}",
+    )
+    torch._check_value(rule in RULES, lambda: f"rule must be one of {RULES}, got {rule!r}")
+    _same_device(alpha=alpha, buf1=buf1, buf2=buf2, counters=counters, coord_grad=coord_grad,
+                 gram=gram, pw0=pw0, inv_norms=inv_norms, coef=coef, lr=lr)  # fmt: skip
+
+
+@torch.library.custom_op("twa::block_step_", mutates_args=("alpha", "buf1", "buf2", "counters", "coef"))
+def block_step_(
+    alpha: Tensor,
+    buf1: Tensor,
+    buf2: Tensor,
+    counters: Tensor,
+    coord_grad: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    inv_norms: Tensor,
+    coef: Tensor,
+    lr: Tensor,
+    rule: str,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    backend: str = "auto",
+) -> None:
+    """The per-block coordinates' step (see ``reference.block_step_``), on the device."""
+    check_block_step(alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr, rule)
+    route("block_step_", backend, gram)(
+        alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr, rule, momentum,
+        dampening, weight_decay, nesterov, beta1, beta2, eps,
+    )  # fmt: skip
+
+
+@block_step_.register_fake
+def _block_step_fake(
+    alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr, rule, momentum,
+    dampening, weight_decay, nesterov, beta1, beta2, eps, backend="auto",
+):  # fmt: skip
+    check_block_step(alpha, buf1, buf2, counters, coord_grad, gram, pw0, inv_norms, coef, lr, rule)
+    _backend.check_backend_name(backend)
+
+
+@torch.library.custom_op(
+    "twa::step_blocks_",
+    mutates_args=("params", "workspace", "alpha", "buf1", "buf2", "counters", "coef"),
+)
+def step_blocks_(
+    params: list[Tensor],
+    grads: list[Optional[Tensor]],  # noqa: UP045 (the schema parser reads typing.Optional)
+    workspace: Tensor,
+    w0: Tensor,
+    basis: Tensor,
+    scales: Tensor,
+    alpha: Tensor,
+    buf1: Tensor,
+    buf2: Tensor,
+    counters: Tensor,
+    gram: Tensor,
+    pw0: Tensor,
+    inv_norms: Tensor,
+    coef: Tensor,
+    segments: list[int],
+    lr: Tensor,
+    rule: str,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    backend: str = "auto",
+) -> None:
+    """One step of per-block coordinates over a parameter list (see ``reference.step_blocks_``):
+    the fused kernels read the grads and write the parameters in place."""
+    _check_step_blocks(params, grads, workspace, w0, basis, scales, alpha, buf1, buf2, counters, gram,
+                       pw0, inv_norms, coef, segments, lr, rule)  # fmt: skip
+    route("step_blocks_", backend, basis)(
+        params, grads, workspace, w0, basis, scales, alpha, buf1, buf2, counters, gram, pw0, inv_norms,
+        coef, segments, lr, rule, momentum, dampening, weight_decay, nesterov, beta1, beta2, eps,
+    )  # fmt: skip
+
+
+def _check_step_blocks(
+    params, grads, workspace, w0, basis, scales, alpha, buf1, buf2, counters, gram, pw0, inv_norms,
+    coef, segments, lr, rule,
+) -> None:  # fmt: skip
+    check_project_grads(params, grads, workspace, basis, scales, segments)
+    check_block_step(alpha, buf1, buf2, counters, alpha, gram, pw0, inv_norms, coef, lr, rule)
+    _check_vector("w0", w0, basis.shape[1])
+    torch._check(
+        alpha.shape == (segments[-1] + 1, basis.shape[0]),
+        lambda: (
+            f"alpha must be [{segments[-1] + 1}, {basis.shape[0]}] (rows of segments, basis K), "
+            f"got {tuple(alpha.shape)}"
+        ),
+    )
+    _same_device(basis=basis, w0=w0, alpha=alpha)
+
+
+@step_blocks_.register_fake
+def _step_blocks_fake(
+    params, grads, workspace, w0, basis, scales, alpha, buf1, buf2, counters, gram, pw0, inv_norms,
+    coef, segments, lr, rule, momentum, dampening, weight_decay, nesterov, beta1, beta2, eps,
+    backend="auto",
+):  # fmt: skip
+    _check_step_blocks(params, grads, workspace, w0, basis, scales, alpha, buf1, buf2, counters, gram,
+                       pw0, inv_norms, coef, segments, lr, rule)  # fmt: skip
     _backend.check_backend_name(backend)

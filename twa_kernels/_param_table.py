@@ -12,6 +12,10 @@ of ``BLOCK`` columns that never straddle two parameters. Per parameter list (``p
   values) and both addresses are multiples of 16: its whole blocks can be read in 16-byte
   vectors (given basis rows that start 16-byte aligned, see ``ops.empty_basis``).
 
+Also per plan, made once: a parameter table without grads (``param_table``: the write pass
+alone, ``twa::write_params_``) and, for per-block coordinates, each parameter's coefficient row
+(``segment_table``) and each row's range of the block table (``segment_blocks``).
+
 Kernels turn the addresses into typed pointers, which also works in Triton's interpreter, where
 CPU tensors keep their real addresses. Only the grad addresses can change between steps
 (``zero_grad`` frees grads by default); the parameter table is rebuilt and copied to the device
@@ -59,6 +63,7 @@ class Plan:
     def __init__(self, params: list[Tensor], device: torch.device):
         self.device = device
         self.offsets = []
+        self.first_blocks = []  # each parameter's first row of the block table
         blocks = []
         off = 0
         for i, p in enumerate(params):
@@ -66,6 +71,7 @@ class Plan:
                 raise ValueError(f"fused TWA step: parameter {i} is not contiguous")
             dtype_code(p, f"parameter {i}")
             self.offsets.append(off)
+            self.first_blocks.append(len(blocks))
             n = p.numel()
             blocks.extend((i, s, off + s, min(BLOCK, n - s)) for s in range(0, n, BLOCK))
             off += n
@@ -122,6 +128,23 @@ class Plan:
         if table is None:
             self._check_not_capturing("segment table")
             table = self.segments[key] = torch.tensor(key, dtype=torch.int64).to(self.device)
+        self._keep_if_capturing(table)
+        return table
+
+    def segment_blocks(self, segments: list[int]) -> Tensor:
+        """int64 [rows, 2] on the device: each coefficient row's range ``[first, last)`` of the
+        block table (its parameters' blocks are consecutive; ``(0, 0)`` for a row with none),
+        made once per list."""
+        key = ("blocks", *segments)
+        table = self.segments.get(key)
+        if table is None:
+            self._check_not_capturing("segment table")
+            ends = [*self.first_blocks[1:], self.nblk]
+            ranges = [[0, 0] for _ in range(segments[-1] + 1)]
+            for seg, first, end in zip(segments, self.first_blocks, ends, strict=True):
+                if first < end:
+                    ranges[seg] = [first, end] if ranges[seg][0] == ranges[seg][1] else [ranges[seg][0], end]
+            table = self.segments[key] = torch.tensor(ranges, dtype=torch.int64).to(self.device)
         self._keep_if_capturing(table)
         return table
 

@@ -188,6 +188,18 @@ def coefficient_blocks(layout: ParamLayout, granularity) -> list[tuple[int, int]
     return blocks
 
 
+def block_segments(layout: ParamLayout, blocks: list[tuple[int, int]]) -> list[int]:
+    """Each parameter's block (its coefficient row) among ``blocks`` (``coefficient_blocks``):
+    non-decreasing, as the fused per-block kernels take it. A parameter without values belongs
+    to the block its offset starts (the last block at the end of D)."""
+    segments, l = [], 0
+    for o in layout.offsets:
+        while l + 1 < len(blocks) and o >= blocks[l][1]:
+            l += 1
+        segments.append(l)
+    return segments
+
+
 def shard_pieces(layout: ParamLayout, start: int, stop: int) -> list[tuple[int, int, int]]:
     """``(parameter index, begin, end)`` of the flattened parameters' values in ``[start, stop)``.
 

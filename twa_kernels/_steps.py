@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import _collectives, _ops, _params
+from . import _blocks, _collectives, _ops, _params, reference
 
 if TYPE_CHECKING:
     from .subspace import Subspace
@@ -85,6 +85,26 @@ class Hyper:
     dampening: float
     weight_decay: float
     nesterov: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockHyper:
+    """The hyperparameters of one per-block step (``twa::block_step_``): ``rule`` "sgd" reads
+    ``torch.optim.SGD``'s names, "adamw" ``torch.optim.AdamW``'s (betas as beta1, beta2)."""
+
+    lr: Tensor
+    rule: str
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.0
+    beta2: float = 0.0
+    eps: float = 0.0
+
+    def args(self) -> tuple:
+        return (self.lr, self.rule, self.momentum, self.dampening, self.weight_decay, self.nesterov,
+                self.beta1, self.beta2, self.eps)  # fmt: skip
 
 
 def _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper: Hyper, backend) -> None:
@@ -141,6 +161,23 @@ class LocalStep:
         one launch on Triton and CUDA, through the flat buffer on the reference."""
         _ops.write_params_([p.detach() for p in params], self.flat, w0, basis, scales, alpha, None, backend)
 
+    def write_block_weights(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
+    ) -> None:
+        """``params <- w0 + P coef[row]`` per parameter (``blocks``: ``_blocks.BlockCoordinates``)."""
+        _ops.write_params_([p.detach() for p in params], self.flat, w0, basis, scales, blocks.coef,
+                           blocks.segments, backend)  # fmt: skip
+
+    def step_blocks(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, buf1: Tensor,
+        buf2: Tensor, counters: Tensor, blocks, pw0: Tensor, hyper: BlockHyper, backend: str,
+    ) -> None:  # fmt: skip
+        """One step of per-block coordinates: the fused ``twa::step_blocks_``."""
+        _ops.step_blocks_(
+            params, [p.grad for p in params], self.flat, w0, basis, scales, alpha, buf1, buf2, counters,
+            blocks.gram, pw0, blocks.inv_norms, blocks.coef, blocks.segments, *hyper.args(), backend,
+        )  # fmt: skip
+
     def step(
         self,
         params: list[Tensor],
@@ -192,6 +229,19 @@ class _GroupStep:
         coord_grad = self.project_grads(params, basis, scales, concrete)
         _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
         self.write_weights(params, w0, basis, scales, alpha, concrete)
+
+    def step_blocks(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, buf1: Tensor,
+        buf2: Tensor, counters: Tensor, blocks, pw0: Tensor, hyper: BlockHyper, backend: str,
+    ) -> None:  # fmt: skip
+        """One step of per-block coordinates: this rank's [L, K] projections all-reduced, the
+        [L, K] step (the same on every rank), this rank's weights written."""
+        concrete = _ops.choose("step_blocks_", backend, basis)
+        coord = _collectives.all_reduce_(self.project_block_grads(params, basis, scales, blocks, concrete),
+                                         self.group)  # fmt: skip
+        _ops.block_step_(alpha, buf1, buf2, counters, coord, blocks.gram, pw0, blocks.inv_norms, blocks.coef,
+                         *hyper.args(), concrete)  # fmt: skip
+        self.write_block_weights(params, w0, basis, scales, blocks, concrete)
 
 
 class ShardedStep(_GroupStep):
@@ -261,7 +311,7 @@ class ShardedStep(_GroupStep):
             return self.project(basis, scales, self.local_gradient(params), backend)
         pieces, grads = self._cut([p.detach() for p in params]), self._cut([p.grad for p in params])
         return _collectives.all_reduce_(
-            _ops.project_grads(pieces, grads, self.local, basis, scales, backend), self.group
+            _ops.project_grads(pieces, grads, self.local, basis, scales, None, backend), self.group
         )
 
     def write_weights(
@@ -269,6 +319,19 @@ class ShardedStep(_GroupStep):
     ) -> None:
         """``params <- w0 + P alpha``: this rank's shard, then an all-gather of all of them."""
         _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
+        self.write_local(params)
+
+    def project_block_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, blocks, backend: str):
+        """This rank's unnormalised ``P_l^T g_l`` [L, K] (the plain-PyTorch per-block pass)."""
+        if basis.device.type == "cuda":
+            _blocks.warn_reference_path()
+        return reference.project_blocks(basis, scales, self.local_gradient(params), blocks.blocks)
+
+    def write_block_weights(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
+    ) -> None:
+        """This rank's shard of ``w0 + P coef[row]`` (the plain-PyTorch pass), all-gathered."""
+        reference.reconstruct_blocks_(self.local, w0, basis, scales, blocks.coef, blocks.blocks)
         self.write_local(params)
 
     def log_comm(self, K: int, D: int) -> None:
@@ -333,7 +396,7 @@ class FSDPStep(_GroupStep):
     def project_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, backend: str) -> Tensor:
         """``P^T g`` (fp32 [K], the same on every rank): the local shards' sums, all-reduced."""
         grads = self._shards([p.grad for p in params])
-        local = _ops.project_grads(self._shards(params), grads, self.local, basis, scales, backend)
+        local = _ops.project_grads(self._shards(params), grads, self.local, basis, scales, None, backend)
         return _collectives.all_reduce_(local, self.group)
 
     def write_weights(
@@ -343,6 +406,19 @@ class FSDPStep(_GroupStep):
         ``twa::write_params_`` on the shards, one launch on Triton and CUDA."""
         shards = self._shards([p.detach() for p in params])
         _ops.write_params_(shards, self.local, w0, basis, scales, alpha, None, backend)
+
+    def project_block_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, blocks, backend: str):
+        """The local shards' unnormalised ``P_l^T g_l`` [L, K] (``twa::project_grads`` per row)."""
+        grads = self._shards([p.grad for p in params])
+        return _ops.project_grads(self._shards(params), grads, self.local, basis, scales, blocks.segments,
+                                  backend)  # fmt: skip
+
+    def write_block_weights(
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
+    ) -> None:
+        """The local shards ``<- w0 + P coef[row]``, in place (``twa::write_params_``)."""
+        shards = self._shards([p.detach() for p in params])
+        _ops.write_params_(shards, self.local, w0, basis, scales, blocks.coef, blocks.segments, backend)
 
     def log_comm(self, K: int, D: int) -> None:
         if self.me == 0:

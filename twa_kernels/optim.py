@@ -181,8 +181,9 @@ class TWA(torch.optim.Optimizer):
             basis, scales = subspace.columns
             local = _blocks.local_blocks(blocks, subspace.pieces, subspace.layout)
             self._blocks = _blocks.BlockCoordinates(
-                basis, scales, local, normalise=granularity != "model", group=subspace.process_group
-            )
+                basis, scales, local, _params.block_segments(subspace.layout, blocks),
+                normalise=granularity != "model", group=subspace.process_group,
+            )  # fmt: skip
             shape = (len(blocks), K)
             self._gram = self._blocks.gram
         else:
@@ -249,11 +250,11 @@ class TWA(torch.optim.Optimizer):
 
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
+        backend = _ops.choose("write_params_", self.backend, basis)
         if self._blocks is not None:
-            self._blocks.reconstruct_(self._step.buffer, self._w0, basis, scales, self._alpha)
-            self._step.write_local(self.params)
+            self._blocks.coef.copy_(self._alpha * self._blocks.inv_norms)
+            self._step.write_block_weights(self.params, self._w0, basis, scales, self._blocks, backend)
         else:
-            backend = _ops.choose("write_params_", self.backend, basis)
             self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
         self._remember_weights()
 
@@ -337,33 +338,19 @@ class TWA(torch.optim.Optimizer):
 
     def _block_step(self) -> None:
         """One step of per-block coordinates: ``c_l = P_l^T g_l``, the rule's update of every
-        ``a_l`` (skipped on the device when any ``c_l`` is not finite), the weights written."""
-        group = self._step_group()
-        c = self._project(self._step.local_gradient(self.params))
-        finite = torch.isfinite(c).all()
-        r = self._blocks.regulariser(self._pw0, self._alpha)
-        new_alpha = self._update(c, r, group, finite)
-        self._alpha.copy_(torch.where(finite, new_alpha, self._alpha))
-        self._counters.add_(torch.stack([finite, ~finite]).to(torch.int64))
-        self._write_weights()
+        ``a_l`` (skipped on the device when any ``c_l`` is not finite), the weights written: the
+        fused per-block step (``twa::step_blocks_``) on one process, its three parts around an
+        all-reduce of the [L, K] coordinate gradients when sharded."""
+        basis, scales = self.subspace.columns
+        state = (self._w0, basis, scales, self._alpha, self._momentum_buffer, self._second_moment,
+                 self._counters, self._blocks, self._pw0)  # fmt: skip
+        self._step.step_blocks(self.params, *state, self._block_hyperparameters(), self.backend)
+        self._remember_weights()
 
-    def _update(self, c: Tensor, r: Tensor, group: dict, finite: Tensor) -> Tensor:
-        """SGD on every block's coordinates (the model-granularity step's rule, per block); the
-        state it keeps changes only where ``finite`` (the step is taken)."""
-        lr, momentum, wd = self._lr_of(group), group["momentum"], group["weight_decay"]
-        d = c + wd * r
-        update = d
-        if momentum != 0:
-            first = self._counters[0] == 0
-            buf = torch.where(first, d, momentum * self._momentum_buffer + (1 - group["dampening"]) * d)
-            self._momentum_buffer.copy_(torch.where(finite, buf, self._momentum_buffer))
-            update = d + momentum * buf if group["nesterov"] else buf
-        return self._alpha - lr * update
-
-    def _lr_of(self, group: dict):
-        """The group's lr: a number, or a 0-dim tensor on the subspace's device (read there)."""
-        lr = group["lr"]
-        return _ops.lr_tensor(lr, self.subspace.device) if isinstance(lr, Tensor) else lr
+    def _block_hyperparameters(self) -> _steps.BlockHyper:
+        """``_hyperparameters`` as the per-block step takes them (SGD's rule)."""
+        h = self._hyperparameters()
+        return _steps.BlockHyper(h.lr, "sgd", h.momentum, h.dampening, h.weight_decay, h.nesterov)
 
     _HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
@@ -409,18 +396,20 @@ class TWA(torch.optim.Optimizer):
         into this optimizer's own device scalar when it changes (no host sync either way).
         """
         group = self._step_group()
+        return _steps.Hyper(
+            self._lr_tensor(group), float(group["momentum"]), float(group["dampening"]),
+            float(group["weight_decay"]), bool(group["nesterov"]),
+        )  # fmt: skip
+
+    def _lr_tensor(self, group: dict) -> Tensor:
+        """The group's lr as a 0-dim fp32 device tensor, without reading the device."""
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            lr = _ops.lr_tensor(lr, self.subspace.device)
-        else:
-            if lr != self._lr_value:
-                self._lr.fill_(lr)
-                self._lr_value = lr
-            lr = self._lr
-        return _steps.Hyper(
-            lr, float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]),
-        )  # fmt: skip
+            return _ops.lr_tensor(lr, self.subspace.device)
+        if lr != self._lr_value:
+            self._lr.fill_(lr)
+            self._lr_value = lr
+        return self._lr
 
     # ------------------------------------------------------------------------------------------
 
@@ -804,17 +793,13 @@ class TWAAdamW(TWA):
             group["lr"], group["betas"], group["eps"], group["weight_decay"], read_tensors=read_tensors
         )
 
-    def _update(self, c: Tensor, r: Tensor, group: dict, finite: Tensor) -> Tensor:
-        lr, (beta1, beta2), eps = self._lr_of(group), group["betas"], group["eps"]
-        alpha = self._alpha - lr * group["weight_decay"] * r
-        m = torch.lerp(self._momentum_buffer, c, 1 - beta1)
-        v = self._second_moment * beta2 + (1 - beta2) * c * c
-        t = (self._counters[0] + 1).to(torch.float32)  # this step's number, if taken
-        m_hat = m / (1 - beta1**t)
-        v_hat = v / (1 - beta2**t)
-        self._momentum_buffer.copy_(torch.where(finite, m, self._momentum_buffer))
-        self._second_moment.copy_(torch.where(finite, v, self._second_moment))
-        return alpha - lr * m_hat / (v_hat.sqrt() + eps)
+    def _block_hyperparameters(self) -> _steps.BlockHyper:
+        group = self._step_group()
+        beta1, beta2 = group["betas"]
+        return _steps.BlockHyper(
+            self._lr_tensor(group), "adamw", weight_decay=float(group["weight_decay"]),
+            beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+        )  # fmt: skip
 
 
 def _check_adamw(lr, betas, eps, weight_decay, *, read_tensors=True) -> None:

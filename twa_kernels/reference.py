@@ -329,16 +329,22 @@ def gathered_projection(project_fn):
     """``project_grads`` made of a backend's ``project``: copy the grads into ``workspace``, project."""
 
     def project_grads(
-        params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, basis: Tensor, scales: Tensor
-    ) -> Tensor:
+        params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, basis: Tensor, scales: Tensor,
+        segments: list[int] | None = None,
+    ) -> Tensor:  # fmt: skip
         copy_or_zero_(_flat_views(workspace, params), grads)
-        return project_fn(basis, scales, workspace)
+        if segments is None:
+            return project_fn(basis, scales, workspace)
+        ranges = segment_ranges(params, segments, segments[-1] + 1)
+        return project_blocks(basis, scales, workspace, ranges)
 
     return project_grads
 
 
 project_grads = gathered_projection(project)
-project_grads.__doc__ = """``P^T g`` of a parameter list's gradients: fp32 [K].
+project_grads.__doc__ = """``P^T g`` of a parameter list's gradients: fp32 [K]; with ``segments`` (one
+row per parameter, non-decreasing) fp32 [segments[-1] + 1, K], row l the sum over the
+parameters of row l (the plain-PyTorch per-block projection on any backend).
 
 ``grads`` holds one gradient per parameter (None: a zero gradient; fp32, bf16 or fp16, shaped
 like the parameter); ``params`` gives the layout (their values are not read). ``workspace`` is
@@ -356,6 +362,46 @@ def segment_ranges(params: list[Tensor], segments: list[int], rows: int) -> list
         at += p.numel()
         ranges[seg] = (start, at)
     return ranges
+
+
+def block_step_(
+    alpha: Tensor, buf1: Tensor, buf2: Tensor, counters: Tensor, coord_grad: Tensor, gram: Tensor,
+    pw0: Tensor, inv_norms: Tensor, coef: Tensor, lr: Tensor, rule: str, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, beta1: float, beta2: float, eps: float,
+) -> None:  # fmt: skip
+    """One step of per-block coordinates (``twa_kernels._blocks``), fp32 [L, K] each.
+
+    ``c = coord_grad * inv_norms`` (``P_l^T g_l`` of the normalised columns) and
+    ``r = pw0 + G a`` (``r_l = P_l^T w_l``; gram fp32 [L, K, K]); ``rule`` "sgd" takes
+    ``torch.optim.SGD``'s step on every ``a_l`` with gradient ``c + weight_decay * r`` (buf1: its
+    momentum buffer), "adamw" the decoupled decay ``a -= lr * weight_decay * r`` then
+    ``torch.optim.AdamW``'s update with gradient c (buf1, buf2: the moments; the step number
+    is ``counters[0] + 1``). Nothing changes but ``counters[1] += 1`` when any c is not finite
+    (else ``counters[0] += 1``). Then ``coef = alpha * inv_norms``, the coefficients of the stored
+    columns that ``write_params_`` takes. No host synchronisation.
+    """
+    c = coord_grad * inv_norms
+    finite = torch.isfinite(c).all()
+    r = pw0 + torch.bmm(gram, alpha.unsqueeze(2)).squeeze(2)
+    if rule == "sgd":
+        d = c + weight_decay * r
+        update = d
+        if momentum != 0:
+            buf = torch.where(counters[0] == 0, d, momentum * buf1 + (1 - dampening) * d)
+            buf1.copy_(torch.where(finite, buf, buf1))
+            update = d + momentum * buf if nesterov else buf
+        new = alpha - lr * update
+    else:
+        decayed = alpha - lr * weight_decay * r
+        m = buf1 + (1 - beta1) * (c - buf1)
+        v = beta2 * buf2 + (1 - beta2) * c * c
+        t = (counters[0] + 1).to(torch.float32)
+        new = decayed - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        buf1.copy_(torch.where(finite, m, buf1))
+        buf2.copy_(torch.where(finite, v, buf2))
+    alpha.copy_(torch.where(finite, new, alpha))
+    counters.add_(torch.stack([finite, ~finite]).long())
+    coef.copy_(alpha * inv_norms)
 
 
 def write_params_(
@@ -394,6 +440,25 @@ def composed_step(project_grads_fn, subspace_step_fn, reconstruct_fn):
 
 
 step_ = composed_step(project_grads, subspace_step_, reconstruct_)
+
+
+def step_blocks_(
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, w0: Tensor, basis: Tensor,
+    scales: Tensor, alpha: Tensor, buf1: Tensor, buf2: Tensor, counters: Tensor, gram: Tensor,
+    pw0: Tensor, inv_norms: Tensor, coef: Tensor, segments: list[int], lr: Tensor, rule: str,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, beta1: float,
+    beta2: float, eps: float,
+) -> None:  # fmt: skip
+    """One step of per-block coordinates over a parameter list: ``project_grads`` per row of
+    ``segments``, ``block_step_``, then ``write_params_`` with the new ``coef``."""
+    coord = project_grads(params, grads, workspace, basis, scales, segments)
+    block_step_(
+        alpha, buf1, buf2, counters, coord, gram, pw0, inv_norms, coef, lr, rule, momentum, dampening,
+        weight_decay, nesterov, beta1, beta2, eps,
+    )  # fmt: skip
+    write_params_(params, workspace, w0, basis, scales, coef, segments)
+
+
 step_.__doc__ = """One TWA step over a parameter list: ``alpha <- SGD(alpha, P^T g)``, then
 ``params <- w0 + P alpha``.
 

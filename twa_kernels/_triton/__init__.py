@@ -5,6 +5,7 @@ Each function has the arguments and semantics of the same function in ``twa_kern
 through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before import.
 """
 
+from .blocks import block_step_, step_blocks_
 from .orthogonalize import orthogonalize_
 from .project import project
 from .reconstruct import reconstruct_
@@ -12,5 +13,6 @@ from .step import project_grads, step_, write_params_
 from .subspace_step import subspace_step_
 
 __all__ = [
-    "orthogonalize_", "project", "project_grads", "reconstruct_", "step_", "subspace_step_", "write_params_",
+    "block_step_", "orthogonalize_", "project", "project_grads", "reconstruct_", "step_", "step_blocks_",
+    "subspace_step_", "write_params_",
 ]  # fmt: skip

@@ -10,6 +10,9 @@ An int8 basis has kernels of its own for stages 1 and 3 (``_step_project_int8_ke
 ``_step_write_int8_kernel``): single-warp programs walk each K tile row by row, every lane's
 16 values taking their block scale, so the partials come out scaled and stage 2 applies none.
 
+Stage 3 alone is ``twa::write_params_``; with SEGMENTED, stages 1 and 3 take one coefficient row
+per parameter (per-block coordinates: ``blocks``, whose fused step is 4 launches).
+
 The parameters are cut into blocks of ``BLOCK`` columns that never straddle two parameters;
 the block and parameter tables (``twa_kernels._param_table``, shared with the CUDA step) tell
 each block where its basis columns, its grad and its parameter are. CUDA graphs: the step can
@@ -207,20 +210,28 @@ def _split_blocks(NBLK):
 @triton.heuristics({"GROUP": lambda args: 16 // args["basis_ptr"].element_size()})
 @triton.jit
 def _step_project_kernel(
-    ptab_ptr, btab_ptr, basis_ptr, row_stride, part_ptr, K, NBLK,
+    ptab_ptr, btab_ptr, basis_ptr, row_stride, part_ptr, seg_ptr, L, K, NBLK,
     FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr, GRAD_CODE: tl.constexpr, GROUP: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """Program (t, s): rows ``[t * BLOCK_K, (t + 1) * BLOCK_K)`` of ``P^T g`` over split s (a run
     of consecutive blocks), summed in a register tile with the next block's basis tile and grad
     prefetched, reduced once into ``part[s, rows]``. The programs of a split run side by side (t fastest),
-    so its grads come from DRAM about once."""
+    so its grads come from DRAM about once.
+
+    SEGMENTED (per-block coordinates): the tile is stored into ``part[s, row, rows]`` [S, L, K]
+    and restarted wherever the coefficient row (``seg`` of the block's parameter) changes; a
+    split's run of blocks covers a run of consecutive rows, and only those entries are written
+    (``_segment_reduce_kernel`` reads no others)."""
     t, s, b_lo, b_hi = _split_blocks(NBLK)
     offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     mask_k = offs_k < K
     rows = basis_ptr + offs_k[:, None] * row_stride
     tile = tl.zeros([BLOCK_K, BLOCK_D // GROUP], dtype=tl.float32)
     if b_lo < b_hi:
+        if SEGMENTED:
+            cur = _segment(btab_ptr, seg_ptr, b_lo, BLOCK_FIELDS)
         # Register prefetch: block i + 1's tile and grad are loaded before block i is summed.
         p, g = _fetch(
             ptab_ptr, btab_ptr, b_lo, rows, mask_k, FIELDS, BLOCK_FIELDS, BLOCK_K, BLOCK_D, GRAD_CODE
@@ -230,9 +241,24 @@ def _step_project_kernel(
                 ptab_ptr, btab_ptr, blk, rows, mask_k, FIELDS, BLOCK_FIELDS, BLOCK_K, BLOCK_D, GRAD_CODE
             )
             tile = group_dot(tile, p, g, BLOCK_K, BLOCK_D, GROUP)
+            if SEGMENTED:
+                nxt = _segment(btab_ptr, seg_ptr, blk, BLOCK_FIELDS)
+                if nxt != cur:
+                    tl.store(part_ptr + (s * L + cur) * K + offs_k, tl.sum(tile, axis=1), mask=mask_k)
+                    tile = tl.zeros([BLOCK_K, BLOCK_D // GROUP], dtype=tl.float32)
+                    cur = nxt
             p, g = p_next, g_next
         tile = group_dot(tile, p, g, BLOCK_K, BLOCK_D, GROUP)
-    tl.store(part_ptr + s * K + offs_k, tl.sum(tile, axis=1), mask=mask_k)
+        if SEGMENTED:
+            tl.store(part_ptr + (s * L + cur) * K + offs_k, tl.sum(tile, axis=1), mask=mask_k)
+    if not SEGMENTED:
+        tl.store(part_ptr + s * K + offs_k, tl.sum(tile, axis=1), mask=mask_k)
+
+
+@triton.jit
+def _segment(btab_ptr, seg_ptr, blk, BLOCK_FIELDS: tl.constexpr):
+    """The coefficient row of block ``blk``'s parameter."""
+    return tl.load(seg_ptr + tl.load(btab_ptr + BLOCK_FIELDS * blk))
 
 
 @triton.jit
@@ -354,14 +380,38 @@ def _int8_block_dot(
 @triton.autotune(configs=configs(_PROJECT_CONFIGS_Q), key=["K", "NBLK"])
 @triton.jit
 def _step_project_int8_kernel(
-    ptab_ptr, btab_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, part_ptr, K, NBLK,
+    ptab_ptr, btab_ptr, basis_ptr, row_stride, scales_ptr, scale_stride, part_ptr, seg_ptr, L, K, NBLK,
     FIELDS: tl.constexpr, BLOCK_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr, GRAD_CODE: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, GRAD_CODE: tl.constexpr, SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """``_step_project_kernel``'s grid and partials for an int8 basis, block scales applied:
-    program (t, s) writes ``part[s, t * BLOCK_K + i]``."""
+    program (t, s) writes ``part[s, t * BLOCK_K + i]`` (SEGMENTED: ``part[s, row, ...]``, the
+    blocks walked in order in one loop, whole or masked)."""
     t, s, b_lo, b_hi = _split_blocks(NBLK)
     tile = tl.zeros([BLOCK_K, BLOCK_D // QRUN], dtype=tl.float32)
+    if SEGMENTED:
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        if b_lo < b_hi:
+            cur = _segment(btab_ptr, seg_ptr, b_lo, BLOCK_FIELDS)
+            for blk in range(b_lo, b_hi):
+                nxt = _segment(btab_ptr, seg_ptr, blk, BLOCK_FIELDS)
+                if nxt != cur:
+                    tl.store(part_ptr + (s * L + cur) * K + offs_k, tl.sum(tile, axis=1), mask=offs_k < K)
+                    tile = tl.zeros([BLOCK_K, BLOCK_D // QRUN], dtype=tl.float32)
+                    cur = nxt
+                entry, row, fast = _entry(ptab_ptr, btab_ptr, blk, FIELDS, BLOCK_FIELDS, BLOCK_D)
+                if fast:
+                    tile = _int8_block_dot(
+                        tile, entry, row, basis_ptr, row_stride, scales_ptr, scale_stride, t, K,
+                        BLOCK_K, BLOCK_D, GRAD_CODE, FAST=True,
+                    )  # fmt: skip
+                else:
+                    tile = _int8_block_dot(
+                        tile, entry, row, basis_ptr, row_stride, scales_ptr, scale_stride, t, K,
+                        BLOCK_K, BLOCK_D, GRAD_CODE, FAST=False,
+                    )  # fmt: skip
+            tl.store(part_ptr + (s * L + cur) * K + offs_k, tl.sum(tile, axis=1), mask=offs_k < K)
+        return
     # Whole aligned blocks first, in a loop of their own: a masked block's row loop nested in
     # it would make this loop an outer one, whose unrolled rows the compiler schedules apart.
     for blk in range(b_lo, b_hi):
@@ -468,21 +518,26 @@ def _grad_code(grads: list[Tensor | None]) -> int:
 
 
 def _project_partials(
-    plan: Plan, ptab: Tensor, basis: Tensor, scales: Tensor, grads: list[Tensor | None]
-) -> Tensor:
+    plan: Plan, ptab: Tensor, basis: Tensor, scales: Tensor, grads: list[Tensor | None],
+    segments: Tensor | None = None, rows: int = 1,
+) -> Tensor:  # fmt: skip
     """Stage 1 of ``P^T g`` straight from the grads the table points at: partials [S, K]
-    (an int8 basis's block scales applied, a float basis's row scales not)."""
+    (an int8 basis's block scales applied, a float basis's row scales not); with ``segments``
+    (int64 [params], ``rows`` coefficient rows) [S, rows, K], split s's entries written only for
+    the rows its blocks belong to."""
     K, dev = basis.shape[0], plan.device
     if blockwise(basis.dtype):
         kernel, blocks = _step_project_int8_kernel, (scales, scales.stride(0))
     else:
         kernel, blocks = _step_project_kernel, ()
     # The partials of the config that ran are returned.
-    part = plan.workspace("part", (most_wave_splits(kernel, K, dev), K))
+    shape = (K,) if segments is None else (rows, K)
+    part = plan.workspace("part", (most_wave_splits(kernel, K, dev), *shape))
     kernel = tuned(kernel)
     kernel[wave_grid(K, dev)](
-        ptab, plan.btab, basis, basis.stride(0), *blocks, part, K, plan.nblk,
-        FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK, GRAD_CODE=_grad_code(grads),
+        ptab, plan.btab, basis, basis.stride(0), *blocks, part, ptab if segments is None else segments,
+        rows, K, plan.nblk, FIELDS=FIELDS, BLOCK_FIELDS=BLOCK_FIELDS, BLOCK_D=BLOCK,
+        GRAD_CODE=_grad_code(grads), SEGMENTED=segments is not None,
     )  # fmt: skip
     return part[: wave_splits(K, launched_config(kernel).kwargs, dev)]
 
@@ -494,14 +549,22 @@ def _row_scales(basis: Tensor, scales: Tensor) -> Tensor | None:
 
 
 def project_grads(
-    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, basis: Tensor, scales: Tensor
-) -> Tensor:
+    params: list[Tensor], grads: list[Tensor | None], workspace: Tensor | None, basis: Tensor, scales: Tensor,
+    segments: list[int] | None = None,
+) -> Tensor:  # fmt: skip
     """``twa::project_grads`` on the Triton backend (see ``reference.project_grads``): the fused
     step's first kernel reads ``grads`` in place, then the partials are added in a fixed order
-    and scaled; ``workspace`` is not used. fp32 [K]."""
+    and scaled; ``workspace`` is not used. fp32 [K] (with ``segments``: [rows, K], see
+    ``blocks.project_segments``)."""
     warn_if_narrow(basis, "triton")
     plan = plan_for(params, basis.device)
     ptab, keep = plan.table(params, grads)
+    if segments is not None:
+        from . import blocks
+
+        out = blocks.project_segments(plan, ptab, basis, scales, grads, segments)
+        del keep
+        return out
     part = _project_partials(plan, ptab, basis, scales, grads)
     del keep  # contiguous copies of strided grads live until the launch is queued
     return reduce_partials(part.unsqueeze(1), _row_scales(basis, scales)).squeeze(0)
