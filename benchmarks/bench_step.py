@@ -8,6 +8,10 @@ the same process; ``x_floor`` is the step's time over that (``harness``). Provid
 fp16 basis with that backend; the ``-int8`` cases over an int8 basis, the same P quantised with
 one scale per 64 values: ``shapes``).
 
+``test_step_granularity`` times the step with per-tensor coefficients (``granularity="tensor"``:
+one coefficient vector per tensor, the fused per-block step) beside the published one vector, on
+ResNet-50's 161 tensors (K = 32, fp16 basis); the same bytes move, the target is within 1.1x.
+
 ``test_step_fp16_vs_fp32`` measures DESIGN's CPU target (a step over an fp16 basis within 1.5x
 of the same step over an fp32 basis) with the two steps interleaved round by round, so that the
 ratio survives a machine whose load changes during the run.
@@ -30,7 +34,17 @@ from .harness import (
     skip_unless_backend,
     skip_unless_fits,
 )
-from .shapes import Shape, basis_bytes, fill_basis_, free_inputs, make_params, step_bytes
+from .shapes import (
+    Shape,
+    basis_bytes,
+    bench_device,
+    fill_basis_,
+    free_inputs,
+    make_params,
+    make_params_of,
+    resnet50_numels,
+    step_bytes,
+)
 from .steps import PublishedStep, make_twa
 
 STEP_PROVIDERS = ("published", "torch-fp32", *BACKEND_PROVIDERS)
@@ -110,3 +124,34 @@ def test_step_fp16_vs_fp32(benchmark, device, copy_bw, shape: Shape):
     info["ratio_of_mins"] = round(t16[0] / t32[0], 3)
     if ratios:
         info["median_round_ratio"] = round(ratios[len(ratios) // 2], 3)
+
+
+def _granularity_shape(smoke: bool) -> tuple[Shape, list[int]]:
+    """ResNet-50's tensors at K = 32 on a GPU; each 64 (CPU) or 4096 (smoke) times smaller."""
+    numels = resnet50_numels()
+    if smoke or bench_device().type != "cuda":
+        div = 4096 if smoke else 64
+        numels = [max(1, n // div) for n in numels]
+        name = "resnet50-tensors-small"
+    else:
+        name = "resnet50-tensors"
+    return Shape(name, sum(numels), 4 if smoke else 32), numels
+
+
+@pytest.mark.parametrize("granularity", ["model", "tensor"])
+@pytest.mark.parametrize("backend", BACKEND_PROVIDERS)
+def test_step_granularity(benchmark, device, copy_bw, backend: str, granularity: str):
+    shape, numels = _granularity_shape(benchmark.disabled)
+    skip_unless_backend("twa_step", backend, device, torch.float16)
+    free_inputs()
+    benchmark.group = f"step-granularity {shape.id}"
+    params = make_params_of(numels, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1 << 22)
+    w0 = torch.randn(shape.D, generator=gen, device=device)
+    call = make_twa(params, shape.K, torch.float16, backend, w0, granularity).step
+    run(benchmark, call, device)
+    record(benchmark, op="step-granularity", provider=f"{backend}-{granularity}", shape=shape,
+           basis=torch.float16, copy_bw=copy_bw, nbytes=step_bytes(shape, torch.float16),
+           granularity=granularity, tensors=len(numels))  # fmt: skip
+    assert all(bool(torch.isfinite(p).all()) for p in params)

@@ -12,7 +12,7 @@
 # in about a second on one core):
 #   card and versions (~5); install (60, ~10); CUDA extension build (150, ~30-60: ninja on 16
 #     cores, bindings.cpp with the torch headers is the longest);
-#   first (120, not yet timed on a GPU): 327 tests, the cuda-first subset of the op tests, the
+#   first (150, not yet timed on a GPU): 579 tests, the cuda-first subset of the op tests, the
 #     CUDA and Triton fused steps and the extension loader checks, under xdist
 #     -> tests_first.log;
 #   bench: the speed targets, D = 25.6M (ResNet-50 size), fp16 basis, K = 8, 32, 101, 301, one
@@ -20,6 +20,9 @@
 #     published, torch-fp32), each process measuring the copy bandwidth first:
 #       project (75, ~40: 20 cases of ~0.4 s timed, 28 Triton configs compiled and autotuned),
 #       reconstruct (50, ~25), step (75, ~45);
+#   granularity (40, not yet timed on a GPU): the step with per-tensor coefficients (the fused
+#     per-block step) beside one coefficient vector, ResNet-50's 161 tensors, K = 32, triton
+#     and cuda (target: within 1.1x);
 #   int8 (after those, or alone: TWA_GPU_STAGES=int8): the int8-basis targets, the same sizes,
 #     providers triton and cuda over an int8 basis (one fp32 scale per 64 values; ids ending
 #     -int8; a backend the package lists no int8 kernel for skips, named), each file in its own
@@ -43,7 +46,7 @@
 # fp32 twin (naive-fp32) or a 30.8 GB upcast of it (naive-fp16-upcast; the twin is freed
 # first): 46 GB of the 141; filling a basis takes milliseconds on the GPU (the int8 one, 7.7 GB
 # at K = 301, is quantised row by row: about a second). Expected total to the end of the
-# report: ~440 s (5 + 10 + 45 + 120 + 40 + 25 + 45 + 80 + 60 + 5).
+# report: ~500 s (5 + 10 + 45 + 150 + 40 + 25 + 45 + 30 + 80 + 60 + 5).
 # The whole run stays within TWA_GPU_BUDGET seconds (default 570, for a command limit of 600):
 # a stage whose limit would pass it gets what is left (and is skipped under 20 s); benchmark
 # files (fp16 and int8) keep 60 s for the training step and the report, the training step 20 s
@@ -143,15 +146,17 @@ run_tests() {
 # FSDP2 model over NCCL (one process per GPU, tests/test_fsdp.py), and every
 # autotune config of the Triton project, reconstruct and fused-step kernels against the fp64
 # oracle (test_every_*_config_matches_fp64_oracle: the kernels rebuilt since the last GPU run).
-# 327 tests in all (50 of them on an int8 basis, whose CUDA kernels have never run on a GPU);
+# The per-block ops (tests/test_cuda_blocks.py, tests/test_blocks_fused.py: the CUDA and Triton
+# per-row projection, [L, K] step, per-row write and fused per-block step) join them.
+# 579 tests in all (78 of them on an int8 basis, whose CUDA kernels have never run on a GPU);
 # `TWA_TEST_DEVICE=cuda pytest --collect-only -q -k "$FIRST_K" $FIRST_FILES` lists them.
 FIRST_FILES="tests/test_op_project.py tests/test_op_reconstruct.py tests/test_op_orthogonalize.py
   tests/test_op_subspace_step.py tests/test_fused_step_op.py tests/test_backend.py tests/test_triton_step.py
-  tests/test_cuda_step.py tests/test_cuda_blocks.py tests/test_fsdp.py"
-FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck or one_step or reference_steps or project_grads or fused_step)) or (graph_replays and cuda]) or (launches_at_most and cuda]) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step or test_cuda_blocks or config_matches_fp64_oracle or fsdp_twa_on_cuda'
+  tests/test_cuda_step.py tests/test_cuda_blocks.py tests/test_blocks_fused.py tests/test_fsdp.py"
+FIRST_K='(cuda-cuda and ((project_matches and (fp32-None-K1-D1] or fp32-None-K3-D2053] or fp32-5-K301-D4099] or fp32-5-K5-D1000003] or bf16-None-K301-D4099] or fp16-5-K3-D1009])) or (project_column_slices and (None-K301-D4099-odd-slice or 5-K3-D2053-aligned-slice)) or project_batch_sizes or project_deterministic or project_agrees or (reconstruct_matches and (fp32-K301-D4099-contiguous or fp32-K5-D1000003-odd-slice or bf16-K3-D2053-aligned-slice or fp16-K1-D1-contiguous or fp64-K301-D4099-aligned-slice)) or reconstruct_rounds or reconstruct_writes or reconstruct_deterministic or reconstruct_agrees or subspace_step or orthogonalize or opcheck or one_step or reference_steps or project_grads or fused_step)) or (graph_replays and cuda]) or (launches_at_most and cuda]) or rejects or load_without or sources_ship or fused_step_matches_fp64_oracle or fused_step_skips_nonfinite or fused_step_matches_generic_path or test_cuda_step or test_cuda_blocks or (test_blocks_fused and cuda) or config_matches_fp64_oracle or fsdp_twa_on_cuda'
 if wanted first; then
   stage "tests: cuda-first"
-  if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-120}"); then
+  if lim=$(limit "${TWA_GPU_FIRST_LIMIT:-150}"); then
     # shellcheck disable=SC2086
     run_tests tests_first.log "$lim" $WORKERS $FIRST_FILES -k "$FIRST_K"
   fi
@@ -193,6 +198,10 @@ if wanted bench; then
   for spec in ${TWA_GPU_BENCH_PLAN:-project:75 reconstruct:50 step:75}; do
     bench "${spec%%:*}" "${spec##*:}" 60 "${TWA_GPU_BENCH_K:-resnet50 and not B8 and not int8}"
   done
+fi
+if wanted bench; then
+  stage "benchmarks: per-tensor coefficients beside one vector (ResNet-50's 161 tensors, K = 32)"
+  bench step "${TWA_GPU_GRANULARITY_LIMIT:-40}" 60 "granularity and not torch"
 fi
 if wanted int8; then
   stage "benchmarks: int8 speed targets (D = 25.6M, K = 8, 32, 101, 301, int8 basis, one vector)"

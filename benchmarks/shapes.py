@@ -177,6 +177,33 @@ def make_params(shape: Shape, device: torch.device) -> list[torch.Tensor]:
     return params
 
 
+def resnet50_numels() -> list[int]:
+    """The sizes of torchvision's ResNet-50 parameters in ``named_parameters`` order: 161
+    tensors, 25,557,032 values (the stem, 16 bottlenecks of 9 tensors, 4 downsamples of 3, fc)."""
+    sizes = [64 * 3 * 7 * 7, 64, 64]
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            sizes += [inplanes * planes, planes, planes, planes * planes * 9, planes, planes]
+            sizes += [planes * 4 * planes, planes * 4, planes * 4]
+            if b == 0:
+                sizes += [inplanes * planes * 4, planes * 4, planes * 4]
+            inplanes = planes * 4
+    return sizes + [1000 * 2048, 1000]
+
+
+def make_params_of(numels: list[int], device: torch.device) -> list[torch.Tensor]:
+    """fp32 parameters of the given sizes, each with a gradient (seeded)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1 << 21)
+    params = []
+    for n in numels:
+        p = torch.randn(n, generator=gen, device=device).requires_grad_()
+        p.grad = torch.randn(n, generator=gen, device=device)
+        params.append(p)
+    return params
+
+
 def quantised_row(D: int, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row i of the int8 benchmark basis: int8 [D] and its fp32 block scales [ceil(D / 64)]."""
     q, amax = quantise_blocks(_seeded_row(D, i, device).half().double())

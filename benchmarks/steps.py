@@ -73,8 +73,11 @@ def make_subspace(params, K: int, dtype: torch.dtype, w0: Tensor) -> twa_kernels
     return space
 
 
-def make_twa(params, K: int, dtype: torch.dtype, backend: str, w0: Tensor) -> twa_kernels.TWA:
+def make_twa(
+    params, K: int, dtype: torch.dtype, backend: str, w0: Tensor, granularity: str = "model"
+) -> twa_kernels.TWA:
     space = make_subspace(params, K, dtype, w0)
     return twa_kernels.TWA(
-        params, space, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend
-    )
+        params, space, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend,
+        granularity=granularity,
+    )  # fmt: skip
