@@ -59,6 +59,16 @@ def skip_int8_without_kernels(request):
             pytest.skip(f"backend={backend!r} has no int8 kernels yet")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (``pytest.mark.usefixtures``): on a loaded
+    2-core CPU the thread pool's wake-ups cost up to 100x the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same random state."""

@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N, BATCH = 192, 32  # 6 batches per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a loaded CPU the intra-op thread pool's wake-ups cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

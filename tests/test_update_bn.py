@@ -11,14 +11,7 @@ from torch.optim.swa_utils import update_bn as torch_update_bn
 import twa_kernels
 from twa_kernels.integrations.bn import update_bn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors are tiny: on a loaded CPU the intra-op thread pool's wake-ups cost 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(seed=0):
