@@ -1068,7 +1068,8 @@ __global__ void __launch_bounds__(kThreads) block_step_kernel(const BlockStepArg
         const float decayed = a.use_weight_decay ? __fsub_rn(alpha, __fmul_rn(lr_wd, r_s[k])) : alpha;
         const float b1 = a.buf1[i];
         const float m = __fadd_rn(b1, __fmul_rn(a.one_minus_beta1, __fsub_rn(c, b1)));
-        const float v = __fadd_rn(__fmul_rn(a.beta2, a.buf2[i]), __fmul_rn(__fmul_rn(a.one_minus_beta2, c), c));
+        const float v =
+            __fadd_rn(__fmul_rn(a.beta2, a.buf2[i]), __fmul_rn(__fmul_rn(a.one_minus_beta2, c), c));
         const float denom = __fadd_rn(__fsqrt_rn(div_rn_ftz(v, bc2)), a.eps);
         next = __fsub_rn(decayed, div_rn_ftz(__fmul_rn(lr, div_rn_ftz(m, bc1)), denom));
         a.buf1[i] = m;
