@@ -176,7 +176,8 @@ mod = _cuda.load()
 print(f"check_cuda: built and imported {mod.__file__} in {time.time() - t:.1f} s")
 for op in (
     "project", "reconstruct_", "orthogonalize_", "orthogonalize_workspace", "orthogonalize_phase_",
-    "subspace_step_", "step_sizes", "step_project_", "fused_step_",
+    "subspace_step_", "step_sizes", "step_project_", "fused_step_", "step_write_",
+    "step_blocks_sizes", "step_project_blocks_", "block_step_", "fused_block_step_",
 ):
     assert hasattr(torch.ops.twa_cuda, op), op
 
