@@ -60,6 +60,12 @@ def fsdp_scenario(world, rank, root, backend="auto"):
     return _runs(sharded, test_fsdp.make_samples(), None, world, rank, backend)
 
 
+def process_group_triton_scenario(world, rank, root):
+    """The process-group runs with the Triton kernels (interpreted on CPU): the per-row
+    projection of this rank's shard of the averaged gradient and the per-row write of its shard."""
+    return _runs(make_model, make_samples(), dist.group.WORLD, world, rank, "triton")
+
+
 def fsdp_triton_scenario(world, rank, root):
     """The FSDP2 runs with the Triton kernels (interpreted on CPU): the per-row projection of
     the local shards, the [L, K] step and the per-row write of the shards."""
@@ -81,16 +87,17 @@ def _single(make, samples):
 
 @pytest.mark.parametrize(
     ("scheme", "world"),
-    [("process_group", 2), ("process_group", 3), ("fsdp", 2), ("fsdp", 3), ("fsdp_triton", 2)],
-)
+    [("process_group", 2), ("process_group", 3), ("fsdp", 2), ("fsdp", 3), ("process_group_triton", 3),
+     ("fsdp_triton", 2)],
+)  # fmt: skip
 def test_per_block_and_per_group_decay_on_a_sharded_subspace_match_one_process(tmp_path, scheme, world):
-    if scheme == "fsdp_triton" and not _backend.triton_interpreted():
+    if scheme.endswith("_triton") and not _backend.triton_interpreted():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     if scheme.startswith("fsdp"):
         expected = _single(test_fsdp.make_model, test_fsdp.make_samples())
     else:
         expected = _single(make_model, make_samples())
-    deadline = 240 if scheme == "fsdp_triton" else 90  # the interpreter: ~4x the time on 2 cores
+    deadline = 240 if scheme.endswith("_triton") else 90  # the interpreter: ~4x the time on 2 cores
     for r, out in enumerate(spawn(world, f"test_blocks_distributed:{scheme}_scenario", tmp_path, deadline)):
         for name, (weights, alpha) in expected.items():
             got_weights, got_alpha, comm = out[name]

@@ -10,22 +10,18 @@ with zero norm on the block stays zero, and its coordinate never moves):
 normalisation and with one block this is the published TWA's ``w = w0 + P alpha``.
 
 The step on one process is the fused ``twa::step_blocks_`` (a segmented projection, the
-[L, K] step, a write taking each parameter's row), on FSDP2 its parts around an all-reduce of
-the [L, K] coordinate gradients; a subspace sharded along D over a process group runs the
-plain-PyTorch per-block passes (``reference.project_blocks``, ``reconstruct_blocks_``), warned
-once on CUDA.
+[L, K] step, a write taking each parameter's row); on a sharded subspace (FSDP2, or a process
+group) its parts run on each rank's pieces of the parameters around an all-reduce of the [L, K]
+coordinate gradients. ``project`` and ``reconstruct_`` below (w0's projection, once) run the
+plain-PyTorch per-block passes.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor
 
 from . import _collectives, reference
-
-_warned = False
 
 
 class BlockCoordinates:
@@ -84,18 +80,6 @@ def block_projections(
 
 def _summed(t: Tensor, group) -> Tensor:
     return t if group is None else _collectives.all_reduce_(t, group)
-
-
-def warn_reference_path() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            "twa_kernels: per-block coefficients (granularity other than 'model', or TWAAdamW) "
-            "on a subspace sharded along D over a process group run the plain-PyTorch per-block "
-            "passes over the basis on CUDA (one process and FSDP2 run the fused kernels)",
-            stacklevel=4,
-        )
 
 
 def local_blocks(

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import _blocks, _collectives, _ops, _params, reference
+from . import _collectives, _ops, _params
 
 if TYPE_CHECKING:
     from .subspace import Subspace
@@ -265,6 +265,7 @@ class ShardedStep(_GroupStep):
         self.shard = torch.zeros(S, dtype=torch.float32, device=device)
         self.local = self.shard[: self.stop - self.start]
         self._pieces = _params.shard_pieces(subspace.layout, self.start, self.stop)
+        self._local_pieces = _params.piece_views(self.local, self._pieces)
         self.log_comm(subspace.rank, D)
 
     @property
@@ -321,17 +322,29 @@ class ShardedStep(_GroupStep):
         _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
         self.write_local(params)
 
+    def _piece_segments(self, blocks) -> list[int]:
+        """The coefficient row of each of this rank's pieces (that of its parameter)."""
+        return [blocks.segments[i] for i, _, _ in self._pieces]
+
     def project_block_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, blocks, backend: str):
-        """This rank's unnormalised ``P_l^T g_l`` [L, K] (the plain-PyTorch per-block pass)."""
-        if basis.device.type == "cuda":
-            _blocks.warn_reference_path()
-        return reference.project_blocks(basis, scales, self.local_gradient(params), blocks.blocks)
+        """This rank's unnormalised ``P_l^T g_l`` [L, K] (``twa::project_grads`` per row): of the
+        averaged shard's pieces, or (under DDP) of the grads' pieces read in place."""
+        if self.average_gradients:
+            self.local_gradient(params)
+            pieces = grads = self._local_pieces
+        else:
+            pieces, grads = self._cut([p.detach() for p in params]), self._cut([p.grad for p in params])
+        rows = _ops.project_grads(pieces, grads, self.local, basis, scales, self._piece_segments(blocks),
+                                  backend)  # fmt: skip
+        return _full_rows(rows, blocks.coef.shape[0])
 
     def write_block_weights(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
     ) -> None:
-        """This rank's shard of ``w0 + P coef[row]`` (the plain-PyTorch pass), all-gathered."""
-        reference.reconstruct_blocks_(self.local, w0, basis, scales, blocks.coef, blocks.blocks)
+        """This rank's shard of ``w0 + P coef[row]`` (``twa::write_params_`` on its pieces),
+        all-gathered."""
+        _ops.write_params_(self._local_pieces, self.local, w0, basis, scales, blocks.coef,
+                           self._piece_segments(blocks), backend)  # fmt: skip
         self.write_local(params)
 
     def log_comm(self, K: int, D: int) -> None:
@@ -427,6 +440,13 @@ class FSDPStep(_GroupStep):
                 "coordinates beside FSDP2's own collectives",
                 self.world, D, K, _fmt(4 * K),
             )  # fmt: skip
+
+
+def _full_rows(rows: Tensor, L: int) -> Tensor:
+    """``rows`` [r, K] (the rows up to this rank's last piece's) padded with zero rows to [L, K]."""
+    if rows.shape[0] == L:
+        return rows
+    return torch.cat([rows, rows.new_zeros(L - rows.shape[0], rows.shape[1])])
 
 
 def _fmt(n: int) -> str:
