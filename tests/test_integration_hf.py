@@ -223,3 +223,24 @@ def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
     assert namespace["space"].num_samples == 11 and torch.equal(namespace["opt"].alpha, opt.alpha)
     for k, p in namespace["model"].named_parameters():
         assert torch.equal(p, trained[k]), k
+
+
+def test_optimizer_cls_and_kwargs_builds_twa_over_the_trainers_param_groups(run, tmp_path):
+    """``Trainer(..., optimizer_cls_and_kwargs=(TWA, {"subspace": ..., ...}))``: the Trainer
+    builds ``TWA(groups, **kwargs)`` with its decay and no-decay groups (biases and BatchNorm
+    weights without weight decay) and trains with it."""
+    model = Net()
+    model.load_state_dict(run["after_sgd"])
+    space = twa_kernels.Subspace(model, max_rank=8)
+    space.load_state_dict(run["space_after_sgd"])
+    kwargs = {"subspace": space, "lr": 0.5, "momentum": 0.9}
+    trainer = Trainer(
+        model, arguments(tmp_path, 1, weight_decay=1e-4, save_strategy="no"), train_dataset=dataset(),
+        optimizer_cls_and_kwargs=(twa_kernels.TWA, kwargs),
+    )  # fmt: skip
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(opt, twa_kernels.TWA) and opt.steps == N // BATCH
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 1e-4], decays
+    assert in_span(flat(model.state_dict()) - space.mean, space) <= 1e-5, "the weights left the span"
