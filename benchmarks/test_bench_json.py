@@ -16,7 +16,7 @@ from .report import main
 BENCH_FILES = ["project", "reconstruct", "orthogonalize", "step", "train_step"]
 FP32_BASIS = ("naive-fp32", "published", "torch-fp32")
 # Ops measured against a byte floor: pct_copy_bw and x_floor are numbers; the others have none.
-FLOOR_OPS = ("project", "reconstruct", "orthogonalize", "step")
+FLOOR_OPS = ("project", "reconstruct", "orthogonalize", "step", "step-granularity")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def bench_json(tmp_path_factory):
 def test_every_result_records_its_keys(bench_json):
     results = json.loads(bench_json.read_text())["benchmarks"]
     ops = {r["extra_info"]["op"] for r in results}
-    assert ops == {"project", "reconstruct", "orthogonalize", "step", "step-ratio", "train-step"}
+    assert ops == {*FLOOR_OPS, "step-ratio", "train-step"}
     for r in results:
         info = r["extra_info"]
         missing = [k for k in RESULT_KEYS if k not in info]
