@@ -12,8 +12,8 @@ normalisation and with one block this is the published TWA's ``w = w0 + P alpha`
 The step on one process is the fused ``twa::step_blocks_`` (a segmented projection, the
 [L, K] step, a write taking each parameter's row); on a sharded subspace (FSDP2, or a process
 group) its parts run on each rank's pieces of the parameters around an all-reduce of the [L, K]
-coordinate gradients. ``project`` and ``reconstruct_`` below (w0's projection, once) run the
-plain-PyTorch per-block passes.
+coordinate gradients. ``project`` below (w0's projection, once) runs the plain-PyTorch
+per-block pass.
 """
 
 from __future__ import annotations
@@ -54,14 +54,6 @@ class BlockCoordinates:
         """``P_l^T x_l`` for every block (x: the values held here): fp32 [L, K], the same on
         every rank (one all-reduce of L K floats with a process group)."""
         return block_projections(basis, scales, x, self.blocks, self.group) * self.inv_norms
-
-    def reconstruct_(self, out: Tensor, w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor) -> None:
-        """``out_l = w0_l + P_l alpha_l`` for every block (alpha fp32 [L, K])."""
-        reference.reconstruct_blocks_(out, w0, basis, scales, alpha * self.inv_norms, self.blocks)
-
-    def regulariser(self, pw0: Tensor, alpha: Tensor) -> Tensor:
-        """``r_l = P_l^T w0_l + G_l a_l``: fp32 [L, K], no pass over D."""
-        return pw0 + torch.bmm(self.gram, alpha.unsqueeze(2)).squeeze(2)
 
 
 def block_grams(basis: Tensor, scales: Tensor, blocks: list[tuple[int, int]], group) -> Tensor:

@@ -17,9 +17,9 @@
   projection, one all-reduce of K floats, the K-dimensional step, the local shards written in
   place (FSDP2's own collectives gather them).
 
-All have ``project``, ``write_weights``, ``step`` and ``comm_bytes``. Nothing in a step
-synchronises with the host, and nothing allocates memory proportional to D: the copies go
-through ``torch._foreach_copy_`` into views of the flat buffer made once.
+All have ``project``, ``write_weights``, ``step``, ``step_blocks`` (per-block coordinates)
+and ``comm_bytes``. Nothing in a step synchronises with the host, and nothing allocates memory
+proportional to D: the copies go through ``torch._foreach_copy_`` into views made once.
 """
 
 from __future__ import annotations
@@ -115,58 +115,31 @@ def _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hype
 
 
 class LocalStep:
-    """The step on one process: one flat fp32 [D] buffer (gradients in, weights out, views made
-    once) for the reference step and ``write_weights``; the fused Triton and CUDA steps use no
-    buffer at all."""
+    """The step on one process: one flat fp32 [D] workspace (gradients in, weights out) for the
+    reference ops; the fused Triton and CUDA ones read the grads and write the parameters in
+    place and leave it alone."""
 
     average_gradients = False
 
     def __init__(self, layout: _params.ParamLayout, device: torch.device) -> None:
-        self.layout = layout
         self.flat = torch.zeros(layout.numel, dtype=torch.float32, device=device)
-        self.flat_views = layout.views(self.flat)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        # pickle gives each view a storage of its own: make them views of the buffer again
-        self.flat_views = self.layout.views(self.flat)
 
     def comm_bytes(self, K: int) -> CommBytes:
         return CommBytes(gradients=0, coordinates=0, weights=0)
-
-    @property
-    def buffer(self) -> Tensor:
-        """fp32 [D]: the values this process holds (all of them), for ``local_gradient`` and
-        ``write_local``."""
-        return self.flat
-
-    def local_gradient(self, params: list[Tensor]) -> Tensor:
-        """The gradient of the values held here, fp32 in ``buffer`` (None grads as zeros)."""
-        _params.copy_or_zero_(self.flat_views, [p.grad for p in params])
-        return self.flat
-
-    def write_local(self, params: list[Tensor]) -> None:
-        """``params <- buffer`` (each rounded to its dtype)."""
-        with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in params], self.flat_views)
 
     def project(self, basis: Tensor, scales: Tensor, x: Tensor, backend: str) -> Tensor:
         """``P^T x`` for x fp32 [D]: fp32 [K]."""
         return _ops.project(basis, scales, x, backend)
 
     def write_weights(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
-    ) -> None:
-        """``params <- w0 + P alpha`` in place (each rounded to its dtype): ``twa::write_params_``,
-        one launch on Triton and CUDA, through the flat buffer on the reference."""
-        _ops.write_params_([p.detach() for p in params], self.flat, w0, basis, scales, alpha, None, backend)
-
-    def write_block_weights(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
-    ) -> None:
-        """``params <- w0 + P coef[row]`` per parameter (``blocks``: ``_blocks.BlockCoordinates``)."""
-        _ops.write_params_([p.detach() for p in params], self.flat, w0, basis, scales, blocks.coef,
-                           blocks.segments, backend)  # fmt: skip
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor,
+        segments: list[int] | None, backend: str,
+    ) -> None:  # fmt: skip
+        """``params <- w0 + P coef`` in place (each rounded to its dtype; with ``segments``, row
+        ``segments[i]`` of coef for parameter i): ``twa::write_params_``, one launch on Triton and
+        CUDA, through the flat buffer on the reference."""
+        detached = [p.detach() for p in params]
+        _ops.write_params_(detached, self.flat, w0, basis, scales, coef, segments, backend)
 
     def step_blocks(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, buf1: Tensor,
@@ -228,7 +201,7 @@ class _GroupStep:
         concrete = _ops.choose("step_", backend, basis)
         coord_grad = self.project_grads(params, basis, scales, concrete)
         _subspace_step(alpha, momentum_buffer, counters, coord_grad, gram, pw0, hyper, concrete)
-        self.write_weights(params, w0, basis, scales, alpha, concrete)
+        self.write_weights(params, w0, basis, scales, alpha, None, concrete)
 
     def step_blocks(
         self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, buf1: Tensor,
@@ -241,7 +214,7 @@ class _GroupStep:
                                          self.group)  # fmt: skip
         _ops.block_step_(alpha, buf1, buf2, counters, coord, blocks.gram, pw0, blocks.inv_norms, blocks.coef,
                          *hyper.args(), concrete)  # fmt: skip
-        self.write_block_weights(params, w0, basis, scales, blocks, concrete)
+        self.write_weights(params, w0, basis, scales, blocks.coef, blocks.segments, concrete)
 
 
 class ShardedStep(_GroupStep):
@@ -267,11 +240,6 @@ class ShardedStep(_GroupStep):
         self._pieces = _params.shard_pieces(subspace.layout, self.start, self.stop)
         self._local_pieces = _params.piece_views(self.local, self._pieces)
         self.log_comm(subspace.rank, D)
-
-    @property
-    def buffer(self) -> Tensor:
-        """fp32 [stop - start]: this rank's shard of the flat values."""
-        return self.local
 
     def local_gradient(self, params: list[Tensor]) -> Tensor:
         """This rank's shard of the gradient in ``buffer``: averaged over the ranks by a
@@ -316,15 +284,22 @@ class ShardedStep(_GroupStep):
         )
 
     def write_weights(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
-    ) -> None:
-        """``params <- w0 + P alpha``: this rank's shard, then an all-gather of all of them."""
-        _ops.reconstruct_(self.local, w0, basis, scales, alpha, backend)
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor,
+        segments: list[int] | None, backend: str,
+    ) -> None:  # fmt: skip
+        """``params <- w0 + P coef``: this rank's shard (``twa::reconstruct_``; with
+        ``segments``, ``twa::write_params_`` on its pieces, each taking its parameter's row),
+        then an all-gather of all of them."""
+        if segments is None:
+            _ops.reconstruct_(self.local, w0, basis, scales, coef, backend)
+        else:
+            _ops.write_params_(self._local_pieces, self.local, w0, basis, scales, coef,
+                               self._piece_segments(segments), backend)  # fmt: skip
         self.write_local(params)
 
-    def _piece_segments(self, blocks) -> list[int]:
+    def _piece_segments(self, segments: list[int]) -> list[int]:
         """The coefficient row of each of this rank's pieces (that of its parameter)."""
-        return [blocks.segments[i] for i, _, _ in self._pieces]
+        return [segments[i] for i, _, _ in self._pieces]
 
     def project_block_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, blocks, backend: str):
         """This rank's unnormalised ``P_l^T g_l`` [L, K] (``twa::project_grads`` per row): of the
@@ -334,18 +309,9 @@ class ShardedStep(_GroupStep):
             pieces = grads = self._local_pieces
         else:
             pieces, grads = self._cut([p.detach() for p in params]), self._cut([p.grad for p in params])
-        rows = _ops.project_grads(pieces, grads, self.local, basis, scales, self._piece_segments(blocks),
-                                  backend)  # fmt: skip
+        rows = _ops.project_grads(pieces, grads, self.local, basis, scales,
+                                  self._piece_segments(blocks.segments), backend)  # fmt: skip
         return _full_rows(rows, blocks.coef.shape[0])
-
-    def write_block_weights(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
-    ) -> None:
-        """This rank's shard of ``w0 + P coef[row]`` (``twa::write_params_`` on its pieces),
-        all-gathered."""
-        _ops.write_params_(self._local_pieces, self.local, w0, basis, scales, blocks.coef,
-                           self._piece_segments(blocks), backend)  # fmt: skip
-        self.write_local(params)
 
     def log_comm(self, K: int, D: int) -> None:
         """On rank 0: the bytes of one step, beside the published scheme's extra all-reduce."""
@@ -381,26 +347,10 @@ class FSDPStep(_GroupStep):
         self.world, self.me = _collectives.world_and_rank(self.group)
         self.pieces = subspace.pieces
         self.local = torch.zeros(subspace.local_numel, dtype=torch.float32, device=subspace.device)
-        self.local_views = _params.piece_views(self.local, self.pieces)
         self.log_comm(subspace.rank, subspace.dim)
 
     def comm_bytes(self, K: int) -> CommBytes:
         return CommBytes(gradients=0, coordinates=4 * K, weights=0)
-
-    @property
-    def buffer(self) -> Tensor:
-        """fp32 [n]: this rank's local shards' values, in parameter order."""
-        return self.local
-
-    def local_gradient(self, params: list[Tensor]) -> Tensor:
-        """The local shards' gradients (FSDP2 averaged them) in ``buffer``."""
-        _params.copy_or_zero_(self.local_views, self._shards([p.grad for p in params]))
-        return self.local
-
-    def write_local(self, params: list[Tensor]) -> None:
-        """The local shards ``<- buffer``, in place (FSDP2's next all-gather spreads them)."""
-        with torch.no_grad():
-            torch._foreach_copy_(self._shards([p.detach() for p in params]), self.local_views)
 
     def _shards(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """The local shards of ``tensors`` (DTensors: parameters or their gradients), flat."""
@@ -413,25 +363,20 @@ class FSDPStep(_GroupStep):
         return _collectives.all_reduce_(local, self.group)
 
     def write_weights(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, alpha: Tensor, backend: str
-    ) -> None:
-        """The local shards of ``params <- w0 + P alpha``, in place (no collective):
-        ``twa::write_params_`` on the shards, one launch on Triton and CUDA."""
+        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, coef: Tensor,
+        segments: list[int] | None, backend: str,
+    ) -> None:  # fmt: skip
+        """The local shards of ``params <- w0 + P coef``, in place (no collective; FSDP2's next
+        all-gather spreads them): ``twa::write_params_`` on the shards, one launch on Triton and
+        CUDA."""
         shards = self._shards([p.detach() for p in params])
-        _ops.write_params_(shards, self.local, w0, basis, scales, alpha, None, backend)
+        _ops.write_params_(shards, self.local, w0, basis, scales, coef, segments, backend)
 
     def project_block_grads(self, params: list[Tensor], basis: Tensor, scales: Tensor, blocks, backend: str):
         """The local shards' unnormalised ``P_l^T g_l`` [L, K] (``twa::project_grads`` per row)."""
         grads = self._shards([p.grad for p in params])
         return _ops.project_grads(self._shards(params), grads, self.local, basis, scales, blocks.segments,
                                   backend)  # fmt: skip
-
-    def write_block_weights(
-        self, params: list[Tensor], w0: Tensor, basis: Tensor, scales: Tensor, blocks, backend: str
-    ) -> None:
-        """The local shards ``<- w0 + P coef[row]``, in place (``twa::write_params_``)."""
-        shards = self._shards([p.detach() for p in params])
-        _ops.write_params_(shards, self.local, w0, basis, scales, blocks.coef, blocks.segments, backend)
 
     def log_comm(self, K: int, D: int) -> None:
         if self.me == 0:

@@ -250,12 +250,12 @@ class TWA(torch.optim.Optimizer):
 
     def _write_weights(self) -> None:
         basis, scales = self.subspace.columns
-        backend = _ops.choose("write_params_", self.backend, basis)
+        coef, segments = self._alpha, None
         if self._blocks is not None:
-            self._blocks.coef.copy_(self._alpha * self._blocks.inv_norms)
-            self._step.write_block_weights(self.params, self._w0, basis, scales, self._blocks, backend)
-        else:
-            self._step.write_weights(self.params, self._w0, basis, scales, self._alpha, backend)
+            coef, segments = self._blocks.coef, self._blocks.segments
+            coef.copy_(self._alpha * self._blocks.inv_norms)
+        backend = _ops.choose("write_params_", self.backend, basis)
+        self._step.write_weights(self.params, self._w0, basis, scales, coef, segments, backend)
         self._remember_weights()
 
     @torch._dynamo.disable  # host bookkeeping: run as Python every call, never traced
