@@ -36,6 +36,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from ._params import segment_ranges
+
 # Columns per block. Every parameter is padded to a whole number of blocks, so small tensors
 # (biases, norms: 64-2048 values) waste at most one partly masked block each; 512 columns keep
 # a [BLOCK_K, 512] fp16 basis tile at 1 KB per row.
@@ -63,7 +65,7 @@ class Plan:
     def __init__(self, params: list[Tensor], device: torch.device):
         self.device = device
         self.offsets = []
-        self.first_blocks = []  # each parameter's first row of the block table
+        self.block_counts = []  # rows of the block table per parameter
         blocks = []
         off = 0
         for i, p in enumerate(params):
@@ -71,8 +73,8 @@ class Plan:
                 raise ValueError(f"fused TWA step: parameter {i} is not contiguous")
             dtype_code(p, f"parameter {i}")
             self.offsets.append(off)
-            self.first_blocks.append(len(blocks))
             n = p.numel()
+            self.block_counts.append(-(-n // BLOCK))
             blocks.extend((i, s, off + s, min(BLOCK, n - s)) for s in range(0, n, BLOCK))
             off += n
         self.numel = off
@@ -133,17 +135,13 @@ class Plan:
 
     def segment_blocks(self, segments: list[int]) -> Tensor:
         """int64 [rows, 2] on the device: each coefficient row's range ``[first, last)`` of the
-        block table (its parameters' blocks are consecutive; ``(0, 0)`` for a row with none),
+        block table (its parameters' blocks are consecutive; empty for a row with none),
         made once per list."""
         key = ("blocks", *segments)
         table = self.segments.get(key)
         if table is None:
             self._check_not_capturing("segment table")
-            ends = [*self.first_blocks[1:], self.nblk]
-            ranges = [[0, 0] for _ in range(segments[-1] + 1)]
-            for seg, first, end in zip(segments, self.first_blocks, ends, strict=True):
-                if first < end:
-                    ranges[seg] = [first, end] if ranges[seg][0] == ranges[seg][1] else [ranges[seg][0], end]
+            ranges = segment_ranges(self.block_counts, segments, segments[-1] + 1)
             table = self.segments[key] = torch.tensor(ranges, dtype=torch.int64).to(self.device)
         self._keep_if_capturing(table)
         return table

@@ -188,6 +188,19 @@ def coefficient_blocks(layout: ParamLayout, granularity) -> list[tuple[int, int]
     return blocks
 
 
+def segment_ranges(sizes: Sequence[int], segments: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """Each coefficient row's range ``[start, stop)`` of the concatenated items (``sizes[i]`` each:
+    values, or blocks of the parameter table), item i in row ``segments[i]`` (non-decreasing, so
+    each row is one run of items); ``(0, 0)`` for a row with none."""
+    ranges = [(0, 0)] * rows
+    at = 0
+    for i, (n, seg) in enumerate(zip(sizes, segments, strict=True)):
+        start = at if i == 0 or seg != segments[i - 1] else ranges[seg][0]
+        at += n
+        ranges[seg] = (start, at)
+    return ranges
+
+
 def block_segments(layout: ParamLayout, blocks: list[tuple[int, int]]) -> list[int]:
     """Each parameter's block (its coefficient row) among ``blocks`` (``coefficient_blocks``):
     non-decreasing, as the fused per-block kernels take it. A parameter without values belongs

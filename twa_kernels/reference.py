@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._layout import QMAX, QUANT_BLOCK, blockwise
-from ._params import copy_or_zero_
+from ._params import copy_or_zero_, segment_ranges
 
 # Elements of one upcast basis chunk. On the CPU 2^20 fp32 values (4 MiB) stay in the L2/L3 of
 # the machines measured (2 cores, 24 GiB) while BLAS runs over them; larger chunks were no
@@ -335,7 +335,7 @@ def gathered_projection(project_fn):
         copy_or_zero_(_flat_views(workspace, params), grads)
         if segments is None:
             return project_fn(basis, scales, workspace)
-        ranges = segment_ranges(params, segments, segments[-1] + 1)
+        ranges = segment_ranges([p.numel() for p in params], segments, segments[-1] + 1)
         return project_blocks(basis, scales, workspace, ranges)
 
     return project_grads
@@ -350,18 +350,6 @@ parameters of row l (the plain-PyTorch per-block projection on any backend).
 like the parameter); ``params`` gives the layout (their values are not read). ``workspace`` is
 fp32 [D]: it receives the flat gradient, which ``project`` then reads.
 """
-
-
-def segment_ranges(params: list[Tensor], segments: list[int], rows: int) -> list[tuple[int, int]]:
-    """Each coefficient row's range ``[start, stop)`` of the flat parameters (rows of no
-    parameter: empty), for ``segments`` non-decreasing (each row a run of consecutive params)."""
-    ranges = [(0, 0)] * rows
-    at = 0
-    for p, seg in zip(params, segments, strict=True):
-        start = ranges[seg][0] if ranges[seg][1] > ranges[seg][0] else at
-        at += p.numel()
-        ranges[seg] = (start, at)
-    return ranges
 
 
 def block_step_(
@@ -413,7 +401,7 @@ def write_params_(
     if segments is None:
         reconstruct_(workspace, w0, basis, scales, coef)
     else:
-        ranges = segment_ranges(params, segments, coef.shape[0])
+        ranges = segment_ranges([p.numel() for p in params], segments, coef.shape[0])
         reconstruct_blocks_(workspace, w0, basis, scales, coef, ranges)
     torch._foreach_copy_(params, _flat_views(workspace, params))
 
@@ -442,6 +430,16 @@ def composed_step(project_grads_fn, subspace_step_fn, reconstruct_fn):
 step_ = composed_step(project_grads, subspace_step_, reconstruct_)
 
 
+step_.__doc__ = """One TWA step over a parameter list: ``alpha <- SGD(alpha, P^T g)``, then
+``params <- w0 + P alpha``.
+
+``grads`` holds one gradient per parameter (None: a zero gradient); ``workspace`` is fp32 [D]
+(the gradients in, the weights out); each parameter is written rounded to its dtype. The other
+arguments are those of ``subspace_step_``. Nothing is allocated in proportion to D beyond the
+chunks of ``project`` and ``reconstruct_``; no host synchronisation.
+"""
+
+
 def step_blocks_(
     params: list[Tensor], grads: list[Tensor | None], workspace: Tensor, w0: Tensor, basis: Tensor,
     scales: Tensor, alpha: Tensor, buf1: Tensor, buf2: Tensor, counters: Tensor, gram: Tensor,
@@ -457,13 +455,3 @@ def step_blocks_(
         weight_decay, nesterov, beta1, beta2, eps,
     )  # fmt: skip
     write_params_(params, workspace, w0, basis, scales, coef, segments)
-
-
-step_.__doc__ = """One TWA step over a parameter list: ``alpha <- SGD(alpha, P^T g)``, then
-``params <- w0 + P alpha``.
-
-``grads`` holds one gradient per parameter (None: a zero gradient); ``workspace`` is fp32 [D]
-(the gradients in, the weights out); each parameter is written rounded to its dtype. The other
-arguments are those of ``subspace_step_``. Nothing is allocated in proportion to D beyond the
-chunks of ``project`` and ``reconstruct_``; no host synchronisation.
-"""

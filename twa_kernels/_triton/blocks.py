@@ -158,7 +158,7 @@ def _reduce_and_step(
     """Launches 2 and 3 (see the module docstring); ``work``: the workspaces ``c`` fp32 [L, K],
     ``bad`` int32 [L * K tiles] and ``taken`` int64 [1]."""
     L, K = alpha.shape
-    block_k = min(_REDUCE_BLOCK_K, pow2(K))
+    block_k = _reduce_block_k(K)
     tiles = triton.cdiv(K, block_k)
     _segment_reduce_kernel[(L, tiles)](
         part, L, K, per, segblk, row_scales, inv_norms, work["c"], work["bad"], counters, work["taken"],
@@ -175,9 +175,14 @@ def _reduce_and_step(
     )  # fmt: skip
 
 
+def _reduce_block_k(K: int) -> int:
+    """Coordinates per program of the reduce: its grid is [L, cdiv(K, this)]."""
+    return min(_REDUCE_BLOCK_K, pow2(K))
+
+
 def _workspaces(make, L: int, K: int) -> dict:
     """The step's workspaces from ``make(name, numel)`` (fp32 storage; ints viewed on it)."""
-    tiles = triton.cdiv(K, min(_REDUCE_BLOCK_K, pow2(K)))
+    tiles = triton.cdiv(K, _reduce_block_k(K))
     return {
         "c": make("blocks_c", L * K).view(L, K),
         "bad": make("blocks_bad", L * tiles).view(torch.int32),
@@ -213,17 +218,25 @@ def _single_split(L: int, device: torch.device) -> Tensor:
     return _single_splits[key]
 
 
+def _segmented_partials(
+    plan: Plan, ptab: Tensor, basis: Tensor, scales: Tensor, grads: list[Tensor | None], segments: list[int],
+    L: int,
+) -> tuple[Tensor, int]:  # fmt: skip
+    """Launch 1: the partials [S, L, K] of each split's rows, and the blocks per split (how the
+    reduce finds the splits that hold a row's blocks)."""
+    part = _project_partials(plan, ptab, basis, scales, grads, plan.segment_table(segments), L)
+    return part, triton.cdiv(max(plan.nblk, 1), part.shape[0])
+
+
 def project_segments(
     plan: Plan, ptab: Tensor, basis: Tensor, scales: Tensor, grads: list[Tensor | None], segments: list[int]
 ) -> Tensor:
     """``twa::project_grads`` with segments: the segmented projection and the reduce (no inverse
     norms, no counts), fp32 [rows, K]."""
     K, L = basis.shape[0], segments[-1] + 1
-    seg = plan.segment_table(segments)
-    part = _project_partials(plan, ptab, basis, scales, grads, seg, L)
-    per = triton.cdiv(max(plan.nblk, 1), part.shape[0])
+    part, per = _segmented_partials(plan, ptab, basis, scales, grads, segments, L)
     out = torch.empty(L, K, dtype=torch.float32, device=basis.device)
-    block_k = min(_REDUCE_BLOCK_K, pow2(K))
+    block_k = _reduce_block_k(K)
     row_scales = _row_scales(basis, scales)
     _segment_reduce_kernel[(L, triton.cdiv(K, block_k))](
         part, L, K, per, plan.segment_blocks(segments), row_scales, None, out, None, None, None,
@@ -246,14 +259,12 @@ def step_blocks_(
     L, K = alpha.shape
     plan = plan_for(params, basis.device)
     ptab, keep = plan.table(params, grads)
-    seg = plan.segment_table(segments)
-    part = _project_partials(plan, ptab, basis, scales, grads, seg, L)
-    per = triton.cdiv(max(plan.nblk, 1), part.shape[0])
+    part, per = _segmented_partials(plan, ptab, basis, scales, grads, segments, L)
     work = _workspaces(lambda name, n: plan.workspace(name, (n,)), L, K)
     _reduce_and_step(
         part, per, plan.segment_blocks(segments), _row_scales(basis, scales), work, alpha, buf1, buf2,
         counters, gram, pw0, inv_norms, coef, lr, rule, momentum, dampening, weight_decay, nesterov,
         beta1, beta2, eps,
     )  # fmt: skip
-    _write(plan, ptab, w0, basis, scales, coef, seg)
+    _write(plan, ptab, w0, basis, scales, coef, plan.segment_table(segments))
     del keep  # contiguous copies of strided grads live until all launches are queued
